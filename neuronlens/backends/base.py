@@ -1,0 +1,124 @@
+"""The backend interface: one frozen request type per capability, capabilities declared as data.
+
+A backend only translates a typed request into a model call and parses the answer. Batching
+policy, retries, caching and progress live in the engine (`neuronlens.simulate`,
+`neuronlens.explain`, `neuronlens.pipeline`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    chat: bool = False              # generate() accepts messages
+    completion: bool = False        # generate() accepts a raw text prompt
+    output_logprobs: bool = False   # generate() can return top-k logprobs per generated token
+    prompt_logprobs: bool = False   # prompt_logprobs() is implemented
+    context_length: int = 4096      # prompt + completion tokens the model accepts
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """Chat (``messages``) or text completion (``prompt``); exactly one of the two."""
+
+    messages: tuple[Message, ...] = ()
+    prompt: str | None = None
+    max_tokens: int = 128
+    temperature: float = 0.0
+    n: int = 1
+    top_logprobs: int = 0           # 0: no logprobs; k: the top-k alternatives of each token
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if bool(self.messages) == (self.prompt is not None):
+            raise ValueError("A GenerateRequest needs either messages (chat) or prompt (text).")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()   # (token, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(self.prompt_tokens + other.prompt_tokens,
+                     self.completion_tokens + other.completion_tokens)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    finish_reason: str = "stop"     # "stop" | "length"
+
+
+@dataclass(frozen=True)
+class Generation:
+    completions: tuple[Completion, ...]
+    usage: Usage = field(default_factory=Usage)
+
+
+@dataclass(frozen=True)
+class PromptLogprobRequest:
+    """Score a prompt: at each character offset in ``positions`` the prompt holds a placeholder;
+    return the model's distribution over ``candidates`` (strings) in place of that placeholder,
+    given everything before it."""
+
+    prompt: str
+    positions: tuple[int, ...]
+    candidates: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TokenDistributions:
+    """``probs[i][k]``: probability of candidate k at position i, renormalised over the candidates.
+    ``mass[i]``: the probability the model put on any candidate before renormalising."""
+
+    probs: tuple[tuple[float, ...], ...]
+    mass: tuple[float, ...]
+    usage: Usage = field(default_factory=Usage)
+
+
+class BackendError(RuntimeError):
+    """An error a user can act on; its message is one clear sentence."""
+
+
+class Backend(ABC):
+    """A language model the explainer or the simulator talks to."""
+
+    capabilities: Capabilities = Capabilities()
+
+    def load(self) -> None:
+        """Load weights or open connections; constructors only store validated config."""
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    @abstractmethod
+    def generate(self, request: GenerateRequest) -> Generation: ...
+
+    def prompt_logprobs(self, requests: Sequence[PromptLogprobRequest]) -> list[TokenDistributions]:
+        raise BackendError(f"The {self.name} backend cannot score prompts (no prompt logprobs); "
+                           "choose a simulator strategy that uses output logprobs.")
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens in ``text``; backends without a tokenizer estimate 4 characters a token."""
+        return max(1, len(text) // 4)

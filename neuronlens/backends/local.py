@@ -1,0 +1,241 @@
+"""The local backend: a transformers causal LM in this process (CPU or GPU), no network.
+
+``prompt_logprobs`` is exact: a softmax over the full vocabulary at each placeholder, read for the
+candidates' tokens, with multi-token candidates scored in the same forward pass (see
+``candidates.py``). Prompts of one call that share a token prefix (instructions, few-shot
+examples, the explanation) have that prefix computed once into a KV cache; the excerpts are then
+batched after it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from neuronlens.backends.base import (Backend, BackendError, Capabilities, Completion,
+                                      GenerateRequest, Generation, PromptLogprobRequest,
+                                      TokenDistributions, TokenLogprob, Usage)
+from neuronlens.backends.candidates import (TrieNode, build_trie, candidate_probs,
+                                            candidate_tokens, inner_paths)
+from neuronlens.subject.models import load_model
+
+
+@dataclass
+class _Query:
+    """One placeholder of one prompt: the model reads its context up to token ``j``."""
+
+    j: int
+    trie: TrieNode
+    paths: list[tuple[int, ...]]
+    n_candidates: int
+
+
+class LocalBackend(Backend):
+    def __init__(self, model: str = "embedded", device: str = "auto", dtype: str = "auto",
+                 batch_size: int = 8, prefix_reuse: bool = True,
+                 context_length: int | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        self.model_name, self.device, self.dtype = model, device, dtype
+        self.batch_size, self.prefix_reuse = batch_size, prefix_reuse
+        self._context_length = context_length
+        self.model = self.tokenizer = None
+
+    @property
+    def name(self) -> str:
+        return f"local:{self.model_name}"
+
+    def load(self) -> None:
+        if self.model is None:
+            self.model, self.tokenizer = load_model(self.model_name, self.device, self.dtype)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        self.load()
+        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", 2048)
+        return Capabilities(chat=self.tokenizer.chat_template is not None, completion=True,
+                            output_logprobs=True, prompt_logprobs=True,
+                            context_length=min(limit, self._context_length or limit))
+
+    def count_tokens(self, text: str) -> int:
+        self.load()
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # ---- generation ---------------------------------------------------------------------------
+    def _render(self, request: GenerateRequest) -> list[int]:
+        if request.prompt is not None:
+            return self.tokenizer(request.prompt)["input_ids"]
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        if self.tokenizer.chat_template is None:
+            raise BackendError(f"Model {self.model_name} has no chat template; use the "
+                               "completion prompt format.")
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                       tokenize=True, return_dict=True)["input_ids"])
+
+    @torch.no_grad()
+    def generate(self, request: GenerateRequest) -> Generation:
+        self.load()
+        ids = self._render(request)
+        device = next(self.model.parameters()).device
+        input_ids = torch.tensor([ids], device=device)
+        torch.manual_seed(request.seed)
+        sample = request.temperature > 0
+        out = self.model.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=request.max_tokens, do_sample=sample,
+            temperature=request.temperature if sample else None, top_p=None, top_k=None,
+            num_return_sequences=request.n, return_dict_in_generate=True,
+            output_logits=request.top_logprobs > 0,
+            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+        new = out.sequences[:, len(ids):]
+        completions, n_generated = [], 0
+        for row in range(new.shape[0]):
+            tokens = [t for t in new[row].tolist()]
+            eos = self.tokenizer.eos_token_id
+            if eos in tokens:
+                tokens = tokens[:tokens.index(eos)]
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            finish = "length" if len(tokens) >= request.max_tokens else "stop"
+            for stop in request.stop:
+                if stop in text:
+                    text, finish = text[:text.index(stop)], "stop"
+            logprobs = None
+            if request.top_logprobs > 0:
+                logprobs = self._token_logprobs(out.logits, row, tokens, request.top_logprobs)
+            completions.append(Completion(text, logprobs, finish))
+            n_generated += len(tokens)
+        return Generation(tuple(completions), Usage(len(ids), n_generated))
+
+    def _token_logprobs(self, logits, row: int, tokens: list[int], k: int):
+        result = []
+        for step, tok in enumerate(tokens):
+            lp = torch.log_softmax(logits[step][row].float(), dim=-1)
+            top = lp.topk(k)
+            alts = tuple((self.tokenizer.decode([int(i)]), float(v))
+                         for v, i in zip(top.values, top.indices))
+            result.append(TokenLogprob(self.tokenizer.decode([tok]), float(lp[tok]), alts))
+        return tuple(result)
+
+    # ---- prompt scoring -----------------------------------------------------------------------
+    def _queries(self, request: PromptLogprobRequest, ids: list[int], offsets) -> list[_Query]:
+        queries, tries = [], {}
+        for c in request.positions:
+            j = next((i for i, (s, e) in enumerate(offsets) if s <= c < e), None)
+            if j is None or j == 0:
+                raise BackendError(f"No prompt token covers placeholder offset {c}.")
+            lead = request.prompt[offsets[j][0]:c]
+            if lead not in tries:
+                trie = build_trie(candidate_tokens(self.tokenizer, lead, request.candidates))
+                tries[lead] = (trie, inner_paths(trie))
+            queries.append(_Query(j, *tries[lead], len(request.candidates)))
+        return queries
+
+    @torch.no_grad()
+    def prompt_logprobs(self, requests: Sequence[PromptLogprobRequest]) -> list[TokenDistributions]:
+        self.load()
+        encoded = []
+        for r in requests:
+            enc = self.tokenizer(r.prompt, return_offsets_mapping=True)
+            encoded.append((enc["input_ids"], self._queries(r, enc["input_ids"], enc["offset_mapping"])))
+        P = _shared_prefix([ids for ids, _ in encoded]) if self.prefix_reuse and len(requests) > 1 else 0
+        P = min([P] + [q.j - 1 for _, qs in encoded for q in qs] + [len(ids) - 1 for ids, _ in encoded])
+        device = next(self.model.parameters()).device
+        cache = None
+        if P > 0:
+            cache = self.model(input_ids=torch.tensor([encoded[0][0][:P]], device=device),
+                               use_cache=True).past_key_values
+        results: list[TokenDistributions | None] = [None] * len(requests)
+        order = sorted(range(len(requests)), key=lambda i: -len(encoded[i][0]))  # batch by length
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            dists = self._score_batch([encoded[i] for i in chunk], P, cache, device)
+            for i, (probs, mass, n_tok) in zip(chunk, dists):
+                results[i] = TokenDistributions(probs, mass, Usage(n_tok + (P if i == order[0] else 0), 0))
+        return results
+
+    def _score_batch(self, items, P: int, cache, device):
+        """One forward pass over a batch of prompt suffixes plus their trie query tokens."""
+        rows = []  # per item: tokens, positions, list of (attend-to indices) for extras
+        for ids, queries in items:
+            tokens = list(ids[P:])
+            positions = list(range(P, len(ids)))
+            parents, slot_of = [], []
+            for q in queries:
+                slots = {}
+                for path in q.paths:
+                    slots[path] = len(tokens)
+                    tokens.append(path[-1])
+                    positions.append(q.j + len(path) - 1)
+                    parents.append((q.j, [slots[path[:d]] for d in range(1, len(path) + 1)]))
+                slot_of.append(slots)
+            rows.append((tokens, positions, parents, slot_of, len(ids) - P))
+        L = max(len(r[0]) for r in rows)
+        B = len(rows)
+        allowed = torch.zeros(B, L, P + L, dtype=torch.bool)
+        input_ids = torch.zeros(B, L, dtype=torch.long)
+        position_ids = torch.zeros(B, L, dtype=torch.long)
+        for b, (tokens, positions, parents, _slots, S) in enumerate(rows):
+            input_ids[b, :len(tokens)] = torch.tensor(tokens)
+            position_ids[b, :len(positions)] = torch.tensor(positions)
+            allowed[b, :, :P] = True
+            allowed[b, :S, P:P + S] = torch.tril(torch.ones(S, S, dtype=torch.bool))
+            for e, (j, chain) in enumerate(parents):
+                row = S + e
+                allowed[b, row, P:j] = True        # prompt tokens before the placeholder
+                allowed[b, row, [P + s for s in chain]] = True
+            for row in range(len(tokens), L):      # padding attends to itself only
+                allowed[b, row, :] = False
+                allowed[b, row, P + row] = True
+        dtype = next(self.model.parameters()).dtype
+        mask = torch.zeros(B, 1, L, P + L, dtype=dtype)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+        past = None
+        if cache is not None:
+            past = copy.deepcopy(cache)
+            past.batch_repeat_interleave(B)
+        hidden = self.model.base_model(
+            input_ids=input_ids.to(device), position_ids=position_ids.to(device),
+            attention_mask=mask.to(device), past_key_values=past, use_cache=past is not None,
+        ).last_hidden_state
+        out = []
+        for b, (tokens, _pos, _parents, slot_of, S) in enumerate(rows):
+            queries = items[b][1]
+            # which rows we need logits for: the row before each placeholder, and each extra token
+            need = sorted({q.j - 1 - P for q in queries} | {s for sl in slot_of for s in sl.values()})
+            logp = self._log_softmax(hidden[b, need])
+            at = {r: n for n, r in enumerate(need)}
+            probs, mass = [], []
+            for q, slots in zip(queries, slot_of):
+                def dist(row: int, wanted) -> dict[int, float]:
+                    return {t: math.exp(float(logp[at[row], t])) for t in wanted}
+                nxt = {(): dist(q.j - 1 - P, q.trie.children)}
+                for path in q.paths:
+                    node = q.trie
+                    for t in path:
+                        node = node.children[t]
+                    nxt[path] = dist(slots[path], node.children)
+                p = candidate_probs(q.trie, q.n_candidates, nxt)
+                total = sum(p)
+                mass.append(total)
+                probs.append(tuple(x / total for x in p) if total > 0 else tuple(p))
+            out.append((tuple(probs), tuple(mass), len(tokens)))
+        return out
+
+    def _log_softmax(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.model.get_output_embeddings()(hidden).float()
+        cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return torch.log_softmax(logits, dim=-1)
+
+
+def _shared_prefix(seqs: list[list[int]]) -> int:
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs[1:]):
+            return i
+    return n

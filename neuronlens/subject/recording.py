@@ -1,0 +1,185 @@
+"""Recording: one pass over the corpus with hooks on the chosen layers.
+
+Per neuron it keeps a running top-k of excerpts ranked by their max activation, a fixed reservoir
+of random excerpts (shared by all neurons), and running moments for summary statistics. All of it
+lives on the model's device, with shapes [neurons, k, window]: memory grows with neurons x k, not
+with the length of the corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from neuronlens.records import ActivationRecord, NeuronId, NeuronRecord
+from neuronlens.subject.hooks import check_neuron, neuron_hooks
+
+
+@dataclass(frozen=True)
+class RecordingConfig:
+    top_k: int = 48
+    n_random: int = 48
+    batch_size: int = 16
+    seed: int = 0
+
+
+@dataclass
+class Recording:
+    """The recorded arrays of a set of neurons; ``token_strings`` maps token ids to their text."""
+
+    neurons: list[NeuronId]
+    top_tokens: torch.Tensor       # [N, k, T] int
+    top_acts: torch.Tensor         # [N, k, T] float
+    top_max: torch.Tensor          # [N, k] float, -inf where fewer than k windows were seen
+    random_tokens: torch.Tensor    # [R, T] int
+    random_acts: torch.Tensor      # [N, R, T] float
+    moments: torch.Tensor          # [N, 4] float64: sums of a, a^2, a^3, a^4
+    n_tokens: int
+    token_strings: dict[int, str]
+    meta: dict
+
+    def stats(self, i: int) -> dict[str, float]:
+        """Mean, variance, skewness and (excess) kurtosis of neuron i over every corpus token."""
+        s1, s2, s3, s4 = (float(x) / self.n_tokens for x in self.moments[i])
+        var = max(s2 - s1**2, 0.0)
+        if var == 0.0:
+            return {"mean": s1, "variance": 0.0, "skewness": math.nan, "kurtosis": math.nan}
+        m3 = s3 - 3 * s1 * s2 + 2 * s1**3
+        m4 = s4 - 4 * s1 * s3 + 6 * s1**2 * s2 - 3 * s1**4
+        return {"mean": s1, "variance": var, "skewness": m3 / var**1.5,
+                "kurtosis": m4 / var**2 - 3.0}
+
+    def _record(self, tokens: torch.Tensor, acts: torch.Tensor) -> ActivationRecord:
+        return ActivationRecord([self.token_strings[int(t)] for t in tokens],
+                                [float(a) for a in acts])
+
+    def neuron_record(self, i: int) -> NeuronRecord:
+        valid = torch.isfinite(self.top_max[i])
+        top = [self._record(t, a) for t, a, ok in
+               zip(self.top_tokens[i], self.top_acts[i], valid) if ok]
+        rnd = [self._record(t, a) for t, a in zip(self.random_tokens, self.random_acts[i])]
+        return NeuronRecord(self.neurons[i], most_positive_activation_records=top,
+                            random_sample=rnd, **self.stats(i))
+
+    def neuron_records(self) -> Iterator[NeuronRecord]:
+        return (self.neuron_record(i) for i in range(len(self.neurons)))
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        arrays = {"top_tokens": self.top_tokens, "top_acts": self.top_acts, "top_max": self.top_max,
+                  "random_tokens": self.random_tokens, "random_acts": self.random_acts,
+                  "moments": self.moments}
+        save_file({k: v.detach().cpu().contiguous() for k, v in arrays.items()},
+                  directory / "arrays.safetensors")
+        manifest = {"neurons": [[n.layer, n.index] for n in self.neurons],
+                    "n_tokens": self.n_tokens, "meta": self.meta,
+                    "token_strings": {str(k): v for k, v in sorted(self.token_strings.items())}}
+        (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Recording:
+        directory = Path(directory)
+        manifest = json.loads((directory / "manifest.json").read_text())
+        arrays = load_file(directory / "arrays.safetensors")
+        return cls(neurons=[NeuronId(l, i) for l, i in manifest["neurons"]], **arrays,
+                   n_tokens=manifest["n_tokens"], meta=manifest["meta"],
+                   token_strings={int(k): v for k, v in manifest["token_strings"].items()})
+
+    def export_openai(self, directory: str | Path) -> list[Path]:
+        """Write one OpenAI-format NeuronRecord JSON per neuron as ``{layer}/{index}.json``."""
+        paths = []
+        for record in self.neuron_records():
+            path = Path(directory) / str(record.neuron_id.layer) / f"{record.neuron_id.index}.json"
+            record.save(path)
+            paths.append(path)
+        return paths
+
+
+def _batches(windows: Iterable[list[int]], size: int) -> Iterator[list[list[int]]]:
+    it = iter(windows)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+@torch.no_grad()
+def record(model, tokenizer, windows: Iterable[list[int]], neurons: Sequence[NeuronId],
+           config: RecordingConfig = RecordingConfig(), progress: bool = True,
+           meta: dict | None = None) -> Recording:
+    """Run the model over ``windows`` and keep what each of ``neurons`` responds to."""
+    if not neurons:
+        raise ValueError("No neurons to record; set neurons.layers and neurons.per_layer.")
+    for n in neurons:
+        check_neuron(model, n.index)
+    device = next(model.parameters()).device
+    layers = sorted({n.layer for n in neurons})
+    # Columns of each layer's activations to keep, and where they go in the [.., N] matrix.
+    index = {l: torch.tensor([n.index for n in neurons if n.layer == l], device=device)
+             for l in layers}
+    order = [n for l in layers for n in neurons if n.layer == l]
+    restore = torch.tensor([order.index(n) for n in neurons], device=device)
+    N, k, R = len(neurons), config.top_k, config.n_random
+    state: dict[str, torch.Tensor] = {}
+    captured: dict[int, torch.Tensor] = {}
+    rng = np.random.default_rng(config.seed)
+    seen = 0
+    n_tokens = 0
+
+    def grab(layer: int, acts: torch.Tensor) -> None:
+        captured[layer] = acts[..., index[layer]].float()
+
+    with neuron_hooks(model, layers, grab):
+        bar = tqdm(desc="recording", unit="tok", disable=not progress)
+        for batch in _batches(windows, config.batch_size):
+            ids = torch.tensor(batch, device=device)
+            B, T = ids.shape
+            model(input_ids=ids, use_cache=False)
+            acts = torch.cat([captured[l] for l in layers], dim=-1)[..., restore]  # [B, T, N]
+            acts = acts.permute(2, 0, 1)                                          # [N, B, T]
+            if not state:
+                state = {"vals": torch.full((N, k), -math.inf, device=device),
+                         "tok": torch.zeros((N, k, T), dtype=torch.int32, device=device),
+                         "act": torch.zeros((N, k, T), device=device),
+                         "rtok": torch.zeros((R, T), dtype=torch.int32, device=device),
+                         "ract": torch.zeros((N, R, T), device=device),
+                         "mom": torch.zeros((N, 4), dtype=torch.float64, device=device)}
+            # running top-k by each excerpt's max activation
+            vals = torch.cat([state["vals"], acts.amax(dim=2)], dim=1)               # [N, k+B]
+            top = vals.topk(k, dim=1).indices                                         # [N, k]
+            pool_tok = torch.cat([state["tok"], ids.int().expand(N, B, T)], dim=1)
+            pool_act = torch.cat([state["act"], acts], dim=1)
+            pick = top[..., None].expand(N, k, T)
+            state["vals"] = vals.gather(1, top)
+            state["tok"] = pool_tok.gather(1, pick)
+            state["act"] = pool_act.gather(1, pick)
+            # reservoir sample of windows (Algorithm R), deterministic in the seed
+            for b in range(B):
+                slot = seen if seen < R else int(rng.integers(0, seen + 1))
+                if slot < R:
+                    state["rtok"][slot] = ids[b]
+                    state["ract"][:, slot] = acts[:, b]
+                seen += 1
+            a = acts.double().reshape(N, -1)
+            state["mom"] += torch.stack([a.sum(1), (a**2).sum(1), (a**3).sum(1), (a**4).sum(1)], 1)
+            n_tokens += B * T
+            bar.update(B * T)
+        bar.close()
+    if not state:
+        raise ValueError("The corpus gave no windows to record.")
+    if seen < R:  # fewer windows than the random sample asks for: keep those there are
+        state["rtok"], state["ract"] = state["rtok"][:seen], state["ract"][:, :seen]
+    used = torch.unique(torch.cat([state["tok"].flatten(), state["rtok"].flatten()])).tolist()
+    strings = {i: tokenizer.decode([i]) for i in used}
+    return Recording(neurons=list(neurons), top_tokens=state["tok"], top_acts=state["act"],
+                     top_max=state["vals"], random_tokens=state["rtok"],
+                     random_acts=state["ract"], moments=state["mom"], n_tokens=n_tokens,
+                     token_strings=strings, meta={**(meta or {}), "config": asdict(config)})
