@@ -7,6 +7,8 @@ token, and cut into consecutive windows of ``window`` tokens.
 
 from __future__ import annotations
 
+from neuronlens.errors import UserError
+
 import json
 from abc import ABC, abstractmethod
 from importlib import resources
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError):
     """A corpus problem the user can fix; the message is one clear sentence."""
 
 

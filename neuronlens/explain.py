@@ -168,11 +168,14 @@ class Explainer:
         self.resolve_format()  # a format the backend lacks fails now, not at the first neuron
 
     def resolve_format(self) -> str:
-        """The prompt format used with this backend: "chat" or "completion"."""
+        """The prompt format used with this backend: "chat" or "completion".
+
+        ``auto`` prefers the completion prompt, which ends mid-sentence so that any model (even a
+        small one) continues it; chat-only backends get the chat prompt."""
         caps = self.backend.capabilities
         if self.prompt_format == "auto":
             if caps.chat or caps.completion:
-                return "chat" if caps.chat else "completion"
+                return "completion" if caps.completion else "chat"
             raise ValueError(f"The {self.backend.name} backend offers neither chat nor completion.")
         if not getattr(caps, self.prompt_format):
             raise ValueError(f"The {self.backend.name} backend has no {self.prompt_format} "
@@ -190,7 +193,7 @@ class Explainer:
                   if chat else self.backend.count_tokens(prompt or ""))
         return GenerateRequest(messages=messages, prompt=prompt, max_tokens=self.max_tokens,
                                temperature=self.temperature, n=self.n, seed=self.seed,
-                               stop=() if chat else ("\n\n",)), tokens
+                               stop=() if chat else ("\n",)), tokens
 
     def _fit(self, records: Sequence[ActivationRecord]) -> _Fitted:
         if not records:

@@ -186,8 +186,13 @@ def test_all_zero_neuron_still_gives_a_prompt() -> None:
 
 # --- format choice -----------------------------------------------------------------------------
 
-def test_auto_uses_chat_when_available() -> None:
-    backend = FakeBackend(chat=True, completion=True)
+def test_auto_prefers_completion() -> None:
+    request = Explainer(FakeBackend(chat=True, completion=True)).build_request(NEURON)
+    assert not request.messages and request.prompt.endswith(PHRASE)
+
+
+def test_auto_uses_chat_on_chat_only_backend() -> None:
+    backend = FakeBackend(chat=True, completion=False)
     request = Explainer(backend).build_request(NEURON)
     assert request.prompt is None
     roles = [m.role for m in request.messages]
@@ -290,10 +295,10 @@ def test_tiny_context_never_crashes() -> None:
 
 def test_chat_fitting_counts_messages() -> None:
     records = neuron()
-    backend = FakeBackend(chat=True, context_length=10_000)
+    backend = FakeBackend(chat=True, completion=False, context_length=10_000)
     full = Explainer(backend).explain(records)
     assert full.n_fewshot_used == len(FEWSHOT)
-    backend = FakeBackend(chat=True, context_length=full.prompt_tokens + 60)
+    backend = FakeBackend(chat=True, completion=False, context_length=full.prompt_tokens + 60)
     assert Explainer(backend).explain(records).n_fewshot_used < len(FEWSHOT)
 
 

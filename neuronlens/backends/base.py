@@ -7,6 +7,8 @@ policy, retries, caching and progress live in the engine (`neuronlens.simulate`,
 
 from __future__ import annotations
 
+from neuronlens.errors import UserError
+
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -96,7 +98,7 @@ class TokenDistributions:
     usage: Usage = field(default_factory=Usage)
 
 
-class BackendError(RuntimeError):
+class BackendError(UserError):
     """An error a user can act on; its message is one clear sentence."""
 
 

@@ -90,6 +90,7 @@ class LocalBackend(Backend):
             temperature=request.temperature if sample else None, top_p=None, top_k=None,
             num_return_sequences=request.n, return_dict_in_generate=True,
             output_logits=request.top_logprobs > 0,
+            stop_strings=list(request.stop) or None, tokenizer=self.tokenizer,
             pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
         new = out.sequences[:, len(ids):]
         completions, n_generated = [], 0

@@ -8,6 +8,8 @@ loads take seconds instead of tens of seconds.
 
 from __future__ import annotations
 
+from neuronlens.errors import UserError
+
 import hashlib
 import importlib
 import importlib.util
@@ -48,7 +50,7 @@ ALIASES = {"embedded": "smollm2-135m-instruct", "smollm2": "smollm2-135m-instruc
            "gemma3": "gemma3-270m"}
 
 
-class SubjectError(ValueError):
+class SubjectError(UserError):
     """A subject model problem the user can fix; the message is one clear sentence."""
 
 

@@ -105,6 +105,10 @@ class Recording:
         return paths
 
 
+class _StopForward(Exception):
+    pass
+
+
 def _batches(windows: Iterable[list[int]], size: int) -> Iterator[list[list[int]]]:
     it = iter(windows)
     while batch := list(islice(it, size)):
@@ -136,13 +140,18 @@ def record(model, tokenizer, windows: Iterable[list[int]], neurons: Sequence[Neu
 
     def grab(layer: int, acts: torch.Tensor) -> None:
         captured[layer] = acts[..., index[layer]].float()
+        if layer == layers[-1]:
+            raise _StopForward  # nothing after the deepest recorded layer is needed
 
     with neuron_hooks(model, layers, grab):
         bar = tqdm(desc="recording", unit="tok", disable=not progress)
         for batch in _batches(windows, config.batch_size):
             ids = torch.tensor(batch, device=device)
             B, T = ids.shape
-            model(input_ids=ids, use_cache=False)
+            try:  # the base model: no LM head, and the forward stops at the last hooked layer
+                model.base_model(input_ids=ids, use_cache=False)
+            except _StopForward:
+                pass
             acts = torch.cat([captured[l] for l in layers], dim=-1)[..., restore]  # [B, T, N]
             acts = acts.permute(2, 0, 1)                                          # [N, B, T]
             if not state:

@@ -1,0 +1,3 @@
+from neuronlens.cli import main
+
+main()

@@ -1,0 +1,51 @@
+"""The `neuronlens` command (also `python -m neuronlens`): a Hydra app over the pipeline."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from neuronlens.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+log = logging.getLogger("neuronlens")
+
+
+def user_error(e: BaseException) -> UserError | None:
+    """The UserError behind ``e``, looking through Hydra's instantiation wrapper."""
+    while e is not None:
+        if isinstance(e, UserError):
+            return e
+        e = e.__cause__
+    return None
+
+
+def fail_cleanly(fn):
+    """Run ``fn``; a UserError becomes one line on stderr and exit status 2."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - only UserErrors are swallowed, the rest re-raised
+        err = user_error(e)
+        if err is None:
+            raise
+        print(f"neuronlens: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
+def app(cfg: DictConfig) -> None:
+    from neuronlens.pipeline import run
+
+    fail_cleanly(lambda: run(cfg, Path(HydraConfig.get().runtime.output_dir)))
+
+
+def main() -> None:
+    if not CONF_DIR.is_dir():
+        sys.exit(f"neuronlens: error: no config folder at {CONF_DIR}; install with `pip install -e .`"
+                 " from a checkout of the repository.")
+    app()

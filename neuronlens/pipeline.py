@@ -1,0 +1,220 @@
+"""The run: record the chosen neurons, then explain, simulate and score each of them.
+
+Each finished neuron is appended at once to ``neurons.jsonl``; rerunning into the same directory
+skips the neurons already there, so an interrupted run loses at most the neurons in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from neuronlens.backends.base import Backend
+from neuronlens.corpus import token_windows
+from neuronlens.errors import UserError
+from neuronlens.explain import Explainer
+from neuronlens.records import NeuronId, NeuronRecord
+from neuronlens.score import fit_calibration, score, score_splits
+from neuronlens.simulate import Simulator
+from neuronlens.subject.hooks import check_layer, check_neuron, n_layers, n_neurons
+from neuronlens.subject.models import cache_dir, load_model
+from neuronlens.subject.recording import Recording, RecordingConfig, record
+
+log = logging.getLogger(__name__)
+
+
+def select_neurons(model, layers, per_layer: int, which: str, indices, seed: int) -> list[NeuronId]:
+    layers = list(layers) if layers is not None else [n_layers(model) // 2]
+    for layer in layers:
+        check_layer(model, layer)
+    width = n_neurons(model)
+    if which == "list":
+        if not indices:
+            raise UserError("neurons.which=list needs neurons.indices=[...].")
+        for i in indices:
+            check_neuron(model, i)
+        chosen = list(dict.fromkeys(int(i) for i in indices))
+        return [NeuronId(l, i) for l in layers for i in chosen]
+    if per_layer < 1:
+        raise UserError(f"neurons.per_layer must be at least 1, got {per_layer}.")
+    if which == "first":
+        return [NeuronId(l, i) for l in layers for i in range(min(per_layer, width))]
+    if which == "random":
+        return [NeuronId(l, i) for l in layers
+                for i in sorted(random.Random(f"{seed}/{l}").sample(range(width), min(per_layer, width)))]
+    raise UserError(f"neurons.which must be first, random or list, not {which!r}.")
+
+
+def recording_for(cfg: DictConfig, model, tokenizer, neurons: list[NeuronId], run_dir: Path
+                  ) -> Recording:
+    """Record, or reuse an identical earlier recording from the cache."""
+    corpus = instantiate(cfg.corpus)
+    rc = cfg.recording
+    rconf = RecordingConfig(top_k=rc.top_k, n_random=rc.n_random, batch_size=rc.batch_size,
+                            seed=cfg.seed)
+    identity = {"model": cfg.subject.model, "dtype": str(next(model.parameters()).dtype),
+                "corpus": corpus.describe(), "window": rc.window, "max_windows": rc.max_windows,
+                "neurons": [[n.layer, n.index] for n in neurons], "recording": vars(rconf) | {},
+                "version": 1}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    cached = cache_dir() / "recordings" / key
+    target = run_dir / "recording"
+    if (target / "manifest.json").exists():
+        return Recording.load(target)
+    if rc.cache and (cached / "manifest.json").exists():
+        log.info("Reusing the cached recording %s", cached)
+        shutil.copytree(cached, target, dirs_exist_ok=True)
+        return Recording.load(target)
+    windows = token_windows(corpus, tokenizer, rc.window, rc.max_windows)
+    rec = record(model, tokenizer, windows, neurons, rconf, progress=cfg.progress,
+                 meta={"identity": identity, "key": key})
+    rec.save(target)
+    if rc.cache:
+        tmp = cached.with_name(f".{key}.partial")
+        rec.save(tmp)
+        shutil.rmtree(cached, ignore_errors=True)
+        tmp.rename(cached)
+    return rec
+
+
+def build_role(node: DictConfig, wrap, options: DictConfig):
+    """A role's config builds either a backend (wrapped in the engine) or a ready object."""
+    obj = instantiate(node)
+    return wrap(obj, **options) if isinstance(obj, Backend) else obj
+
+
+def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig) -> dict[str, Any]:
+    """Explain one neuron, pick the best explanation on `valid`, and score it on `test`."""
+    start = time.perf_counter()
+    sc = cfg.scoring
+    split = lambda name: neuron.split(name, sc.split_seed)  # noqa: E731
+    row: dict[str, Any] = {"layer": neuron.neuron_id.layer, "index": neuron.neuron_id.index,
+                           "max_activation": neuron.max_activation}
+    result = explainer.explain(split("train").top or neuron.most_positive_activation_records[:1])
+    usage = {"explainer": [result.prompt_tokens, result.completion_tokens], "simulator": [0, 0]}
+    failures = {"explanations": result.n_failed, "excerpts": 0}
+
+    def simulate(explanation: str, records):
+        sim = simulator.simulate(explanation, records)
+        usage["simulator"][0] += sim.usage.prompt_tokens
+        usage["simulator"][1] += sim.usage.completion_tokens
+        failures["excerpts"] += sim.n_failed
+        kept = [(r, e) for r, e in zip(records, sim.expected) if e is not None]
+        return [r for r, _ in kept], [list(e) for _, e in kept]
+
+    candidates = []
+    valid = split("valid").all
+    for text in result.explanations:
+        entry = {"text": text}
+        if len(result.explanations) > 1:
+            recs, sims = simulate(text, valid)
+            entry["valid"] = score([r.activations for r in recs], sims).to_json()
+        candidates.append(entry)
+    if not candidates:
+        return row | {"explanation": None, "error": "the explainer gave no usable explanation",
+                      "usage": usage, "failures": failures,
+                      "seconds": time.perf_counter() - start}
+    best = max(candidates, key=lambda c: (c.get("valid") or {}).get("correlation") or -2.0)
+    test = split("test")
+    top_recs, top_sims = simulate(best["text"], test.top)
+    rnd_recs, rnd_sims = simulate(best["text"], test.random)
+    scores = {name: s.to_json() for name, s in score_splits(
+        [r.activations for r in top_recs], top_sims,
+        [r.activations for r in rnd_recs], rnd_sims).items()}
+    row["scores"] = {"test": scores}
+    if sc.calibrate:
+        recs, sims = simulate(best["text"], split("calibration").all)
+        if recs:
+            calib = fit_calibration([r.activations for r in recs], sims)
+            row["scores"]["calibration"] = calib.to_json()
+            row["scores"]["test_calibrated"] = score(
+                [r.activations for r in top_recs + rnd_recs], calib.apply(top_sims + rnd_sims)).to_json()
+    excerpts = [{"kind": kind, "tokens": r.tokens, "true": r.activations, "simulated": s}
+                for kind, recs, sims in (("top", top_recs, top_sims), ("random", rnd_recs, rnd_sims))
+                for r, s in zip(recs, sims)]
+    return row | {"explanation": best["text"], "explanations": candidates,
+                  "score": scores["all"]["correlation"], "test_excerpts": excerpts,
+                  "usage": usage, "failures": failures, "seconds": time.perf_counter() - start}
+
+
+def finished(path: Path) -> dict[tuple[int, int], dict]:
+    """Rows already in neurons.jsonl (a line cut off by a crash is ignored and redone)."""
+    rows = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            rows[(row["layer"], row["index"])] = row
+    return rows
+
+
+def summarise(rows: list[dict], wall: float, cfg: DictConfig) -> dict[str, Any]:
+    scored = [r["score"] for r in rows if r.get("score") is not None]
+    tokens = {role: [sum(r["usage"][role][k] for r in rows) for k in (0, 1)]
+              for role in ("explainer", "simulator")}
+    return {
+        "n_neurons": len(rows),
+        "n_failed": sum(1 for r in rows if r.get("score") is None),
+        "mean_score": sum(scored) / len(scored) if scored else None,
+        "n_failed_excerpts": sum(r["failures"]["excerpts"] for r in rows),
+        "n_failed_explanations": sum(r["failures"]["explanations"] for r in rows),
+        "tokens": {role: {"prompt": p, "completion": c} for role, (p, c) in tokens.items()},
+        "wall_seconds": wall,
+        "subject": cfg.subject.model,
+        "explainer": OmegaConf.select(cfg, "explainer.model", default=None),
+        "simulator": OmegaConf.select(cfg, "simulator.model", default=None),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'neuron':>10}  {'score':>6}  explanation"]
+    for r in sorted(rows, key=lambda r: (r["layer"], r["index"])):
+        s = "  fail" if r.get("score") is None else f"{r['score']:6.3f}"
+        lines.append(f"{str(NeuronId(r['layer'], r['index'])):>10}  {s}  {r.get('explanation') or r.get('error')}")
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    start = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model(cfg.subject.model, cfg.subject.device, cfg.subject.dtype)
+    n = cfg.neurons
+    neurons = select_neurons(model, n.layers, n.per_layer, n.which, n.indices, cfg.seed)
+    recording = recording_for(cfg, model, tokenizer, neurons, run_dir)
+    explainer = build_role(cfg.explainer, Explainer, cfg.explain)
+    simulator = build_role(cfg.simulator, Simulator, cfg.simulation)
+    simulator.check()
+    out = run_dir / "neurons.jsonl"
+    done = finished(out)
+    todo = [r for r in recording.neuron_records() if (r.neuron_id.layer, r.neuron_id.index) not in done]
+    if done:
+        log.info("Resuming: %d neurons already done, %d to go", len(done), len(todo))
+    with open(out, "a") as sink, ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
+        futures = [pool.submit(process, r, explainer, simulator, cfg) for r in todo]
+        for future in as_completed(futures):
+            row = future.result()
+            sink.write(json.dumps(row) + "\n")
+            sink.flush()
+            done[(row["layer"], row["index"])] = row
+            log.info("%s: %s (%s)", NeuronId(row["layer"], row["index"]), row.get("explanation"),
+                     row.get("score"))
+    rows = [done[(nid.layer, nid.index)] for nid in neurons if (nid.layer, nid.index) in done]
+    summary = summarise(rows, time.perf_counter() - start, cfg)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(table(rows))
+    print(f"{summary['n_neurons']} neurons, {summary['n_failed']} failed, mean test correlation "
+          f"{summary['mean_score'] if summary['mean_score'] is None else round(summary['mean_score'], 3)}"
+          f" -> {run_dir}")
+    return summary
