@@ -14,6 +14,7 @@ from typing import Sequence
 
 from neuronlens.backends.base import Backend, GenerateRequest, Message
 from neuronlens.records import ActivationRecord
+from neuronlens.errors import UserError
 from neuronlens.score import normalize_activations
 
 PHRASE = "the main thing this neuron does is find"
@@ -152,14 +153,14 @@ class Explainer:
                  temperature: float | None = None, prompt_format: str = "auto",
                  seed: int = 0) -> None:
         if not isinstance(backend, Backend):
-            raise ValueError(f"The explainer needs a Backend, not {type(backend).__name__}.")
+            raise UserError(f"The explainer needs a Backend, not {type(backend).__name__}.")
         if n < 1 or max_records < 1 or max_tokens < 1:
-            raise ValueError(f"n, max_records and max_tokens must be at least 1 "
+            raise UserError(f"n, max_records and max_tokens must be at least 1 "
                              f"(got {n}, {max_records}, {max_tokens}).")
         if temperature is not None and temperature < 0:
-            raise ValueError(f"temperature must be 0 or more (got {temperature}).")
+            raise UserError(f"temperature must be 0 or more (got {temperature}).")
         if prompt_format not in self.FORMATS:
-            raise ValueError(f"prompt_format must be one of {', '.join(self.FORMATS)} "
+            raise UserError(f"prompt_format must be one of {', '.join(self.FORMATS)} "
                              f"(got {prompt_format!r}).")
         self.backend, self.n = backend, n
         self.max_records, self.max_tokens = max_records, max_tokens
@@ -176,9 +177,9 @@ class Explainer:
         if self.prompt_format == "auto":
             if caps.chat or caps.completion:
                 return "completion" if caps.completion else "chat"
-            raise ValueError(f"The {self.backend.name} backend offers neither chat nor completion.")
+            raise UserError(f"The {self.backend.name} backend offers neither chat nor completion.")
         if not getattr(caps, self.prompt_format):
-            raise ValueError(f"The {self.backend.name} backend has no {self.prompt_format} "
+            raise UserError(f"The {self.backend.name} backend has no {self.prompt_format} "
                              f"format; use prompt_format='auto' or another backend.")
         return self.prompt_format
 
@@ -197,7 +198,7 @@ class Explainer:
 
     def _fit(self, records: Sequence[ActivationRecord]) -> _Fitted:
         if not records:
-            raise ValueError("A neuron needs at least one activation record to be explained.")
+            raise UserError("A neuron needs at least one activation record to be explained.")
         shown = list(records[: self.max_records])
         max_activation = max(r.max_activation for r in shown)
         budget = self.backend.capabilities.context_length - self.max_tokens

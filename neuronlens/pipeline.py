@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import shutil
 import time
@@ -67,7 +68,7 @@ def recording_for(cfg: DictConfig, model, tokenizer, neurons: list[NeuronId], ru
                 "neurons": [[n.layer, n.index] for n in neurons], "recording": vars(rconf) | {},
                 "version": 1}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    cached = cache_dir() / "recordings" / key
+    cached = Path(os.environ.get("NEURONLENS_RECORDING_CACHE") or cache_dir() / "recordings") / key
     target = run_dir / "recording"
     if (target / "manifest.json").exists():
         return Recording.load(target)
@@ -148,15 +149,18 @@ def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig) -> dict
 
 
 def finished(path: Path) -> dict[tuple[int, int], dict]:
-    """Rows already in neurons.jsonl (a line cut off by a crash is ignored and redone)."""
-    rows = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            rows[(row["layer"], row["index"])] = row
+    """Rows already in neurons.jsonl. A last line cut off by a crash is removed (that neuron is
+    redone), so that the rows appended next start on a line of their own."""
+    rows: dict[tuple[int, int], dict] = {}
+    if not path.exists():
+        return rows
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+        path.write_text(text)
+    for line in text.splitlines():
+        row = json.loads(line)
+        rows[(row["layer"], row["index"])] = row
     return rows
 
 

@@ -16,7 +16,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from neuronlens.backends.base import (Backend, BackendError, PromptLogprobRequest, Usage)
+from neuronlens.backends.base import Backend, BackendError, PromptLogprobRequest, Usage
+from neuronlens.errors import UserError
 from neuronlens.explain import PHRASE, format_token
 from neuronlens.records import ActivationRecord
 
@@ -32,13 +33,31 @@ tokens get 0. Given a description of what a neuron responds to, predict its acti
 token of an excerpt. Each line is a token, a tab, then the activation; "unknown" marks an \
 activation you are to predict."""
 
-# One hand-made example neuron with true activations, to show the format (our own words).
-FEWSHOT = (
-    "days of the week",
-    [("We", 0), (" meet", 0), (" every", 0), (" Monday", 10), (" and", 0), (" Thursday", 9),
-     (",", 0), (" but", 0), (" not", 0), (" on", 0), (" weekends", 3), (".", 0)],
-)
+def _pairs(text: str) -> list[tuple[str, int]]:
+    """Hand-written example excerpts: tokens separated by '|', an activation after '@'."""
+    out = []
+    for piece in text.split("|"):
+        token, _, act = piece.rpartition("@")
+        out.append((token, int(act)) if token else (piece, 0))
+    return out
 
+
+# Hand-made example neurons with true activations, to show the format (our own words). A few
+# examples of realistic length teach a small simulator the task; they are part of the prefix
+# every excerpt of a neuron shares, so they cost one forward pass per neuron, not per excerpt.
+FEWSHOT: tuple[tuple[str, list[tuple[str, int]]], ...] = (
+    ("days of the week", _pairs(
+        "We| meet| every| Monday@10| and| Thursday@9| at| noon|,| but| not| on| weekends@3|.|"
+        " The| market| opens| on| Saturday@10| morning| and| closes| Sunday@9| night|.|"
+        " See| you| on| Friday@10|!")),
+    ("closing brackets and parentheses in code", _pairs(
+        "if| (|x| >| 0@0|)@8| {|\n|  | return| f|(|x|)@9|;|\n|}@7|\n|"
+        "values| =| [|1|,| 2|,| 3|]@8|\n|print|(|len|(|values|)@8|)@10")),
+    ("words about cooking and food preparation", _pairs(
+        "Pre|heat@6| the| oven@8| to| 200| degrees|,| then| chop@9| the| onions@5| and| fry@9|"
+        " them| in| butter@6| until| golden@4|.| The| train| left| the| station| at| six|,|"
+        " so| we| simmer@8|ed| the| sauce@6| while| we| waited|.")),
+)
 
 @dataclass(frozen=True)
 class SimulationResult:
@@ -62,12 +81,11 @@ def _block(label: int, explanation: str, lines: list[str]) -> str:
 def prompt_prefix(explanation: str, fewshot: bool = True) -> str:
     """Everything before the excerpt: shared by every excerpt of a neuron."""
     parts = [INSTRUCTIONS, ""]
-    label = 1
-    if fewshot:
-        ex_expl, pairs = FEWSHOT
-        parts += [_block(1, ex_expl, [f"{format_token(t)}\t{a}\n" for t, a in pairs]) + "<end>", ""]
-        label = 2
-    return "\n".join(parts) + "\n" + _block(label, explanation.strip().rstrip("."), [])
+    examples = FEWSHOT if fewshot else ()
+    for label, (ex_expl, pairs) in enumerate(examples, 1):
+        lines = [f"{format_token(t)}\t{a}\n" for t, a in pairs]
+        parts += [_block(label, ex_expl, lines) + "<end>", ""]
+    return "\n".join(parts) + "\n" + _block(len(examples) + 1, explanation.strip().rstrip("."), [])
 
 
 def build_request(explanation: str, tokens: Sequence[str],
@@ -97,7 +115,7 @@ class Simulator:
 
     def __init__(self, backend: Backend, strategy: str = "auto", fewshot: bool = True):
         if strategy not in self.STRATEGIES:
-            raise ValueError(f"Unknown simulator strategy {strategy!r}; choose one of "
+            raise UserError(f"Unknown simulator strategy {strategy!r}; choose one of "
                              f"{', '.join(self.STRATEGIES)}.")
         self.backend, self.requested, self.fewshot = backend, strategy, fewshot
 

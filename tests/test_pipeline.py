@@ -1,0 +1,105 @@
+"""The whole run on tiny models: outputs follow the contract, and an interrupted run resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+import neuronlens.pipeline as pipeline
+from neuronlens.cli import CONF_DIR
+
+
+def config(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose(config_name="config", overrides=overrides)
+
+
+def tiny_run_config(model_dir: Path, corpus: Path):
+    return config([
+        f"subject.model={model_dir}", "subject.device=cpu",
+        "corpus=files", f"corpus.paths=[{corpus}]",
+        f"explainer.model={model_dir}", f"simulator.model={model_dir}",
+        "neurons.layers=[1]", "neurons.per_layer=4", "recording.top_k=12",
+        "recording.n_random=12", "recording.window=16", "explain.max_tokens=8", "progress=false",
+    ])
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    from itertools import islice
+
+    from neuronlens.corpus import BuiltinCorpus
+
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(islice(BuiltinCorpus().texts(), 60)))
+    return path
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "neurons.jsonl").read_text().splitlines()]
+
+
+def test_every_config_option_composes_and_instantiates(tmp_path):
+    groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in CONF_DIR.iterdir()
+              if p.is_dir() and p.name not in ("hydra", "experiment")}
+    assert {"subject", "corpus", "explainer", "simulator"} <= set(groups)
+    for group, options in groups.items():
+        for option in options:
+            extra = [f"corpus.paths=[{tmp_path}]"] if (group, option) == ("corpus", "files") else []
+            cfg = config([f"{group}={option}", *extra])
+            if group != "subject":
+                assert instantiate(cfg[group]) is not None, (group, option)
+
+
+def test_run_writes_contract_files(tiny_llama_dir, corpus, tmp_path):
+    cfg = tiny_run_config(tiny_llama_dir, corpus)
+    summary = pipeline.run(cfg, tmp_path / "run")
+    out = rows(tmp_path / "run")
+    assert len(out) == 4 and summary["n_neurons"] == 4
+    for row in out:
+        assert {"layer", "index", "explanation"} <= set(row)
+        if row["explanation"] is not None:
+            assert "correlation" in row["scores"]["test"]["all"]
+            assert all(len(e["true"]) == len(e["simulated"]) == 16 for e in row["test_excerpts"])
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert {"n_neurons", "n_failed", "mean_score", "tokens"} <= set(saved)
+    assert saved["tokens"]["simulator"]["prompt"] > 0
+
+
+def test_interrupted_run_resumes_without_duplicates(tiny_llama_dir, corpus, tmp_path, monkeypatch):
+    cfg = tiny_run_config(tiny_llama_dir, corpus)
+    pipeline.run(cfg, tmp_path / "full")
+    reference = {(r["layer"], r["index"]): r for r in rows(tmp_path / "full")}
+
+    real_process, calls = pipeline.process, []
+
+    def dies_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the run is killed while the third neuron is in flight
+        return real_process(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "process", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(cfg, tmp_path / "resumed")
+    assert len(rows(tmp_path / "resumed")) == 2
+    with open(tmp_path / "resumed" / "neurons.jsonl", "a") as f:
+        f.write('{"layer": 1, "ind')  # a line cut off mid-write by the kill
+
+    monkeypatch.setattr(pipeline, "process", real_process)
+    pipeline.run(cfg, tmp_path / "resumed")
+    resumed = [r for r in rows_lenient(tmp_path / "resumed")]
+    keys = [(r["layer"], r["index"]) for r in resumed]
+    assert len(keys) == len(set(keys)) == 4
+    for r in resumed:
+        ref = reference[(r["layer"], r["index"])]
+        assert r["explanation"] == ref["explanation"]
+        assert r.get("scores") == ref.get("scores")
+
+
+def rows_lenient(run_dir: Path) -> list[dict]:
+    return list(pipeline.finished(run_dir / "neurons.jsonl").values())

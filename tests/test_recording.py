@@ -1,0 +1,367 @@
+"""Recording on tiny random GPT-2 and Llama models, checked against brute force.
+
+The brute force runs one forward pass per window and computes each neuron from the MLP's input by
+hand (GPT-2: act(c_fc(x)); Llama: act_fn(gate_proj(x)) * up_proj(x)), so it shares no code with
+the hooks or the running top-k under test.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from scipy import stats as sps
+
+import neuronlens.pipeline as pipeline
+from neuronlens.pipeline import recording_for, select_neurons
+from neuronlens.records import NeuronId, NeuronRecord
+from neuronlens.subject.hooks import neuron_hooks
+from neuronlens.subject.models import load_model
+from neuronlens.subject.recording import Recording, RecordingConfig, record
+
+ARCHS = ["gpt2", "llama"]
+LAYERS = [0, 2]
+N_WINDOWS, WINDOW = 40, 16
+CONFIG = RecordingConfig(top_k=5, n_random=6, batch_size=7)
+
+
+def _mlp(model, layer: int):
+    if model.config.model_type == "gpt2":
+        return model.transformer.h[layer].mlp
+    return model.model.layers[layer].mlp
+
+
+def _manual_neurons(model, layer: int, x: torch.Tensor) -> torch.Tensor:
+    mlp = _mlp(model, layer)
+    if model.config.model_type == "gpt2":
+        return mlp.act(mlp.c_fc(x))
+    return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+
+
+@torch.no_grad()
+def _brute_force(model, ids: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+    """Every neuron of ``layers`` at every token: {layer: [B, T, neurons]}, from the MLP input."""
+    inputs: dict[int, torch.Tensor] = {}
+    handles = [_mlp(model, l).register_forward_pre_hook(
+        lambda _m, args, l=l: inputs.__setitem__(l, args[0].detach())) for l in layers]
+    try:
+        model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {l: _manual_neurons(model, l, inputs[l]) for l in layers}
+
+
+def _model(request, arch: str):
+    return request.getfixturevalue(f"tiny_{arch}")
+
+
+def _windows(model, n: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (n, WINDOW), generator=g).tolist()
+
+
+def _all_neurons(model) -> list[NeuronId]:
+    width = _mlp(model, 0).c_fc.nf if model.config.model_type == "gpt2" \
+        else _mlp(model, 0).up_proj.out_features
+    neurons = [NeuronId(l, i) for l in LAYERS for i in range(width)]
+    random.Random(0).shuffle(neurons)  # interleave layers: the output order must follow this list
+    return neurons
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run ~50x faster on one thread than on contended CPU threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def recorded(_one_thread, request, tiny_tokenizer):
+    """(model, windows, neurons, recording, brute-force activations [N, W, T] as float64 numpy)."""
+    model = _model(request, request.param)
+    windows = _windows(model, N_WINDOWS, seed=1)
+    neurons = _all_neurons(model)
+    rec = record(model, tiny_tokenizer, windows, neurons, CONFIG, progress=False)
+    per_window = [_brute_force(model, torch.tensor([w]), LAYERS) for w in windows]
+    acts = np.stack([np.stack([pw[n.layer][0, :, n.index].numpy() for pw in per_window])
+                     for n in neurons]).astype(np.float64)                     # [N, W, T]
+    return model, windows, neurons, rec, acts
+
+
+def test_shapes_and_counts(recorded):
+    model, windows, neurons, rec, _ = recorded
+    N, k, R = len(neurons), CONFIG.top_k, CONFIG.n_random
+    assert rec.neurons == neurons
+    assert tuple(rec.top_tokens.shape) == (N, k, WINDOW)
+    assert tuple(rec.top_acts.shape) == (N, k, WINDOW)
+    assert tuple(rec.top_max.shape) == (N, k)
+    assert tuple(rec.random_tokens.shape) == (R, WINDOW)
+    assert tuple(rec.random_acts.shape) == (N, R, WINDOW)
+    assert rec.n_tokens == N_WINDOWS * WINDOW
+    assert rec.meta["config"]["top_k"] == k
+
+
+def test_top_k_matches_brute_force(recorded):
+    _, windows, neurons, rec, acts = recorded
+    where = {tuple(w): j for j, w in enumerate(windows)}
+    assert len(where) == len(windows)
+    window_max = acts.max(axis=2)                                               # [N, W]
+    expected = -np.sort(-window_max, axis=1)[:, :CONFIG.top_k]
+    np.testing.assert_allclose(rec.top_max.numpy(), expected, atol=1e-5, rtol=0)
+    for i in range(len(neurons)):
+        chosen = [where.get(tuple(t)) for t in rec.top_tokens[i].tolist()]
+        assert None not in chosen, f"neuron {i}: a top excerpt is not a corpus window"
+        assert len(set(chosen)) == CONFIG.top_k, f"neuron {i}: a window was kept twice"
+        np.testing.assert_allclose(rec.top_acts[i].numpy(), acts[i, chosen], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(rec.top_acts[i].numpy().max(axis=1), rec.top_max[i].numpy(),
+                                   atol=1e-6, rtol=0)
+
+
+def test_moments_match_numpy_and_scipy(recorded):
+    _, _, neurons, rec, acts = recorded
+    for i in range(len(neurons)):
+        a = acts[i].ravel()
+        got = rec.stats(i)
+        assert got["mean"] == pytest.approx(a.mean(), rel=1e-5, abs=1e-7)
+        assert got["variance"] == pytest.approx(a.var(), rel=1e-4, abs=1e-9)
+        assert got["skewness"] == pytest.approx(sps.skew(a, bias=True), rel=1e-3, abs=1e-4)
+        assert got["kurtosis"] == pytest.approx(sps.kurtosis(a, fisher=True, bias=True),
+                                                rel=1e-3, abs=1e-4)
+
+
+def test_random_sample_holds_real_windows_with_their_activations(recorded):
+    _, windows, neurons, rec, acts = recorded
+    where = {tuple(w): j for j, w in enumerate(windows)}
+    chosen = [where.get(tuple(t)) for t in rec.random_tokens.tolist()]
+    assert None not in chosen
+    assert len(set(chosen)) == CONFIG.n_random
+    np.testing.assert_allclose(rec.random_acts.numpy(), acts[:, chosen], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_random_sample_deterministic_in_seed(request, tiny_tokenizer, arch):
+    model = _model(request, arch)
+    windows = _windows(model, N_WINDOWS, seed=2)
+    neurons = [NeuronId(1, 0), NeuronId(1, 3)]
+
+    def sample(seed: int) -> list[list[int]]:
+        cfg = RecordingConfig(top_k=2, n_random=6, batch_size=7, seed=seed)
+        return record(model, tiny_tokenizer, windows, neurons, cfg, progress=False
+                      ).random_tokens.tolist()
+
+    assert sample(0) == sample(0)
+    assert sample(0) != sample(1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fewer_windows_than_k_and_n_random(request, tiny_tokenizer, arch):
+    model = _model(request, arch)
+    windows = _windows(model, 4, seed=3)
+    neurons = [NeuronId(0, 5), NeuronId(2, 1)]
+    rec = record(model, tiny_tokenizer, windows, neurons, CONFIG, progress=False)
+    # every window is in the random sample, in corpus order
+    assert rec.random_tokens.tolist() == windows
+    brute = _brute_force(model, torch.tensor(windows), [0, 2])
+    for i, n in enumerate(neurons):
+        torch.testing.assert_close(rec.random_acts[i], brute[n.layer][..., n.index],
+                                   atol=1e-5, rtol=0)
+        assert torch.isinf(rec.top_max[i, 4:]).all() and torch.isfinite(rec.top_max[i, :4]).all()
+        nr = rec.neuron_record(i)
+        assert len(nr.most_positive_activation_records) == 4
+        assert len(nr.random_sample) == 4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_memory_independent_of_corpus_length(request, tiny_tokenizer, arch):
+    model = _model(request, arch)
+    neurons = [NeuronId(l, i) for l in LAYERS for i in range(8)]
+    shapes = []
+    for n in (10, 80):
+        rec = record(model, tiny_tokenizer, _windows(model, n, seed=4), neurons, CONFIG,
+                     progress=False)
+        assert rec.n_tokens == n * WINDOW
+        shapes.append({k: tuple(getattr(rec, k).shape) for k in
+                       ("top_tokens", "top_acts", "top_max", "random_tokens", "random_acts",
+                        "moments")})
+    assert shapes[0] == shapes[1]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hooks_deliver_the_manual_mlp_activation(request, arch):
+    model = _model(request, arch)
+    ids = torch.tensor(_windows(model, 3, seed=5))
+    got: dict[int, torch.Tensor] = {}
+
+    def read(layer, acts):
+        got[layer] = acts.detach().clone()
+
+    before = {l: (dict(_mlp(model, l)._forward_pre_hooks), len(_all_hooks(model))) for l in LAYERS}
+    with torch.no_grad(), neuron_hooks(model, LAYERS, read):
+        expected = _brute_force(model, ids, LAYERS)
+    assert set(got) == set(LAYERS)
+    for l in LAYERS:
+        assert got[l].shape == expected[l].shape
+        torch.testing.assert_close(got[l], expected[l], atol=1e-5, rtol=0)
+    assert len(_all_hooks(model)) == before[LAYERS[0]][1]  # all handles removed on exit
+
+
+def _all_hooks(model) -> list:
+    return [h for m in model.modules()
+            for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hooks_can_overwrite_and_are_removed_after_an_error(request, arch):
+    model = _model(request, arch)
+    ids = torch.tensor(_windows(model, 2, seed=6))
+    mlp = _mlp(model, 1)
+    out: list[torch.Tensor] = []
+    handle = mlp.register_forward_hook(lambda _m, _i, o: out.append(o.detach()))
+    try:
+        with torch.no_grad(), neuron_hooks(model, [1], lambda _l, a: torch.zeros_like(a)):
+            model(input_ids=ids, use_cache=False)
+    finally:
+        handle.remove()
+    # with every neuron zeroed the MLP's output is its down projection's bias (none for Llama)
+    bias = mlp.c_proj.bias if arch == "gpt2" else torch.zeros(model.config.hidden_size)
+    torch.testing.assert_close(out[0], bias.expand_as(out[0]), atol=1e-6, rtol=0)
+
+    n_hooks = len(_all_hooks(model))
+    with pytest.raises(RuntimeError, match="boom"):
+        with neuron_hooks(model, LAYERS, lambda _l, _a: None):
+            assert len(_all_hooks(model)) == n_hooks + len(LAYERS)
+            raise RuntimeError("boom")
+    assert len(_all_hooks(model)) == n_hooks
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving, loading, exporting
+
+
+def test_save_load_round_trip(recorded, tmp_path):
+    *_, rec, _ = recorded
+    rec.save(tmp_path / "rec")
+    back = Recording.load(tmp_path / "rec")
+    for name in ("top_tokens", "top_acts", "top_max", "random_tokens", "random_acts", "moments"):
+        a, b = getattr(rec, name), getattr(back, name)
+        assert a.dtype == b.dtype, name
+        assert torch.equal(a, b), name
+    assert back.neurons == rec.neurons
+    assert back.token_strings == rec.token_strings
+    assert back.n_tokens == rec.n_tokens
+    assert back.meta == rec.meta
+    assert back.stats(3) == rec.stats(3)
+
+
+def test_neuron_record_is_sorted_and_decoded(recorded, tiny_tokenizer):
+    _, windows, neurons, rec, acts = recorded
+    where = {tuple(w): j for j, w in enumerate(windows)}
+    decoded = {tuple(tiny_tokenizer.decode([t]) for t in w): j for j, w in enumerate(windows)}
+    for i in (0, len(neurons) // 2, len(neurons) - 1):
+        nr = rec.neuron_record(i)
+        assert nr.neuron_id == neurons[i]
+        tops = nr.most_positive_activation_records
+        assert len(tops) == CONFIG.top_k
+        maxes = [r.max_activation for r in tops]
+        assert maxes == sorted(maxes, reverse=True)
+        assert maxes[0] == pytest.approx(acts[i].max(), abs=1e-5)
+        for r in tops + nr.random_sample:
+            j = decoded[tuple(r.tokens)]
+            np.testing.assert_allclose(r.activations, acts[i, j], atol=1e-5, rtol=0)
+        assert len(nr.random_sample) == CONFIG.n_random
+        assert nr.mean == rec.stats(i)["mean"] and nr.kurtosis == rec.stats(i)["kurtosis"]
+    assert len(where) == len(decoded)
+
+
+def test_export_openai_writes_loadable_files(recorded, tmp_path):
+    *_, neurons, rec, _ = recorded
+    paths = rec.export_openai(tmp_path / "out")
+    expected = {tmp_path / "out" / str(n.layer) / f"{n.index}.json" for n in neurons}
+    assert set(paths) == expected
+    assert {p for p in (tmp_path / "out").rglob("*.json")} == expected
+    for i in (0, 7):
+        n = neurons[i]
+        loaded = NeuronRecord.load(tmp_path / "out" / str(n.layer) / f"{n.index}.json")
+        assert loaded.to_json() == rec.neuron_record(i).to_json()
+
+
+# ---------------------------------------------------------------------------------------------
+# The recording cache used by the pipeline
+
+
+def _cfg(model_dir, corpus_file, cache: bool = True):
+    return OmegaConf.create({
+        "subject": {"model": str(model_dir), "device": "cpu", "dtype": "float32"},
+        "corpus": {"_target_": "neuronlens.corpus.FilesCorpus", "paths": [str(corpus_file)],
+                   "column": "text", "max_texts": None},
+        "recording": {"window": 16, "max_windows": 30, "top_k": 4, "n_random": 5,
+                      "batch_size": 8, "cache": cache},
+        "seed": 0,
+        "progress": False,
+    })
+
+
+def test_recording_cache_is_reused_across_run_dirs(tiny_llama_dir, tmp_path, monkeypatch):
+    from neuronlens.corpus import BuiltinCorpus
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(list(BuiltinCorpus(max_texts=15).texts())))
+    model, tokenizer = load_model(str(tiny_llama_dir), "cpu", "float32")
+    neurons = [NeuronId(1, 0), NeuronId(1, 7), NeuronId(2, 3)]
+    cfg = _cfg(tiny_llama_dir, text)
+
+    calls = []
+    real_record = pipeline.record
+    monkeypatch.setattr(pipeline, "record", lambda *a, **kw: calls.append(1) or real_record(*a, **kw))
+    first = recording_for(cfg, model, tokenizer, neurons, tmp_path / "run1")
+    assert calls == [1]
+    assert (tmp_path / "run1" / "recording" / "manifest.json").exists()
+    assert first.n_tokens == 30 * 16
+
+    def no_record(*_a, **_kw):
+        raise AssertionError("recorded again instead of using the cache")
+
+    monkeypatch.setattr(pipeline, "record", no_record)
+    second = recording_for(cfg, model, tokenizer, neurons, tmp_path / "run2")
+    assert (tmp_path / "run2" / "recording" / "manifest.json").exists()
+    for name in ("top_tokens", "top_acts", "top_max", "random_tokens", "random_acts", "moments"):
+        assert torch.equal(getattr(first, name).cpu(), getattr(second, name)), name
+    assert second.neurons == neurons and second.token_strings == first.token_strings
+
+    # a changed corpus file, or cache=false, must record again
+    monkeypatch.setattr(pipeline, "record", lambda *a, **kw: calls.append(2) or real_record(*a, **kw))
+    text.write_text(text.read_text() + "\nOne more sentence about the weather in spring.")
+    recording_for(cfg, model, tokenizer, neurons, tmp_path / "run3")
+    recording_for(_cfg(tiny_llama_dir, text, cache=False), model, tokenizer, neurons,
+                  tmp_path / "run4")
+    assert calls == [1, 2, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Which neurons
+
+
+def test_select_neurons(tiny_llama):
+    m = tiny_llama  # 3 layers of 64 neurons
+    assert select_neurons(m, [0, 2], 3, "first", [], 0) == [
+        NeuronId(l, i) for l in (0, 2) for i in range(3)]
+    assert select_neurons(m, None, 2, "first", [], 0) == [NeuronId(1, 0), NeuronId(1, 1)]
+    assert select_neurons(m, [1], 100, "first", [], 0) == [NeuronId(1, i) for i in range(64)]
+    assert select_neurons(m, [2, 0], 1, "list", [5, 3, 5], 0) == [
+        NeuronId(2, 5), NeuronId(2, 3), NeuronId(0, 5), NeuronId(0, 3)]
+
+    picked = select_neurons(m, [0, 2], 6, "random", [], 7)
+    assert picked == select_neurons(m, [0, 2], 6, "random", [], 7)
+    assert picked != select_neurons(m, [0, 2], 6, "random", [], 8)
+    for l in (0, 2):
+        idx = [n.index for n in picked if n.layer == l]
+        assert len(idx) == 6 and idx == sorted(set(idx)) and all(0 <= i < 64 for i in idx)
+    assert [n.index for n in picked if n.layer == 0] != [n.index for n in picked if n.layer == 2]
+    assert {n.layer for n in select_neurons(m, None, 4, "random", [], 0)} == {1}
+    assert len(select_neurons(m, [0], 1000, "random", [], 0)) == 64
