@@ -99,7 +99,17 @@ class TokenDistributions:
 
 
 class BackendError(UserError):
-    """An error a user can act on; its message is one clear sentence."""
+    """A fatal backend error a user can act on (bad key, unknown model, bad request); its message
+    is one clear sentence. Never retried."""
+
+
+class TransientError(RuntimeError):
+    """A failure worth retrying: rate limit (429), server error (5xx), timeout, lost connection,
+    or an answer that could not be parsed. ``retry_after``: seconds the server asked to wait."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Backend(ABC):
@@ -113,6 +123,11 @@ class Backend(ABC):
     @property
     def name(self) -> str:
         return type(self).__name__
+
+    def identity(self) -> dict:
+        """Everything about this backend that changes its outputs (model, revision, endpoint) and
+        nothing that doesn't (timeouts, keys): part of every response-cache key."""
+        return {"backend": type(self).__name__}
 
     @abstractmethod
     def generate(self, request: GenerateRequest) -> Generation: ...

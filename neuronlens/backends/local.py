@@ -49,6 +49,9 @@ class LocalBackend(Backend):
     def name(self) -> str:
         return f"local:{self.model_name}"
 
+    def identity(self) -> dict:
+        return {"backend": "local", "model": self.model_name, "dtype": self.dtype}
+
     def load(self) -> None:
         if self.model is None:
             self.model, self.tokenizer = load_model(self.model_name, self.device, self.dtype)

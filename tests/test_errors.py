@@ -1,0 +1,207 @@
+"""Bad input gives a UserError with one clear line, and the command prints it without a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from neuronlens.cli import fail_cleanly, user_error
+from neuronlens.corpus import CorpusError, FilesCorpus, token_windows
+from neuronlens.errors import UserError
+from neuronlens.pipeline import select_neurons
+from neuronlens.records import NeuronId
+from neuronlens.subject.hooks import check_neuron, hook_point, neuron_hooks
+from neuronlens.subject.models import SubjectError, load_model
+from neuronlens.subject.recording import RecordingConfig, record
+
+
+def _one_line(err: BaseException) -> str:
+    msg = str(err)
+    assert isinstance(err, UserError)
+    assert msg and "\n" not in msg and msg.strip() == msg
+    assert msg.endswith("."), msg
+    return msg
+
+
+def test_error_types_are_user_errors():
+    assert issubclass(SubjectError, UserError) and issubclass(CorpusError, UserError)
+    assert issubclass(UserError, ValueError)
+
+
+def test_unsupported_architecture():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    model = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                     ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16,
+                                     max_position_embeddings=32))
+    with pytest.raises(SubjectError) as info:
+        hook_point(model, 0)
+    msg = _one_line(info.value)
+    assert "'opt'" in msg and "supported" in msg and "llama" in msg and "gpt2" in msg
+    with pytest.raises(SubjectError):  # and before any hook is attached
+        with neuron_hooks(model, [0], lambda _l, _a: None):
+            pass
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_layer_out_of_range(request, arch):
+    model = request.getfixturevalue(f"tiny_{arch}")  # 3 layers
+    for layer in (3, 99, -1):
+        with pytest.raises(SubjectError) as info:
+            hook_point(model, layer)
+        msg = _one_line(info.value)
+        assert f"Layer {layer}" in msg and "3 layers" in msg and "0-2" in msg
+    with pytest.raises(SubjectError, match="Layer 7 .*3 layers"):
+        select_neurons(model, [0, 7], 2, "first", [], 0)
+    with pytest.raises(SubjectError, match="Layer 5 "):
+        record(model, None, [[1, 2, 3]], [NeuronId(5, 0)], RecordingConfig(), progress=False)
+
+
+@pytest.mark.parametrize("arch,width", [("gpt2", 128), ("llama", 64)])
+def test_neuron_index_out_of_range(request, arch, width):
+    model = request.getfixturevalue(f"tiny_{arch}")
+    check_neuron(model, width - 1)
+    for index in (width, -1):
+        with pytest.raises(SubjectError) as info:
+            check_neuron(model, index)
+        msg = _one_line(info.value)
+        assert f"Neuron index {index}" in msg and f"{width} MLP neurons" in msg
+    with pytest.raises(SubjectError, match=f"Neuron index {width + 5} "):
+        select_neurons(model, [0], 1, "list", [1, width + 5], 0)
+    with pytest.raises(SubjectError, match=f"Neuron index {width} "):
+        record(model, None, [[1, 2, 3]], [NeuronId(0, width)], RecordingConfig(), progress=False)
+
+
+def test_bad_neuron_selection(tiny_llama):
+    with pytest.raises(UserError, match="neurons.which must be first, random or list"):
+        select_neurons(tiny_llama, [0], 2, "best", [], 0)
+    with pytest.raises(UserError, match="per_layer must be at least 1"):
+        select_neurons(tiny_llama, [0], 0, "first", [], 0)
+    with pytest.raises(UserError, match="needs neurons.indices"):
+        select_neurons(tiny_llama, [0], 2, "list", [], 0)
+
+
+def test_missing_model_directory():
+    with pytest.raises(SubjectError) as info:
+        load_model("/nonexistent/dir")
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "'/nonexistent/dir'" in msg and "Could not load subject model" in msg
+    assert "local model directory" in msg  # says what would work
+
+
+def test_missing_gguf_file(tmp_path):
+    path = tmp_path / "nope" / "model.gguf"
+    with pytest.raises(SubjectError) as info:
+        load_model(str(path))
+    msg = _one_line(info.value)
+    assert str(path) in msg and "does not exist" in msg
+
+
+def test_empty_corpus(tmp_path, tiny_tokenizer):
+    path = tmp_path / "empty.txt"
+    path.write_text("   \n\n\t  \n")
+    with pytest.raises(CorpusError) as info:
+        list(token_windows(FilesCorpus([str(path)]), tiny_tokenizer, 8))
+    msg = _one_line(info.value)
+    assert "files" in msg and "8-token window" in msg
+
+
+def test_corpus_too_short_for_one_window(tmp_path, tiny_tokenizer):
+    path = tmp_path / "short.txt"
+    path.write_text("Hi.")
+    with pytest.raises(CorpusError, match="no text long enough for one 64-token window"):
+        list(token_windows(FilesCorpus([str(path)]), tiny_tokenizer, 64))
+
+
+def test_window_too_small(tiny_tokenizer):
+    with pytest.raises(CorpusError, match="at least 2 tokens, got 1"):
+        list(token_windows(FilesCorpus(["x.txt"]), tiny_tokenizer, 1))
+
+
+def test_unreadable_corpus_file(tmp_path):
+    path = tmp_path / "missing.txt"
+    corpus = FilesCorpus([str(path)])
+    assert corpus.describe()["files"][0][1] is None  # describing a missing file does not fail
+    with pytest.raises(CorpusError) as info:
+        list(corpus.texts())
+    msg = _one_line(info.value)
+    assert "Cannot read corpus file" in msg and str(path) in msg
+
+
+def test_not_utf8_corpus_file(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    with pytest.raises(CorpusError, match="Cannot read corpus file"):
+        list(FilesCorpus([str(path)]).texts())
+
+
+def test_jsonl_with_bad_json_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n\n{"text": oops}\n')
+    with pytest.raises(CorpusError) as info:
+        list(FilesCorpus([str(path)]).texts())
+    msg = _one_line(info.value)
+    assert str(path) in msg and "line 3" in msg and "not valid JSON" in msg
+
+
+def test_jsonl_missing_the_column(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "a"}\n{"body": "b"}\n')
+    corpus = FilesCorpus([str(path)], column="text")
+    with pytest.raises(CorpusError) as info:
+        list(corpus.texts())
+    msg = _one_line(info.value)
+    assert "line 2" in msg and "'text'" in msg and "corpus.column" in msg
+    path.write_text('["not", "an", "object"]\n')
+    with pytest.raises(CorpusError, match="line 1 has no 'text' field"):
+        list(corpus.texts())
+
+
+def test_unknown_file_type(tmp_path):
+    path = tmp_path / "table.csv"
+    path.write_text("text\nhello\n")
+    with pytest.raises(CorpusError, match="neither .txt nor .jsonl"):
+        list(FilesCorpus([str(path)]).texts())
+
+
+def test_files_corpus_needs_paths():
+    with pytest.raises(CorpusError) as info:
+        FilesCorpus([])
+    assert "corpus.paths" in _one_line(info.value)
+
+
+def test_hydra_wrapped_user_error_fails_cleanly(capsys):
+    node = OmegaConf.create({"_target_": "neuronlens.corpus.FilesCorpus", "paths": []})
+    with pytest.raises(Exception) as info:
+        instantiate(node)
+    assert not isinstance(info.value, UserError)  # Hydra wraps it ...
+    assert isinstance(user_error(info.value), CorpusError)  # ... and we find it underneath
+
+    with pytest.raises(SystemExit) as exit_info:
+        fail_cleanly(lambda: instantiate(node))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "neuronlens: error: corpus=files needs at least one path: corpus.paths=[a.txt,b.jsonl]."]
+
+    with pytest.raises(ZeroDivisionError):  # other errors are not swallowed
+        fail_cleanly(lambda: 1 / 0)
+
+
+def test_cli_reports_a_bad_layer_without_traceback(tiny_llama_dir, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "neuronlens", f"subject.model={tiny_llama_dir}",
+         "subject.device=cpu", "neurons.layers=[99]", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("neuronlens: error:")
+    assert "Layer 99" in last and "3 layers" in last
+    assert "Traceback" not in done.stderr

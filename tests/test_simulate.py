@@ -1,0 +1,504 @@
+"""Simulation: the prompt, placeholder finding on real tokenizers, exact candidate scoring by the
+local backend (checked against plain forward passes), prefix reuse, and the Simulator engine.
+
+Tokenizers: the real SmolLM2 tokenizer ("10" is two tokens, tab its own token), the real
+Gemma-3 tokenizer (adds <bos>), and a BPE tokenizer trained here whose pre-tokenizer keeps a tab
+attached to the following word, so "\\tunknown" is ONE token and the candidates become
+"\\t0".."\\t10". Models are tiny random Llama / GPT-2 models built with the tokenizer's vocabulary.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from neuronlens.backends.base import (Backend, BackendError, Capabilities, PromptLogprobRequest,
+                                      TokenDistributions, Usage)
+from neuronlens.backends.candidates import candidate_tokens
+from neuronlens.backends.local import LocalBackend
+from neuronlens.records import ActivationRecord
+from neuronlens.simulate import (CANDIDATES, FEWSHOT, PLACEHOLDER, SimulationResult, Simulator,
+                                 build_request, expected_value, prompt_prefix)
+
+# An excerpt with spaces, digits (one and two of them), a newline (escaped by format_token), a
+# tab, a multi-byte character, and the placeholder word itself as a token.
+EXCERPT = ["The", " sea", " 42", "\n", "7", "10", " waves", "\t", "unknown", "é!"]
+
+
+# ---- tokenizers -------------------------------------------------------------------------------
+
+def _tab_corpus(n: int = 300) -> list[str]:
+    rng = random.Random(0)
+    words = ("the sea ship wave salt water Monday oven bracket value print hello world neuron "
+             "token cooking waves").split()
+    lines = []
+    for _ in range(n):
+        excerpt = "".join(f"{rng.choice(['', ' '])}{rng.choice(words)}\tunknown\n"
+                          for _ in range(rng.randint(2, 6)))
+        nums = " ".join(str(rng.randint(0, 10)) for _ in range(3))
+        lines.append(f"{excerpt}{rng.choice(words)}\t{rng.randint(0, 10)}\n"
+                     f"values {nums} and {rng.randint(0, 999)} degrees.\n")
+    return lines
+
+
+@pytest.fixture(scope="session")
+def tab_tokenizer():
+    """BPE with digits split one by one, but a tab kept with the word after it."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        # "\tword" | " word" | one digit | whitespace run | punctuation run
+        pre_tokenizers.Split(Regex(r"\t?[^\s\d\p{P}]+| ?[^\s\d\p{P}]+|\d|\s+|\p{P}+"),
+                             behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_tab_corpus(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def gemma3_tokenizer(request):
+    """The Gemma-3-270M tokenizer from its GGUF file. Reading the GGUF takes ~30 s, so the
+    converted tokenizer is kept in pytest's cache, keyed by the file and transformers version."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    from neuronlens.subject.models import SubjectError, embedded_gguf
+
+    try:
+        path = embedded_gguf("gemma3")
+    except SubjectError as e:
+        pytest.skip(f"Gemma-3 GGUF not available: {e}")
+    st = path.stat()
+    key = f"{path.stem}-{st.st_size}-{int(st.st_mtime)}-tf{transformers.__version__}"
+    cache = getattr(request.config, "cache", None)
+    saved = Path(cache.mkdir("neuronlens-gemma3-tokenizer")) / key if cache is not None else None
+    if saved is not None and (saved / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(saved)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    if saved is not None:
+        tok.save_pretrained(saved)
+    return tok
+
+
+TOKENIZERS = ["smollm2", "gemma3", "tab"]
+
+
+@pytest.fixture(scope="session")
+def tokenizers_by_name(request):
+    return {"smollm2": lambda: request.getfixturevalue("smollm2_tokenizer"),
+            "gemma3": lambda: request.getfixturevalue("gemma3_tokenizer"),
+            "tab": lambda: request.getfixturevalue("tab_tokenizer")}
+
+
+@pytest.fixture
+def tokenizer(request, tokenizers_by_name):
+    return tokenizers_by_name[request.param]()
+
+
+# ---- tiny models ------------------------------------------------------------------------------
+
+def _tiny_model(arch: str, tokenizer, seed: int = 0):
+    """A random tiny model whose output rows for the candidates' tokens are scaled up, so that
+    the candidates get real, context-dependent probability (P("0" | "1") far from 1/vocab);
+    otherwise a wrong context or a dropped "10" would hide under the tolerance."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    vocab = len(tokenizer)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4,
+                                           n_positions=4096))
+    boost = sorted({t for lead in ("", "\t")
+                    for seq in candidate_tokens(tokenizer, lead, CANDIDATES) for t in seq})
+    with torch.no_grad():
+        out = model.get_output_embeddings().weight
+        out[boost] = torch.randn(len(boost), out.shape[1]) * 3.0
+    return model.eval()
+
+
+def _backend(model, tokenizer, prefix_reuse: bool = True, batch_size: int = 2) -> LocalBackend:
+    be = LocalBackend(batch_size=batch_size, prefix_reuse=prefix_reuse)
+    be.model, be.tokenizer = model, tokenizer
+    return be
+
+
+# ---- 6. the prompt ----------------------------------------------------------------------------
+
+GOLDEN = (
+    "We are studying the neurons of a language model. A neuron reads text one token at a time and "
+    "gives, at each token, an activation from 0 (no response) to 10 (its strongest response). "
+    "Most tokens get 0. Given a description of what a neuron responds to, predict its activation "
+    "on every token of an excerpt. Each line is a token, a tab, then the activation; \"unknown\" "
+    "marks an activation you are to predict.\n"
+    "\n"
+    "Neuron 1\n"
+    "Explanation of neuron 1: the main thing this neuron does is find words about the sea.\n"
+    "Activations:\n"
+    "<start>\n"
+    "The\tunknown\n"
+    " 42\tunknown\n"
+    "\\n\tunknown\n"
+    "<end>\n"
+)
+
+
+def test_prompt_golden_without_fewshot():
+    req = build_request(" words about the sea. ", ["The", " 42", "\n"], fewshot=False)
+    assert req.prompt == GOLDEN
+    assert req.candidates == tuple(str(i) for i in range(11))
+    assert len(req.positions) == 3
+    assert all(req.prompt[p:p + 7] == "unknown" for p in req.positions)
+    assert all(req.prompt[p - 1] == "\t" for p in req.positions)
+    assert req.positions == (GOLDEN.index("The\tunknown") + 4, GOLDEN.index(" 42\tunknown") + 4,
+                             GOLDEN.index("\\n\tunknown") + 3)
+
+
+def test_prompt_with_fewshot_is_prefix_plus_excerpt():
+    req = build_request("words about the sea", ["The", " 42", "\n"])
+    n = len(FEWSHOT) + 1
+    tail = (f"Neuron {n}\nExplanation of neuron {n}: the main thing this neuron does is find "
+            "words about the sea.\nActivations:\n<start>\n"
+            "The\tunknown\n 42\tunknown\n\\n\tunknown\n<end>\n")
+    assert req.prompt.endswith("\n\n" + tail)
+    assert req.prompt == prompt_prefix("words about the sea") + tail[tail.index("The\t"):]
+    assert req.prompt.startswith(GOLDEN.split("\n\n")[0] + "\n\nNeuron 1\n")
+    assert req.prompt.count(PLACEHOLDER + "\n") == 3           # only the excerpt asks
+    assert all(req.prompt[p:p + 7] == "unknown" for p in req.positions)
+    assert req.positions == tuple(sorted(req.positions))
+
+
+def test_positions_for_awkward_tokens():
+    req = build_request("x", EXCERPT)
+    assert len(req.positions) == len(EXCERPT)
+    assert all(req.prompt[p:p + 7] == "unknown" for p in req.positions)
+    # each excerpt line is format_token(token) TAB unknown, newlines/tabs escaped
+    lines = req.prompt.split("<start>\n")[-1].split("\n")[:len(EXCERPT)]
+    assert lines[3] == "\\n\tunknown" and lines[7] == "\\t\tunknown" and lines[8] == "unknown\tunknown"
+
+
+# ---- 2. placeholder finding on three tokenizers ------------------------------------------------
+
+def _walk(node, out):
+    if node.candidate is not None:
+        out[node.candidate] = node.path
+    for child in node.children.values():
+        _walk(child, out)
+    return out
+
+
+@pytest.mark.parametrize("tokenizer", TOKENIZERS, indirect=True)
+def test_placeholder_tokens_and_candidates(tokenizer, request):
+    name = request.node.callspec.params["tokenizer"]
+    req = build_request("words about the sea", EXCERPT)
+    enc = tokenizer(req.prompt, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    be = LocalBackend()
+    be.tokenizer = tokenizer
+    queries = be._queries(req, ids, offsets)
+    assert len(queries) == len(req.positions)
+    leads = []
+    for c, q in zip(req.positions, queries):
+        s, e = offsets[q.j]
+        assert s <= c < e, "the token found must cover the placeholder's first character"
+        assert req.prompt[c:c + 7] == "unknown"
+        assert c + 7 <= e or tokenizer.decode(ids[q.j:q.j + 3]).startswith(req.prompt[s:c] + "unk")
+        assert offsets[q.j - 1][1] <= s                     # the context ends before the token
+        lead = req.prompt[s:c]
+        leads.append(lead)
+        seqs = _walk(q.trie, {})
+        assert sorted(seqs) == list(range(11))
+        for k, cand in enumerate(CANDIDATES):
+            assert tokenizer.decode(list(seqs[k])) == lead + cand
+        assert candidate_tokens(tokenizer, lead, CANDIDATES) == [list(seqs[k]) for k in range(11)]
+        assert q.n_candidates == 11
+    if name == "tab":
+        assert set(leads) == {"\t"}
+        assert all(req.prompt[offsets[q.j][0]:offsets[q.j][1]] == "\tunknown" for q in queries)
+        ten = list(_walk(queries[0].trie, {})[10])
+        assert len(ten) == 3                                # "\t", "1", "0"
+        assert [p for p in queries[0].paths] == [(ten[0],), (ten[0], ten[1])]
+    else:
+        assert set(leads) == {""}
+        ten = list(_walk(queries[0].trie, {})[10])
+        assert len(ten) == 2                                # "1", "0"
+        assert queries[0].paths == [(ten[0],)]
+    if name == "gemma3":
+        assert ids[0] == tokenizer.bos_token_id             # the backend keeps <bos>
+
+
+def test_tab_tokenizer_merges_tab_with_placeholder(tab_tokenizer):
+    text = "sea\tunknown\n 42\tunknown\n"
+    enc = tab_tokenizer(text, return_offsets_mapping=True)
+    spans = [text[s:e] for s, e in enc["offset_mapping"]]
+    assert spans.count("\tunknown") == 2
+    assert len(enc["input_ids"]) == len(spans)
+    assert [text[s:e] for s, e in tab_tokenizer("\t10", return_offsets_mapping=True)
+            ["offset_mapping"]] == ["\t", "1", "0"]
+
+
+def test_tab_tokenizer_lead_after_whitespace_token(tab_tokenizer):
+    """A token ending in whitespace swallows the tab ("  \\t" is one token); the placeholder's
+    token is then plain "unknown" and the lead is empty: leads are found per position."""
+    req = build_request("x", ["a", "  ", "b"])
+    enc = tab_tokenizer(req.prompt, return_offsets_mapping=True)
+    be = LocalBackend()
+    be.tokenizer = tab_tokenizer
+    queries = be._queries(req, enc["input_ids"], enc["offset_mapping"])
+    leads = [req.prompt[enc["offset_mapping"][q.j][0]:c] for q, c in zip(queries, req.positions)]
+    assert leads == ["\t", "", "\t"]
+    assert len(_walk(queries[1].trie, {})) == 11
+
+
+def test_queries_reject_uncovered_offset(smollm2_tokenizer):
+    req = build_request("x", ["a"])
+    bad = PromptLogprobRequest(req.prompt, (len(req.prompt) + 5,), CANDIDATES)
+    enc = smollm2_tokenizer(req.prompt, return_offsets_mapping=True)
+    be = LocalBackend()
+    be.tokenizer = smollm2_tokenizer
+    with pytest.raises(BackendError, match="covers placeholder"):
+        be._queries(bad, enc["input_ids"], enc["offset_mapping"])
+
+
+# ---- 3. exactness against plain forward passes ------------------------------------------------
+
+def _explicit(model, tokenizer, req: PromptLogprobRequest):
+    """Candidate distributions from separate full forward passes, no trie, no mask, no cache."""
+    enc = tokenizer(req.prompt, return_offsets_mapping=True)   # as the backend: whole prompt
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    probs, mass = [], []
+    for c in req.positions:
+        covering = [i for i, (s, e) in enumerate(offsets) if s <= c < e]
+        assert len(covering) == 1
+        j = covering[0]
+        lead = req.prompt[offsets[j][0]:c]
+        seqs = candidate_tokens(tokenizer, lead, CANDIDATES)
+        memo = {}
+
+        def nextp(prefix: tuple[int, ...]) -> torch.Tensor:
+            if prefix not in memo:
+                x = torch.tensor([ids[:j] + list(prefix)])
+                with torch.no_grad():
+                    logits = model(input_ids=x, logits_to_keep=1).logits[0, -1]
+                memo[prefix] = torch.softmax(logits.double(), dim=-1)
+            return memo[prefix]
+
+        raw = []
+        for seq in seqs:
+            p = 1.0
+            for i, t in enumerate(seq):                      # P(seq) = prod P(t_i | ctx, t_<i)
+                p *= float(nextp(tuple(seq[:i]))[t])
+            longer = {s[len(seq)] for s in seqs if len(s) > len(seq) and s[:len(seq)] == seq}
+            if longer:                                      # "1" loses what continues into "10"
+                p *= 1.0 - sum(float(nextp(tuple(seq))[t]) for t in longer)
+            raw.append(p)
+        total = sum(raw)
+        probs.append([x / total for x in raw])
+        mass.append(total)
+        if len(seqs[10]) > len(seqs[1]):                    # the "10" check had its 2nd pass
+            assert tuple(seqs[1]) in memo
+    return probs, mass
+
+
+EXACT_CASES = [("smollm2", "llama"), ("smollm2", "gpt2"), ("tab", "llama"), ("tab", "gpt2"),
+               ("gemma3", "llama")]
+
+
+@pytest.mark.parametrize("tokenizer,arch", EXACT_CASES, indirect=["tokenizer"])
+def test_backend_matches_explicit_forward_passes(tokenizer, arch):
+    model = _tiny_model(arch, tokenizer)
+    reqs = [build_request("words about the sea", EXCERPT[:6]),
+            build_request("words about the sea", EXCERPT[4:], fewshot=True)]
+    dists = _backend(model, tokenizer, prefix_reuse=True).prompt_logprobs(reqs)
+    for req, d in zip(reqs, dists):
+        probs, mass = _explicit(model, tokenizer, req)
+        assert len(d.probs) == len(req.positions) == len(d.mass)
+        for got, want in zip(d.probs, probs):
+            assert got == pytest.approx(want, abs=1e-5)
+            assert sum(got) == pytest.approx(1.0, abs=1e-6)
+        assert d.mass == pytest.approx(mass, rel=1e-4, abs=1e-7)
+        # the boosted candidates make both "10" and the share "1" hands to it non-trivial
+        assert max(m for m in mass) > 0.05
+        assert max(p[10] for p in probs) > 1e-3
+
+
+# ---- 4. prefix reuse == naive, order restored --------------------------------------------------
+
+def _five_requests():
+    words = ["The", " sea", " 42", "\n", "7", "10", " waves", " crash", "!"]
+    lengths = [3, 7, 1, 5, 9]                                 # different excerpt lengths
+    return [build_request("words about the sea", words[:n][::(-1) ** i])
+            for i, n in enumerate(lengths)]
+
+
+@pytest.mark.parametrize("tokenizer,arch", [("smollm2", "llama"), ("smollm2", "gpt2"),
+                                            ("tab", "llama"), ("tab", "gpt2")],
+                         indirect=["tokenizer"])
+def test_prefix_reuse_equals_naive_and_keeps_order(tokenizer, arch):
+    model = _tiny_model(arch, tokenizer, seed=1)
+    reqs = _five_requests()
+    # reference: each request alone, naive
+    alone = [_backend(model, tokenizer, prefix_reuse=False).prompt_logprobs([r])[0] for r in reqs]
+    order = [3, 0, 4, 2, 1]
+    shuffled = [reqs[i] for i in order]
+    reuse = _backend(model, tokenizer, prefix_reuse=True).prompt_logprobs(shuffled)
+    naive = _backend(model, tokenizer, prefix_reuse=False).prompt_logprobs(shuffled)
+    assert len(reuse) == len(naive) == 5
+    diff = 0.0
+    for k, i in enumerate(order):
+        for got in (reuse[k], naive[k]):
+            assert len(got.probs) == len(reqs[i].positions)
+            for a, b in zip(got.probs, alone[i].probs):
+                diff = max(diff, max(abs(x - y) for x, y in zip(a, b)))
+            assert got.mass == pytest.approx(alone[i].mass, rel=1e-4)
+        for a, b in zip(reuse[k].probs, naive[k].probs):
+            diff = max(diff, max(abs(x - y) for x, y in zip(a, b)))
+    assert diff <= 1e-4
+    # the excerpts do differ, so a mixed-up order could not pass the checks above
+    assert alone[0].probs[0] != alone[1].probs[0]
+    n_reuse = sum(d.usage.prompt_tokens for d in reuse)
+    n_naive = sum(d.usage.prompt_tokens for d in naive)
+    n_prompt = sum(len(tokenizer(r.prompt)["input_ids"]) for r in reqs)
+    assert n_naive >= n_prompt
+    assert n_reuse < n_naive
+    assert n_reuse < n_prompt / 2                             # the shared prefix counted once
+
+
+def test_single_request_prefix_reuse_is_naive(smollm2_tokenizer):
+    model = _tiny_model("llama", smollm2_tokenizer)
+    req = build_request("x", ["a", " 10"])
+    a = _backend(model, smollm2_tokenizer, prefix_reuse=True).prompt_logprobs([req])[0]
+    b = _backend(model, smollm2_tokenizer, prefix_reuse=False).prompt_logprobs([req])[0]
+    assert a.probs == pytest.approx(b.probs) and a.usage == b.usage
+
+
+# ---- 5. the Simulator engine ------------------------------------------------------------------
+
+def _onehot(k: int) -> tuple[float, ...]:
+    return tuple(1.0 if i == k else 0.0 for i in range(11))
+
+
+class FakeBackend(Backend):
+    """Returns hand-made distributions; records what it was asked."""
+
+    def __init__(self, answers=None, error: str | None = None, prompt_logprobs: bool = True):
+        self.answers, self.error, self.requests = answers, error, []
+        self.capabilities = Capabilities(chat=True, prompt_logprobs=prompt_logprobs)
+
+    def generate(self, request):
+        raise NotImplementedError
+
+    def prompt_logprobs(self, requests):
+        self.requests.extend(requests)
+        if self.error:
+            raise BackendError(self.error)
+        return [self.answers[i] for i in range(len(requests))]
+
+
+HALF_2_HALF_10 = tuple(0.5 if i in (2, 10) else 0.0 for i in range(11))
+THIRDS = tuple(1 / 3 if i in (0, 1, 5) else 0.0 for i in range(11))
+
+
+def test_expected_value_by_hand():
+    assert expected_value(_onehot(7)) == 7.0
+    assert expected_value(HALF_2_HALF_10) == pytest.approx(6.0)        # 0.5*2 + 0.5*10
+    assert expected_value(THIRDS) == pytest.approx(2.0)                # (0+1+5)/3
+    assert expected_value([0.1] * 10 + [0.0]) == pytest.approx(4.5)    # 0.1 * (0+..+9)
+
+
+def test_simulator_expected_values_and_requests():
+    records = [ActivationRecord(["a", " b"], [0.0, 1.0]), ActivationRecord(["c"], [2.0])]
+    answers = [TokenDistributions((HALF_2_HALF_10, _onehot(3)), (0.9, 0.5), Usage(100, 0)),
+               TokenDistributions((THIRDS,), (0.2,), Usage(7, 0))]
+    be = FakeBackend(answers)
+    sim = Simulator(be)
+    assert sim.strategy == "all_at_once"
+    res = sim.simulate("letters", records)
+    assert isinstance(res, SimulationResult)
+    assert res.expected[0] == pytest.approx((6.0, 3.0))
+    assert res.expected[1] == pytest.approx((2.0,))
+    assert res.distributions == (answers[0].probs, answers[1].probs)
+    assert res.n_failed == 0 and res.errors == ()
+    assert res.usage == Usage(107, 0)
+    assert be.requests == [build_request("letters", ["a", " b"]), build_request("letters", ["c"])]
+
+
+def test_simulator_zero_mass_excerpt_fails_alone():
+    records = [ActivationRecord(["a"], [0.0]), ActivationRecord(["b", "c"], [0.0, 0.0]),
+               ActivationRecord(["d"], [1.0])]
+    zeros = (0.0,) * 11
+    answers = [TokenDistributions((_onehot(4),), (0.3,)),
+               TokenDistributions((_onehot(1), zeros), (0.4, 0.0)),   # no mass at token 2
+               TokenDistributions((_onehot(9),), (0.8,))]
+    res = Simulator(FakeBackend(answers), fewshot=False).simulate("x", records)
+    assert res.expected[0] == pytest.approx((4.0,))
+    assert res.expected[1] is None and res.distributions[1] is None
+    assert res.expected[2] == pytest.approx((9.0,))
+    assert res.n_failed == 1
+    assert len(res.errors) == 1 and "excerpt 1" in res.errors[0]
+
+
+def test_simulator_wrong_length_distribution_is_a_failure():
+    records = [ActivationRecord(["a", "b"], [0.0, 0.0])]
+    answers = [TokenDistributions((_onehot(4),), (0.3,))]               # one row for two tokens
+    res = Simulator(FakeBackend(answers)).simulate("x", records)
+    assert res.expected == (None,) and res.n_failed == 1
+
+
+def test_simulator_backend_error_fails_every_excerpt():
+    records = [ActivationRecord(["a"], [0.0]), ActivationRecord(["b"], [0.0])]
+    res = Simulator(FakeBackend(error="The server said no.")).simulate("x", records)
+    assert res.expected == (None, None) and res.distributions == (None, None)
+    assert res.n_failed == 2
+    assert res.errors == ("The server said no.", "The server said no.")
+
+
+def test_simulator_no_records():
+    res = Simulator(FakeBackend([])).simulate("x", [])
+    assert res.expected == () and res.n_failed == 0
+
+
+def test_strategy_needs_prompt_logprobs():
+    sim = Simulator(FakeBackend(prompt_logprobs=False), strategy="all_at_once")
+    with pytest.raises(BackendError, match="prompt logprobs") as info:
+        _ = sim.strategy
+    assert "FakeBackend" in str(info.value) and "all_at_once" in str(info.value)
+    with pytest.raises(BackendError):
+        sim.check()
+    with pytest.raises(BackendError, match="cannot score prompts"):
+        Simulator(FakeBackend(prompt_logprobs=False)).check()
+
+
+def test_unknown_strategy_raises():
+    with pytest.raises(ValueError, match="one_at_a_tim"):
+        Simulator(FakeBackend([]), strategy="one_at_a_tim")
+    with pytest.raises(ValueError, match="auto"):
+        Simulator(FakeBackend([]), strategy="bogus")
+
+
+def test_simulator_on_local_backend_end_to_end(tab_tokenizer):
+    model = _tiny_model("llama", tab_tokenizer, seed=2)
+    be = _backend(model, tab_tokenizer)
+    records = [ActivationRecord(["The", " sea"], [0.0, 3.0]), ActivationRecord(["7", "\n", "x"],
+                                                                             [1.0, 0.0, 0.0])]
+    res = Simulator(be).simulate("words about the sea", records)
+    assert res.n_failed == 0
+    direct = be.prompt_logprobs([build_request("words about the sea", r.tokens) for r in records])
+    for exp, d in zip(res.expected, direct):
+        assert exp == pytest.approx(tuple(sum(k * p for k, p in enumerate(row)) for row in d.probs))
+        assert all(0.0 <= e <= 10.0 for e in exp)
+    assert res.usage.prompt_tokens == sum(d.usage.prompt_tokens for d in direct)
