@@ -131,6 +131,8 @@ def token_windows(corpus: Corpus, tokenizer, window: int = 64,
     """Consecutive ``window``-token windows over the corpus's documents joined with EOS."""
     if window < 2:
         raise CorpusError(f"corpus window must be at least 2 tokens, got {window}.")
+    if max_windows is not None and max_windows < 1:
+        raise CorpusError(f"max_windows must be at least 1 (or null for all), got {max_windows}.")
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     buffer: list[int] = []
     produced = 0

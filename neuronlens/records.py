@@ -169,5 +169,5 @@ class NeuronRecord:
     def load(cls, path: str | Path) -> NeuronRecord:
         try:
             return cls.from_json(json.loads(Path(path).read_text()))
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"{path} is not a NeuronRecord JSON file ({e!r}).") from e

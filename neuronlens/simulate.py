@@ -6,22 +6,40 @@ over "0".."10" and take the expected value. Every excerpt of a neuron shares the
 excerpt (instructions, few-shot example, explanation), so a backend that reuses that prefix scores
 a whole neuron in little more than one forward pass over the excerpts' own tokens.
 
-A failed excerpt (a backend error, a distribution with no mass on any number) is reported as
-``None`` and counted, never turned into zeros.
+Backends without prompt logprobs (chat APIs) get strategies that read output logprobs instead,
+or none at all (``neuronlens.strategies``); whatever the strategy, the result is the same type.
+A failed excerpt (a backend error, an answer that cannot be read, a distribution with no mass on
+any number) is reported as ``None`` and counted with its reason, never turned into zeros.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
-from neuronlens.backends.base import Backend, BackendError, PromptLogprobRequest, Usage
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+
+from neuronlens.backends.base import (Backend, BackendError, Completion, GenerateRequest,
+                                      PromptLogprobRequest, TransientError, Usage)
 from neuronlens.errors import UserError
 from neuronlens.explain import PHRASE, format_token
 from neuronlens.records import ActivationRecord
+from neuronlens.strategies import (SharedPrompt, Unreadable, json_request, one_at_a_time_request,
+                                   one_hot, parse_json, parse_one, parse_sequence,
+                                   sequence_request)
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+Distributions = tuple[tuple[float, ...], ...]
+
+
+@dataclass
+class _Tally:
+    """Tokens spent by one ``simulate`` call, failed requests included."""
+
+    usage: Usage = field(default_factory=Usage)
 
 CANDIDATES = tuple(str(i) for i in range(11))
 PLACEHOLDER = "unknown"
@@ -78,14 +96,19 @@ def _block(label: int, explanation: str, lines: list[str]) -> str:
             "Activations:\n<start>\n" + "".join(lines))
 
 
+def prompt_body(explanation: str, fewshot: bool = True) -> str:
+    """The prompt after the instructions: the few-shot examples, then the neuron being simulated,
+    up to and including its "<start>" line (a chat user message begins with it)."""
+    examples = FEWSHOT if fewshot else ()
+    blocks = [_block(label, ex_expl, [f"{format_token(t)}\t{a}\n" for t, a in pairs]) + "<end>"
+              for label, (ex_expl, pairs) in enumerate(examples, 1)]
+    blocks.append(_block(len(examples) + 1, explanation.strip().rstrip("."), []))
+    return "\n\n".join(blocks)
+
+
 def prompt_prefix(explanation: str, fewshot: bool = True) -> str:
     """Everything before the excerpt: shared by every excerpt of a neuron."""
-    parts = [INSTRUCTIONS, ""]
-    examples = FEWSHOT if fewshot else ()
-    for label, (ex_expl, pairs) in enumerate(examples, 1):
-        lines = [f"{format_token(t)}\t{a}\n" for t, a in pairs]
-        parts += [_block(label, ex_expl, lines) + "<end>", ""]
-    return "\n".join(parts) + "\n" + _block(len(examples) + 1, explanation.strip().rstrip("."), [])
+    return f"{INSTRUCTIONS}\n\n{prompt_body(explanation, fewshot)}"
 
 
 def build_request(explanation: str, tokens: Sequence[str],
@@ -104,41 +127,129 @@ def expected_value(probs: Sequence[float]) -> float:
     return float(sum(int(c) * p for c, p in zip(CANDIDATES, probs)))
 
 
+def resolve_strategy(backend: Backend, requested: str) -> str:
+    """The strategy ``requested`` means on ``backend``, or a BackendError saying what is missing.
+
+    ``auto``: all at once with prompt logprobs, else the generated sequence with output logprobs,
+    else JSON (no logprobs)."""
+    caps, name = backend.capabilities, backend.name
+    text = caps.chat or caps.completion
+    if requested == "auto":
+        if caps.prompt_logprobs:
+            return "all_at_once"
+        if text:
+            return "generated_sequence" if caps.output_logprobs else "json"
+        raise BackendError(f"The {name} backend cannot score prompts and generates no text, so it "
+                           "cannot simulate; use a backend with prompt logprobs or chat.")
+    if requested == "all_at_once" and not caps.prompt_logprobs:
+        raise BackendError(f"The {name} backend cannot score prompts, which the {requested} "
+                           "simulator strategy needs; use a backend with prompt logprobs (local, "
+                           "vllm) or another strategy.")
+    if requested != "all_at_once" and not text:
+        raise BackendError(f"The {name} backend offers neither chat nor completion, which the "
+                           f"{requested} simulator strategy needs.")
+    if requested in ("one_at_a_time", "generated_sequence") and not caps.output_logprobs:
+        raise BackendError(f"The {name} backend returns no output logprobs, which the {requested} "
+                           "simulator strategy needs; use strategy=json or another backend.")
+    return requested
+
+
 class Simulator:
     """Simulates excerpts from an explanation on a backend.
 
-    ``strategy``: ``auto`` picks the best the backend declares it can do; ``all_at_once`` needs
-    prompt logprobs.
+    ``strategy``: ``auto`` picks the best the backend declares it can do (see
+    ``resolve_strategy``); ``all_at_once`` needs prompt logprobs, ``one_at_a_time`` and
+    ``generated_sequence`` output logprobs, ``json`` only text (see ``neuronlens.strategies``).
+    A ``TransientError`` is retried ``retries`` times with exponential backoff from ``backoff``
+    seconds (or the server's Retry-After); a failure that remains fails its excerpt(s) alone.
     """
 
-    STRATEGIES = ("auto", "all_at_once")
+    STRATEGIES = ("auto", "all_at_once", "one_at_a_time", "generated_sequence", "json")
 
-    def __init__(self, backend: Backend, strategy: str = "auto", fewshot: bool = True):
+    def __init__(self, backend: Backend, strategy: str = "auto", fewshot: bool = True,
+                 retries: int = 3, backoff: float = 1.0):
         if strategy not in self.STRATEGIES:
             raise UserError(f"Unknown simulator strategy {strategy!r}; choose one of "
                              f"{', '.join(self.STRATEGIES)}.")
+        if retries < 0 or backoff < 0:
+            raise UserError(f"retries and backoff must be 0 or more (got {retries}, {backoff}).")
         self.backend, self.requested, self.fewshot = backend, strategy, fewshot
+        self.retries, self.backoff = retries, backoff
 
     @property
     def strategy(self) -> str:
-        caps = self.backend.capabilities
-        if self.requested in ("auto", "all_at_once") and caps.prompt_logprobs:
-            return "all_at_once"
-        raise BackendError(f"The {self.backend.name} backend cannot score prompts, which the "
-                           f"{self.requested} simulator strategy needs; use a backend with prompt "
-                           "logprobs (local, vllm) or another strategy.")
+        return resolve_strategy(self.backend, self.requested)
 
     def check(self) -> None:
         """Fail at start-up, not hours later, when the backend cannot run this strategy."""
         _ = self.strategy
 
+    def _retrying(self, call: Callable[[], T]) -> T:
+        def wait(state: RetryCallState) -> float:
+            after = getattr(state.outcome.exception(), "retry_after", None)
+            delay = self.backoff * 2 ** (state.attempt_number - 1) * random.uniform(0.5, 1.0)
+            return after if after is not None else delay
+
+        for attempt in Retrying(retry=retry_if_exception_type(TransientError), wait=wait,
+                                stop=stop_after_attempt(self.retries + 1), reraise=True):
+            with attempt:
+                return call()
+        raise AssertionError("unreachable")
+
     def simulate(self, explanation: str, records: Sequence[ActivationRecord]) -> SimulationResult:
         if not records:
             return SimulationResult((), ())
+        strategy = self.strategy
+        if strategy == "all_at_once":
+            return self._all_at_once(explanation, records)
+        caps = self.backend.capabilities
+        shared = SharedPrompt(prompt_prefix(explanation, self.fewshot), INSTRUCTIONS,
+                              prompt_body(explanation, self.fewshot),
+                              chat=caps.chat and not caps.completion)
+        excerpt = {"one_at_a_time": self._one_at_a_time,
+                   "generated_sequence": self._generated_sequence, "json": self._json}[strategy]
+        expected, distributions, errors, tally = [], [], [], _Tally()
+        for i, record in enumerate(records):
+            try:
+                probs = excerpt(shared, record.tokens, tally)
+            except (Unreadable, TransientError, BackendError) as e:
+                expected.append(None)
+                distributions.append(None)
+                errors.append(f"excerpt {i}: {e}")
+                continue
+            expected.append(tuple(expected_value(p) for p in probs))
+            distributions.append(probs)
+        if errors:
+            log.warning("%s simulation failed for %d of %d excerpts; first: %s", strategy,
+                        len(errors), len(records), errors[0])
+        return SimulationResult(tuple(expected), tuple(distributions), tuple(errors), tally.usage)
+
+    def _generate(self, request: GenerateRequest, tally: _Tally) -> Completion:
+        generation = self._retrying(lambda: self.backend.generate(request))
+        tally.usage = tally.usage + generation.usage
+        if not generation.completions:
+            raise Unreadable("the backend returned no completion")
+        return generation.completions[0]
+
+    def _one_at_a_time(self, shared: SharedPrompt, tokens: Sequence[str],
+                       tally: _Tally) -> Distributions:
+        return tuple(parse_one(self._generate(one_at_a_time_request(shared, tokens, i), tally))
+                     for i in range(len(tokens)))
+
+    def _generated_sequence(self, shared: SharedPrompt, tokens: Sequence[str],
+                            tally: _Tally) -> Distributions:
+        return parse_sequence(self._generate(sequence_request(shared, tokens), tally), tokens)
+
+    def _json(self, shared: SharedPrompt, tokens: Sequence[str], tally: _Tally) -> Distributions:
+        completion = self._generate(json_request(shared, tokens), tally)
+        return tuple(one_hot(v) for v in parse_json(completion, len(tokens), not shared.chat))
+
+    def _all_at_once(self, explanation: str,
+                     records: Sequence[ActivationRecord]) -> SimulationResult:
         requests = [build_request(explanation, r.tokens, self.fewshot) for r in records]
         try:
-            dists = self.backend.prompt_logprobs(requests)
-        except BackendError as e:
+            dists = self._retrying(lambda: self.backend.prompt_logprobs(requests))
+        except (BackendError, TransientError) as e:
             log.warning("simulation failed for %d excerpts: %s", len(records), e)
             return SimulationResult((None,) * len(records), (None,) * len(records),
                                     (str(e),) * len(records))

@@ -18,6 +18,9 @@ import torch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
+# Tiny models are overhead-bound: one thread is faster, and test processes don't fight for cores.
+torch.set_num_threads(1)
+
 
 def _corpus_texts() -> list[str]:
     source = resources.files("neuronlens") / "data" / "builtin_corpus.jsonl"

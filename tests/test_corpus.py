@@ -131,14 +131,8 @@ def test_describe_changes_when_a_file_changes(tmp_path):
     assert corpus.describe() != second
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "corpus.py token_windows checks max_windows only after yielding, so max_windows=0 yields "
-    "one window instead of none"))
-def test_max_windows_zero_gives_no_window(tiny_tokenizer):
+def test_max_windows_zero_is_a_clear_error(tiny_tokenizer):
     from neuronlens.corpus import CorpusError
 
-    try:
-        got = list(token_windows(ListCorpus(DOCS), tiny_tokenizer, 4, max_windows=0))
-    except CorpusError:
-        got = []
-    assert got == []
+    with pytest.raises(CorpusError, match="max_windows must be at least 1"):
+        list(token_windows(ListCorpus(DOCS), tiny_tokenizer, 4, max_windows=0))

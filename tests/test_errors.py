@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -92,8 +91,8 @@ def test_missing_model_directory():
         load_model("/nonexistent/dir")
     msg = str(info.value)
     assert "\n" not in msg
-    assert "'/nonexistent/dir'" in msg and "Could not load subject model" in msg
-    assert "local model directory" in msg  # says what would work
+    assert "/nonexistent/dir does not exist" in msg
+    assert "existing directory" in msg and "HuggingFace model name" in msg  # says what would work
 
 
 def test_missing_gguf_file(tmp_path):

@@ -127,10 +127,6 @@ def test_malformed_file_gives_value_error_naming_the_path(tmp_path, text):
     assert str(path) in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "records.py NeuronRecord.load only catches KeyError/TypeError/JSONDecodeError: a file holding "
-    "a JSON list or string raises AttributeError, and a bad int or token/activation length "
-    "mismatch raises a ValueError that does not name the file"))
 @pytest.mark.parametrize("text", [
     "[]",
     '"a string"',

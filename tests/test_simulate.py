@@ -110,8 +110,7 @@ def tokenizer(request, tokenizers_by_name):
 
 def _tiny_model(arch: str, tokenizer, seed: int = 0):
     """A random tiny model whose output rows for the candidates' tokens are scaled up, so that
-    the candidates get real, context-dependent probability (P("0" | "1") far from 1/vocab);
-    otherwise a wrong context or a dropped "10" would hide under the tolerance."""
+    the distribution over the candidates is far from uniform and depends on the context."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -127,7 +126,7 @@ def _tiny_model(arch: str, tokenizer, seed: int = 0):
                     for seq in candidate_tokens(tokenizer, lead, CANDIDATES) for t in seq})
     with torch.no_grad():
         out = model.get_output_embeddings().weight
-        out[boost] = torch.randn(len(boost), out.shape[1]) * 3.0
+        out[boost] = torch.randn(len(boost), out.shape[1]) * 0.5
     return model.eval()
 
 
@@ -247,7 +246,7 @@ def test_tab_tokenizer_merges_tab_with_placeholder(tab_tokenizer):
     spans = [text[s:e] for s, e in enc["offset_mapping"]]
     assert spans.count("\tunknown") == 2
     assert len(enc["input_ids"]) == len(spans)
-    assert [text[s:e] for s, e in tab_tokenizer("\t10", return_offsets_mapping=True)
+    assert [ "\t10"[s:e] for s, e in tab_tokenizer("\t10", return_offsets_mapping=True)
             ["offset_mapping"]] == ["\t", "1", "0"]
 
 
@@ -329,11 +328,13 @@ def test_backend_matches_explicit_forward_passes(tokenizer, arch):
         assert len(d.probs) == len(req.positions) == len(d.mass)
         for got, want in zip(d.probs, probs):
             assert got == pytest.approx(want, abs=1e-5)
+            # relative too: P("10") = P("1") P("0" | "1") is tiny under a random model, and an
+            # absolute tolerance alone would not see a wrong second factor
+            assert got == pytest.approx(want, rel=1e-3, abs=0)
             assert sum(got) == pytest.approx(1.0, abs=1e-6)
-        assert d.mass == pytest.approx(mass, rel=1e-4, abs=1e-7)
-        # the boosted candidates make both "10" and the share "1" hands to it non-trivial
-        assert max(m for m in mass) > 0.05
-        assert max(p[10] for p in probs) > 1e-3
+            assert got[10] > 0
+        assert d.mass == pytest.approx(mass, rel=1e-4, abs=0)
+        assert max(max(p) for p in probs) > 0.3                 # far from uniform (1/11)
 
 
 # ---- 4. prefix reuse == naive, order restored --------------------------------------------------
@@ -383,7 +384,7 @@ def test_single_request_prefix_reuse_is_naive(smollm2_tokenizer):
     req = build_request("x", ["a", " 10"])
     a = _backend(model, smollm2_tokenizer, prefix_reuse=True).prompt_logprobs([req])[0]
     b = _backend(model, smollm2_tokenizer, prefix_reuse=False).prompt_logprobs([req])[0]
-    assert a.probs == pytest.approx(b.probs) and a.usage == b.usage
+    assert a.probs == b.probs and a.usage == b.usage
 
 
 # ---- 5. the Simulator engine ------------------------------------------------------------------

@@ -145,6 +145,10 @@ def resolve(model: str) -> str:
     """The local directory or hub name transformers should load for ``model``."""
     if ALIASES.get(model, model) in EMBEDDED:
         return str(_dequantised(embedded_gguf(model)))
+    looks_local = model.startswith(("/", ".", "~")) or model.count("/") > 1  # hub names: org/name
+    if looks_local and not Path(model).expanduser().exists():
+        raise SubjectError(f"Model path {model} does not exist; give an existing directory, a .gguf "
+                           f"file, a HuggingFace model name, or one of: {', '.join(sorted(EMBEDDED))}.")
     if model.endswith(".gguf"):
         path = Path(model).expanduser()
         if not path.is_file():

@@ -1,0 +1,286 @@
+"""The OpenAI backend: the OpenAI API, or any OpenAI-compatible server at ``base_url``.
+
+Chat (``messages``) goes to ``/chat/completions`` with ``logprobs``/``top_logprobs``; text
+(``prompt``) to the legacy ``/completions`` with ``logprobs=k``. Answers are parsed by pure
+functions (``parse_chat``, ``parse_completion``) into the one logprob type of ``base.py``.
+Prompt scoring (``prompt_scoring="echo"``) uses the legacy ``echo=True, max_tokens=0,
+logprobs=k`` where a server still offers it (current OpenAI models refuse it); see
+``remote_scoring.py`` for how top-k prompt logprobs become candidate distributions.
+
+The key comes only from the environment (``OPENAI_API_KEY``). Retries belong to the engine: the
+client never retries (``max_retries=0``) and ``classify_error`` turns every failure into a
+``TransientError`` (retry) or a ``BackendError`` (one sentence a user can act on).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from email.utils import parsedate_to_datetime
+from typing import Any, Callable, Sequence
+
+from neuronlens.backends.base import (Backend, BackendError, Capabilities, Completion,
+                                      GenerateRequest, Generation, PromptLogprobRequest,
+                                      TokenDistributions, TokenLogprob, TransientError, Usage)
+from neuronlens.backends.remote_scoring import PromptToken, score
+from neuronlens.errors import UserError
+
+OPENAI_URL = "https://api.openai.com/v1"
+MISSING_KEY = ("OPENAI_API_KEY is not set; export it in the environment "
+               "(keys never go in config files).")
+
+
+# ---- parsing (pure) ---------------------------------------------------------------------------
+def _top(pairs: Sequence[tuple[str, float]]) -> tuple[tuple[str, float], ...]:
+    return tuple(sorted(((str(t), float(lp)) for t, lp in pairs), key=lambda p: -p[1]))
+
+
+def parse_usage(data: dict) -> Usage:
+    usage = data.get("usage") or {}
+    return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+
+
+def parse_chat(data: dict) -> Generation:
+    """A ``/chat/completions`` answer (JSON) as a Generation."""
+    completions = []
+    for choice in sorted(data["choices"], key=lambda c: c["index"]):
+        logprobs = None
+        if choice.get("logprobs") and choice["logprobs"].get("content") is not None:
+            logprobs = tuple(
+                TokenLogprob(item["token"], float(item["logprob"]),
+                             _top((t["token"], t["logprob"]) for t in item.get("top_logprobs") or ()))
+                for item in choice["logprobs"]["content"])
+        text = choice["message"].get("content") or ""
+        completions.append(Completion(text, logprobs, _finish(choice)))
+    return Generation(tuple(completions), parse_usage(data))
+
+
+def parse_completion(data: dict) -> Generation:
+    """A legacy ``/completions`` answer (JSON) as a Generation."""
+    completions = []
+    for choice in sorted(data["choices"], key=lambda c: c["index"]):
+        logprobs, lp = None, choice.get("logprobs")
+        if lp:
+            logprobs = tuple(TokenLogprob(tok, float(v), _top((top or {}).items()))
+                             for tok, v, top in zip(lp["tokens"], lp["token_logprobs"],
+                                                    lp["top_logprobs"], strict=True))
+        completions.append(Completion(choice["text"], logprobs, _finish(choice)))
+    return Generation(tuple(completions), parse_usage(data))
+
+
+def _finish(choice: dict) -> str:
+    return "length" if choice.get("finish_reason") == "length" else "stop"
+
+
+def echo_tokens(data: dict, prompt: str) -> list[PromptToken]:
+    """The prompt's tokens from a legacy ``echo=True`` answer: start offsets (``text_offset``)
+    and the top-k at each, with the actual token added if the top-k left it out."""
+    lp = data["choices"][0]["logprobs"]
+    rows = list(zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], lp["text_offset"],
+                    strict=True))
+    tokens, previous = [], 0
+    for tok, logprob, top, start in rows:
+        if start >= len(prompt):            # generated tokens follow the prompt
+            break
+        aligned = tok.startswith("bytes:") or prompt[start:start + len(tok)] == tok
+        if start < previous or not aligned or (not tokens and start != 0):
+            raise TransientError(f"Echoed prompt tokens are misaligned with the prompt at "
+                                 f"offset {start} ({tok!r}).")
+        top = dict(top or {})
+        if logprob is not None:
+            top.setdefault(tok, float(logprob))
+        tokens.append(PromptToken(start, top))
+        previous = start
+    return tokens
+
+
+def first_token_tops(data: dict, n: int) -> list[dict[str, float]]:
+    """The top-k of the first generated token of each of ``n`` prompts of one completions call."""
+    choices = sorted(data["choices"], key=lambda c: c["index"])
+    if len(choices) != n:
+        raise ValueError(f"expected {n} choices, got {len(choices)}")
+    out = []
+    for choice in choices:
+        lp = choice["logprobs"]
+        top = dict(lp["top_logprobs"][0])   # IndexError/TypeError: no token, unparseable
+        top.setdefault(lp["tokens"][0], float(lp["token_logprobs"][0]))
+        out.append(top)
+    return out
+
+
+# ---- errors -----------------------------------------------------------------------------------
+def retry_after(headers: Any) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` / ``Retry-After`` (seconds or an HTTP date)."""
+    if headers is None:
+        return None
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return float(ms) / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def _server_message(body: Any, fallback: str) -> str:
+    if isinstance(body, dict):
+        body = body.get("message") or body.get("detail") or body.get("error") or body
+    return str(body if body else fallback).strip().rstrip(".")[:300]
+
+
+def classify_error(error: Exception, model: str, base_url: str) -> Exception:
+    """The exception to raise for ``error``: TransientError (retry) or BackendError (fatal).
+    Unknown exception types are returned unchanged (they are bugs, not server trouble)."""
+    import openai
+
+    where = f"The server at {base_url}"
+    if isinstance(error, (TransientError, BackendError)):
+        return error
+    if isinstance(error, openai.APITimeoutError):
+        return TransientError(f"{where} timed out (model '{model}').")
+    if isinstance(error, openai.APIConnectionError):
+        return TransientError(f"{where} could not be reached (model '{model}'): {error}")
+    if isinstance(error, openai.APIStatusError):
+        status, msg = error.status_code, _server_message(error.body, error.message)
+        if status == 429:
+            return TransientError(f"{where} is rate-limiting requests (429): {msg}.",
+                                  retry_after(error.response.headers))
+        if status >= 500 or status in (408, 409):
+            return TransientError(f"{where} failed ({status}): {msg}.",
+                                  retry_after(error.response.headers))
+        if status == 401:
+            return BackendError(f"{where} rejected the API key (401): {msg}; check OPENAI_API_KEY.")
+        if status == 403:
+            return BackendError(f"{where} refused access to model '{model}' (403): {msg}; "
+                                "check the key's permissions.")
+        if status == 404:
+            return BackendError(f"{where} does not know model '{model}' (404): {msg}; check "
+                                "explainer.model / simulator.model and base_url.")
+        return BackendError(f"{where} refused the request for model '{model}' ({status}): {msg}.")
+    if isinstance(error, (openai.APIResponseValidationError, json.JSONDecodeError,
+                          KeyError, IndexError, TypeError, ValueError)):
+        return TransientError(f"{where} sent an answer that could not be parsed "
+                              f"({type(error).__name__}: {str(error)[:200]}).")
+    return error
+
+
+# ---- the backend ------------------------------------------------------------------------------
+class OpenAIBackend(Backend):
+    """``prompt_scoring``: ``none`` (chat-only APIs; the engine uses output logprobs) or
+    ``echo`` (legacy completions servers that return prompt logprobs with ``echo``)."""
+
+    kind = "openai"
+
+    def __init__(self, model: str = "gpt-4o", base_url: str | None = None, timeout: float = 60.0,
+                 top_logprobs: int = 20, prompt_scoring: str = "none",
+                 context_length: int = 128000, chat: bool = True, completion: bool = False):
+        if prompt_scoring not in ("none", "echo"):
+            raise UserError(f"prompt_scoring must be 'none' or 'echo', got {prompt_scoring!r}.")
+        if top_logprobs < 0 or timeout <= 0 or context_length < 1:
+            raise UserError("top_logprobs must be >= 0, timeout and context_length positive.")
+        self.model, self.base_url, self.timeout = model, base_url, timeout
+        self.top_logprobs, self.prompt_scoring = top_logprobs, prompt_scoring
+        self.context_length, self.chat, self.completion = context_length, chat, completion
+        self.client = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{self.model}"
+
+    @property
+    def url(self) -> str:
+        return (self.base_url or OPENAI_URL).rstrip("/")
+
+    def identity(self) -> dict:
+        return {"backend": self.kind, "model": self.model, "base_url": self.url,
+                "top_logprobs": self.top_logprobs}
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(chat=self.chat, completion=self.completion,
+                            output_logprobs=self.top_logprobs > 0,
+                            prompt_logprobs=self._scores_prompts,
+                            context_length=self.context_length)
+
+    @property
+    def _scores_prompts(self) -> bool:
+        return self.prompt_scoring == "echo"
+
+    def load(self) -> None:
+        if self.client is not None:
+            return
+        import openai
+
+        key = os.environ.get("OPENAI_API_KEY")
+        if not key and self.base_url is None:
+            raise BackendError(MISSING_KEY)
+        self.client = openai.OpenAI(api_key=key or "unused", base_url=self.url,
+                                    timeout=self.timeout, max_retries=0)
+
+    # ---- one call, errors classified ----------------------------------------------------------
+    def _call(self, endpoint: str, parse: Callable[..., Any], *args: Any, **params: Any) -> Any:
+        """POST to ``chat`` or ``completions`` and parse the JSON body with ``parse(data, *args)``."""
+        self.load()
+        api = self.client.chat.completions if endpoint == "chat" else self.client.completions
+        try:
+            raw = api.with_raw_response.create(model=self.model, **params)
+            data = json.loads(raw.text)
+            return parse(data, *args), parse_usage(data)
+        except Exception as e:  # noqa: BLE001 - classified, unknown types re-raised unchanged
+            raise classify_error(e, self.model, self.url) from e
+
+    def generate(self, request: GenerateRequest) -> Generation:
+        k = min(request.top_logprobs, self.top_logprobs)
+        common: dict[str, Any] = {"temperature": request.temperature, "n": request.n,
+                                  "seed": request.seed}
+        if request.stop:
+            common["stop"] = list(request.stop)
+        if request.prompt is not None:
+            if not self.completion:
+                raise BackendError(f"The {self.name} backend is chat-only (completion: false); "
+                                   "use the chat prompt format.")
+            gen, _ = self._call("completions", parse_completion, prompt=request.prompt,
+                                max_tokens=request.max_tokens, **common,
+                                **({"logprobs": k} if k else {}))
+            return gen
+        if not self.chat:
+            raise BackendError(f"The {self.name} backend has no chat endpoint (chat: false); "
+                               "use the completion prompt format.")
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        gen, _ = self._call("chat", parse_chat, messages=messages,
+                            max_completion_tokens=request.max_tokens, **common,
+                            **({"logprobs": True, "top_logprobs": k} if k else {}))
+        return gen
+
+    # ---- prompt scoring -----------------------------------------------------------------------
+    def prompt_logprobs(self, requests: Sequence[PromptLogprobRequest]) -> list[TokenDistributions]:
+        if not self._scores_prompts:
+            return super().prompt_logprobs(requests)
+        return [self._score(r) for r in requests]
+
+    def _prompt_tokens(self, prompt: str) -> tuple[list[PromptToken], Usage]:
+        """The prompt's tokens with their top-k, from the legacy ``echo`` + ``logprobs``."""
+        return self._call("completions", echo_tokens, prompt, prompt=prompt, echo=True,
+                          max_tokens=0, logprobs=self.top_logprobs, temperature=0)
+
+    def _score(self, request: PromptLogprobRequest) -> TokenDistributions:
+        tokens, usage = self._prompt_tokens(request.prompt)
+
+        def follow_up(texts: list[str]) -> list[dict[str, float]]:
+            nonlocal usage
+            tops, more = self._call("completions", first_token_tops, len(texts), prompt=texts,
+                                    max_tokens=1, logprobs=self.top_logprobs, temperature=0)
+            usage = usage + more
+            return tops
+
+        probs, mass = score(request, tokens, follow_up)
+        return TokenDistributions(probs, mass, usage)

@@ -1,0 +1,241 @@
+"""The engine's policy around any backend: response cache, retries, bounded concurrency, and
+token and dollar accounting. Backends only translate (STYLE lesson 1); this is the one place that
+retries a `TransientError`, waits, caches and counts.
+
+Cache: SQLite at ``cache_dir/responses.sqlite`` (WAL, so several multirun processes can share
+it), one row per response, keyed by the sha256 of the canonical JSON of the operation, the
+backend's ``identity()`` and the request's fields: everything that changes the output and nothing
+that doesn't (timeouts and retries are not part of a request). Values are JSON, never pickle.
+Sampled outputs are cached too: the seed is a field of the request, hence of the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar
+
+from neuronlens.backends.base import (Backend, BackendError, Capabilities, Completion,
+                                      GenerateRequest, Generation, PromptLogprobRequest,
+                                      TokenDistributions, TokenLogprob, TransientError, Usage)
+
+CACHE_VERSION = 1          # part of every key: bump when the stored encoding changes
+sleep: Callable[[float], None] = time.sleep   # tests replace these two to make backoff instant
+jitter: Callable[[], float] = random.random   # uniform in [0, 1)
+
+T = TypeVar("T")
+
+
+# ---- JSON encoding of results -----------------------------------------------------------------
+def generation_to_json(g: Generation) -> dict:
+    return dataclasses.asdict(g)
+
+
+def generation_from_json(d: dict) -> Generation:
+    def logprob(t: dict) -> TokenLogprob:
+        return TokenLogprob(t["token"], float(t["logprob"]),
+                            tuple((str(a), float(b)) for a, b in t["top"]))
+
+    completions = tuple(
+        Completion(c["text"], None if c["logprobs"] is None else tuple(logprob(t) for t in c["logprobs"]),
+                   c["finish_reason"])
+        for c in d["completions"])
+    return Generation(completions, Usage(**d["usage"]))
+
+
+def distributions_to_json(t: TokenDistributions) -> dict:
+    return dataclasses.asdict(t)
+
+
+def distributions_from_json(d: dict) -> TokenDistributions:
+    return TokenDistributions(tuple(tuple(float(p) for p in row) for row in d["probs"]),
+                              tuple(float(m) for m in d["mass"]), Usage(**d["usage"]))
+
+
+def cache_key(op: str, identity: dict, request: Any) -> str:
+    """sha256 of the canonical JSON of what determines the answer."""
+    payload = {"op": op, "backend": identity, "request": dataclasses.asdict(request),
+               "version": CACHE_VERSION}
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def backoff(attempt: int, base_delay: float, max_delay: float, retry_after: float | None) -> float:
+    """Seconds to wait before retry ``attempt`` (0 first): full jitter over an exponentially
+    growing window, at least what the server asked for, never more than ``max_delay``."""
+    wait = jitter() * base_delay * 2 ** attempt
+    if retry_after is not None:
+        wait = max(wait, retry_after)
+    return min(wait, max_delay)
+
+
+# ---- the on-disk cache ------------------------------------------------------------------------
+class ResponseCache:
+    """Key -> JSON text in SQLite; one connection behind a lock in this process, WAL between
+    processes."""
+
+    def __init__(self, directory: str | Path):
+        path = Path(directory).expanduser()
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path / "responses.sqlite"
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, timeout=60.0, check_same_thread=False,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA busy_timeout = 60000")
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, op TEXT NOT NULL,"
+                         " value TEXT NOT NULL, created REAL NOT NULL)")
+
+    def get(self, key: str) -> dict | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM responses WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def put(self, key: str, op: str, value: dict) -> None:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO responses (key, op, value, created) "
+                             "VALUES (?, ?, ?, ?)", (key, op, text, time.time()))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+# ---- the policy -------------------------------------------------------------------------------
+class Policy(Backend):
+    """Wraps ``backend``: cache first, then the backend under a bounded semaphore, retrying
+    `TransientError` up to ``max_retries`` times; `BackendError` passes through at once."""
+
+    def __init__(self, backend: Backend, cache_dir: str | Path | None = None, max_retries: int = 6,
+                 base_delay: float = 0.5, max_delay: float = 30.0, concurrency: int = 8):
+        if max_retries < 0 or concurrency < 1 or base_delay < 0 or max_delay < 0:
+            raise ValueError("max_retries, base_delay and max_delay must be 0 or more and "
+                             "concurrency at least 1.")
+        self.backend = backend
+        self.max_retries, self.base_delay, self.max_delay = max_retries, base_delay, max_delay
+        self.cache = ResponseCache(cache_dir) if cache_dir is not None else None
+        self._slots = threading.BoundedSemaphore(concurrency)
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(("requests", "cache_hits", "retries", "transient_errors",
+                                      "prompt_tokens", "completion_tokens"), 0)
+        self._unpriced: list[tuple[int, int]] = []   # fresh responses' tokens, priced in stats()
+        self._cost: float | None = 0.0
+
+    # ---- delegation ---------------------------------------------------------------------------
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]
+        return self.backend.capabilities
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    def identity(self) -> dict:
+        return self.backend.identity()
+
+    def count_tokens(self, text: str) -> int:
+        return self.backend.count_tokens(text)
+
+    def load(self) -> None:
+        self.backend.load()
+
+    # ---- the two operations -------------------------------------------------------------------
+    def generate(self, request: GenerateRequest) -> Generation:
+        key = cache_key("generate", self.identity(), request) if self.cache else None
+        if key is not None and (hit := self.cache.get(key)) is not None:
+            self._add(cache_hits=1)
+            return generation_from_json(hit)
+        result = self._call(lambda: self.backend.generate(request))
+        self._account(result.usage)
+        if key is not None:
+            self.cache.put(key, "generate", generation_to_json(result))
+        return result
+
+    def prompt_logprobs(self, requests: Sequence[PromptLogprobRequest]) -> list[TokenDistributions]:
+        identity = self.identity() if self.cache else None
+        keys = [cache_key("prompt_logprobs", identity, r) if self.cache else None for r in requests]
+        results: list[TokenDistributions | None] = [None] * len(requests)
+        for i, key in enumerate(keys):
+            if key is not None and (hit := self.cache.get(key)) is not None:
+                results[i] = distributions_from_json(hit)
+        self._add(cache_hits=sum(r is not None for r in results))
+        misses = [i for i, r in enumerate(results) if r is None]
+        if misses:
+            fresh = self._call(lambda: self.backend.prompt_logprobs([requests[i] for i in misses]))
+            if len(fresh) != len(misses):
+                raise BackendError(f"The {self.name} backend answered {len(fresh)} prompts "
+                                   f"for {len(misses)}.")
+            for i, dist in zip(misses, fresh):
+                results[i] = dist
+                self._account(dist.usage)
+                if keys[i] is not None:
+                    self.cache.put(keys[i], "prompt_logprobs", distributions_to_json(dist))
+        return results  # type: ignore[return-value]
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        for attempt in range(self.max_retries + 1):
+            try:
+                with self._slots:
+                    self._add(requests=1)
+                    return fn()
+            except TransientError as e:
+                self._add(transient_errors=1)
+                if attempt == self.max_retries:
+                    raise
+                self._add(retries=1)
+                sleep(backoff(attempt, self.base_delay, self.max_delay, e.retry_after))
+        raise AssertionError("unreachable")
+
+    # ---- accounting ---------------------------------------------------------------------------
+    def _add(self, **counts: int) -> None:
+        with self._lock:
+            for name, n in counts.items():
+                self._counts[name] += n
+
+    def _account(self, usage: Usage) -> None:
+        with self._lock:
+            self._counts["prompt_tokens"] += usage.prompt_tokens
+            self._counts["completion_tokens"] += usage.completion_tokens
+            if usage.prompt_tokens or usage.completion_tokens:
+                self._unpriced.append((usage.prompt_tokens, usage.completion_tokens))
+
+    def stats(self) -> dict[str, Any]:
+        """Counters so far; ``cost_usd`` from LiteLLM's price table, None when the model is not
+        in it (``cost_known`` False). Each fresh response is priced on its own (some prices
+        depend on the prompt's length)."""
+        with self._lock:
+            pending, self._unpriced = self._unpriced, []
+            counts = dict(self._counts)
+        if pending and self._cost is not None:
+            model = self.identity().get("model")
+            total: float | None = 0.0
+            for p, c in pending:
+                one = price(str(model), p, c) if model else None
+                if one is None:
+                    total = None
+                    break
+                total += one
+            with self._lock:
+                if self._cost is not None:
+                    self._cost = None if total is None else self._cost + total
+        cost = self._cost
+        return counts | {"cost_usd": cost, "cost_known": cost is not None}
+
+
+def price(model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
+    """Dollars for one response by LiteLLM's price table; None for a model it does not list."""
+    import litellm
+
+    try:
+        p, c = litellm.cost_per_token(model=model, prompt_tokens=prompt_tokens,
+                                      completion_tokens=completion_tokens)
+    except Exception:  # litellm raises several types for an unmapped model
+        return None
+    return float(p) + float(c)

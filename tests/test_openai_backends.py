@@ -1,0 +1,420 @@
+"""The OpenAI and vLLM backends: pure parsers on literal JSON, remote candidate scoring on
+hand-made top-k lists (answers worked out by hand), error classification, and integration with
+neuronlens-serve on loopback (its numbers must equal the local backend's)."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+
+import httpx
+import openai
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from neuronlens.backends.base import (BackendError, GenerateRequest, Message,
+                                      PromptLogprobRequest, TokenLogprob, TransientError)
+from neuronlens.backends.openai import (MISSING_KEY, OpenAIBackend, classify_error, echo_tokens,
+                                        first_token_tops, parse_chat, parse_completion, retry_after)
+from neuronlens.backends.remote_scoring import PromptToken, score, token_covering
+from neuronlens.backends.vllm import MISSING_VLLM, VLLMBackend, VLLMEngineBackend, vllm_prompt_tokens
+from neuronlens.errors import UserError
+
+L = math.log
+CONF = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf"
+
+
+# ---- parsing recorded answers -----------------------------------------------------------------
+CHAT = {"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o-mini-2024-07-18",
+        "choices": [
+            {"index": 1, "message": {"role": "assistant", "content": None}, "logprobs": None,
+             "finish_reason": "length"},
+            {"index": 0, "message": {"role": "assistant", "content": "Hi!"}, "finish_reason": "stop",
+             "logprobs": {"content": [
+                 {"token": "Hi", "logprob": -0.1, "bytes": [72, 105],
+                  "top_logprobs": [{"token": "Hello", "logprob": -2.5, "bytes": None},
+                                   {"token": "Hi", "logprob": -0.1, "bytes": [72, 105]}]},
+                 {"token": "!", "logprob": -0.3, "bytes": [33], "top_logprobs": []}],
+                 "refusal": None}}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}}
+
+COMPLETION = {"id": "cmpl-1", "object": "text_completion", "model": "davinci-002",
+              "choices": [{"index": 0, "text": " 7\n", "finish_reason": "length",
+                           "logprobs": {"tokens": [" 7", "\n"], "token_logprobs": [-0.5, -1.0],
+                                        "top_logprobs": [{" 7": -0.5, " 3": -1.5}, {"\n": -1.0}],
+                                        "text_offset": [10, 12]}}],
+              "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+
+
+def test_parse_chat_sorts_choices_and_reads_logprobs():
+    gen = parse_chat(CHAT)
+    first, second = gen.completions
+    assert first.text == "Hi!" and first.finish_reason == "stop"
+    assert first.logprobs == (TokenLogprob("Hi", -0.1, (("Hi", -0.1), ("Hello", -2.5))),
+                              TokenLogprob("!", -0.3, ()))
+    assert second.text == "" and second.logprobs is None and second.finish_reason == "length"
+    assert (gen.usage.prompt_tokens, gen.usage.completion_tokens) == (12, 2)
+
+
+def test_parse_completion_reads_legacy_logprobs():
+    gen = parse_completion(COMPLETION)
+    (c,) = gen.completions
+    assert c.text == " 7\n" and c.finish_reason == "length"
+    assert c.logprobs == (TokenLogprob(" 7", -0.5, ((" 7", -0.5), (" 3", -1.5))),
+                          TokenLogprob("\n", -1.0, (("\n", -1.0),)))
+    assert gen.usage.prompt_tokens == 5
+    no_logprobs = {"choices": [{"index": 0, "text": "x", "finish_reason": "stop", "logprobs": None}]}
+    assert parse_completion(no_logprobs).completions[0].logprobs is None
+
+
+def test_echo_tokens_offsets_and_actual_token_added():
+    prompt = "ab\tunknown"
+    data = {"choices": [{"index": 0, "text": prompt, "logprobs": {
+        "tokens": ["ab", "\t", "unknown"], "token_logprobs": [None, -0.2, -3.0],
+        "top_logprobs": [None, {"\t": -0.2, "x": -2.0}, {"0": -0.5}], "text_offset": [0, 2, 3]}}]}
+    tokens = echo_tokens(data, prompt)
+    assert tokens == [PromptToken(0, {}), PromptToken(2, {"\t": -0.2, "x": -2.0}),
+                      PromptToken(3, {"0": -0.5, "unknown": -3.0})]
+    data["choices"][0]["logprobs"]["text_offset"] = [0, 1, 3]
+    with pytest.raises(TransientError, match="misaligned"):
+        echo_tokens(data, prompt)
+
+
+def _vllm_answer(ids, entries):
+    return {"choices": [{"index": 0, "text": "x", "prompt_logprobs": entries,
+                         "prompt_token_ids": ids}]}
+
+
+def test_vllm_prompt_tokens_map_offsets_by_decoding():
+    prompt = "ab\t1"
+    entries = [None,
+               {"7": {"logprob": -1.0, "rank": 2, "decoded_token": "\t"},
+                "9": {"logprob": -0.5, "rank": 1, "decoded_token": "c"}},
+               {"4": {"logprob": -0.1, "rank": 1, "decoded_token": "1"}}]
+    assert vllm_prompt_tokens(_vllm_answer([3, 7, 4], entries), prompt) == [
+        PromptToken(0, {}), PromptToken(2, {"c": -0.5, "\t": -1.0}), PromptToken(3, {"1": -0.1})]
+    # a BOS with no text: the first real token starts at 0
+    bos = [None, {"3": {"logprob": -2.0, "rank": 5, "decoded_token": "ab"}}] + entries[1:]
+    assert [t.start for t in vllm_prompt_tokens(_vllm_answer([0, 3, 7, 4], bos), prompt)] == [0, 0, 2, 3]
+
+
+def test_vllm_prompt_tokens_refuse_misalignment():
+    entries = [None, {"7": {"logprob": -1.0, "rank": 1, "decoded_token": " \t"}}]
+    with pytest.raises(TransientError, match="misaligned"):
+        vllm_prompt_tokens(_vllm_answer([3, 7], entries), "ab\t")
+    with pytest.raises(TransientError, match="misaligned"):
+        vllm_prompt_tokens(_vllm_answer([3, 7, 8], entries), "ab\t")
+    with pytest.raises(BackendError, match="prompt_token_ids"):
+        vllm_prompt_tokens(_vllm_answer(None, entries), "ab\t")
+
+
+def test_first_token_tops():
+    data = {"choices": [
+        {"index": 1, "text": "a", "logprobs": {"tokens": ["a"], "token_logprobs": [-0.1],
+                                               "top_logprobs": [{"b": -3.0}], "text_offset": [0]}},
+        {"index": 0, "text": "0", "logprobs": {"tokens": ["0"], "token_logprobs": [-0.2],
+                                               "top_logprobs": [{"0": -0.2, "1": -2.0}],
+                                               "text_offset": [0]}}]}
+    assert first_token_tops(data, 2) == [{"0": -0.2, "1": -2.0}, {"b": -3.0, "a": -0.1}]
+    with pytest.raises(ValueError):
+        first_token_tops(data, 3)
+
+
+# ---- remote scoring on hand-made top-k lists --------------------------------------------------
+PROMPT = "ab\tunknown\n"          # tokens "ab" | "\t" | "unknown" | "\n"; placeholder at 3
+TOKENS = [PromptToken(0, {}), PromptToken(2, {"\t": L(0.9)}),
+          PromptToken(3, {"0": L(0.5), "1": L(0.2), "5": L(0.1), "unknown": L(0.1)}),
+          PromptToken(10, {"\n": L(0.7)})]
+
+
+class Recorder:
+    def __init__(self, answers: dict[str, dict[str, float]]):
+        self.answers, self.calls = answers, []
+
+    def __call__(self, texts: list[str]) -> list[dict[str, float]]:
+        self.calls.append(list(texts))
+        return [self.answers[t] for t in texts]
+
+
+def test_ten_is_one_then_zero_with_one_follow_up():
+    follow = Recorder({"ab\t1": {"0": L(0.25), "\n": L(0.5)}})
+    request = PromptLogprobRequest(PROMPT, (3,), ("0", "1", "5", "10", "7"))
+    probs, mass = score(request, TOKENS, follow)
+    # P(0)=.5, P(1)=.2*(1-.25)=.15, P(5)=.1, P(10)=.2*.25=.05, P(7)=0 (not in the top-k)
+    assert follow.calls == [["ab\t1"]]
+    assert mass[0] == pytest.approx(0.8)
+    assert probs[0] == pytest.approx((0.625, 0.1875, 0.125, 0.0625, 0.0))
+
+
+def test_merged_lead_needs_two_rounds():
+    tokens = [PromptToken(0, {}), PromptToken(2, {"\t": L(0.6), "\tunknown": L(0.3), "\t5": L(0.05)}),
+              PromptToken(10, {"\n": L(0.7)})]
+    follow = Recorder({"ab\t": {"1": L(0.5), "x": L(0.1)}, "ab\t1": {"0": L(0.4)}})
+    probs, mass = score(PromptLogprobRequest("ab\tunknown\n", (3,), ("5", "1", "10")), tokens, follow)
+    # "\t5" is one token: .05; "\t"+"1": .6*.5*(1-.4) = .18; "\t"+"1"+"0": .6*.5*.4 = .12
+    assert follow.calls == [["ab\t"], ["ab\t1"]]
+    assert mass[0] == pytest.approx(0.35)
+    assert probs[0] == pytest.approx((0.05 / 0.35, 0.18 / 0.35, 0.12 / 0.35))
+
+
+def test_one_follow_up_request_for_all_placeholders():
+    prompt = "ab\tunknown\nc\tunknown\n"
+    top = {"0": L(0.5), "1": L(0.5)}
+    tokens = [PromptToken(0, {}), PromptToken(2, {}), PromptToken(3, top), PromptToken(10, {}),
+              PromptToken(11, {}), PromptToken(12, {}), PromptToken(13, top), PromptToken(20, {})]
+    follow = Recorder({"ab\t1": {"0": L(0.5)}, "ab\tunknown\nc\t1": {"0": L(0.1)}})
+    probs, mass = score(PromptLogprobRequest(prompt, (3, 13), ("0", "1", "10")), tokens, follow)
+    assert follow.calls == [["ab\t1", "ab\tunknown\nc\t1"]]
+    assert probs[0] == pytest.approx((0.5, 0.25, 0.25))
+    assert probs[1] == pytest.approx((0.5, 0.45, 0.05))
+    assert mass == pytest.approx((1.0, 1.0))
+
+
+def test_truncated_candidates_get_zero_and_mass_shows_it():
+    tokens = TOKENS[:2] + [PromptToken(3, {"0": L(0.3), "unknown": L(0.6)})] + TOKENS[3:]
+    follow = Recorder({})
+    probs, mass = score(PromptLogprobRequest(PROMPT, (3,), ("0", "1", "10")), tokens, follow)
+    assert follow.calls == []                        # "1" is missing, so "10" has no first token
+    assert probs[0] == pytest.approx((1.0, 0.0, 0.0)) and mass[0] == pytest.approx(0.3)
+    # the follow-up's top-k lacks "0": P(10) = 0 and P(1) keeps all of P("1")
+    probs, mass = score(PromptLogprobRequest(PROMPT, (3,), ("0", "1", "10")), TOKENS,
+                        Recorder({"ab\t1": {"\n": L(0.9)}}))
+    assert probs[0] == pytest.approx((0.5 / 0.7, 0.2 / 0.7, 0.0)) and mass[0] == pytest.approx(0.7)
+    # nothing at all: zeros, mass 0 (the engine counts it as a failure)
+    probs, mass = score(PromptLogprobRequest(PROMPT, (3,), ("7",)), TOKENS, Recorder({}))
+    assert probs == ((0.0,),) and mass == (0.0,)
+
+
+def test_rounds_are_bounded():
+    follow = Recorder({"ab\t1": {"0": L(0.25)}})
+    probs, mass = score(PromptLogprobRequest(PROMPT, (3,), ("1", "10")), TOKENS, follow, max_rounds=0)
+    assert follow.calls == [] and probs[0] == pytest.approx((1.0, 0.0)) and mass[0] == pytest.approx(0.2)
+
+
+def test_placeholder_needs_a_scored_token():
+    assert token_covering(TOKENS, 3, len(PROMPT)) == 2
+    assert token_covering(TOKENS, 5, len(PROMPT)) == 2
+    with pytest.raises(BackendError, match="offset 1"):
+        token_covering(TOKENS, 1, len(PROMPT))
+    with pytest.raises(BackendError):
+        token_covering(TOKENS, len(PROMPT), len(PROMPT))
+
+
+# ---- configuration, keys, capabilities --------------------------------------------------------
+def test_missing_key_is_one_clear_sentence(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(BackendError) as e:
+        OpenAIBackend().load()
+    assert str(e.value) == MISSING_KEY
+    with pytest.raises(BackendError, match="OPENAI_API_KEY is not set"):
+        OpenAIBackend().generate(GenerateRequest(messages=(Message("user", "hi"),)))
+    OpenAIBackend(base_url="http://127.0.0.1:9/v1").load()    # a custom server: a dummy key
+
+
+def test_identity_never_holds_the_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-123")
+    be = OpenAIBackend(model="gpt-4o")
+    be.load()
+    assert be.client.max_retries == 0
+    assert be.identity() == {"backend": "openai", "model": "gpt-4o",
+                             "base_url": "https://api.openai.com/v1", "top_logprobs": 20}
+    assert "sk-secret" not in repr(be.identity())
+    assert VLLMBackend(model="m", base_url="http://gpu:8000/v1/").identity()["base_url"] == \
+        "http://gpu:8000/v1"
+
+
+def test_capabilities_declared():
+    chat_only = OpenAIBackend().capabilities
+    assert chat_only.chat and not chat_only.completion and not chat_only.prompt_logprobs
+    assert chat_only.output_logprobs and chat_only.context_length == 128000
+    assert OpenAIBackend(prompt_scoring="echo", completion=True).capabilities.prompt_logprobs
+    vllm = VLLMBackend(base_url="http://gpu:8000/v1").capabilities
+    assert vllm.chat and vllm.completion and vllm.prompt_logprobs
+    with pytest.raises(BackendError, match="cannot score prompts"):
+        OpenAIBackend().prompt_logprobs([PromptLogprobRequest("a b", (2,), ("0",))])
+    with pytest.raises(UserError, match="base_url"):
+        VLLMBackend()
+    with pytest.raises(UserError, match="prompt_scoring"):
+        OpenAIBackend(prompt_scoring="logprobs")
+
+
+def test_engine_without_vllm_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)          # import vllm -> ImportError
+    with pytest.raises(BackendError) as e:
+        VLLMEngineBackend().load()
+    assert str(e.value) == MISSING_VLLM
+
+
+@pytest.mark.parametrize("path, cls", [("explainer/openai.yaml", OpenAIBackend),
+                                       ("simulator/openai.yaml", OpenAIBackend),
+                                       ("explainer/vllm.yaml", VLLMBackend),
+                                       ("simulator/vllm.yaml", VLLMBackend)])
+def test_configs_instantiate(path, cls):
+    be = instantiate(OmegaConf.load(CONF / path))
+    assert type(be) is cls
+    if path == "simulator/openai.yaml":
+        assert be.model == "gpt-4o-mini" and not be.capabilities.prompt_logprobs
+    if cls is VLLMBackend:
+        assert be.model == "meta-llama/Llama-3.1-8B-Instruct" and be.top_logprobs == 20
+
+
+# ---- error classification ---------------------------------------------------------------------
+def _mocked(handler) -> OpenAIBackend:
+    be = OpenAIBackend(model="m-1", base_url="http://mock.test/v1", completion=True)
+    be.client = openai.OpenAI(api_key="x", base_url=be.url, max_retries=0,
+                              http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+    return be
+
+
+def _error(status: int, message: str, headers: dict | None = None):
+    body = {"error": {"message": message, "type": "invalid_request_error", "code": None}}
+    return lambda request: httpx.Response(status, json=body, headers=headers)
+
+
+TEXT = GenerateRequest(prompt="hello", max_tokens=2)
+
+
+def test_rate_limit_is_transient_with_retry_after():
+    with pytest.raises(TransientError, match="429") as e:
+        _mocked(_error(429, "Slow down", {"Retry-After": "7"})).generate(TEXT)
+    assert e.value.retry_after == 7.0
+    assert retry_after(httpx.Headers({"retry-after-ms": "250"})) == 0.25
+    assert retry_after(httpx.Headers({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})) == 0.0
+    assert retry_after(httpx.Headers({})) is None
+
+
+@pytest.mark.parametrize("handler", [
+    _error(500, "boom"), _error(503, "overloaded"),
+    lambda request: httpx.Response(200, content=b'{"choices": [{"ind',
+                                   headers={"content-type": "application/json"}),
+    lambda request: httpx.Response(200, json={"no": "choices"}),
+    lambda request: (_ for _ in ()).throw(httpx.ConnectError("refused", request=request)),
+    lambda request: (_ for _ in ()).throw(httpx.ReadTimeout("slow", request=request)),
+], ids=["500", "503", "truncated-json", "wrong-shape", "connection", "timeout"])
+def test_transient_failures(handler):
+    with pytest.raises(TransientError):
+        _mocked(handler).generate(TEXT)
+
+
+@pytest.mark.parametrize("status, words", [
+    (404, "does not know model 'm-1' (404): The model `m-1` does not exist; check"),
+    (401, "rejected the API key (401)"), (403, "refused access to model 'm-1' (403)"),
+    (400, "refused the request for model 'm-1' (400)")])
+def test_fatal_failures_name_server_model_and_message(status, words):
+    with pytest.raises(BackendError) as e:
+        _mocked(_error(status, "The model `m-1` does not exist.")).generate(TEXT)
+    message = str(e.value)
+    assert message.startswith("The server at http://mock.test/v1 ") and words in message
+    assert "does not exist" in message and "\n" not in message
+
+
+def test_unknown_errors_are_not_swallowed():
+    bug = ZeroDivisionError("bug")
+    assert classify_error(bug, "m", "u") is bug
+
+
+# ---- against neuronlens-serve on loopback -----------------------------------------------------
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+EXCERPTS = [["The", " cat", " sat"], [" on", " the", " mat", "."], ["1", "0", " dogs"]]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama with a chat template."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama-chat-openai")
+    shutil.copytree(tiny_llama_dir, path, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    from neuronlens.serve import start_server
+
+    handle = start_server(str(model_dir), port=0, device="cpu", dtype="float32")
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="module")
+def local(model_dir):
+    from neuronlens.backends.local import LocalBackend
+    from neuronlens.subject.models import load_model
+
+    be = LocalBackend()
+    be.model, be.tokenizer = load_model(str(model_dir), "cpu", "float32")
+    return be
+
+
+@pytest.fixture(scope="module")
+def requests_():
+    from neuronlens.simulate import build_request
+
+    return [build_request("cats and mats", tokens, fewshot=False) for tokens in EXCERPTS]
+
+
+def _assert_same(remote, expected):
+    assert len(remote) == len(expected)
+    for r, e in zip(remote, expected):
+        assert len(r.probs) == len(e.probs)
+        for p, q in zip(r.probs, e.probs):
+            assert p == pytest.approx(q, abs=1e-3)
+        assert r.mass == pytest.approx(e.mass, abs=1e-3)
+        assert r.usage.prompt_tokens > 0
+
+
+def test_vllm_backend_prompt_logprobs_equal_local(server, local, requests_):
+    be = VLLMBackend(model="any", base_url=server.base_url, top_logprobs=600)
+    before = server.requests["/v1/completions"]
+    _assert_same(be.prompt_logprobs(requests_), local.prompt_logprobs(requests_))
+    assert server.requests["/v1/completions"] - before == 2 * len(requests_)  # scoring + one follow-up
+
+
+def test_openai_echo_prompt_logprobs_equal_local(server, local, requests_):
+    be = OpenAIBackend(model="any", base_url=server.base_url, prompt_scoring="echo",
+                       top_logprobs=600, completion=True)
+    _assert_same(be.prompt_logprobs(requests_), local.prompt_logprobs(requests_))
+
+
+def test_chat_generate_with_top_logprobs(server):
+    be = OpenAIBackend(model="any", base_url=server.base_url)
+    gen = be.generate(GenerateRequest(messages=(Message("user", "Say something."),),
+                                      max_tokens=4, top_logprobs=5))
+    (c,) = gen.completions
+    assert c.logprobs and all(isinstance(t, TokenLogprob) and len(t.top) == 5 for t in c.logprobs)
+    assert "".join(t.token for t in c.logprobs) == c.text
+    assert all(t.top[0][1] >= t.top[-1][1] for t in c.logprobs)
+    assert gen.usage.prompt_tokens > 0 and gen.usage.completion_tokens == len(c.logprobs)
+
+
+def test_text_generate_with_logprobs(server):
+    be = VLLMBackend(model="any", base_url=server.base_url)
+    gen = be.generate(GenerateRequest(prompt="The cat", max_tokens=3, top_logprobs=3))
+    (c,) = gen.completions
+    assert c.logprobs and all(len(t.top) == 3 for t in c.logprobs)
+
+
+def test_server_faults_are_classified(model_dir):
+    from neuronlens.serve import start_server
+
+    with start_server(str(model_dir), device="cpu", dtype="float32", strict_model=True,
+                      faults=["429", "500", "truncated", "none"], retry_after=2.5) as handle:
+        be = VLLMBackend(model=str(model_dir), base_url=handle.base_url)
+        with pytest.raises(TransientError, match="429") as e:
+            be.generate(TEXT)
+        assert e.value.retry_after == 2.5
+        with pytest.raises(TransientError, match="500"):
+            be.generate(TEXT)
+        with pytest.raises(TransientError, match="could not be parsed"):
+            be.generate(TEXT)
+        wrong = VLLMBackend(model="wrong-name", base_url=handle.base_url)
+        with pytest.raises(BackendError, match="does not know model 'wrong-name' \\(404\\)"):
+            wrong.generate(TEXT)
+

@@ -1,0 +1,304 @@
+"""The policy around backends: retries with backoff, the response cache, bounded concurrency and
+token/dollar accounting, against a fake backend that counts its calls."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import pytest
+
+from neuronlens.backends import policy
+from neuronlens.backends.base import (Backend, BackendError, Capabilities, Completion,
+                                      GenerateRequest, Generation, Message, PromptLogprobRequest,
+                                      TokenDistributions, TokenLogprob, TransientError, Usage)
+from neuronlens.backends.policy import Policy, cache_key
+
+
+class Fake(Backend):
+    """Answers from its inputs; fails ``fail`` times first with ``error``; records calls."""
+
+    capabilities = Capabilities(chat=True, completion=True, output_logprobs=True,
+                                prompt_logprobs=True, context_length=1000)
+
+    def __init__(self, model: str = "gpt-4o-mini", fail: int = 0,
+                 error: Exception | None = None, delay: float = 0.0):
+        self.model, self.fail, self.error, self.delay = model, fail, error, delay
+        self.calls: list = []
+        self.active = self.max_active = 0
+        self._lock = threading.Lock()
+
+    def identity(self) -> dict:
+        return {"backend": "fake", "model": self.model}
+
+    def _enter(self, what) -> None:
+        with self._lock:
+            self.calls.append(what)
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            failing = self.fail > 0
+            self.fail -= failing
+        try:
+            if self.delay:
+                time.sleep(self.delay)
+            if failing:
+                raise self.error or TransientError("busy")
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    def generate(self, request: GenerateRequest) -> Generation:
+        self._enter(request)
+        text = f"{request.messages[-1].content}/{request.temperature}/{request.seed}"
+        logprobs = (TokenLogprob("a", -0.5, (("a", -0.5), ("b", -1.25))),
+                    TokenLogprob("\t", -math.inf, ()))
+        return Generation((Completion(text, logprobs, "length"), Completion("two")),
+                          Usage(1000, 100))
+
+    def prompt_logprobs(self, requests: Sequence[PromptLogprobRequest]) -> list[TokenDistributions]:
+        self._enter(tuple(requests))
+        return [TokenDistributions(((0.25, 0.75),) * len(r.positions), (0.5,) * len(r.positions),
+                                   Usage(len(r.prompt), 0)) for r in requests]
+
+
+def chat(text: str = "hi", **kw) -> GenerateRequest:
+    return GenerateRequest(messages=(Message("user", text),), **kw)
+
+
+def scoring(prompt: str) -> PromptLogprobRequest:
+    return PromptLogprobRequest(prompt, (0, 1), ("0", "1"))
+
+
+@pytest.fixture
+def sleeps(monkeypatch) -> list[float]:
+    """Backoff made instant; the waits asked for are recorded. Jitter at its maximum."""
+    waits: list[float] = []
+    monkeypatch.setattr(policy, "sleep", waits.append)
+    monkeypatch.setattr(policy, "jitter", lambda: 1.0)
+    return waits
+
+
+# ---- retries ----------------------------------------------------------------------------------
+def test_retries_then_succeeds(sleeps):
+    fake = Fake(fail=2)
+    out = Policy(fake, base_delay=0.5).generate(chat())
+    assert out.completions[0].text == "hi/0.0/0"
+    assert len(fake.calls) == 3 and sleeps == [0.5, 1.0]
+
+
+def test_backoff_grows_exponentially_capped_and_honours_retry_after(sleeps):
+    fake = Fake(fail=6, error=TransientError("429", retry_after=1.5))
+    p = Policy(fake, max_retries=6, base_delay=0.5, max_delay=4.0)
+    p.generate(chat())
+    assert sleeps == [1.5, 1.5, 2.0, 4.0, 4.0, 4.0]
+    assert all(w >= 1.5 for w in sleeps)
+    s = p.stats()
+    assert (s["requests"], s["retries"], s["transient_errors"]) == (7, 6, 6)
+
+
+def test_retry_after_is_capped_by_max_delay(sleeps):
+    Policy(Fake(fail=1, error=TransientError("429", retry_after=100.0)), max_delay=3.0).generate(chat())
+    assert sleeps == [3.0]
+
+
+def test_full_jitter_stays_inside_the_window(monkeypatch):
+    monkeypatch.setattr(policy, "jitter", lambda: 0.25)
+    assert policy.backoff(3, 0.5, 30.0, None) == 0.25 * 4.0
+    assert policy.backoff(3, 0.5, 30.0, 2.5) == 2.5
+    assert policy.backoff(20, 0.5, 30.0, None) == 30.0
+
+
+def test_backend_error_is_not_retried(sleeps):
+    fake = Fake(fail=1, error=BackendError("bad key"))
+    p = Policy(fake)
+    with pytest.raises(BackendError, match="bad key"):
+        p.generate(chat())
+    assert len(fake.calls) == 1 and sleeps == []
+    assert p.stats()["retries"] == 0
+
+
+def test_gives_up_after_max_retries(sleeps):
+    fake = Fake(fail=100)
+    p = Policy(fake, max_retries=3)
+    with pytest.raises(TransientError, match="busy"):
+        p.generate(chat())
+    assert len(fake.calls) == 4 and len(sleeps) == 3
+    assert p.stats()["transient_errors"] == 4 and p.stats()["retries"] == 3
+
+
+# ---- the cache --------------------------------------------------------------------------------
+def test_a_second_identical_call_is_served_from_the_cache(tmp_path):
+    fake = Fake()
+    p = Policy(fake, cache_dir=tmp_path)
+    first = p.generate(chat(top_logprobs=2))
+    second = p.generate(chat(top_logprobs=2))
+    assert second == first and len(fake.calls) == 1
+    assert second.completions[0].logprobs[1].logprob == -math.inf   # JSON keeps -inf
+    again = Policy(Fake(), cache_dir=tmp_path)
+    assert again.generate(chat(top_logprobs=2)) == first
+    assert again.backend.calls == [] and again.stats()["cache_hits"] == 1
+    assert (tmp_path / "responses.sqlite").is_file()
+
+
+def test_no_cache_dir_means_no_cache(tmp_path):
+    fake = Fake()
+    p = Policy(fake)
+    p.generate(chat())
+    p.generate(chat())
+    assert len(fake.calls) == 2 and p.stats()["cache_hits"] == 0
+
+
+def test_cache_rows_are_json(tmp_path):
+    Policy(Fake(), cache_dir=tmp_path).generate(chat())
+    with sqlite3.connect(tmp_path / "responses.sqlite") as db:
+        (op, value), = db.execute("SELECT op, value FROM responses").fetchall()
+        mode = db.execute("PRAGMA journal_mode").fetchone()[0]
+    assert op == "generate" and value.startswith("{") and '"completions"' in value
+    assert mode == "wal"
+
+
+def test_key_holds_what_changes_the_output_and_nothing_else():
+    ident = Fake().identity()
+    base = cache_key("generate", ident, chat())
+    assert cache_key("generate", dict(ident), chat()) == base
+    different = [
+        cache_key("generate", ident, chat(temperature=1.0)),
+        cache_key("generate", ident, chat(seed=1)),
+        cache_key("generate", ident, chat(top_logprobs=5)),
+        cache_key("generate", ident, chat(n=2)),
+        cache_key("generate", ident, chat(stop=("\n",))),
+        cache_key("generate", ident, chat("other")),
+        cache_key("generate", Fake("gpt-4o").identity(), chat()),
+        cache_key("generate", ident | {"api_base": "http://x/v1"}, chat()),
+        cache_key("prompt_logprobs", ident, chat()),
+    ]
+    assert len(set(different + [base])) == len(different) + 1
+
+
+def test_timeouts_and_retries_do_not_change_the_key(tmp_path):
+    from neuronlens.backends.litellm import LiteLLMBackend
+
+    a = LiteLLMBackend("openai/m", api_base="http://h/v1", timeout=5.0)
+    b = LiteLLMBackend("openai/m", api_base="http://h/v1", timeout=600.0)
+    assert cache_key("generate", a.identity(), chat()) == cache_key("generate", b.identity(), chat())
+    fake = Fake()
+    Policy(fake, cache_dir=tmp_path, max_retries=1, base_delay=0.1).generate(chat())
+    Policy(fake, cache_dir=tmp_path, max_retries=9, base_delay=2.0).generate(chat())
+    assert len(fake.calls) == 1
+
+
+def test_sampled_outputs_are_cached_per_seed(tmp_path):
+    fake = Fake()
+    p = Policy(fake, cache_dir=tmp_path)
+    a = p.generate(chat(temperature=1.0, seed=1))
+    b = p.generate(chat(temperature=1.0, seed=2))
+    assert a != b and p.generate(chat(temperature=1.0, seed=1)) == a
+    assert len(fake.calls) == 2
+
+
+def test_prompt_logprobs_sends_only_the_misses(tmp_path):
+    fake = Fake()
+    p = Policy(fake, cache_dir=tmp_path)
+    first = p.prompt_logprobs([scoring("a"), scoring("bb")])
+    out = p.prompt_logprobs([scoring("bb"), scoring("ccc"), scoring("a"), scoring("dddd")])
+    assert fake.calls[1] == (scoring("ccc"), scoring("dddd"))
+    assert out[0] == first[1] and out[2] == first[0]
+    assert [d.usage.prompt_tokens for d in out] == [2, 3, 1, 4]
+    assert p.prompt_logprobs([scoring("a"), scoring("ccc")]) == [out[2], out[1]]
+    assert len(fake.calls) == 2
+    s = p.stats()
+    assert s["cache_hits"] == 4 and s["prompt_tokens"] == 1 + 2 + 3 + 4
+
+
+def test_eight_threads_share_one_cache(tmp_path):
+    """Two policies (as two processes would) on one directory, eight threads writing at once."""
+    fakes = [Fake(delay=0.005), Fake(delay=0.005)]
+    policies = [Policy(f, cache_dir=tmp_path, concurrency=8) for f in fakes]
+    jobs = [(policies[i % 2], f"q{i % 20}") for i in range(200)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outs = list(pool.map(lambda job: job[0].generate(chat(job[1])), jobs))
+    assert [o.completions[0].text for o in outs] == [f"{q}/0.0/0" for _, q in jobs]
+    assert sum(len(f.calls) for f in fakes) <= 200
+    fresh = Policy(Fake(), cache_dir=tmp_path)
+    for i in range(20):
+        assert fresh.generate(chat(f"q{i}")).completions[0].text == f"q{i}/0.0/0"
+    assert fresh.backend.calls == []
+
+
+def _write_in_a_process(directory: str, start: int) -> list[str]:
+    p = Policy(Fake(), cache_dir=directory)
+    return [p.generate(chat(f"p{i}")).completions[0].text for i in range(start, start + 30)]
+
+
+def test_two_processes_write_one_cache(tmp_path):
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        results = pool.starmap(_write_in_a_process, [(str(tmp_path), 0), (str(tmp_path), 15)])
+    assert results[0][15:] == results[1][:15]
+    fresh = Policy(Fake(), cache_dir=tmp_path)
+    texts = [fresh.generate(chat(f"p{i}")).completions[0].text for i in range(45)]
+    assert texts == [f"p{i}/0.0/0" for i in range(45)] and fresh.backend.calls == []
+
+
+# ---- concurrency ------------------------------------------------------------------------------
+def test_concurrency_is_bounded():
+    fake = Fake(delay=0.02)
+    p = Policy(fake, concurrency=3)
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        list(pool.map(lambda i: p.generate(chat(str(i))), range(24)))
+    assert fake.max_active == 3 and len(fake.calls) == 24
+
+
+# ---- accounting -------------------------------------------------------------------------------
+def test_tokens_and_cost_of_a_known_model(tmp_path):
+    import litellm
+
+    p = Policy(Fake("gpt-4o-mini"), cache_dir=tmp_path)
+    p.generate(chat("a"))
+    p.generate(chat("b"))
+    p.generate(chat("a"))     # cached: costs nothing
+    s = p.stats()
+    assert s["requests"] == 2 and s["cache_hits"] == 1
+    assert (s["prompt_tokens"], s["completion_tokens"]) == (2000, 200)
+    one = sum(litellm.cost_per_token(model="gpt-4o-mini", prompt_tokens=1000, completion_tokens=100))
+    assert s["cost_known"] is True and s["cost_usd"] == pytest.approx(2 * one) and one > 0
+    p.generate(chat("c"))
+    assert p.stats()["cost_usd"] == pytest.approx(3 * one)
+
+
+def test_an_unknown_model_has_no_cost():
+    p = Policy(Fake("no-such-provider/no-such-model-xyz"))
+    p.generate(chat())
+    s = p.stats()
+    assert s["cost_usd"] is None and s["cost_known"] is False
+    assert s["prompt_tokens"] == 1000
+
+
+def test_stats_keys_and_a_fresh_policy():
+    s = Policy(Fake()).stats()
+    assert s == {"requests": 0, "cache_hits": 0, "retries": 0, "transient_errors": 0,
+                 "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "cost_known": True}
+
+
+# ---- delegation and encoding ------------------------------------------------------------------
+def test_delegates_to_the_backend():
+    fake = Fake("m")
+    p = Policy(fake)
+    assert p.capabilities == fake.capabilities and p.name == "Fake"
+    assert p.identity() == {"backend": "fake", "model": "m"}
+    assert p.count_tokens("abcdefgh") == 2
+
+
+def test_json_round_trips():
+    g = Generation((Completion("x", (TokenLogprob("x", -0.1, (("x", -0.1), ("y", -2.0))),)),
+                    Completion("y", None, "length")), Usage(3, 4))
+    assert policy.generation_from_json(policy.generation_to_json(g)) == g
+    d = TokenDistributions(((0.1, 0.9),), (0.8,), Usage(5, 0))
+    assert policy.distributions_from_json(policy.distributions_to_json(d)) == d
+    assert dataclasses.asdict(g)["completions"][1]["logprobs"] is None

@@ -1,0 +1,230 @@
+"""neuronlens-serve on loopback with a tiny random model, read with the official openai client."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import httpx
+import pytest
+import torch
+from openai import InternalServerError, OpenAI
+
+from neuronlens.serve import score_prompt, start_server
+from neuronlens.subject.models import load_model
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+PROMPT = "The cat sat on the mat.\n1\t2\tthree"
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama with a chat template (the conftest one has none)."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama-chat")
+    shutil.copytree(tiny_llama_dir, path, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(chat_model_dir):
+    handle = start_server(str(chat_model_dir), device="cpu")
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def direct(chat_model_dir):
+    return load_model(str(chat_model_dir), "cpu", "auto")
+
+
+def test_models_lists_the_served_model(client, server, chat_model_dir):
+    models = client.models.list().data
+    assert [m.id for m in models] == [str(chat_model_dir)]
+    assert models[0].owned_by == "neuronlens"
+    assert server.requests["/v1/models"] >= 2   # the readiness probe and this call
+
+
+def test_completion(client):
+    out = client.completions.create(model="anything", prompt=PROMPT, max_tokens=5, temperature=0)
+    assert out.model == "anything" and out.object == "text_completion"
+    assert len(out.choices) == 1 and isinstance(out.choices[0].text, str)
+    assert out.usage.prompt_tokens > 0 and out.usage.completion_tokens <= 5
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    again = client.completions.create(model="x", prompt=[PROMPT], max_tokens=5, temperature=0, n=2)
+    assert [c.text for c in again.choices] == [out.choices[0].text] * 2
+
+
+def test_chat_top_logprobs_match_the_model(client, direct):
+    model, tokenizer = direct
+    messages = [{"role": "user", "content": "Say something."}]
+    out = client.chat.completions.create(model="m", messages=messages, max_tokens=4,
+                                         temperature=0, logprobs=True, top_logprobs=5)
+    content = out.choices[0].logprobs.content
+    assert out.choices[0].message.role == "assistant" and out.object == "chat.completion"
+    ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"])
+    assert out.usage.prompt_tokens == len(ids)
+    for step in content:  # greedy: the server's chosen token is the argmax we append
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
+        top = lp.topk(5)
+        assert [t.token for t in step.top_logprobs] == [tokenizer.decode([i]) for i in top.indices.tolist()]
+        assert [t.logprob for t in step.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert step.logprob == pytest.approx(top.values[0].item(), abs=1e-4)
+        assert step.bytes == list(step.token.encode())
+        ids.append(int(top.indices[0]))
+
+
+def _direct_scores(model, tokenizer, prompt):
+    ids = tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), -1)
+    return ids, lp
+
+
+def test_echo_scores_the_prompt(client, direct):
+    model, tokenizer = direct
+    out = client.completions.create(model="m", prompt=PROMPT, echo=True, logprobs=5, max_tokens=0)
+    choice = out.choices[0]
+    assert choice.text == PROMPT and out.usage.completion_tokens == 0
+    ids, lp = _direct_scores(model, tokenizer, PROMPT)
+    lps = choice.logprobs
+    assert lps.tokens == [tokenizer.decode([i]) for i in ids]
+    assert lps.token_logprobs[0] is None and lps.top_logprobs[0] is None
+    want = [lp[j - 1, ids[j]].item() for j in range(1, len(ids))]
+    assert lps.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    for j in range(1, len(ids)):
+        top = lp[j - 1].topk(5)
+        got = lps.top_logprobs[j]
+        want_top: dict[str, float] = {}   # tokens that decode alike share a key; the best is kept
+        for i, v in zip(top.indices.tolist(), top.values.tolist()):
+            want_top.setdefault(tokenizer.decode([i]), v)
+        assert got == pytest.approx(want_top, abs=1e-4)
+    for token, offset in zip(lps.tokens, lps.text_offset):
+        assert choice.text[offset:offset + len(token)] == token
+    assert lps.text_offset == sorted(lps.text_offset) and lps.text_offset[0] == 0
+
+
+def test_echo_with_generation_continues_the_offsets(client):
+    out = client.completions.create(model="m", prompt=PROMPT, echo=True, logprobs=2, max_tokens=3,
+                                    temperature=0)
+    choice = out.choices[0]
+    lps = choice.logprobs
+    assert choice.text.startswith(PROMPT)
+    assert len(lps.tokens) == out.usage.prompt_tokens + out.usage.completion_tokens
+    for token, offset in zip(lps.tokens, lps.text_offset):
+        assert choice.text[offset:offset + len(token)] == token
+
+
+def test_vllm_prompt_logprobs(client, direct):
+    model, tokenizer = direct
+    raw = client.completions.with_raw_response.create(
+        model="m", prompt=PROMPT, max_tokens=1, temperature=0, extra_body={"prompt_logprobs": 3})
+    choice = json.loads(raw.text)["choices"][0]
+    ids, lp = _direct_scores(model, tokenizer, PROMPT)
+    assert choice["prompt_token_ids"] == ids
+    entries = choice["prompt_logprobs"]
+    assert len(entries) == len(ids) and entries[0] is None
+    for j in range(1, len(ids)):
+        entry = entries[j]
+        actual = entry[str(ids[j])]   # the real prompt token is always there
+        assert actual["logprob"] == pytest.approx(lp[j - 1, ids[j]].item(), abs=1e-4)
+        assert actual["rank"] == int((lp[j - 1] > lp[j - 1, ids[j]]).sum()) + 1
+        assert actual["decoded_token"] == tokenizer.decode([ids[j]])
+        top = lp[j - 1].topk(3)
+        for r, (i, v) in enumerate(zip(top.indices.tolist(), top.values.tolist())):
+            assert entry[str(i)]["rank"] == r + 1
+            assert entry[str(i)]["logprob"] == pytest.approx(v, abs=1e-4)
+        assert len(entry) in (3, 4)
+
+
+def test_score_prompt_agrees_with_a_plain_forward(direct):
+    model, tokenizer = direct
+    ids, lp = _direct_scores(model, tokenizer, PROMPT)
+    scores = score_prompt(model, ids, 0)
+    assert len(scores.logprob) == len(ids) - 1 and scores.top == [[]] * (len(ids) - 1)
+    assert scores.rank == [int((lp[j] > lp[j, ids[j + 1]]).sum()) + 1 for j in range(len(ids) - 1)]
+
+
+def test_bad_requests_get_openai_error_bodies(server):
+    for body in ({"model": "m"}, {"model": "m", "prompt": "x", "logprobs": 99},
+                 {"model": "m", "prompt": ["a", "b"]}):
+        r = httpx.post(f"{server.base_url}/completions", json=body)
+        assert r.status_code == 400 and set(r.json()["error"]) >= {"message", "type", "code"}
+    r = httpx.post(f"{server.base_url}/chat/completions", json={"model": "m", "messages": []})
+    assert r.status_code == 400
+
+
+def test_stats_endpoint(server):
+    stats = httpx.get(server.base_url.removesuffix("/v1") + "/stats").json()
+    assert stats["requests"]["/v1/completions"] == server.requests["/v1/completions"] > 0
+    assert stats["faults"] == {"none": sum(server.faults.values())}
+
+
+def test_strict_model_404_and_lenient_answers(tiny_gpt2_dir):
+    with start_server(str(tiny_gpt2_dir), device="cpu", strict_model=True) as strict:
+        r = httpx.post(f"{strict.base_url}/completions", json={"model": "gpt-4", "prompt": "hi"})
+        assert r.status_code == 404
+        assert r.json()["error"]["code"] == "model_not_found"
+        ok = httpx.post(f"{strict.base_url}/completions",
+                        json={"model": str(tiny_gpt2_dir), "prompt": "hi", "max_tokens": 2})
+        assert ok.status_code == 200
+    with start_server(str(tiny_gpt2_dir), device="cpu") as lenient:
+        r = httpx.post(f"{lenient.base_url}/completions",
+                       json={"model": "gpt-4", "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["model"] == "gpt-4"
+
+
+def test_faults_in_a_cycle(tiny_gpt2_dir):
+    faults = ["none", 429, "500", "slow", "truncated", "wrong_length"]
+    body = {"model": "m", "prompt": "one\ntwo", "max_tokens": 4, "temperature": 0, "logprobs": 2,
+            "prompt_logprobs": 2}
+    with start_server(str(tiny_gpt2_dir), device="cpu", faults=faults, retry_after=0.25,
+                      slow_seconds=1.0) as srv:
+        url = f"{srv.base_url}/completions"
+        normal = httpx.post(url, json=body)
+        assert normal.status_code == 200
+        limited = httpx.post(url, json=body)
+        assert limited.status_code == 429 and limited.headers["Retry-After"] == "0.25"
+        assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+        failed = httpx.post(url, json=body)
+        assert failed.status_code == 500 and "error" in failed.json()
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url, json=body, timeout=0.3)
+        truncated = httpx.post(url, json=body)
+        assert truncated.status_code == 200
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(truncated.text)
+        short = httpx.post(url, json=body).json()["choices"][0]
+        full = normal.json()["choices"][0]
+        assert len(short["prompt_logprobs"]) == len(full["prompt_logprobs"]) - 1
+        assert short["prompt_token_ids"] == full["prompt_token_ids"]
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            assert len(short["logprobs"][key]) == len(full["logprobs"][key]) - 1
+        assert short["text"] == full["text"][:full["text"].rstrip("\n").rfind("\n") + 1]
+        again = httpx.post(url, json=body)   # the cycle starts over
+        assert again.status_code == 200 and again.json()["choices"][0]["text"] == full["text"]
+        assert srv.faults == {"none": 2, "429": 1, "500": 1, "slow": 1, "truncated": 1, "wrong_length": 1}
+        assert srv.requests["/v1/completions"] == 7
+        client = OpenAI(base_url=srv.base_url, api_key="unused", max_retries=1)
+        with pytest.raises(InternalServerError):   # 429, honoured Retry-After, then 500
+            client.completions.create(model="m", prompt="hi", max_tokens=1)
+        assert srv.requests["/v1/completions"] == 9 and srv.faults["429"] == 2
+
+
+def test_chat_without_template_is_a_400(tiny_gpt2_dir):
+    with start_server(str(tiny_gpt2_dir), device="cpu") as srv:
+        r = httpx.post(f"{srv.base_url}/chat/completions",
+                       json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
