@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -21,16 +22,19 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import httpx
+import hydra
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from omegaconf import DictConfig
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from starlette.exceptions import HTTPException
 
 from neuronlens.backends.base import Completion, GenerateRequest, Message, TokenLogprob
 from neuronlens.backends.local import LocalBackend
+from neuronlens.cli import CONF_DIR, fail_cleanly
 from neuronlens.errors import UserError
 
 FAULTS = ("none", "429", "500", "slow", "truncated", "wrong_length")
@@ -44,6 +48,11 @@ class _Body(BaseModel):
     model: str
     temperature: float = Field(1.0, ge=0)
     n: int = Field(1, ge=1, le=16)
+
+    @field_validator("temperature", "n", mode="before")
+    @classmethod
+    def _null_is_default(cls, v: Any, info: ValidationInfo) -> Any:
+        return cls.model_fields[info.field_name].default if v is None else v
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
@@ -132,30 +141,16 @@ class ServerState:
         return fault
 
 
-def check_faults(faults: Any) -> tuple[str, ...]:
-    names = tuple(str(f) for f in (faults or ()))
-    unknown = [f for f in names if f not in FAULTS]
-    if unknown:
-        raise UserError(f"Unknown fault {unknown[0]!r}; choose from {', '.join(FAULTS)}.")
-    return names
-
-
-def _cut_last_line(text: str) -> str:
-    """``text`` without its last line (the whole text if it has one line)."""
-    return text[:text.rstrip("\n").rfind("\n") + 1]
+def _maybe_cut(text: str, cut: bool) -> str:
+    """``text`` without its last line when ``cut`` (the `wrong_length` fault)."""
+    return text[:text.rstrip("\n").rfind("\n") + 1] if cut else text
 
 
 def _within(logprobs: tuple[TokenLogprob, ...], text: str) -> list[TokenLogprob]:
     """The generated tokens that start inside ``text`` (a stop string may have cut it short)."""
-    if sum(len(t.token) for t in logprobs) <= len(text):
-        return list(logprobs)
-    kept, at = [], 0
-    for t in logprobs:
-        if at >= len(text):
-            break
-        kept.append(t)
-        at += len(t.token)
-    return kept
+    starts = [sum(len(t.token) for t in logprobs[:i]) for i in range(len(logprobs))]
+    cut = sum(len(t.token) for t in logprobs) > len(text)
+    return [t for t, at in zip(logprobs, starts) if not cut or at < len(text)]
 
 
 def _top_dict(pairs: Any) -> dict[str, float]:
@@ -179,52 +174,62 @@ def _generate(state: ServerState, body: _Body, max_tokens: int, k: int | None,
     return completions, gen.usage.prompt_tokens, gen.usage.completion_tokens * (body.n // n)
 
 
+def _legacy_logprobs(tok: Any, c: Completion, k: int, prompt: str, ids: list[int],
+                     offsets: list, scores: PromptScores | None) -> dict[str, list]:
+    """The legacy ``logprobs`` object: prompt tokens first when echoed (``scores`` given)."""
+    lp: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    if scores is not None:
+        lp["tokens"] = [tok.decode([t]) for t in ids]
+        lp["token_logprobs"] = [None] + scores.logprob
+        lp["top_logprobs"] = [None] + [_top_dict((tok.decode([t]), v) for t, v in top[:k])
+                                       for top in scores.top]
+        lp["text_offset"] = [start for start, _ in offsets]
+    at = len(prompt) if scores is not None else 0
+    for t in _within(c.logprobs or (), c.text):
+        lp["tokens"].append(t.token)
+        lp["token_logprobs"].append(t.logprob)
+        lp["top_logprobs"].append(_top_dict(t.top[:k]))
+        lp["text_offset"].append(at)
+        at += len(t.token)
+    return lp
+
+
+def _vllm_prompt_logprobs(tok: Any, ids: list[int], k: int, scores: PromptScores) -> list[dict | None]:
+    """vLLM's shape: per prompt token, the top-k at its position plus the token itself."""
+    entries: list[dict | None] = [None]
+    for j in range(1, len(ids)):
+        entry = {str(t): {"logprob": v, "rank": r + 1, "decoded_token": tok.decode([t])}
+                 for r, (t, v) in enumerate(scores.top[j - 1][:k])}
+        entry.setdefault(str(ids[j]), {"logprob": scores.logprob[j - 1], "rank": scores.rank[j - 1],
+                                       "decoded_token": tok.decode([ids[j]])})
+        entries.append(entry)
+    return entries
+
+
 def _complete(state: ServerState, body: CompletionBody, fault: str) -> dict:
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1 or not prompts[0]:
         raise ApiError(400, "prompt must be one non-empty string (or a list of one string).")
-    prompt, tok = prompts[0], state.backend.tokenizer
+    prompt, tok, short = prompts[0], state.backend.tokenizer, fault == "wrong_length"
     enc = tok(prompt, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-    k = max(body.logprobs or 0, body.prompt_logprobs or 0)
-    scores = score_prompt(state.backend.model, ids, k) \
-        if body.prompt_logprobs is not None or (body.echo and body.logprobs is not None) else None
+    echo_scores = body.echo and body.logprobs is not None
+    scores = score_prompt(state.backend.model, ids, max(body.logprobs or 0, body.prompt_logprobs or 0)) \
+        if body.prompt_logprobs is not None or echo_scores else None
     if body.max_tokens > 0:
         completions, n_prompt, n_gen = _generate(state, body, body.max_tokens, body.logprobs, prompt=prompt)
     else:
         completions, n_prompt, n_gen = [Completion("", (), "length")] * body.n, len(ids), 0
     choices = []
     for i, c in enumerate(completions):
-        text = _cut_last_line(c.text) if fault == "wrong_length" else c.text
-        choice: dict[str, Any] = {"index": i, "text": (prompt if body.echo else "") + text,
-                                  "finish_reason": c.finish_reason, "logprobs": None}
+        choice: dict[str, Any] = {"index": i, "finish_reason": c.finish_reason, "logprobs": None,
+                                  "text": (prompt if body.echo else "") + _maybe_cut(c.text, short)}
         if body.logprobs is not None:
-            kk, lp = body.logprobs, {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-            if body.echo:
-                lp["tokens"] = [tok.decode([t]) for t in ids]
-                lp["token_logprobs"] = [None] + scores.logprob
-                lp["top_logprobs"] = [None] + [_top_dict((tok.decode([t]), v) for t, v in top[:kk])
-                                               for top in scores.top]
-                lp["text_offset"] = [start for start, _ in offsets]
-            at = len(prompt) if body.echo else 0
-            for t in _within(c.logprobs or (), c.text):
-                lp["tokens"].append(t.token)
-                lp["token_logprobs"].append(t.logprob)
-                lp["top_logprobs"].append(_top_dict(t.top[:kk]))
-                lp["text_offset"].append(at)
-                at += len(t.token)
-            if fault == "wrong_length":
-                lp = {key: v[:-1] for key, v in lp.items()}
-            choice["logprobs"] = lp
+            lp = _legacy_logprobs(tok, c, body.logprobs, prompt, ids, offsets, scores if body.echo else None)
+            choice["logprobs"] = {key: v[:-1] for key, v in lp.items()} if short else lp
         if body.prompt_logprobs is not None:
-            entries: list[dict | None] = [None]
-            for j in range(1, len(ids)):
-                entry = {str(t): {"logprob": v, "rank": r + 1, "decoded_token": tok.decode([t])}
-                         for r, (t, v) in enumerate(scores.top[j - 1][:body.prompt_logprobs])}
-                entry.setdefault(str(ids[j]), {"logprob": scores.logprob[j - 1], "rank": scores.rank[j - 1],
-                                               "decoded_token": tok.decode([ids[j]])})
-                entries.append(entry)
-            choice["prompt_logprobs"] = entries[:-1] if fault == "wrong_length" else entries
+            entries = _vllm_prompt_logprobs(tok, ids, body.prompt_logprobs, scores)
+            choice["prompt_logprobs"] = entries[:-1] if short else entries
             choice["prompt_token_ids"] = ids
         choices.append(choice)
     return _envelope("cmpl", "text_completion", body.model, choices, n_prompt, n_gen)
@@ -250,7 +255,7 @@ def _chat(state: ServerState, body: ChatBody, fault: str) -> dict:
             content = [{**item(t.token, t.logprob), "top_logprobs": [item(*a) for a in t.top[:k]]}
                        for t in _within(c.logprobs or (), c.text)]
             logprobs = {"content": content[:-1] if fault == "wrong_length" else content}
-        text = _cut_last_line(c.text) if fault == "wrong_length" else c.text
+        text = _maybe_cut(c.text, fault == "wrong_length")
         choices.append({"index": i, "message": {"role": "assistant", "content": text},
                         "finish_reason": c.finish_reason, "logprobs": logprobs})
     return _envelope("chatcmpl", "chat.completion", body.model, choices, n_prompt, n_gen)
@@ -285,12 +290,14 @@ def build_app(state: ServerState) -> FastAPI:
         return response
 
     @app.exception_handler(ApiError)
-    async def api_error(_: Request, e: ApiError) -> JSONResponse:
-        return error_response(e.status, e.message, e.code, e.type)
-
     @app.exception_handler(UserError)
-    async def user_error(_: Request, e: UserError) -> JSONResponse:
-        return error_response(400, str(e))
+    @app.exception_handler(HTTPException)
+    async def known_error(_: Request, e: Exception) -> JSONResponse:
+        if isinstance(e, ApiError):
+            return error_response(e.status, e.message, e.code, e.type)
+        if isinstance(e, HTTPException):
+            return error_response(e.status_code, str(e.detail))
+        return error_response(400, str(e))   # a UserError (e.g. no chat template)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -301,10 +308,6 @@ def build_app(state: ServerState) -> FastAPI:
     @app.exception_handler(Exception)
     async def crash(_: Request, e: Exception) -> JSONResponse:
         return error_response(500, f"{type(e).__name__}: {e}", None, "server_error")
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
-        return error_response(e.status_code, str(e.detail))
 
     def run(body: _Body, answer) -> dict:
         if state.strict_model and body.model != state.model_name:
@@ -336,21 +339,30 @@ def build_app(state: ServerState) -> FastAPI:
 
 def make_state(model: str, device: str = "auto", dtype: str = "auto", strict_model: bool = False,
                faults: Any = (), retry_after: float = 0.1, slow_seconds: float = 5.0) -> ServerState:
-    """Load the model (once) and validate the options."""
-    names = check_faults(faults)
+    """Validate the options and load the model (once)."""
+    names = tuple(str(f) for f in (faults or ()))   # Hydra reads `429` as an int
+    unknown = [f for f in names if f not in FAULTS]
+    if unknown:
+        raise UserError(f"Unknown fault {unknown[0]!r}; choose from {', '.join(FAULTS)}.")
     backend = LocalBackend(model=model, device=device, dtype=dtype)
     backend.load()
     return ServerState(backend, model, strict_model, names, retry_after, slow_seconds)
 
 
 # ---- running it -------------------------------------------------------------------------------
+@dataclass
 class ServerHandle:
     """A server running in a background thread. ``requests``: counts by endpoint path (the
     readiness probe is one ``/v1/models``); ``faults``: counts by fault name (POST requests)."""
 
-    def __init__(self, server: uvicorn.Server, thread: threading.Thread, state: ServerState, port: int):
-        self._server, self._thread, self.state, self.port = server, thread, state, port
-        self.base_url = f"http://127.0.0.1:{port}/v1"
+    server: uvicorn.Server
+    thread: threading.Thread
+    state: ServerState
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
 
     @property
     def requests(self) -> Counter:
@@ -361,8 +373,8 @@ class ServerHandle:
         return self.state.fault_counts
 
     def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
 
     def __enter__(self) -> ServerHandle:
         return self
@@ -398,7 +410,7 @@ def start_server(model: str, port: int = 0, *, device: str = "auto", dtype: str 
         time.sleep(0.05)
 
 
-def serve(cfg: Any) -> None:
+def serve(cfg: DictConfig) -> None:
     """Serve until stopped (Ctrl-C), with the options of ``conf/serve.yaml``."""
     state = make_state(str(cfg.model), cfg.device, cfg.dtype, cfg.strict_model, cfg.faults,
                        cfg.retry_after, cfg.slow_seconds)
@@ -406,22 +418,16 @@ def serve(cfg: Any) -> None:
     uvicorn.run(build_app(state), host=cfg.host, port=int(cfg.port), log_level="info")
 
 
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="serve")
+def _app(cfg: DictConfig) -> None:
+    fail_cleanly(lambda: serve(cfg))
+
+
 def main() -> None:
-    import sys
-
-    import hydra
-
-    from neuronlens.cli import CONF_DIR, fail_cleanly
-
     if not (CONF_DIR / "serve.yaml").is_file():
         sys.exit(f"neuronlens-serve: error: no serve.yaml in {CONF_DIR}; install with "
                  "`pip install -e .` from a checkout of the repository.")
-
-    @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="serve")
-    def app(cfg: Any) -> None:
-        fail_cleanly(lambda: serve(cfg))
-
-    app()
+    _app()
 
 
 if __name__ == "__main__":
