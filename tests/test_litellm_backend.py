@@ -96,8 +96,8 @@ def test_a_bad_request_is_fatal(server):
 def test_faults_are_transient_and_the_policy_retries_them(chat_model_dir, instant):
     faults = ["429", "500", "slow", "none"]
     with start_server(str(chat_model_dir), device="cpu", faults=faults, retry_after=0.25,
-                      slow_seconds=3.0) as srv:
-        backend = LiteLLMBackend(model="openai/tiny", api_base=srv.base_url, timeout=1.0)
+                      slow_seconds=1.0) as srv:
+        backend = LiteLLMBackend(model="openai/tiny", api_base=srv.base_url, timeout=0.3)
         with pytest.raises(TransientError) as limited:
             backend.generate(chat(max_tokens=2))
         assert limited.value.retry_after == 0.25
@@ -113,6 +113,7 @@ def test_faults_are_transient_and_the_policy_retries_them(chat_model_dir, instan
         s = p.stats()
         assert (s["requests"], s["retries"]) == (4, 3)
         assert s["cost_known"] is False    # a local model is not in LiteLLM's price table
+    assert srv.faults == {"429": 2, "500": 2, "slow": 2, "none": 2}   # no hidden client retries
 
 
 def test_a_truncated_answer_is_transient(chat_model_dir):
@@ -134,6 +135,28 @@ def test_capabilities_and_identity():
     assert caps.context_length == 200000
     assert b.identity() == {"backend": "litellm", "model": "anthropic/claude-sonnet-4-5",
                             "api_base": None}
+
+
+def test_base_url_is_another_name_for_api_base():
+    assert LiteLLMBackend("openai/m", base_url="http://h/v1").identity()["api_base"] == "http://h/v1"
+    with pytest.raises(ValueError, match="one endpoint"):
+        LiteLLMBackend("openai/m", api_base="http://a/v1", base_url="http://b/v1")
+
+
+def test_configs_build_the_backend():
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    for role, model in (("explainer", "anthropic/claude-sonnet-4-5"),
+                        ("simulator", "openrouter/meta-llama/llama-3.1-8b-instruct")):
+        node = OmegaConf.load(conf / role / "litellm.yaml")
+        node.base_url = "http://localhost:11434"
+        backend = instantiate(node)
+        assert isinstance(backend, LiteLLMBackend) and backend.model == model
+        assert backend.api_base == "http://localhost:11434"
 
 
 def test_missing_key_is_named(monkeypatch):

@@ -26,13 +26,20 @@ from neuronlens.backends.base import (Backend, BackendError, Capabilities, Compl
 
 
 class LiteLLMBackend(Backend):
+    """``api_base`` is LiteLLM's name for the endpoint; ``base_url`` the same thing under the name
+    the other remote backends' configs use (``explainer.base_url=...``). Give one, not both."""
+
     def __init__(self, model: str, api_base: str | None = None, timeout: float = 60.0,
-                 top_logprobs: int = 20, context_length: int = 128000):
+                 top_logprobs: int = 20, context_length: int = 128000,
+                 base_url: str | None = None):
         if not model:
             raise ValueError("LiteLLMBackend needs a model, e.g. anthropic/claude-sonnet-4-5.")
         if timeout <= 0 or top_logprobs < 0 or context_length < 1:
             raise ValueError("timeout and context_length must be positive, top_logprobs 0 or more.")
-        self.model, self.api_base, self.timeout = model, api_base, timeout
+        if api_base and base_url and api_base != base_url:
+            raise ValueError(f"api_base ({api_base}) and base_url ({base_url}) name one endpoint; "
+                             "give one of them.")
+        self.model, self.api_base, self.timeout = model, api_base or base_url, timeout
         self.top_logprobs, self.context_length = top_logprobs, context_length
         self._litellm: Any = None
 
