@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from neuronlens.backends.base import Backend
+from neuronlens.backends.policy import Policy
 from neuronlens.corpus import token_windows
 from neuronlens.errors import UserError
 from neuronlens.explain import Explainer
@@ -88,10 +89,23 @@ def recording_for(cfg: DictConfig, model, tokenizer, neurons: list[NeuronId], ru
     return rec
 
 
-def build_role(node: DictConfig, wrap, options: DictConfig):
-    """A role's config builds either a backend (wrapped in the engine) or a ready object."""
+def build_role(node: DictConfig, wrap, options: DictConfig, remote: DictConfig):
+    """A role's config builds either a backend (wrapped in the engine) or a ready object. Remote
+    backends go through the policy layer: response cache, retries, bounded concurrency, cost."""
     obj = instantiate(node)
-    return wrap(obj, **options) if isinstance(obj, Backend) else obj
+    if not isinstance(obj, Backend):
+        return obj
+    if obj.remote:
+        cache = (remote.cache_dir or cache_dir() / "responses") if remote.cache else None
+        obj = Policy(obj, cache_dir=cache, max_retries=remote.max_retries,
+                     concurrency=remote.concurrency)
+    return wrap(obj, **options)
+
+
+def backend_stats(role) -> dict[str, Any] | None:
+    """Requests, cache hits, tokens and dollars of a role's remote backend (None when local)."""
+    backend = getattr(role, "backend", None)
+    return backend.stats() if isinstance(backend, Policy) else None
 
 
 def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig) -> dict[str, Any]:
@@ -197,8 +211,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     n = cfg.neurons
     neurons = select_neurons(model, n.layers, n.per_layer, n.which, n.indices, cfg.seed)
     recording = recording_for(cfg, model, tokenizer, neurons, run_dir)
-    explainer = build_role(cfg.explainer, Explainer, cfg.explain)
-    simulator = build_role(cfg.simulator, Simulator, cfg.simulation)
+    explainer = build_role(cfg.explainer, Explainer, cfg.explain, cfg.remote)
+    simulator = build_role(cfg.simulator, Simulator, cfg.simulation, cfg.remote)
     simulator.check()
     out = run_dir / "neurons.jsonl"
     done = finished(out)
@@ -216,6 +230,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                      row.get("score"))
     rows = [done[(nid.layer, nid.index)] for nid in neurons if (nid.layer, nid.index) in done]
     summary = summarise(rows, time.perf_counter() - start, cfg)
+    summary["remote"] = {role: backend_stats(obj) for role, obj in
+                         (("explainer", explainer), ("simulator", simulator))}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(table(rows))
     print(f"{summary['n_neurons']} neurons, {summary['n_failed']} failed, mean test correlation "

@@ -38,7 +38,6 @@ from neuronlens.cli import CONF_DIR, fail_cleanly
 from neuronlens.errors import UserError
 
 FAULTS = ("none", "429", "500", "slow", "truncated", "wrong_length")
-MAX_LOGPROBS = 20
 
 
 # ---- request bodies ---------------------------------------------------------------------------
@@ -61,9 +60,9 @@ class _Body(BaseModel):
 class CompletionBody(_Body):
     prompt: str | list[str]
     max_tokens: int = Field(16, ge=0)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: int | None = Field(None, ge=0)
     echo: bool = False
-    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)   # vLLM's extension
+    prompt_logprobs: int | None = Field(None, ge=0)   # vLLM's extension
 
 
 class TextPart(BaseModel):
@@ -81,7 +80,7 @@ class ChatBody(_Body):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=0)
 
 
 class ApiError(Exception):
@@ -130,6 +129,7 @@ class ServerState:
     faults: tuple[str, ...] = ()
     retry_after: float = 0.1
     slow_seconds: float = 5.0
+    max_logprobs: int | None = None    # like vLLM's --max-logprobs; None: any k
     requests: Counter = field(default_factory=Counter)       # by endpoint path
     fault_counts: Counter = field(default_factory=Counter)   # by fault name, POST requests only
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -206,11 +206,29 @@ def _vllm_prompt_logprobs(tok: Any, ids: list[int], k: int, scores: PromptScores
     return entries
 
 
+def _check_k(state: ServerState, *ks: int | None) -> None:
+    limit = state.max_logprobs
+    if limit is not None and any(k is not None and k > limit for k in ks):
+        raise ApiError(400, f"This server returns at most {limit} logprobs per token "
+                            f"(start it with a higher max_logprobs).")
+
+
 def _complete(state: ServerState, body: CompletionBody, fault: str) -> dict:
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if len(prompts) != 1 or not prompts[0]:
-        raise ApiError(400, "prompt must be one non-empty string (or a list of one string).")
-    prompt, tok, short = prompts[0], state.backend.tokenizer, fault == "wrong_length"
+    if not prompts or not all(prompts):
+        raise ApiError(400, "prompt must be a non-empty string or a list of non-empty strings.")
+    _check_k(state, body.logprobs, body.prompt_logprobs)
+    choices, n_prompt, n_gen = [], 0, 0
+    for prompt in prompts:  # one block of n choices per prompt, indexed in order, as OpenAI does
+        more, p, g = _complete_one(state, body, prompt, fault == "wrong_length")
+        choices += [c | {"index": len(choices) + i} for i, c in enumerate(more)]
+        n_prompt, n_gen = n_prompt + p, n_gen + g
+    return _envelope("cmpl", "text_completion", body.model, choices, n_prompt, n_gen)
+
+
+def _complete_one(state: ServerState, body: CompletionBody, prompt: str,
+                  short: bool) -> tuple[list[dict], int, int]:
+    tok = state.backend.tokenizer
     enc = tok(prompt, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     echo_scores = body.echo and body.logprobs is not None
@@ -221,8 +239,8 @@ def _complete(state: ServerState, body: CompletionBody, fault: str) -> dict:
     else:
         completions, n_prompt, n_gen = [Completion("", (), "length")] * body.n, len(ids), 0
     choices = []
-    for i, c in enumerate(completions):
-        choice: dict[str, Any] = {"index": i, "finish_reason": c.finish_reason, "logprobs": None,
+    for c in completions:
+        choice: dict[str, Any] = {"finish_reason": c.finish_reason, "logprobs": None,
                                   "text": (prompt if body.echo else "") + _maybe_cut(c.text, short)}
         if body.logprobs is not None:
             lp = _legacy_logprobs(tok, c, body.logprobs, prompt, ids, offsets, scores if body.echo else None)
@@ -232,12 +250,13 @@ def _complete(state: ServerState, body: CompletionBody, fault: str) -> dict:
             choice["prompt_logprobs"] = entries[:-1] if short else entries
             choice["prompt_token_ids"] = ids
         choices.append(choice)
-    return _envelope("cmpl", "text_completion", body.model, choices, n_prompt, n_gen)
+    return choices, n_prompt, n_gen
 
 
 def _chat(state: ServerState, body: ChatBody, fault: str) -> dict:
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs=true.")
+    _check_k(state, body.top_logprobs)
     messages = tuple(Message("system" if m.role == "developer" else m.role,
                              m.content if isinstance(m.content, str) else "".join(p.text for p in m.content))
                      for m in body.messages)
@@ -338,7 +357,8 @@ def build_app(state: ServerState) -> FastAPI:
 
 
 def make_state(model: str, device: str = "auto", dtype: str = "auto", strict_model: bool = False,
-               faults: Any = (), retry_after: float = 0.1, slow_seconds: float = 5.0) -> ServerState:
+               faults: Any = (), retry_after: float = 0.1, slow_seconds: float = 5.0,
+               max_logprobs: int | None = None) -> ServerState:
     """Validate the options and load the model (once)."""
     names = tuple(str(f) for f in (faults or ()))   # Hydra reads `429` as an int
     unknown = [f for f in names if f not in FAULTS]
@@ -346,7 +366,7 @@ def make_state(model: str, device: str = "auto", dtype: str = "auto", strict_mod
         raise UserError(f"Unknown fault {unknown[0]!r}; choose from {', '.join(FAULTS)}.")
     backend = LocalBackend(model=model, device=device, dtype=dtype)
     backend.load()
-    return ServerState(backend, model, strict_model, names, retry_after, slow_seconds)
+    return ServerState(backend, model, strict_model, names, retry_after, slow_seconds, max_logprobs)
 
 
 # ---- running it -------------------------------------------------------------------------------
@@ -385,10 +405,12 @@ class ServerHandle:
 
 def start_server(model: str, port: int = 0, *, device: str = "auto", dtype: str = "auto",
                  strict_model: bool = False, faults: Any = (), retry_after: float = 0.1,
-                 slow_seconds: float = 5.0, timeout: float = 30.0) -> ServerHandle:
+                 slow_seconds: float = 5.0, max_logprobs: int | None = None,
+                 timeout: float = 30.0) -> ServerHandle:
     """Serve ``model`` on 127.0.0.1:``port`` (0: a free port) in a background thread; returns once
     ``/v1/models`` answers."""
-    state = make_state(model, device, dtype, strict_model, faults, retry_after, slow_seconds)
+    state = make_state(model, device, dtype, strict_model, faults, retry_after, slow_seconds,
+                       max_logprobs)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
@@ -413,7 +435,7 @@ def start_server(model: str, port: int = 0, *, device: str = "auto", dtype: str 
 def serve(cfg: DictConfig) -> None:
     """Serve until stopped (Ctrl-C), with the options of ``conf/serve.yaml``."""
     state = make_state(str(cfg.model), cfg.device, cfg.dtype, cfg.strict_model, cfg.faults,
-                       cfg.retry_after, cfg.slow_seconds)
+                       cfg.retry_after, cfg.slow_seconds, cfg.max_logprobs)
     print(f"neuronlens-serve: {cfg.model} at http://{cfg.host}:{cfg.port}/v1", flush=True)
     uvicorn.run(build_app(state), host=cfg.host, port=int(cfg.port), log_level="info")
 

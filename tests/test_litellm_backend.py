@@ -87,10 +87,11 @@ def test_unknown_model_is_a_fatal_error(chat_model_dir):
         assert ok.generate(chat(max_tokens=2)).completions[0].text
 
 
-def test_a_bad_request_is_fatal(server):
-    backend = LiteLLMBackend(model="openai/tiny", api_base=server.base_url, top_logprobs=50)
-    with pytest.raises(BackendError, match="rejected the request"):
-        backend.generate(chat(max_tokens=2, top_logprobs=50))   # the server allows at most 20
+def test_a_bad_request_is_fatal(chat_model_dir):
+    with start_server(str(chat_model_dir), device="cpu", max_logprobs=20) as capped:
+        backend = LiteLLMBackend(model="openai/tiny", api_base=capped.base_url, top_logprobs=50)
+        with pytest.raises(BackendError, match="rejected the request"):
+            backend.generate(chat(max_tokens=2, top_logprobs=50))   # the server allows 20
 
 
 def test_faults_are_transient_and_the_policy_retries_them(chat_model_dir, instant):

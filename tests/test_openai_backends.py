@@ -28,16 +28,14 @@ CONF = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf"
 
 # ---- parsing recorded answers -----------------------------------------------------------------
 CHAT = {"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o-mini-2024-07-18",
-        "choices": [
-            {"index": 1, "message": {"role": "assistant", "content": None}, "logprobs": None,
-             "finish_reason": "length"},
-            {"index": 0, "message": {"role": "assistant", "content": "Hi!"}, "finish_reason": "stop",
-             "logprobs": {"content": [
-                 {"token": "Hi", "logprob": -0.1, "bytes": [72, 105],
-                  "top_logprobs": [{"token": "Hello", "logprob": -2.5, "bytes": None},
-                                   {"token": "Hi", "logprob": -0.1, "bytes": [72, 105]}]},
-                 {"token": "!", "logprob": -0.3, "bytes": [33], "top_logprobs": []}],
-                 "refusal": None}}],
+        "choices": [{"index": 1, "message": {"role": "assistant", "content": None},
+                     "logprobs": None, "finish_reason": "length"},
+                    {"index": 0, "message": {"role": "assistant", "content": "Hi!"},
+                     "finish_reason": "stop", "logprobs": {"refusal": None, "content": [
+                         {"token": "Hi", "logprob": -0.1, "bytes": [72, 105], "top_logprobs": [
+                             {"token": "Hello", "logprob": -2.5, "bytes": None},
+                             {"token": "Hi", "logprob": -0.1, "bytes": [72, 105]}]},
+                         {"token": "!", "logprob": -0.3, "bytes": [33], "top_logprobs": []}]}}],
         "usage": {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}}
 
 COMPLETION = {"id": "cmpl-1", "object": "text_completion", "model": "davinci-002",
@@ -77,9 +75,12 @@ def test_echo_tokens_offsets_and_actual_token_added():
     tokens = echo_tokens(data, prompt)
     assert tokens == [PromptToken(0, {}), PromptToken(2, {"\t": -0.2, "x": -2.0}),
                       PromptToken(3, {"0": -0.5, "unknown": -3.0})]
-    data["choices"][0]["logprobs"]["text_offset"] = [0, 1, 3]
-    with pytest.raises(TransientError, match="misaligned"):
-        echo_tokens(data, prompt)
+    lp = data["choices"][0]["logprobs"]
+    short = {"choices": [{"logprobs": {key: v[:-1] for key, v in lp.items()}}]}
+    lp["text_offset"] = [0, 1, 3]
+    for bad in (data, short):          # an offset off by one; the last token missing
+        with pytest.raises(TransientError, match="misaligned"):
+            echo_tokens(bad, prompt)
 
 
 def _vllm_answer(ids, entries):
@@ -318,7 +319,6 @@ def test_unknown_errors_are_not_swallowed():
 # ---- against neuronlens-serve on loopback -----------------------------------------------------
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-EXCERPTS = [["The", " cat", " sat"], [" on", " the", " mat", "."], ["1", "0", " dogs"]]
 
 
 @pytest.fixture(scope="module")
@@ -335,29 +335,54 @@ def model_dir(tiny_llama_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
+def digit_model_dir(tiny_tokenizer, tmp_path_factory):
+    """A tiny GPT-2 that puts ~85% of its mass on the digits everywhere, so that a top-20
+    (the servers' usual limit) holds every candidate token and scoring is exact."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=3, n_head=4,
+                        n_positions=4096, tie_word_embeddings=False,
+                        eos_token_id=tiny_tokenizer.eos_token_id)
+    model = GPT2LMHeadModel(config).eval()
+    digits = tiny_tokenizer.convert_tokens_to_ids([str(d) for d in range(10)])
+    u = torch.nn.functional.normalize(torch.randn(32), dim=0)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.mul_(0.2)
+        model.transformer.ln_f.bias.copy_(3.0 * u)
+        model.lm_head.weight[digits] += 2.0 * u
+    path = tmp_path_factory.mktemp("tiny-gpt2-digits")
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def _serve(path):
     from neuronlens.serve import start_server
 
-    handle = start_server(str(model_dir), port=0, device="cpu", dtype="float32")
-    yield handle
-    handle.stop()
+    return start_server(str(path), port=0, device="cpu", dtype="float32")
 
 
-@pytest.fixture(scope="module")
-def local(model_dir):
+def _local(path):
     from neuronlens.backends.local import LocalBackend
     from neuronlens.subject.models import load_model
 
     be = LocalBackend()
-    be.model, be.tokenizer = load_model(str(model_dir), "cpu", "float32")
+    be.model, be.tokenizer = load_model(str(path), "cpu", "float32")
     return be
 
 
 @pytest.fixture(scope="module")
-def requests_():
+def server(model_dir):
+    with _serve(model_dir) as handle:
+        yield handle
+
+
+def _requests(excerpts):
     from neuronlens.simulate import build_request
 
-    return [build_request("cats and mats", tokens, fewshot=False) for tokens in EXCERPTS]
+    return [build_request("cats and mats", tokens, fewshot=False) for tokens in excerpts]
 
 
 def _assert_same(remote, expected):
@@ -370,17 +395,31 @@ def _assert_same(remote, expected):
         assert r.usage.prompt_tokens > 0
 
 
-def test_vllm_backend_prompt_logprobs_equal_local(server, local, requests_):
-    be = VLLMBackend(model="any", base_url=server.base_url, top_logprobs=600)
-    before = server.requests["/v1/completions"]
-    _assert_same(be.prompt_logprobs(requests_), local.prompt_logprobs(requests_))
-    assert server.requests["/v1/completions"] - before == 2 * len(requests_)  # scoring + one follow-up
+def test_top20_scoring_equals_local_on_a_digit_model(digit_model_dir):
+    """One placeholder per excerpt (one follow-up prompt) and k=20: what the server allows."""
+    requests = _requests([["The"], [" cat"], ["1"]])
+    expected = _local(digit_model_dir).prompt_logprobs(requests)
+    assert min(m for e in expected for m in e.mass) > 0.5
+    with _serve(digit_model_dir) as handle:
+        vllm = VLLMBackend(model="any", base_url=handle.base_url, top_logprobs=20)
+        _assert_same(vllm.prompt_logprobs(requests), expected)
+        assert handle.requests["/v1/completions"] == 2 * len(requests)   # scoring + one follow-up
+        echo = OpenAIBackend(model="any", base_url=handle.base_url, prompt_scoring="echo",
+                             top_logprobs=20, completion=True)
+        _assert_same(echo.prompt_logprobs(requests), expected)
 
 
-def test_openai_echo_prompt_logprobs_equal_local(server, local, requests_):
-    be = OpenAIBackend(model="any", base_url=server.base_url, prompt_scoring="echo",
-                       top_logprobs=600, completion=True)
-    _assert_same(be.prompt_logprobs(requests_), local.prompt_logprobs(requests_))
+EXCERPTS = [["The", " cat", " sat"], ["1", "0", " dogs", "."]]
+
+
+@pytest.mark.parametrize("kind", ["vllm", "echo"])
+def test_prompt_logprobs_equal_local(server, model_dir, kind):
+    """k >= the vocabulary: nothing truncated, so the HTTP backends equal the local one."""
+    requests = _requests([["The", " cat", " sat"], ["1", "0", " dogs", "."]])
+    be = (VLLMBackend(model="any", base_url=server.base_url, top_logprobs=600) if kind == "vllm"
+          else OpenAIBackend(model="any", base_url=server.base_url, prompt_scoring="echo",
+                             top_logprobs=600, completion=True))
+    _assert_same(be.prompt_logprobs(requests), _local(model_dir).prompt_logprobs(requests))
 
 
 def test_chat_generate_with_top_logprobs(server):
@@ -392,20 +431,17 @@ def test_chat_generate_with_top_logprobs(server):
     assert "".join(t.token for t in c.logprobs) == c.text
     assert all(t.top[0][1] >= t.top[-1][1] for t in c.logprobs)
     assert gen.usage.prompt_tokens > 0 and gen.usage.completion_tokens == len(c.logprobs)
-
-
-def test_text_generate_with_logprobs(server):
-    be = VLLMBackend(model="any", base_url=server.base_url)
-    gen = be.generate(GenerateRequest(prompt="The cat", max_tokens=3, top_logprobs=3))
-    (c,) = gen.completions
-    assert c.logprobs and all(len(t.top) == 3 for t in c.logprobs)
+    text = VLLMBackend(model="any", base_url=server.base_url).generate(
+        GenerateRequest(prompt="The cat", max_tokens=3, top_logprobs=3)).completions[0]
+    assert text.logprobs and all(len(t.top) == 3 for t in text.logprobs)
 
 
 def test_server_faults_are_classified(model_dir):
     from neuronlens.serve import start_server
 
     with start_server(str(model_dir), device="cpu", dtype="float32", strict_model=True,
-                      faults=["429", "500", "truncated", "none"], retry_after=2.5) as handle:
+                      faults=["429", "500", "truncated", "wrong_length", "wrong_length", "none"],
+                      retry_after=2.5) as handle:
         be = VLLMBackend(model=str(model_dir), base_url=handle.base_url)
         with pytest.raises(TransientError, match="429") as e:
             be.generate(TEXT)
@@ -414,7 +450,13 @@ def test_server_faults_are_classified(model_dir):
             be.generate(TEXT)
         with pytest.raises(TransientError, match="could not be parsed"):
             be.generate(TEXT)
+        request = _requests([["The"]])
+        with pytest.raises(TransientError, match="misaligned"):      # one prompt_logprobs short
+            be.prompt_logprobs(request)
+        echo = OpenAIBackend(model=str(model_dir), base_url=handle.base_url,
+                             prompt_scoring="echo", completion=True)
+        with pytest.raises(TransientError, match="misaligned"):      # one echoed token short
+            echo.prompt_logprobs(request)
         wrong = VLLMBackend(model="wrong-name", base_url=handle.base_url)
         with pytest.raises(BackendError, match="does not know model 'wrong-name' \\(404\\)"):
             wrong.generate(TEXT)
-

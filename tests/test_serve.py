@@ -158,12 +158,31 @@ def test_score_prompt_agrees_with_a_plain_forward(direct):
 
 
 def test_bad_requests_get_openai_error_bodies(server):
-    for body in ({"model": "m"}, {"model": "m", "prompt": "x", "logprobs": 99},
-                 {"model": "m", "prompt": ["a", "b"]}):
+    for body in ({"model": "m"}, {"model": "m", "prompt": ""}, {"model": "m", "prompt": []},
+                 {"model": "m", "prompt": "x", "logprobs": -1}):
         r = httpx.post(f"{server.base_url}/completions", json=body)
         assert r.status_code == 400 and set(r.json()["error"]) >= {"message", "type", "code"}
     r = httpx.post(f"{server.base_url}/chat/completions", json={"model": "m", "messages": []})
     assert r.status_code == 400
+
+
+def test_a_list_of_prompts_gets_one_choice_each_in_order(server):
+    r = httpx.post(f"{server.base_url}/completions",
+                   json={"model": "m", "prompt": ["one two", "three"], "max_tokens": 0, "echo": True,
+                         "logprobs": 2, "n": 2})
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    assert [c["text"] for c in choices] == ["one two", "one two", "three", "three"]
+
+
+def test_max_logprobs_caps_k_like_vllm(tiny_llama_dir):
+    with start_server(str(tiny_llama_dir), device="cpu", max_logprobs=20) as capped:
+        ok = httpx.post(f"{capped.base_url}/completions",
+                        json={"model": "m", "prompt": "x y", "max_tokens": 0, "echo": True, "logprobs": 20})
+        too_many = httpx.post(f"{capped.base_url}/completions",
+                              json={"model": "m", "prompt": "x y", "max_tokens": 0, "echo": True, "logprobs": 21})
+    assert ok.status_code == 200
+    assert too_many.status_code == 400 and "at most 20" in too_many.json()["error"]["message"]
 
 
 def test_stats_endpoint(server):

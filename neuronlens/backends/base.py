@@ -116,6 +116,7 @@ class Backend(ABC):
     """A language model the explainer or the simulator talks to."""
 
     capabilities: Capabilities = Capabilities()
+    remote: bool = False   # remote backends get the engine's cache, retries and cost accounting
 
     def load(self) -> None:
         """Load weights or open connections; constructors only store validated config."""

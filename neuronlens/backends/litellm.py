@@ -17,6 +17,7 @@ Translation only: no retries here (``num_retries=0``), errors are classified int
 from __future__ import annotations
 
 import email.utils
+import os
 import time
 from typing import Any
 
@@ -25,9 +26,23 @@ from neuronlens.backends.base import (Backend, BackendError, Capabilities, Compl
                                       Usage)
 
 
+def import_litellm():
+    """LiteLLM, imported lazily (it is slow to import), with its bundled price table: costs are
+    reproducible for a given LiteLLM version and no run reaches out to refresh them."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    try:
+        import litellm
+    except ImportError as e:
+        raise ImportError("The litellm backend needs LiteLLM: pip install litellm") from e
+    litellm.suppress_debug_info = True   # no "Give Feedback" banner on every retried error
+    return litellm
+
+
 class LiteLLMBackend(Backend):
     """``api_base`` is LiteLLM's name for the endpoint; ``base_url`` the same thing under the name
     the other remote backends' configs use (``explainer.base_url=...``). Give one, not both."""
+
+    remote = True
 
     def __init__(self, model: str, api_base: str | None = None, timeout: float = 60.0,
                  top_logprobs: int = 20, context_length: int = 128000,
@@ -57,12 +72,7 @@ class LiteLLMBackend(Backend):
 
     def load(self) -> None:
         if self._litellm is None:
-            try:
-                import litellm
-            except ImportError as e:
-                raise ImportError("The litellm backend needs LiteLLM: pip install litellm") from e
-            litellm.suppress_debug_info = True   # no "Give Feedback" banner on every retried error
-            self._litellm = litellm
+            self._litellm = import_litellm()
 
     def generate(self, request: GenerateRequest) -> Generation:
         if request.prompt is not None:

@@ -62,9 +62,10 @@ def parse_completion(data: dict) -> Generation:
     for choice in sorted(data["choices"], key=lambda c: c["index"]):
         logprobs, lp = None, choice.get("logprobs")
         if lp:
+            tops = lp.get("top_logprobs") or [None] * len(lp["tokens"])
             logprobs = tuple(TokenLogprob(tok, float(v), _top((top or {}).items()))
-                             for tok, v, top in zip(lp["tokens"], lp["token_logprobs"],
-                                                    lp["top_logprobs"], strict=True))
+                             for tok, v, top in zip(lp["tokens"], lp["token_logprobs"], tops,
+                                                    strict=True))
         completions.append(Completion(choice["text"], logprobs, _finish(choice)))
     return Generation(tuple(completions), parse_usage(data))
 
@@ -79,19 +80,23 @@ def echo_tokens(data: dict, prompt: str) -> list[PromptToken]:
     lp = data["choices"][0]["logprobs"]
     rows = list(zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], lp["text_offset"],
                     strict=True))
-    tokens, previous = [], 0
+    tokens, end, raw = [], 0, False
     for tok, logprob, top, start in rows:
         if start >= len(prompt):            # generated tokens follow the prompt
             break
-        aligned = tok.startswith("bytes:") or prompt[start:start + len(tok)] == tok
-        if start < previous or not aligned or (not tokens and start != 0):
+        raw = tok.startswith("bytes:")      # a partial character: its text is not the prompt's
+        if start < end or (not tokens and start != 0) \
+                or not (raw or prompt[start:start + len(tok)] == tok):
             raise TransientError(f"Echoed prompt tokens are misaligned with the prompt at "
                                  f"offset {start} ({tok!r}).")
         top = dict(top or {})
         if logprob is not None:
             top.setdefault(tok, float(logprob))
         tokens.append(PromptToken(start, top))
-        previous = start
+        end = start if raw else start + len(tok)
+    if not tokens or (not raw and end != len(prompt)):
+        raise TransientError(f"Echoed prompt tokens are misaligned: they end at {end}, the "
+                             f"prompt at {len(prompt)}.")
     return tokens
 
 
@@ -179,6 +184,8 @@ class OpenAIBackend(Backend):
     ``echo`` (legacy completions servers that return prompt logprobs with ``echo``)."""
 
     kind = "openai"
+
+    remote = True
 
     def __init__(self, model: str = "gpt-4o", base_url: str | None = None, timeout: float = 60.0,
                  top_logprobs: int = 20, prompt_scoring: str = "none",

@@ -231,7 +231,9 @@ class Policy(Backend):
 
 def price(model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
     """Dollars for one response by LiteLLM's price table; None for a model it does not list."""
-    import litellm
+    from neuronlens.backends.litellm import import_litellm
+
+    litellm = import_litellm()
 
     try:
         p, c = litellm.cost_per_token(model=model, prompt_tokens=prompt_tokens,

@@ -34,7 +34,7 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 from neuronlens.backends.base import BackendError, PromptLogprobRequest
 from neuronlens.backends.candidates import build_trie, candidate_probs
 
-Path = tuple[str, ...]
+TokenPath = tuple[str, ...]   # token strings from the placeholder's token onwards
 FollowUp = Callable[[list[str]], list[Mapping[str, float]]]   # prefix texts -> top-k logprobs
 
 
@@ -70,14 +70,14 @@ class Placeholder:
 
     context: str                                # prompt text before the covering token
     rest: list[str]                             # per candidate: text not yet tokenised
-    paths: list[Path]                           # per candidate: token strings so far
+    paths: list[TokenPath]                           # per candidate: token strings so far
     dead: list[bool]                            # per candidate: fell outside a top-k
-    dists: dict[Path, dict[str, float]] = field(default_factory=dict)  # next-token probs
+    dists: dict[TokenPath, dict[str, float]] = field(default_factory=dict)  # next-token probs
 
-    def advance(self) -> list[Path]:
+    def advance(self) -> list[TokenPath]:
         """Extend every candidate as far as the known distributions go; return the paths whose
         distribution is still needed."""
-        needed: list[Path] = []
+        needed: list[TokenPath] = []
         for k in range(len(self.rest)):
             while self.rest[k] and not self.dead[k]:
                 dist = self.dists.get(self.paths[k])
@@ -137,7 +137,7 @@ def score(request: PromptLogprobRequest, tokens: Sequence[PromptToken], follow_u
         by_text = dict(zip(texts, answers))
         for s, path in wanted:
             s.dists[path] = to_probs(by_text[s.context + "".join(path)])
-    else:
+    else:  # the last round's answers still extend the paths; nothing more is asked
         for s in states:
             s.advance()
     probs, mass = zip(*(normalise(s.probs()) for s in states)) if states else ((), ())

@@ -23,6 +23,15 @@ from neuronlens.errors import UserError
 MISSING_VLLM = 'vLLM is not installed; pip install "neuronlens[vllm]" on a machine with a GPU.'
 
 
+def by_text(entry: dict[str, dict]) -> dict[str, float]:
+    """``{"<id>": {"logprob", "decoded_token", ...}}`` as ``{decoded_token: logprob}``; of two
+    ids that decode alike, the likelier one."""
+    top: dict[str, float] = {}
+    for e in sorted(entry.values(), key=lambda e: -e["logprob"]):
+        top.setdefault(e["decoded_token"], float(e["logprob"]))
+    return top
+
+
 def vllm_prompt_tokens(data: dict, prompt: str) -> list[PromptToken]:
     """Start offsets and top-k per prompt token from a completions answer with
     ``prompt_logprobs`` (``[null, {"<id>": {"logprob", "rank", "decoded_token"}}, ...]``)."""
@@ -38,10 +47,7 @@ def vllm_prompt_tokens(data: dict, prompt: str) -> list[PromptToken]:
     texts, tops = [], []
     for token_id, entry in zip(ids[1:], entries[1:]):
         texts.append(entry[str(token_id)]["decoded_token"])
-        top: dict[str, float] = {}
-        for e in sorted(entry.values(), key=lambda e: -e["logprob"]):
-            top.setdefault(e["decoded_token"], float(e["logprob"]))
-        tops.append(top)
+        tops.append(by_text(entry))
     rebuilt = "".join(texts)
     at = len(prompt) - len(rebuilt)
     if at < 0 or prompt[at:] != rebuilt:
@@ -154,8 +160,7 @@ class VLLMEngineBackend(Backend):
     def _first_tops(self, texts: list[str]) -> list[dict[str, float]]:
         params = self._params(max_tokens=1, temperature=0, logprobs=self.top_logprobs)
         outs = self.llm.generate(texts, params, use_tqdm=False)
-        return [{lp.decoded_token: lp.logprob for lp in o.outputs[0].logprobs[0].values()}
-                for o in outs]
+        return [by_text(_entry(o.outputs[0].logprobs[0])) for o in outs]
 
     def prompt_logprobs(self, requests: Sequence[PromptLogprobRequest]) -> list[TokenDistributions]:
         self.load()
