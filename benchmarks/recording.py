@@ -98,6 +98,9 @@ def _reset_peak_rss() -> bool:
 def child_memory(args) -> dict:
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
     from neuronlens.corpus import BuiltinCorpus, token_windows
     from neuronlens.records import NeuronId
     from neuronlens.subject.hooks import n_layers, n_neurons
@@ -148,7 +151,7 @@ def run_child(args, multiple: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child-multiple", str(multiple),
            "--model", args.model, "--device", args.device, "--window", str(args.window),
            "--mem-windows", str(args.mem_windows), "--mem-batch-size", str(args.mem_batch_size),
-           "--mem-top-k", str(args.mem_top_k)]
+           "--mem-top-k", str(args.mem_top_k), "--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"memory child failed:\n{done.stderr[-3000:]}")
@@ -158,7 +161,7 @@ def run_child(args, multiple: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # throughput
 # ---------------------------------------------------------------------------------------------
-def throughput(args, model, tokenizer, device: str) -> dict:
+def throughput(args, model, tokenizer, device: str, deadline: float) -> dict:
     import torch
 
     from neuronlens.corpus import BuiltinCorpus, token_windows
@@ -194,12 +197,13 @@ def throughput(args, model, tokenizer, device: str) -> dict:
 
     variants = {"full": full, "base": base, "record_last": record_last, "record_mid": record_mid}
     names = list(variants)
-    warm = windows[:args.batch_size]
+    warm = windows[:max(1, args.batch_size // 2)]  # warm-up: kernels, allocator, first calls
     for _ in range(args.warmup):
         for name in names:
             variants[name](warm)
     sync(device)
     times = {n: [] for n in names}
+    rounds_start = time.perf_counter()
     for r in range(args.repeats):
         order = names[r % len(names):] + names[:r % len(names)]  # rotate: no fixed position bias
         for name in order:
@@ -211,6 +215,9 @@ def throughput(args, model, tokenizer, device: str) -> dict:
         if args.verbose:
             print(f"round {r}: " + ", ".join(f"{n} {n_tok / times[n][-1]:.0f} tok/s"
                                             for n in names), file=sys.stderr)
+        per_round = (time.perf_counter() - rounds_start) / (r + 1)
+        if r + 1 >= 2 and time.perf_counter() + per_round > deadline:
+            break  # another round would overrun the time budget (recorded in the results)
     tps = {n: n_tok / statistics.median(times[n]) for n in names}
 
     def paired(a, b):  # per-round ratio a/b in tokens/s (= time b / time a), median over rounds
@@ -218,7 +225,8 @@ def throughput(args, model, tokenizer, device: str) -> dict:
 
     return {
         "windows": len(windows), "window": args.window, "batch_size": args.batch_size,
-        "tokens_per_pass": n_tok, "repeats": args.repeats, "warmup_rounds": args.warmup,
+        "tokens_per_pass": n_tok, "repeats": len(times["full"]), "repeats_asked": args.repeats,
+        "warmup_rounds": args.warmup,
         "layers": L, "neurons_recorded": width, "last_layer": L - 1, "mid_layer": L // 2,
         "recording_config": {"top_k": config.top_k, "n_random": config.n_random},
         "seconds": times, "tokens_per_s": tps,
@@ -290,12 +298,16 @@ def main() -> None:
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--windows", type=int, default=32, help="windows per throughput pass")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="at most this many interleaved rounds")
+    p.add_argument("--budget-s", type=float, default=110.0,
+                   help="throughput phase: no new round (after 2) once it would pass this")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--mem-windows", type=int, default=16, help="windows of the 1x memory corpus")
     p.add_argument("--mem-batch-size", type=int, default=8)
     p.add_argument("--mem-top-k", type=int, default=8, help="top_k and n_random for memory runs")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0: torch's default, one per core)")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--child-multiple", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -310,11 +322,13 @@ def main() -> None:
     from neuronlens.subject.models import load_model, pick_device
 
     args.device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     info = machine(args.device)
     model, tokenizer = load_model(args.model, args.device)
     res = {"benchmark": NAME, "model": args.model, "machine": info,
-           "throughput": throughput(args, model, tokenizer, args.device)}
+           "throughput": throughput(args, model, tokenizer, args.device, start + args.budget_s)}
     del model
     if not args.no_memory:
         one, four = run_child(args, 1), run_child(args, 4)

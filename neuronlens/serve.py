@@ -15,6 +15,7 @@ import asyncio
 import socket
 import sys
 import threading
+from functools import lru_cache
 import time
 import uuid
 from collections import Counter
@@ -108,6 +109,12 @@ class PromptScores:
 
 
 @torch.no_grad()
+@lru_cache(maxsize=1 << 20)
+def _piece(tok: Any, token_id: int) -> str:
+    """The text of one token (cached: a large top-k decodes the same ids over and over)."""
+    return tok.decode([token_id])
+
+
 def score_prompt(model: Any, ids: list[int], k: int) -> PromptScores:
     """One forward pass over ``ids``; log-softmax in float32 at every position."""
     device = next(model.parameters()).device
@@ -179,9 +186,9 @@ def _legacy_logprobs(tok: Any, c: Completion, k: int, prompt: str, ids: list[int
     """The legacy ``logprobs`` object: prompt tokens first when echoed (``scores`` given)."""
     lp: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     if scores is not None:
-        lp["tokens"] = [tok.decode([t]) for t in ids]
+        lp["tokens"] = [_piece(tok, t) for t in ids]
         lp["token_logprobs"] = [None] + scores.logprob
-        lp["top_logprobs"] = [None] + [_top_dict((tok.decode([t]), v) for t, v in top[:k])
+        lp["top_logprobs"] = [None] + [_top_dict((_piece(tok, t), v) for t, v in top[:k])
                                        for top in scores.top]
         lp["text_offset"] = [start for start, _ in offsets]
     at = len(prompt) if scores is not None else 0
@@ -198,10 +205,10 @@ def _vllm_prompt_logprobs(tok: Any, ids: list[int], k: int, scores: PromptScores
     """vLLM's shape: per prompt token, the top-k at its position plus the token itself."""
     entries: list[dict | None] = [None]
     for j in range(1, len(ids)):
-        entry = {str(t): {"logprob": v, "rank": r + 1, "decoded_token": tok.decode([t])}
+        entry = {str(t): {"logprob": v, "rank": r + 1, "decoded_token": _piece(tok, t)}
                  for r, (t, v) in enumerate(scores.top[j - 1][:k])}
         entry.setdefault(str(ids[j]), {"logprob": scores.logprob[j - 1], "rank": scores.rank[j - 1],
-                                       "decoded_token": tok.decode([ids[j]])})
+                                       "decoded_token": _piece(tok, ids[j])})
         entries.append(entry)
     return entries
 

@@ -15,11 +15,9 @@ any number) is reported as ``None`` and counted with its reason, never turned in
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass, field
-from typing import Callable, Sequence, TypeVar
+from typing import Sequence
 
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
 from neuronlens.backends.base import (Backend, BackendError, Completion, GenerateRequest,
                                       PromptLogprobRequest, TransientError, Usage)
@@ -31,7 +29,6 @@ from neuronlens.strategies import (SharedPrompt, Unreadable, json_request, one_a
                                    sequence_request)
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 Distributions = tuple[tuple[float, ...], ...]
 
 
@@ -160,21 +157,18 @@ class Simulator:
     ``strategy``: ``auto`` picks the best the backend declares it can do (see
     ``resolve_strategy``); ``all_at_once`` needs prompt logprobs, ``one_at_a_time`` and
     ``generated_sequence`` output logprobs, ``json`` only text (see ``neuronlens.strategies``).
-    A ``TransientError`` is retried ``retries`` times with exponential backoff from ``backoff``
-    seconds (or the server's Retry-After); a failure that remains fails its excerpt(s) alone.
+    Retries belong to the policy layer around remote backends (``backends/policy.py``); an error
+    that reaches the engine (a ``TransientError`` after the retries, a ``BackendError``, an
+    unreadable answer) fails its excerpt(s) alone, counted and kept in ``errors``.
     """
 
     STRATEGIES = ("auto", "all_at_once", "one_at_a_time", "generated_sequence", "json")
 
-    def __init__(self, backend: Backend, strategy: str = "auto", fewshot: bool = True,
-                 retries: int = 3, backoff: float = 1.0):
+    def __init__(self, backend: Backend, strategy: str = "auto", fewshot: bool = True):
         if strategy not in self.STRATEGIES:
             raise UserError(f"Unknown simulator strategy {strategy!r}; choose one of "
                              f"{', '.join(self.STRATEGIES)}.")
-        if retries < 0 or backoff < 0:
-            raise UserError(f"retries and backoff must be 0 or more (got {retries}, {backoff}).")
         self.backend, self.requested, self.fewshot = backend, strategy, fewshot
-        self.retries, self.backoff = retries, backoff
 
     @property
     def strategy(self) -> str:
@@ -182,19 +176,9 @@ class Simulator:
 
     def check(self) -> None:
         """Fail at start-up, not hours later, when the backend cannot run this strategy."""
-        _ = self.strategy
-
-    def _retrying(self, call: Callable[[], T]) -> T:
-        def wait(state: RetryCallState) -> float:
-            after = getattr(state.outcome.exception(), "retry_after", None)
-            delay = self.backoff * 2 ** (state.attempt_number - 1) * random.uniform(0.5, 1.0)
-            return after if after is not None else delay
-
-        for attempt in Retrying(retry=retry_if_exception_type(TransientError), wait=wait,
-                                stop=stop_after_attempt(self.retries + 1), reraise=True):
-            with attempt:
-                return call()
-        raise AssertionError("unreachable")
+        if self.strategy == "json" and self.requested == "auto":
+            log.warning("The %s backend returns no logprobs: simulating with JSON answers, so "
+                        "every simulated activation is a whole number.", self.backend.name)
 
     def simulate(self, explanation: str, records: Sequence[ActivationRecord]) -> SimulationResult:
         if not records:
@@ -225,7 +209,7 @@ class Simulator:
         return SimulationResult(tuple(expected), tuple(distributions), tuple(errors), tally.usage)
 
     def _generate(self, request: GenerateRequest, tally: _Tally) -> Completion:
-        generation = self._retrying(lambda: self.backend.generate(request))
+        generation = self.backend.generate(request)
         tally.usage = tally.usage + generation.usage
         if not generation.completions:
             raise Unreadable("the backend returned no completion")
@@ -248,7 +232,7 @@ class Simulator:
                      records: Sequence[ActivationRecord]) -> SimulationResult:
         requests = [build_request(explanation, r.tokens, self.fewshot) for r in records]
         try:
-            dists = self._retrying(lambda: self.backend.prompt_logprobs(requests))
+            dists = self.backend.prompt_logprobs(requests)
         except (BackendError, TransientError) as e:
             log.warning("simulation failed for %d excerpts: %s", len(records), e)
             return SimulationResult((None,) * len(records), (None,) * len(records),

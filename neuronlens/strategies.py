@@ -43,8 +43,9 @@ END = "<end>"
 ONE_RULE = "Answer with one whole number from 0 to 10 and nothing else."
 ONE_ASK = ("Reply with only the activation, a whole number from 0 to 10, of the last token listed "
            "above ({token}).")
-SEQUENCE_RULE = ("Answer by copying the excerpt's lines exactly, in order, one token per line, with "
-                 "your predicted activation after the tab in place of \"unknown\"; nothing else.")
+SEQUENCE_RULE = ("Answer by copying the excerpt's lines exactly, in order, one token per line, "
+                 "with your predicted activation after the tab in place of \"unknown\"; nothing "
+                 "else.")
 SEQUENCE_ASK = ("Copy the {n} lines of the excerpt above, replacing each \"unknown\" with your "
                 "predicted activation, a whole number from 0 to 10. Reply with exactly those "
                 "{n} lines: each token exactly as shown, a tab, then the number.")

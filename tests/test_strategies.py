@@ -44,10 +44,10 @@ class FakeBackend(Backend):
 
 
 def sim(backend, strategy, **kw) -> Simulator:
-    return Simulator(backend, strategy=strategy, fewshot=False, backoff=0.0, **kw)
+    return Simulator(backend, strategy=strategy, fewshot=False, **kw)
 
 
-# ---- generated_sequence ------------------------------------------------------------------------
+# ---- generated_sequence --------------------------------------------------------------------------
 
 TOKENS = ["The", " sea", "\n"]
 # The model's copy of the excerpt, as a tokenizer that splits digits would write it: "10" is
@@ -150,7 +150,7 @@ def test_sequence_number_merged_with_tab_and_ten_as_one_token():
     assert dists[1][10] == pytest.approx(.8) and dists[1][1] == pytest.approx(.2)
 
 
-# ---- one_at_a_time ------------------------------------------------------------------------------
+# ---- one_at_a_time -------------------------------------------------------------------------------
 
 def test_one_at_a_time_by_hand():
     answers = [done(tl("0", ("0", .5), (" 2", .25), ("x", .25))),   # 0: 2/3, 2: 1/3
@@ -189,7 +189,7 @@ def test_parse_one_sums_alternatives_of_the_same_number():
     assert probs[4] == pytest.approx(1.0)
 
 
-# ---- json -----------------------------------------------------------------------------------------
+# ---- json ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, prefilled, values", [
     ("0, 3, 10", True, (0, 3, 10)),                       # completion: prompt ends with "["
@@ -262,15 +262,13 @@ def test_unknown_strategy():
         Simulator(FakeBackend(CHAT), strategy="sequence")
 
 
-def test_transient_error_retried_then_counted():
-    flaky = [TransientError("429 slow down"), done(tl("2", ("2", 1.0)))]
-    always = [TransientError("503 unavailable")] * 3
-    be = FakeBackend(COMPLETION, flaky + always)
+def test_transient_error_after_the_policy_retries_fails_one_excerpt():
+    be = FakeBackend(COMPLETION, [done(tl("2", ("2", 1.0))), TransientError("503 unavailable")])
     records = [ActivationRecord(["a"], [0]), ActivationRecord(["b"], [0])]
-    res = sim(be, "one_at_a_time", retries=2).simulate("x", records)
+    res = sim(be, "one_at_a_time").simulate("x", records)
     assert res.expected == (pytest.approx((2.0,)), None)
     assert res.errors == ("excerpt 1: 503 unavailable",)
-    assert len(be.requests) == 5            # 2 for the first excerpt, 1 + 2 retries for the second
+    assert len(be.requests) == 2            # the engine itself never retries
 
 
 def test_backend_error_fails_one_excerpt_only():
@@ -306,3 +304,29 @@ def test_strategies_on_local_backend(strategy, tiny_llama, tiny_tokenizer):
             assert all(0.0 <= e <= 10.0 for e in exp)
             assert all(sum(row) == pytest.approx(1.0) for row in dist)
     assert res.usage.prompt_tokens > 0 and res.usage.completion_tokens > 0
+
+
+def test_one_at_a_time_reads_a_real_backends_top_logprobs(tiny_llama, tiny_tokenizer):
+    """A tiny model rigged to answer "3" whatever it reads (logit 10 against 0 for every other
+    token): one token at a time reads about 3 everywhere, like the exact all-at-once scoring."""
+    import copy
+
+    import torch
+
+    from neuronlens.backends.local import LocalBackend
+
+    model = copy.deepcopy(tiny_llama)
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    (three,) = tiny_tokenizer("3", add_special_tokens=False)["input_ids"]
+    head.bias.data[three] = 10.0
+    model.lm_head = head
+    be = LocalBackend()
+    be.model, be.tokenizer = model, tiny_tokenizer
+    records = [ActivationRecord(["The", " sea", "\n"], [0.0, 3.0, 0.0])]
+    res = Simulator(be, strategy="one_at_a_time", fewshot=False).simulate("the sea", records)
+    assert res.n_failed == 0 and res.usage.completion_tokens == 3
+    assert res.expected[0] == pytest.approx((3.0,) * 3, abs=0.01)
+    exact = Simulator(be, strategy="all_at_once", fewshot=False).simulate("the sea", records)
+    assert exact.expected[0] == pytest.approx(res.expected[0], abs=0.01)

@@ -118,7 +118,7 @@ class LocalBackend(Backend):
         result = []
         for step, tok in enumerate(tokens):
             lp = torch.log_softmax(logits[step][row].float(), dim=-1)
-            top = lp.topk(k)
+            top = lp.topk(min(k, lp.shape[-1]))
             alts = tuple((self.tokenizer.decode([int(i)]), float(v))
                          for v, i in zip(top.values, top.indices))
             result.append(TokenLogprob(self.tokenizer.decode([tok]), float(lp[tok]), alts))
@@ -150,8 +150,8 @@ class LocalBackend(Backend):
         device = next(self.model.parameters()).device
         cache = None
         if P > 0:
-            cache = self.model(input_ids=torch.tensor([encoded[0][0][:P]], device=device),
-                               use_cache=True).past_key_values
+            cache = self.model.base_model(input_ids=torch.tensor([encoded[0][0][:P]], device=device),
+                                          use_cache=True).past_key_values  # no LM head needed
         results: list[TokenDistributions | None] = [None] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: -len(encoded[i][0]))  # batch by length
         for start in range(0, len(order), self.batch_size):

@@ -3,9 +3,9 @@
 Prompt scoring uses vLLM's ``prompt_logprobs=k`` extension: for every prompt token i > 0 the
 server returns the top-k (plus the actual token) with ``decoded_token`` strings, and the prompt's
 ``prompt_token_ids``. Positions map to characters by decoding: the actual tokens' decoded texts,
-concatenated, must rebuild the end of the prompt exactly (the first token, or a BOS with no text,
-covers what is left); their cumulative lengths are the start offsets. A prompt that does not
-rebuild is refused as misaligned, never guessed (byte-level BPE tokenizers always rebuild).
+concatenated, must rebuild the end of the prompt exactly (the first token, or a BOS with no text, covers what is
+left), except that tokens holding part of a multi-byte character are skipped (see ``align``). A
+prompt that does not rebuild is refused as misaligned, never guessed.
 Candidates are then scored as in ``remote_scoring.py``.
 """
 
@@ -48,16 +48,34 @@ def vllm_prompt_tokens(data: dict, prompt: str) -> list[PromptToken]:
     for token_id, entry in zip(ids[1:], entries[1:]):
         texts.append(entry[str(token_id)]["decoded_token"])
         tops.append(by_text(entry))
-    rebuilt = "".join(texts)
-    at = len(prompt) - len(rebuilt)
-    if at < 0 or prompt[at:] != rebuilt:
-        raise TransientError("Prompt tokens are misaligned: their decoded texts do not rebuild "
-                             "the prompt (a tokenizer whose tokens do not decode on their own).")
     tokens = [PromptToken(0, {})]
-    for text, top in zip(texts, tops):
-        tokens.append(PromptToken(at, top))
-        at += len(text)
+    tokens += [PromptToken(at, top) for at, top in zip(align(texts, prompt), tops)]
     return tokens
+
+
+def align(texts: list[str], prompt: str) -> list[int]:
+    """Start offsets in ``prompt`` of consecutive tokens whose decoded texts are ``texts`` and
+    which end the prompt, matched from the end. A token holding part of a multi-byte character
+    decodes on its own to U+FFFD; a run of such tokens is skipped to the previous clean token,
+    and the run's tokens start where that token ends (no placeholder ever falls inside one)."""
+    starts, end, i = [0] * len(texts), len(prompt), len(texts) - 1
+    while i >= 0:
+        if "\ufffd" not in texts[i]:
+            if not prompt.endswith(texts[i], 0, end):
+                raise TransientError("Prompt tokens are misaligned: their decoded texts do not "
+                                     "rebuild the prompt.")
+            end -= len(texts[i])
+            starts[i], i = end, i - 1
+            continue
+        last = i
+        while i >= 0 and "\ufffd" in texts[i]:
+            i -= 1
+        resume = 0 if i < 0 else prompt.rfind(texts[i], 0, end - 1) + len(texts[i])
+        if i >= 0 and resume < len(texts[i]):
+            raise TransientError("Prompt tokens are misaligned around an undecodable token.")
+        starts[i + 1:last + 1] = [resume] * (last - i)
+        end = resume
+    return starts
 
 
 class VLLMBackend(OpenAIBackend):

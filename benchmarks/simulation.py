@@ -1,0 +1,296 @@
+"""Simulation throughput: the prefix-reuse engine vs a naive full prompt per excerpt.
+
+Both engines are ``Simulator(LocalBackend(batch_size=8, prefix_reuse=...))`` on the same model
+(the embedded SmolLM2-135M-Instruct by default) scoring the same excerpts (64-token windows of the
+built-in corpus, tokens as strings via ``tokenizer.decode`` per id) for one explanation. The
+engines alternate (A B, B A, ...) after a warm-up; the figures are medians over the rounds.
+
+- ``prefix_reuse=True``: the prompt prefix every excerpt shares (instructions, the few-shot
+  example, the explanation) is run once into a KV cache, then the excerpts are batched after it.
+- ``prefix_reuse=False``: every excerpt's full prompt is run on its own (still batched by 8).
+
+Reported: excerpts/s of both, the speedup (headline ``ratio``, median of the per-round paired
+ratios), the forward tokens each processes (sum of ``usage.prompt_tokens``), the prefix and
+per-excerpt suffix lengths, and the max |difference| between the two engines' expected values.
+
+``--long-prefix`` adds a separate, clearly labelled figure with a longer, more realistic prefix
+(OpenAI's simulator prompt holds about three few-shot neurons with full excerpts): the same
+engine and format, with extra few-shot example neurons built from corpus windows. It is never the
+headline.
+
+Run with no arguments (<= 3 min on 2 CPU cores); bigger sizes by flags. The last line printed is
+one JSON object with the headline ``ratio``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+EXPLANATION = "words about food, cooking and recipes"
+# Extra few-shot explanations for --long-prefix (activations are put on a few tokens of a corpus
+# window: the prompt's length and format are what matter for speed).
+EXTRA_FEWSHOT = ("punctuation at the end of a sentence", "the word 'the' and other articles",
+                 "numbers and dates")
+
+
+def machine(device: str) -> dict:
+    import torch
+    import transformers
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        cpu = platform.processor() or "unknown"
+    info = {"cpu_model": cpu, "cpu_cores": os.cpu_count(),
+            "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "device": device, "load_average_at_start": list(os.getloadavg())}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def long_prefix_requests(explanation: str, records, example_windows, tokenizer):
+    """The engine's own prompt format, with extra few-shot example neurons before the target."""
+    from neuronlens.backends.base import PromptLogprobRequest
+    from neuronlens.explain import PHRASE, format_token
+    from neuronlens.simulate import (CANDIDATES, FEWSHOT, INSTRUCTIONS, PLACEHOLDER,
+                                     prompt_prefix)
+
+    def block(label, expl, lines):
+        return (f"Neuron {label}\nExplanation of neuron {label}: {PHRASE} {expl}.\n"
+                "Activations:\n<start>\n" + "".join(lines))
+
+    examples = [FEWSHOT]
+    for expl, window in zip(EXTRA_FEWSHOT, example_windows):
+        tokens = [tokenizer.decode([i]) for i in window]
+        examples.append((expl, [(t, 10 if n % 9 == 4 else 0) for n, t in enumerate(tokens)]))
+    parts = [INSTRUCTIONS, ""]
+    for label, (expl, pairs) in enumerate(examples, 1):
+        parts += [block(label, expl, [f"{format_token(t)}\t{a}\n" for t, a in pairs]) + "<end>",
+                  ""]
+    prefix = "\n".join(parts) + "\n" + block(len(examples) + 1, explanation.strip().rstrip("."), [])
+    requests = []
+    for r in records:
+        prompt, positions = prefix, []
+        for token in r.tokens:
+            prompt += format_token(token) + "\t"
+            positions.append(len(prompt))
+            prompt += PLACEHOLDER + "\n"
+        requests.append(PromptLogprobRequest(prompt + "<end>\n", tuple(positions), CANDIDATES))
+    return requests, prefix, prompt_prefix(explanation)
+
+
+def alternate(engines: dict, run, rounds: int, deadline: float, device: str, verbose: bool,
+              label: str):
+    """Run each engine once per round, alternating the order; after two rounds, stop when
+    another round would pass the deadline."""
+    names = list(engines)
+    times = {n: [] for n in names}
+    results = {}
+    start = time.perf_counter()
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            sync(device)
+            t = time.perf_counter()
+            results[name] = run(engines[name])
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+        if verbose:
+            print(f"{label} round {r}: " + ", ".join(f"{n} {times[n][-1]:.1f} s" for n in names),
+                  file=sys.stderr)
+        per_round = (time.perf_counter() - start) / (r + 1)
+        if r + 1 >= 2 and time.perf_counter() + per_round > deadline:
+            break  # one more round would overrun the time budget
+    return times, results
+
+
+def speedup(times) -> float:  # per-round naive time / reuse time, median over rounds
+    return statistics.median(n / p for n, p in zip(times["naive"], times["prefix_reuse"]))
+
+
+def usage_tokens(result) -> int:
+    return sum(d.usage.prompt_tokens for d in result) if isinstance(result, list) \
+        else result.usage.prompt_tokens
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="embedded", help="HF name, local path, .gguf, or 'embedded'")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+    p.add_argument("--excerpts", type=int, default=8,
+                   help="excerpts per simulate() call (one neuron's test excerpts)")
+    p.add_argument("--window", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=3, help="at most this many alternated rounds")
+    p.add_argument("--budget-s", type=float, default=140.0,
+                   help="no new round (after 2) once it would pass this many seconds of the run "
+                        "(for --long-prefix: of its own section)")
+    p.add_argument("--long-prefix", action="store_true",
+                   help="also measure a longer, more realistic prefix (3 extra few-shot neurons)")
+    p.add_argument("--name", default="simulation", help="results file stem under results/")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0: torch's default, one per core)")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args()
+
+    wall = time.perf_counter()
+    import torch
+
+    from neuronlens.backends.local import LocalBackend
+    from neuronlens.corpus import BuiltinCorpus, token_windows
+    from neuronlens.records import ActivationRecord
+    from neuronlens.simulate import Simulator, build_request, prompt_prefix
+    from neuronlens.subject.models import pick_device
+
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    info = machine(device)
+    backends = {"prefix_reuse": LocalBackend(args.model, device, batch_size=args.batch_size,
+                                             prefix_reuse=True),
+                "naive": LocalBackend(args.model, device, batch_size=args.batch_size,
+                                      prefix_reuse=False)}
+    sims = {n: Simulator(b) for n, b in backends.items()}
+    for backend in backends.values():
+        backend.load()
+    if backends["prefix_reuse"].model is not backends["naive"].model:
+        raise RuntimeError("the two backends should share one cached model (load_model)")
+    tokenizer = backends["naive"].tokenizer
+    windows = list(token_windows(BuiltinCorpus(), tokenizer, window=args.window,
+                                 max_windows=args.excerpts + len(EXTRA_FEWSHOT)))
+    excerpt_windows, example_windows = windows[:args.excerpts], windows[args.excerpts:]
+    records = [ActivationRecord([tokenizer.decode([i]) for i in w], [0.0] * len(w))
+               for w in excerpt_windows]
+    warm = [ActivationRecord(r.tokens[:8], r.activations[:8]) for r in records[:2]]
+    for sim in sims.values():  # warm-up: one small call each (the prefix path needs 2 excerpts)
+        sim.simulate(EXPLANATION, warm)
+    times, results = alternate(sims, lambda s: s.simulate(EXPLANATION, records), args.rounds,
+                               wall + args.budget_s, device, args.verbose, "default")
+    reuse, naive = results["prefix_reuse"], results["naive"]
+    diff = max(abs(a - b) for ea, eb in zip(reuse.expected, naive.expected)
+               if ea is not None and eb is not None for a, b in zip(ea, eb))
+    prefix_len = backends["naive"].count_tokens(prompt_prefix(EXPLANATION))
+    full_len = len(tokenizer(build_request(EXPLANATION, records[0].tokens).prompt)["input_ids"])
+    n = len(records)
+    default = {
+        "excerpts": n, "window": args.window, "batch_size": args.batch_size,
+        "rounds": len(times["naive"]), "seconds": times,
+        "excerpts_per_s": {k: n / statistics.median(v) for k, v in times.items()},
+        "ratio": speedup(times),
+        "forward_tokens": {"prefix_reuse": usage_tokens(reuse), "naive": usage_tokens(naive)},
+        "prompt_tokens_prefix": prefix_len,
+        "prompt_tokens_full_first_excerpt": full_len,
+        "prompt_tokens_suffix_first_excerpt": full_len - prefix_len,
+        "max_abs_diff_expected": diff,
+        "n_failed": {"prefix_reuse": reuse.n_failed, "naive": naive.n_failed},
+    }
+    default["forward_token_ratio"] = (default["forward_tokens"]["naive"]
+                                      / default["forward_tokens"]["prefix_reuse"])
+    res = {"benchmark": args.name, "model": args.model, "explanation": EXPLANATION,
+           "machine": info, "default": default}
+
+    if args.long_prefix:
+        requests, long_prefix, _ = long_prefix_requests(EXPLANATION, records, example_windows,
+                                                        tokenizer)
+        ltimes, lres = alternate(backends, lambda b: b.prompt_logprobs(requests), args.rounds,
+                                 time.perf_counter() + args.budget_s, device, args.verbose,
+                                 "long-prefix")
+        lp = backends["naive"].count_tokens(long_prefix)
+        res["long_prefix"] = {
+            "label": "NOT the headline: longer prefix with 3 extra few-shot example neurons "
+                     "(one 64-token excerpt each), called through backend.prompt_logprobs",
+            "excerpts": n, "rounds": len(ltimes["naive"]), "seconds": ltimes,
+            "excerpts_per_s": {k: n / statistics.median(v) for k, v in ltimes.items()},
+            "ratio": speedup(ltimes),
+            "forward_tokens": {k: usage_tokens(v) for k, v in lres.items()},
+            "prompt_tokens_prefix": lp,
+            "max_abs_diff_probs": max(abs(a - b) for da, db in zip(lres["prefix_reuse"],
+                                                                   lres["naive"])
+                                      for pa, pb in zip(da.probs, db.probs)
+                                      for a, b in zip(pa, pb)),
+        }
+    res["wall_seconds"] = time.perf_counter() - wall
+    res["summary"] = {
+        "benchmark": args.name, "ratio": round(default["ratio"], 3),
+        "excerpts_per_s_prefix_reuse": round(default["excerpts_per_s"]["prefix_reuse"], 3),
+        "excerpts_per_s_naive": round(default["excerpts_per_s"]["naive"], 3),
+        "forward_tokens_prefix_reuse": default["forward_tokens"]["prefix_reuse"],
+        "forward_tokens_naive": default["forward_tokens"]["naive"],
+        "max_abs_diff_expected": float(f"{diff:.3g}"),
+        "long_prefix_ratio": round(res["long_prefix"]["ratio"], 3) if args.long_prefix else None,
+        "device": device, "model": args.model, "wall_seconds": round(res["wall_seconds"], 1),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(res))
+    print(json.dumps(res["summary"]))
+
+
+def markdown(res: dict) -> str:
+    m, d = res["machine"], res["default"]
+    lines = [
+        "# Simulation benchmark", "",
+        f"Machine: {m['cpu_model']}, {m['cpu_cores']} cores ({m['cpu_cores_usable']} usable, "
+        f"{m['torch_threads']} torch threads), torch {m['torch']}, transformers "
+        f"{m['transformers']}, device `{m['device']}`" + (f" ({m['gpu']})" if "gpu" in m else "")
+        + f"; load average at start {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])}.",
+        f"Simulator model: `{res['model']}`. Explanation: \"{res['explanation']}\".", "",
+        f"## Default engine config ({d['excerpts']} excerpts x {d['window']} tokens, local "
+        f"backend batch {d['batch_size']}; warm-up, then {d['rounds']} alternated rounds, "
+        "medians)", "",
+        "| engine | excerpts/s | forward tokens (sum of usage.prompt_tokens) |",
+        "|---|---:|---:|",
+        f"| prefix reuse | {d['excerpts_per_s']['prefix_reuse']:.3f} | "
+        f"{d['forward_tokens']['prefix_reuse']} |",
+        f"| naive (full prompt per excerpt) | {d['excerpts_per_s']['naive']:.3f} | "
+        f"{d['forward_tokens']['naive']} |", "",
+        f"Speedup (median of paired rounds): **{d['ratio']:.2f}x**; forward-token ratio "
+        f"{d['forward_token_ratio']:.2f}x. Prompt: prefix {d['prompt_tokens_prefix']} tokens, "
+        f"first excerpt's suffix {d['prompt_tokens_suffix_first_excerpt']} tokens (each token "
+        "line is `token<TAB>unknown\\n`; the forward also carries the candidate-trie tokens). "
+        f"Max |expected value difference| between the engines: {d['max_abs_diff_expected']:.2e}. "
+        f"Failed excerpts: {d['n_failed']}.", "",
+    ]
+    if "long_prefix" in res:
+        lp = res["long_prefix"]
+        lines += [
+            f"## Separate figure, not the headline: longer prefix ({lp['prompt_tokens_prefix']} "
+            "tokens)", "",
+            lp["label"] + ".", "",
+            f"| engine | excerpts/s | forward tokens |", "|---|---:|---:|",
+            f"| prefix reuse | {lp['excerpts_per_s']['prefix_reuse']:.3f} | "
+            f"{lp['forward_tokens']['prefix_reuse']} |",
+            f"| naive | {lp['excerpts_per_s']['naive']:.3f} | {lp['forward_tokens']['naive']} |",
+            "", f"Speedup: **{lp['ratio']:.2f}x** ({lp['rounds']} rounds). Max |probability "
+            f"difference|: {lp['max_abs_diff_probs']:.2e}.", ""]
+    lines += [f"Wall time of the benchmark: {res['wall_seconds']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The whole pipeline through the HTTP backends, against neuronlens-serve on loopback.
+
+The server runs the same tiny model as the local backend, so the HTTP runs must reproduce the
+local run's explanations and scores; injected faults must cost no neuron; a rerun must be served
+from the response cache without a single request.
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import islice
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import neuronlens.backends.policy as policy
+import neuronlens.pipeline as pipeline
+from neuronlens.cli import CONF_DIR
+from neuronlens.corpus import BuiltinCorpus
+from neuronlens.serve import start_server
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n\n".join(islice(BuiltinCorpus().texts(), 40)))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def instant_backoff(monkeypatch):
+    monkeypatch.setattr(policy, "sleep", lambda seconds: None)
+
+
+def run(tmp_path: Path, model_dir: Path, corpus: Path, name: str, extra: list[str]) -> dict:
+    overrides = [
+        f"subject.model={model_dir}", "subject.device=cpu", "corpus=files",
+        f"corpus.paths=[{corpus}]", "neurons.layers=[1]", "neurons.per_layer=3",
+        "recording.top_k=10", "recording.n_random=10", "recording.window=12",
+        "explain.max_tokens=6", "simulation.fewshot=false", "progress=false", f"remote.cache_dir={tmp_path / 'responses'}",
+        *extra,
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    summary = pipeline.run(cfg, tmp_path / name)
+    rows = [json.loads(line) for line in (tmp_path / name / "neurons.jsonl").read_text().splitlines()]
+    return {"summary": summary, "rows": {(r["layer"], r["index"]): r for r in rows}}
+
+
+def local(model_dir: Path) -> list[str]:
+    return [f"explainer.model={model_dir}", f"simulator.model={model_dir}"]
+
+
+def http(url: str, simulator: str = "vllm") -> list[str]:
+    return ["explainer=openai", "explainer.model=tiny", f"explainer.base_url={url}",
+            "explainer.completion=true", f"simulator={simulator}", "simulator.model=tiny",
+            f"simulator.base_url={url}", "simulator.top_logprobs=1000"]
+
+
+def scores(result: dict) -> dict:
+    return {k: (r.get("explanation"), r.get("score")) for k, r in result["rows"].items()}
+
+
+def test_http_backends_reproduce_the_local_run(tiny_llama_dir, corpus, tmp_path):
+    reference = run(tmp_path, tiny_llama_dir, corpus, "local", local(tiny_llama_dir))
+    with start_server(str(tiny_llama_dir), device="cpu") as server:
+        for simulator, extra in (("vllm", []), ("openai", ["simulator.prompt_scoring=echo",
+                                                           "simulator.completion=true"])):
+            got = run(tmp_path / simulator, tiny_llama_dir, corpus, "run",
+                      http(server.base_url, simulator) + extra)
+            assert got["rows"].keys() == reference["rows"].keys()
+            for key, (explanation, score) in scores(reference).items():
+                other_explanation, other_score = scores(got)[key]
+                assert other_explanation == explanation
+                if score is None:
+                    assert other_score is None
+                else:
+                    assert other_score == pytest.approx(score, abs=1e-3), (simulator, key)
+            stats = got["summary"]["remote"]["simulator"]
+            assert stats["requests"] > 0 and stats["cache_hits"] == 0
+
+
+def test_faults_lose_no_neuron_and_a_rerun_is_served_from_the_cache(tiny_llama_dir, corpus, tmp_path):
+    faults = ["none", "429", "none", "500", "truncated", "none", "wrong_length"]
+    with start_server(str(tiny_llama_dir), device="cpu", faults=faults, retry_after=0.01) as server:
+        first = run(tmp_path, tiny_llama_dir, corpus, "first", http(server.base_url))
+        assert first["summary"]["n_neurons"] == 3
+        assert all(r.get("explanation") is not None or r.get("error") for r in first["rows"].values())
+        stats = first["summary"]["remote"]
+        assert stats["simulator"]["retries"] + stats["explainer"]["retries"] > 0
+        assert server.faults["429"] > 0 and server.faults["500"] > 0
+
+        served = sum(server.requests.values())
+        second = run(tmp_path, tiny_llama_dir, corpus, "second", http(server.base_url))
+        assert sum(server.requests.values()) == served  # not one request reached the server
+        assert second["summary"]["remote"]["simulator"]["requests"] == 0
+        assert scores(second) == scores(first)
