@@ -287,7 +287,11 @@ def markdown(res: dict) -> str:
                   + (f" Increment over the resident model, 4x / 1x: "
                      f"{mem['increment_ratio_4x_vs_1x']:.3f}."
                      if mem.get("increment_ratio_4x_vs_1x") is not None else ""), ""]
-    lines += [f"Wall time of the benchmark: {res['wall_seconds']:.0f} s.", ""]
+    lines += [f"Wall time of the benchmark: {res['wall_seconds']:.0f} s (CPU time "
+              f"{res['cpu_seconds']:.0f} s); load average at end "
+              f"{', '.join(f'{x:.1f}' for x in m['load_average_at_end'])}. A load average above "
+              "the core count means other processes shared the CPU: absolute figures are then "
+              "low and noisy; the paired ratios less so.", ""]
     return "\n".join(lines)
 
 
@@ -339,6 +343,9 @@ def main() -> None:
                                                / (one["peak_bytes"] - one["before_bytes"]))
         res["memory"] = mem
     res["wall_seconds"] = time.perf_counter() - start
+    use = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    res["cpu_seconds"] = sum(u.ru_utime + u.ru_stime for u in use)
+    res["machine"]["load_average_at_end"] = list(os.getloadavg())
     t = res["throughput"]
     res["summary"] = {
         "benchmark": NAME, "ratio": round(t["ratio_record_last_vs_full"], 3),

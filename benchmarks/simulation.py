@@ -6,17 +6,16 @@ built-in corpus, tokens as strings via ``tokenizer.decode`` per id) for one expl
 engines alternate (A B, B A, ...) after a warm-up; the figures are medians over the rounds.
 
 - ``prefix_reuse=True``: the prompt prefix every excerpt shares (instructions, the few-shot
-  example, the explanation) is run once into a KV cache, then the excerpts are batched after it.
+  examples, the explanation) is run once into a KV cache, then the excerpts are batched after it.
 - ``prefix_reuse=False``: every excerpt's full prompt is run on its own (still batched by 8).
 
 Reported: excerpts/s of both, the speedup (headline ``ratio``, median of the per-round paired
 ratios), the forward tokens each processes (sum of ``usage.prompt_tokens``), the prefix and
 per-excerpt suffix lengths, and the max |difference| between the two engines' expected values.
 
-``--long-prefix`` adds a separate, clearly labelled figure with a longer, more realistic prefix
-(OpenAI's simulator prompt holds about three few-shot neurons with full excerpts): the same
-engine and format, with extra few-shot example neurons built from corpus windows. It is never the
-headline.
+``--long-prefix`` adds a separate, clearly labelled figure with a longer prefix: the same engine
+and format with three more few-shot example neurons, each a full 64-token corpus excerpt (the
+built-in examples are shorter hand-written ones). It is never the headline.
 
 Run with no arguments (<= 3 min on 2 CPU cores); bigger sizes by flags. The last line printed is
 one JSON object with the headline ``ratio``.
@@ -28,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -73,34 +73,22 @@ def sync(device: str) -> None:
 
 
 def long_prefix_requests(explanation: str, records, example_windows, tokenizer):
-    """The engine's own prompt format, with extra few-shot example neurons before the target."""
-    from neuronlens.backends.base import PromptLogprobRequest
-    from neuronlens.explain import PHRASE, format_token
-    from neuronlens.simulate import (CANDIDATES, FEWSHOT, INSTRUCTIONS, PLACEHOLDER,
-                                     prompt_prefix)
+    """The engine's own prompts (``build_request``) with more few-shot example neurons: the
+    built-in ones plus one per ``EXTRA_FEWSHOT``, each a 64-token corpus window (activations put
+    on every ninth token; the prompt's length and format are what matter for speed)."""
+    import neuronlens.simulate as sim
 
-    def block(label, expl, lines):
-        return (f"Neuron {label}\nExplanation of neuron {label}: {PHRASE} {expl}.\n"
-                "Activations:\n<start>\n" + "".join(lines))
-
-    examples = [FEWSHOT]
-    for expl, window in zip(EXTRA_FEWSHOT, example_windows):
-        tokens = [tokenizer.decode([i]) for i in window]
-        examples.append((expl, [(t, 10 if n % 9 == 4 else 0) for n, t in enumerate(tokens)]))
-    parts = [INSTRUCTIONS, ""]
-    for label, (expl, pairs) in enumerate(examples, 1):
-        parts += [block(label, expl, [f"{format_token(t)}\t{a}\n" for t, a in pairs]) + "<end>",
-                  ""]
-    prefix = "\n".join(parts) + "\n" + block(len(examples) + 1, explanation.strip().rstrip("."), [])
-    requests = []
-    for r in records:
-        prompt, positions = prefix, []
-        for token in r.tokens:
-            prompt += format_token(token) + "\t"
-            positions.append(len(prompt))
-            prompt += PLACEHOLDER + "\n"
-        requests.append(PromptLogprobRequest(prompt + "<end>\n", tuple(positions), CANDIDATES))
-    return requests, prefix, prompt_prefix(explanation)
+    extra = tuple((expl, [(tokenizer.decode([i]), 10 if n % 9 == 4 else 0)
+                          for n, i in enumerate(window)])
+                  for expl, window in zip(EXTRA_FEWSHOT, example_windows))
+    saved = sim.FEWSHOT
+    sim.FEWSHOT = tuple(saved) + extra  # only while these prompt strings are built
+    try:
+        requests = [sim.build_request(explanation, r.tokens) for r in records]
+        prefix = sim.prompt_prefix(explanation)
+    finally:
+        sim.FEWSHOT = saved
+    return requests, prefix, len(saved) + len(extra)
 
 
 def alternate(engines: dict, run, rounds: int, deadline: float, device: str, verbose: bool,
@@ -145,8 +133,8 @@ def main() -> None:
                    help="excerpts per simulate() call (one neuron's test excerpts)")
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=3, help="at most this many alternated rounds")
-    p.add_argument("--budget-s", type=float, default=140.0,
+    p.add_argument("--rounds", type=int, default=5, help="at most this many alternated rounds")
+    p.add_argument("--budget-s", type=float, default=150.0,
                    help="no new round (after 2) once it would pass this many seconds of the run "
                         "(for --long-prefix: of its own section)")
     p.add_argument("--long-prefix", action="store_true",
@@ -215,15 +203,16 @@ def main() -> None:
            "machine": info, "default": default}
 
     if args.long_prefix:
-        requests, long_prefix, _ = long_prefix_requests(EXPLANATION, records, example_windows,
-                                                        tokenizer)
+        requests, long_prefix, n_examples = long_prefix_requests(EXPLANATION, records,
+                                                                 example_windows, tokenizer)
         ltimes, lres = alternate(backends, lambda b: b.prompt_logprobs(requests), args.rounds,
                                  time.perf_counter() + args.budget_s, device, args.verbose,
                                  "long-prefix")
         lp = backends["naive"].count_tokens(long_prefix)
         res["long_prefix"] = {
-            "label": "NOT the headline: longer prefix with 3 extra few-shot example neurons "
-                     "(one 64-token excerpt each), called through backend.prompt_logprobs",
+            "label": f"NOT the headline: a longer prefix, {n_examples} few-shot example neurons "
+                     f"(the built-in ones plus {len(EXTRA_FEWSHOT)} with a 64-token corpus excerpt "
+                     "each), same engine, called through backend.prompt_logprobs",
             "excerpts": n, "rounds": len(ltimes["naive"]), "seconds": ltimes,
             "excerpts_per_s": {k: n / statistics.median(v) for k, v in ltimes.items()},
             "ratio": speedup(ltimes),
@@ -235,6 +224,9 @@ def main() -> None:
                                       for a, b in zip(pa, pb)),
         }
     res["wall_seconds"] = time.perf_counter() - wall
+    use = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    res["cpu_seconds"] = sum(u.ru_utime + u.ru_stime for u in use)
+    res["machine"]["load_average_at_end"] = list(os.getloadavg())
     res["summary"] = {
         "benchmark": args.name, "ratio": round(default["ratio"], 3),
         "excerpts_per_s_prefix_reuse": round(default["excerpts_per_s"]["prefix_reuse"], 3),
@@ -282,13 +274,17 @@ def markdown(res: dict) -> str:
             f"## Separate figure, not the headline: longer prefix ({lp['prompt_tokens_prefix']} "
             "tokens)", "",
             lp["label"] + ".", "",
-            f"| engine | excerpts/s | forward tokens |", "|---|---:|---:|",
+            "| engine | excerpts/s | forward tokens |", "|---|---:|---:|",
             f"| prefix reuse | {lp['excerpts_per_s']['prefix_reuse']:.3f} | "
             f"{lp['forward_tokens']['prefix_reuse']} |",
             f"| naive | {lp['excerpts_per_s']['naive']:.3f} | {lp['forward_tokens']['naive']} |",
             "", f"Speedup: **{lp['ratio']:.2f}x** ({lp['rounds']} rounds). Max |probability "
             f"difference|: {lp['max_abs_diff_probs']:.2e}.", ""]
-    lines += [f"Wall time of the benchmark: {res['wall_seconds']:.0f} s.", ""]
+    lines += [f"Wall time of the benchmark: {res['wall_seconds']:.0f} s (CPU time "
+              f"{res['cpu_seconds']:.0f} s); load average at end "
+              f"{', '.join(f'{x:.1f}' for x in m['load_average_at_end'])}. A load average above "
+              "the core count means other processes shared the CPU: absolute figures are then "
+              "low and noisy; the paired ratios less so.", ""]
     return "\n".join(lines)
 
 

@@ -7,14 +7,14 @@ token, and cut into consecutive windows of ``window`` tokens.
 
 from __future__ import annotations
 
-from neuronlens.errors import UserError
-
 import json
 from abc import ABC, abstractmethod
 from importlib import resources
 from itertools import islice
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
+
+from neuronlens.errors import UserError
 
 
 class CorpusError(UserError):

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from neuronlens.backends.base import Backend, GenerateRequest, Message
-from neuronlens.records import ActivationRecord
 from neuronlens.errors import UserError
+from neuronlens.records import ActivationRecord
 from neuronlens.score import normalize_activations
 
 PHRASE = "the main thing this neuron does is find"

@@ -15,11 +15,11 @@ import asyncio
 import socket
 import sys
 import threading
-from functools import lru_cache
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Literal
 
 import httpx

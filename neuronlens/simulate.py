@@ -18,15 +18,29 @@ import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
-
-from neuronlens.backends.base import (Backend, BackendError, Completion, GenerateRequest,
-                                      PromptLogprobRequest, TransientError, Usage)
+from neuronlens.backends.base import (
+    Backend,
+    BackendError,
+    Completion,
+    GenerateRequest,
+    PromptLogprobRequest,
+    TransientError,
+    Usage,
+)
 from neuronlens.errors import UserError
 from neuronlens.explain import PHRASE, format_token
 from neuronlens.records import ActivationRecord
-from neuronlens.strategies import (SharedPrompt, Unreadable, json_request, one_at_a_time_request,
-                                   one_hot, parse_json, parse_one, parse_sequence,
-                                   sequence_request)
+from neuronlens.strategies import (
+    SharedPrompt,
+    Unreadable,
+    json_request,
+    one_at_a_time_request,
+    one_hot,
+    parse_json,
+    parse_one,
+    parse_sequence,
+    sequence_request,
+)
 
 log = logging.getLogger(__name__)
 Distributions = tuple[tuple[float, ...], ...]
@@ -240,6 +254,11 @@ class Simulator:
         expected, distributions, errors, usage = [], [], [], Usage()
         for i, d in enumerate(dists):
             usage = usage + d.usage
+            if d.error is not None:
+                expected.append(None)
+                distributions.append(None)
+                errors.append(f"excerpt {i}: {d.error}")
+                continue
             if len(d.probs) != len(records[i].tokens) or any(m <= 0 for m in d.mass):
                 expected.append(None)
                 distributions.append(None)

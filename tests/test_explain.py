@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import pytest
 
-from neuronlens.backends.base import (Backend, Capabilities, Completion, GenerateRequest,
-                                      Generation, Usage)
-from neuronlens.explain import (FEWSHOT, NONZERO_HEADING, PHRASE, Explainer, completion_prompt,
-                                format_record, parse_explanation)
+from neuronlens.backends.base import (
+    Backend,
+    Capabilities,
+    Completion,
+    GenerateRequest,
+    Generation,
+    Usage,
+)
+from neuronlens.explain import (
+    FEWSHOT,
+    NONZERO_HEADING,
+    PHRASE,
+    Explainer,
+    completion_prompt,
+    format_record,
+    parse_explanation,
+)
 from neuronlens.records import ActivationRecord
 
 

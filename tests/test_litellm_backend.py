@@ -9,7 +9,12 @@ import shutil
 import pytest
 
 from neuronlens.backends import policy
-from neuronlens.backends.base import BackendError, GenerateRequest, Message, TransientError
+from neuronlens.backends.base import (
+    BackendError,
+    GenerateRequest,
+    Message,
+    TransientError,
+)
 from neuronlens.backends.litellm import LiteLLMBackend, parse_chat_response, retry_after
 from neuronlens.backends.policy import Policy
 from neuronlens.serve import start_server

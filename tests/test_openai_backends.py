@@ -14,12 +14,31 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from neuronlens.backends.base import (BackendError, GenerateRequest, Message,
-                                      PromptLogprobRequest, TokenLogprob, TransientError)
-from neuronlens.backends.openai import (MISSING_KEY, OpenAIBackend, classify_error, echo_tokens,
-                                        first_token_tops, parse_chat, parse_completion, retry_after)
+from neuronlens.backends.base import (
+    BackendError,
+    GenerateRequest,
+    Message,
+    PromptLogprobRequest,
+    TokenLogprob,
+    TransientError,
+)
+from neuronlens.backends.openai import (
+    MISSING_KEY,
+    OpenAIBackend,
+    classify_error,
+    echo_tokens,
+    first_token_tops,
+    parse_chat,
+    parse_completion,
+    retry_after,
+)
 from neuronlens.backends.remote_scoring import PromptToken, score, token_covering
-from neuronlens.backends.vllm import MISSING_VLLM, VLLMBackend, VLLMEngineBackend, vllm_prompt_tokens
+from neuronlens.backends.vllm import (
+    MISSING_VLLM,
+    VLLMBackend,
+    VLLMEngineBackend,
+    vllm_prompt_tokens,
+)
 from neuronlens.errors import UserError
 
 L = math.log

@@ -14,9 +14,20 @@ from typing import Sequence
 import pytest
 
 from neuronlens.backends import policy
-from neuronlens.backends.base import (Backend, BackendError, Capabilities, Completion,
-                                      GenerateRequest, Generation, Message, PromptLogprobRequest,
-                                      TokenDistributions, TokenLogprob, TransientError, Usage)
+from neuronlens.backends.base import (
+    Backend,
+    BackendError,
+    Capabilities,
+    Completion,
+    GenerateRequest,
+    Generation,
+    Message,
+    PromptLogprobRequest,
+    TokenDistributions,
+    TokenLogprob,
+    TransientError,
+    Usage,
+)
 from neuronlens.backends.policy import Policy, cache_key
 
 
@@ -201,18 +212,33 @@ def test_sampled_outputs_are_cached_per_seed(tmp_path):
     assert len(fake.calls) == 2
 
 
-def test_prompt_logprobs_sends_only_the_misses(tmp_path):
+def test_prompt_logprobs_sends_only_the_misses_one_by_one(tmp_path):
     fake = Fake()
     p = Policy(fake, cache_dir=tmp_path)
     first = p.prompt_logprobs([scoring("a"), scoring("bb")])
     out = p.prompt_logprobs([scoring("bb"), scoring("ccc"), scoring("a"), scoring("dddd")])
-    assert fake.calls[1] == (scoring("ccc"), scoring("dddd"))
+    assert sorted(fake.calls[2:], key=str) == [(scoring("ccc"),), (scoring("dddd"),)]
     assert out[0] == first[1] and out[2] == first[0]
     assert [d.usage.prompt_tokens for d in out] == [2, 3, 1, 4]
     assert p.prompt_logprobs([scoring("a"), scoring("ccc")]) == [out[2], out[1]]
-    assert len(fake.calls) == 2
+    assert len(fake.calls) == 4
     s = p.stats()
     assert s["cache_hits"] == 4 and s["prompt_tokens"] == 1 + 2 + 3 + 4
+
+
+def test_a_prompt_that_keeps_failing_costs_only_itself(tmp_path):
+    class FailsOnB(Fake):
+        def prompt_logprobs(self, requests):
+            if requests[0].prompt == "bb":
+                raise TransientError("503 unavailable")
+            return super().prompt_logprobs(requests)
+
+    p = Policy(FailsOnB(), cache_dir=tmp_path, max_retries=2)
+    a, b = p.prompt_logprobs([scoring("a"), scoring("bb")])
+    assert a.error is None and a.probs
+    assert b.error == "503 unavailable" and b.probs == ()
+    assert p.stats()["retries"] == 2
+    assert p.prompt_logprobs([scoring("bb")])[0].error  # a failure is never cached
 
 
 def test_eight_threads_share_one_cache(tmp_path):

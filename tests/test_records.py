@@ -8,8 +8,14 @@ import random
 
 import pytest
 
-from neuronlens.records import (DEFAULT_FRACTIONS, SPLITS, ActivationRecord, NeuronId,
-                                NeuronRecord, split_of)
+from neuronlens.records import (
+    DEFAULT_FRACTIONS,
+    SPLITS,
+    ActivationRecord,
+    NeuronId,
+    NeuronRecord,
+    split_of,
+)
 
 # A record written by hand in the layout of OpenAI's public neuron-explainer dataset
 # (az://openaipublic/neuron-explainer/data/collated-activations/{layer}/{index}.json).

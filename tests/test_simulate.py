@@ -16,13 +16,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from neuronlens.backends.base import (Backend, BackendError, Capabilities, PromptLogprobRequest,
-                                      TokenDistributions, Usage)
+from neuronlens.backends.base import (
+    Backend,
+    BackendError,
+    Capabilities,
+    PromptLogprobRequest,
+    TokenDistributions,
+    Usage,
+)
 from neuronlens.backends.candidates import candidate_tokens
 from neuronlens.backends.local import LocalBackend
 from neuronlens.records import ActivationRecord
-from neuronlens.simulate import (CANDIDATES, FEWSHOT, PLACEHOLDER, SimulationResult, Simulator,
-                                 build_request, expected_value, prompt_prefix)
+from neuronlens.simulate import (
+    CANDIDATES,
+    FEWSHOT,
+    PLACEHOLDER,
+    SimulationResult,
+    Simulator,
+    build_request,
+    expected_value,
+    prompt_prefix,
+)
 
 # An excerpt with spaces, digits (one and two of them), a newline (escaped by format_token), a
 # tab, a multi-byte character, and the placeholder word itself as a token.

@@ -7,8 +7,16 @@ import math
 
 import pytest
 
-from neuronlens.backends.base import (Backend, BackendError, Capabilities, Completion, Generation,
-                                      TokenLogprob, TransientError, Usage)
+from neuronlens.backends.base import (
+    Backend,
+    BackendError,
+    Capabilities,
+    Completion,
+    Generation,
+    TokenLogprob,
+    TransientError,
+    Usage,
+)
 from neuronlens.records import ActivationRecord
 from neuronlens.simulate import INSTRUCTIONS, SimulationResult, Simulator, prompt_prefix
 from neuronlens.strategies import Unreadable, parse_json, parse_one, parse_sequence

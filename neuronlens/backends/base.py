@@ -7,11 +7,11 @@ policy, retries, caching and progress live in the engine (`neuronlens.simulate`,
 
 from __future__ import annotations
 
-from neuronlens.errors import UserError
-
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Sequence
+
+from neuronlens.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,7 @@ class TokenDistributions:
     probs: tuple[tuple[float, ...], ...]
     mass: tuple[float, ...]
     usage: Usage = field(default_factory=Usage)
+    error: str | None = None   # set when this prompt could not be scored (after any retries)
 
 
 class BackendError(UserError):

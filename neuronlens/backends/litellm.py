@@ -21,9 +21,17 @@ import os
 import time
 from typing import Any
 
-from neuronlens.backends.base import (Backend, BackendError, Capabilities, Completion,
-                                      GenerateRequest, Generation, TokenLogprob, TransientError,
-                                      Usage)
+from neuronlens.backends.base import (
+    Backend,
+    BackendError,
+    Capabilities,
+    Completion,
+    GenerateRequest,
+    Generation,
+    TokenLogprob,
+    TransientError,
+    Usage,
+)
 
 
 def import_litellm():

@@ -16,11 +16,25 @@ from typing import Sequence
 
 import torch
 
-from neuronlens.backends.base import (Backend, BackendError, Capabilities, Completion,
-                                      GenerateRequest, Generation, PromptLogprobRequest,
-                                      TokenDistributions, TokenLogprob, Usage)
-from neuronlens.backends.candidates import (TrieNode, build_trie, candidate_probs,
-                                            candidate_tokens, inner_paths)
+from neuronlens.backends.base import (
+    Backend,
+    BackendError,
+    Capabilities,
+    Completion,
+    GenerateRequest,
+    Generation,
+    PromptLogprobRequest,
+    TokenDistributions,
+    TokenLogprob,
+    Usage,
+)
+from neuronlens.backends.candidates import (
+    TrieNode,
+    build_trie,
+    candidate_probs,
+    candidate_tokens,
+    inner_paths,
+)
 from neuronlens.subject.models import load_model
 
 

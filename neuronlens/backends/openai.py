@@ -20,9 +20,19 @@ import time
 from email.utils import parsedate_to_datetime
 from typing import Any, Callable, Sequence
 
-from neuronlens.backends.base import (Backend, BackendError, Capabilities, Completion,
-                                      GenerateRequest, Generation, PromptLogprobRequest,
-                                      TokenDistributions, TokenLogprob, TransientError, Usage)
+from neuronlens.backends.base import (
+    Backend,
+    BackendError,
+    Capabilities,
+    Completion,
+    GenerateRequest,
+    Generation,
+    PromptLogprobRequest,
+    TokenDistributions,
+    TokenLogprob,
+    TransientError,
+    Usage,
+)
 from neuronlens.backends.remote_scoring import PromptToken, score
 from neuronlens.errors import UserError
 
@@ -84,7 +94,9 @@ def echo_tokens(data: dict, prompt: str) -> list[PromptToken]:
     for tok, logprob, top, start in rows:
         if start >= len(prompt):            # generated tokens follow the prompt
             break
-        raw = tok.startswith("bytes:")      # a partial character: its text is not the prompt's
+        # a partial character ("bytes:\\xe2" from OpenAI, U+FFFD from servers that decode it):
+        # its text is not the prompt's, its offset still is
+        raw = tok.startswith("bytes:") or "\ufffd" in tok
         if start < end or (not tokens and start != 0) \
                 or not (raw or prompt[start:start + len(tok)] == tok):
             raise TransientError(f"Echoed prompt tokens are misaligned with the prompt at "

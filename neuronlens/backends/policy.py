@@ -18,12 +18,23 @@ import random
 import sqlite3
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-from neuronlens.backends.base import (Backend, BackendError, Capabilities, Completion,
-                                      GenerateRequest, Generation, PromptLogprobRequest,
-                                      TokenDistributions, TokenLogprob, TransientError, Usage)
+from neuronlens.backends.base import (
+    Backend,
+    BackendError,
+    Capabilities,
+    Completion,
+    GenerateRequest,
+    Generation,
+    PromptLogprobRequest,
+    TokenDistributions,
+    TokenLogprob,
+    TransientError,
+    Usage,
+)
 
 CACHE_VERSION = 1          # part of every key: bump when the stored encoding changes
 sleep: Callable[[float], None] = time.sleep   # tests replace these two to make backoff instant
@@ -121,6 +132,7 @@ class Policy(Backend):
         self.backend = backend
         self.max_retries, self.base_delay, self.max_delay = max_retries, base_delay, max_delay
         self.cache = ResponseCache(cache_dir) if cache_dir is not None else None
+        self.concurrency = concurrency
         self._slots = threading.BoundedSemaphore(concurrency)
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(("requests", "cache_hits", "retries", "transient_errors",
@@ -167,16 +179,23 @@ class Policy(Backend):
                 results[i] = distributions_from_json(hit)
         self._add(cache_hits=sum(r is not None for r in results))
         misses = [i for i, r in enumerate(results) if r is None]
-        if misses:
-            fresh = self._call(lambda: self.backend.prompt_logprobs([requests[i] for i in misses]))
-            if len(fresh) != len(misses):
-                raise BackendError(f"The {self.name} backend answered {len(fresh)} prompts "
-                                   f"for {len(misses)}.")
-            for i, dist in zip(misses, fresh):
+
+        def one(i: int) -> TokenDistributions:
+            """Each prompt is its own request, retried alone: one bad answer costs one excerpt."""
+            try:
+                fresh = self._call(lambda: self.backend.prompt_logprobs([requests[i]]))
+            except TransientError as e:
+                return TokenDistributions((), (), error=str(e))
+            if len(fresh) != 1:
+                raise BackendError(f"The {self.name} backend answered {len(fresh)} prompts for 1.")
+            self._account(fresh[0].usage)
+            if keys[i] is not None:
+                self.cache.put(keys[i], "prompt_logprobs", distributions_to_json(fresh[0]))
+            return fresh[0]
+
+        with ThreadPoolExecutor(max_workers=max(1, min(len(misses), self.concurrency))) as pool:
+            for i, dist in zip(misses, pool.map(one, misses)):
                 results[i] = dist
-                self._account(dist.usage)
-                if keys[i] is not None:
-                    self.cache.put(keys[i], "prompt_logprobs", distributions_to_json(dist))
         return results  # type: ignore[return-value]
 
     def _call(self, fn: Callable[[], T]) -> T:

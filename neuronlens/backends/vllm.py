@@ -13,9 +13,19 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from neuronlens.backends.base import (Backend, BackendError, Capabilities, Completion,
-                                      GenerateRequest, Generation, PromptLogprobRequest,
-                                      TokenDistributions, TokenLogprob, TransientError, Usage)
+from neuronlens.backends.base import (
+    Backend,
+    BackendError,
+    Capabilities,
+    Completion,
+    GenerateRequest,
+    Generation,
+    PromptLogprobRequest,
+    TokenDistributions,
+    TokenLogprob,
+    TransientError,
+    Usage,
+)
 from neuronlens.backends.openai import OpenAIBackend
 from neuronlens.backends.remote_scoring import PromptToken, score
 from neuronlens.errors import UserError

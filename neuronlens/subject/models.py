@@ -8,8 +8,6 @@ loads take seconds instead of tens of seconds.
 
 from __future__ import annotations
 
-from neuronlens.errors import UserError
-
 import hashlib
 import importlib
 import importlib.util
@@ -25,6 +23,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import platformdirs
+
+from neuronlens.errors import UserError
 
 log = logging.getLogger(__name__)
 
