@@ -234,6 +234,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                          (("explainer", explainer), ("simulator", simulator))}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(table(rows))
+    for role, stats in summary["remote"].items():
+        if stats:
+            cost = "unknown" if stats["cost_usd"] is None else f"${stats['cost_usd']:.4f}"
+            print(f"{role}: {stats['requests']} requests, {stats['cache_hits']} from cache, "
+                  f"{stats['retries']} retries, {stats['prompt_tokens']}+"
+                  f"{stats['completion_tokens']} tokens, cost {cost}")
     print(f"{summary['n_neurons']} neurons, {summary['n_failed']} failed, mean test correlation "
           f"{summary['mean_score'] if summary['mean_score'] is None else round(summary['mean_score'], 3)}"
           f" -> {run_dir}")

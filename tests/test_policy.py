@@ -306,6 +306,15 @@ def test_an_unknown_model_has_no_cost():
     assert s["prompt_tokens"] == 1000
 
 
+def test_a_self_hosted_endpoint_has_no_price_even_under_a_priced_name():
+    from neuronlens.backends.policy import priced_model
+
+    assert priced_model({"model": "gpt-4o", "base_url": None}) == "gpt-4o"
+    assert priced_model({"model": "gpt-4o", "base_url": "https://api.openai.com/v1"}) == "gpt-4o"
+    assert priced_model({"model": "gpt-4o", "base_url": "http://127.0.0.1:8000/v1"}) is None
+    assert priced_model({"model": "openai/gpt-4o", "api_base": "http://gpu:8000/v1"}) is None
+
+
 def test_stats_keys_and_a_fresh_policy():
     s = Policy(Fake()).stats()
     assert s == {"requests": 0, "cache_hits": 0, "retries": 0, "transient_errors": 0,

@@ -233,7 +233,7 @@ class Policy(Backend):
             pending, self._unpriced = self._unpriced, []
             counts = dict(self._counts)
         if pending and self._cost is not None:
-            model = self.identity().get("model")
+            model = priced_model(self.identity())
             total: float | None = 0.0
             for p, c in pending:
                 one = price(str(model), p, c) if model else None
@@ -246,6 +246,15 @@ class Policy(Backend):
                     self._cost = None if total is None else self._cost + total
         cost = self._cost
         return counts | {"cost_usd": cost, "cost_known": cost is not None}
+
+
+def priced_model(identity: dict) -> str | None:
+    """The model to look up in the price table: only a provider's own endpoint has its prices; a
+    self-hosted server (a vLLM or neuronlens-serve ``base_url``) costs what its machine costs."""
+    endpoint = identity.get("base_url") or identity.get("api_base")
+    if endpoint and "api.openai.com" not in str(endpoint):
+        return None
+    return identity.get("model")
 
 
 def price(model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
