@@ -2,7 +2,8 @@
 
 Throughput: tokens/s of ``neuronlens.subject.recording.record`` over token windows of the built-in
 corpus, against plain forward passes over the SAME batches, measured in the same run with the
-variants interleaved (the order rotates every round), after a warm-up, median of repeats:
+variants interleaved pass by pass (the order rotates every round), after a warm-up; ratios are
+medians of the per-round paired ratios:
 
 - ``full``: the plain full model forward ``model(input_ids)`` (with the LM head);
 - ``base``: the base model forward ``model.base_model(input_ids)`` (no LM head);
@@ -147,15 +148,30 @@ def child_memory(args) -> dict:
     return out
 
 
-def run_child(args, multiple: int) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-multiple", str(multiple),
-           "--model", args.model, "--device", args.device, "--window", str(args.window),
-           "--mem-windows", str(args.mem_windows), "--mem-batch-size", str(args.mem_batch_size),
-           "--mem-top-k", str(args.mem_top_k), "--threads", str(args.threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"memory child failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def run_children(args, multiples: list[int]) -> list[dict]:
+    """One fresh process per corpus length. On CPU they run side by side with one torch thread
+    each (peak memory is per process, and this halves the wall time on 2 cores)."""
+    parallel = not args.device.startswith("cuda") and (os.cpu_count() or 1) >= len(multiples)
+    threads = 1 if parallel else args.threads
+
+    def start(multiple):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child-multiple", str(multiple),
+               "--model", args.model, "--device", args.device, "--window", str(args.window),
+               "--mem-windows", str(args.mem_windows),
+               "--mem-batch-size", str(args.mem_batch_size), "--mem-top-k", str(args.mem_top_k),
+               "--threads", str(threads)]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finish(proc):
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory child failed:\n{err[-3000:]}")
+        return {**json.loads(out.strip().splitlines()[-1]), "torch_threads": threads}
+
+    if parallel:
+        procs = [start(m) for m in multiples]
+        return [finish(p) for p in procs]
+    return [finish(start(m)) for m in multiples]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +211,8 @@ def throughput(args, model, tokenizer, device: str, deadline: float) -> dict:
     def record_mid(ws):
         record(model, tokenizer, ws, mid, config, progress=False)
 
+    # Interleaving is per pass, not per batch: record() holds its hooks for the whole call, so a
+    # baseline forward cannot run inside it.
     variants = {"full": full, "base": base, "record_last": record_last, "record_mid": record_mid}
     names = list(variants)
     warm = windows[:max(1, args.batch_size // 2)]  # warm-up: kernels, allocator, first calls
@@ -272,7 +290,9 @@ def markdown(res: dict) -> str:
         lines += [
             f"## Peak memory ({mem['kind']}), each length in a fresh process", "",
             f"Same {t['neurons_recorded']} neurons (layer {t['last_layer']}), top_k = n_random = "
-            f"{mem['top_k']}, batch {mem['batch_size']}.", "",
+            f"{mem['top_k']}, batch {mem['batch_size']}; the two processes ran "
+            f"{'side by side' if a['torch_threads'] == 1 else 'one after the other'} with "
+            f"{a['torch_threads'] or 'default'} torch thread(s) each.", "",
             "| corpus | windows | tokens | peak MiB | before recording MiB | increment MiB | "
             "ru_maxrss MiB |", "|---|---:|---:|---:|---:|---:|---:|",
         ]
@@ -310,6 +330,7 @@ def main() -> None:
     p.add_argument("--mem-batch-size", type=int, default=8)
     p.add_argument("--mem-top-k", type=int, default=8, help="top_k and n_random for memory runs")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--name", default=NAME, help="results file stem under results/")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (0: torch's default, one per core)")
     p.add_argument("--verbose", action="store_true")
@@ -331,11 +352,11 @@ def main() -> None:
     torch.manual_seed(0)
     info = machine(args.device)
     model, tokenizer = load_model(args.model, args.device)
-    res = {"benchmark": NAME, "model": args.model, "machine": info,
+    res = {"benchmark": args.name, "model": args.model, "machine": info,
            "throughput": throughput(args, model, tokenizer, args.device, start + args.budget_s)}
     del model
     if not args.no_memory:
-        one, four = run_child(args, 1), run_child(args, 4)
+        one, four = run_children(args, [1, 4])
         mem = {"kind": one["kind"], "top_k": args.mem_top_k, "batch_size": args.mem_batch_size,
                "1x": one, "4x": four, "ratio_4x_vs_1x": four["peak_bytes"] / one["peak_bytes"]}
         if one.get("before_bytes") is not None and one["peak_bytes"] > one["before_bytes"]:
@@ -348,7 +369,7 @@ def main() -> None:
     res["machine"]["load_average_at_end"] = list(os.getloadavg())
     t = res["throughput"]
     res["summary"] = {
-        "benchmark": NAME, "ratio": round(t["ratio_record_last_vs_full"], 3),
+        "benchmark": args.name, "ratio": round(t["ratio_record_last_vs_full"], 3),
         "ratio_vs_base_forward": round(t["ratio_record_last_vs_base"], 3),
         "ratio_mid_layer_vs_full": round(t["ratio_record_mid_vs_full"], 3),
         "record_tokens_per_s": round(t["tokens_per_s"]["record_last"], 1),
@@ -358,8 +379,8 @@ def main() -> None:
         "device": args.device, "model": args.model, "wall_seconds": round(res["wall_seconds"], 1),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{NAME}.json").write_text(json.dumps(res, indent=1) + "\n")
-    (RESULTS / f"{NAME}.md").write_text(markdown(res))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(res))
     print(json.dumps(res["summary"]))
 
 

@@ -41,6 +41,8 @@ def fail_cleanly(fn):
 def app(cfg: DictConfig) -> None:
     from neuronlens.pipeline import run
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request is noise
+
     fail_cleanly(lambda: run(cfg, Path(HydraConfig.get().runtime.output_dir)))
 
 

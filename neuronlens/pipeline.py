@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from neuronlens.backends.base import Backend
+from neuronlens.backends.base import Backend, TransientError
 from neuronlens.backends.policy import Policy
 from neuronlens.corpus import token_windows
 from neuronlens.errors import UserError
@@ -28,7 +29,7 @@ from neuronlens.explain import Explainer
 from neuronlens.records import NeuronId, NeuronRecord
 from neuronlens.score import fit_calibration, score, score_splits
 from neuronlens.simulate import Simulator
-from neuronlens.subject.hooks import check_layer, check_neuron, n_layers, n_neurons
+from neuronlens.subject.hooks import check_neuron, hook_point, n_layers, n_neurons
 from neuronlens.subject.models import cache_dir, load_model
 from neuronlens.subject.recording import Recording, RecordingConfig, record
 
@@ -36,9 +37,11 @@ log = logging.getLogger(__name__)
 
 
 def select_neurons(model, layers, per_layer: int, which: str, indices, seed: int) -> list[NeuronId]:
-    layers = list(layers) if layers is not None else [n_layers(model) // 2]
+    layers = list(dict.fromkeys(layers)) if layers is not None else [n_layers(model) // 2]
+    if not layers:
+        raise UserError("neurons.layers is empty; give at least one layer, or null for the middle one.")
     for layer in layers:
-        check_layer(model, layer)
+        hook_point(model, layer)  # a clear error for an unsupported model or a bad layer
     width = n_neurons(model)
     if which == "list":
         if not indices:
@@ -82,10 +85,13 @@ def recording_for(cfg: DictConfig, model, tokenizer, neurons: list[NeuronId], ru
                  meta={"identity": identity, "key": key})
     rec.save(target)
     if rc.cache:
-        tmp = cached.with_name(f".{key}.partial")
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{key}-"))
         rec.save(tmp)
-        shutil.rmtree(cached, ignore_errors=True)
-        tmp.rename(cached)
+        try:
+            tmp.rename(cached)  # atomic; a parallel job that finished first keeps its copy
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
     return rec
 
 
@@ -115,40 +121,65 @@ def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig) -> dict
     split = lambda name: neuron.split(name, sc.split_seed)  # noqa: E731
     row: dict[str, Any] = {"layer": neuron.neuron_id.layer, "index": neuron.neuron_id.index,
                            "max_activation": neuron.max_activation}
-    result = explainer.explain(split("train").top or neuron.most_positive_activation_records[:1])
-    usage = {"explainer": [result.prompt_tokens, result.completion_tokens], "simulator": [0, 0]}
-    failures = {"explanations": result.n_failed, "excerpts": 0}
+    usage = {"explainer": [0, 0], "simulator": [0, 0]}
+    failures = {"explanations": 0, "excerpts": 0}
+
+    def failed(reason: str) -> dict[str, Any]:
+        return row | {"explanation": None, "score": None, "scores": {"test": None},
+                      "error": reason, "usage": usage, "failures": failures,
+                      "seconds": time.perf_counter() - start}
+
+    train = split("train")
+    # Only train excerpts are ever shown; with no top excerpt in train, the strongest train
+    # random excerpts stand in (never an excerpt of another split).
+    shown = train.top or sorted(train.random, key=lambda r: -r.max_activation)
+    if not shown:
+        return failed("no excerpt of this neuron fell in the train split")
+    try:
+        result = explainer.explain(shown)
+    except TransientError as e:  # still failing after the policy's retries
+        failures["explanations"] += 1
+        return failed(f"the explainer failed: {e}")
+    usage["explainer"] = [result.prompt_tokens, result.completion_tokens]
+    failures["explanations"] = result.n_failed
 
     def simulate(explanation: str, records):
         sim = simulator.simulate(explanation, records)
         usage["simulator"][0] += sim.usage.prompt_tokens
         usage["simulator"][1] += sim.usage.completion_tokens
         failures["excerpts"] += sim.n_failed
-        kept = [(r, e) for r, e in zip(records, sim.expected) if e is not None]
-        return [r for r, _ in kept], [list(e) for _, e in kept]
+        kept = [(i, list(e)) for i, e in enumerate(sim.expected) if e is not None]
+        return [records[i] for i, _ in kept], [e for _, e in kept], [i for i, _ in kept]
 
     candidates = []
     valid = split("valid").all
     for text in result.explanations:
         entry = {"text": text}
         if len(result.explanations) > 1:
-            recs, sims = simulate(text, valid)
+            recs, sims, _ = simulate(text, valid)
             entry["valid"] = score([r.activations for r in recs], sims).to_json()
         candidates.append(entry)
     if not candidates:
-        return row | {"explanation": None, "error": "the explainer gave no usable explanation",
-                      "usage": usage, "failures": failures,
-                      "seconds": time.perf_counter() - start}
-    best = max(candidates, key=lambda c: (c.get("valid") or {}).get("correlation") or -2.0)
+        return failed("the explainer gave no usable explanation")
+
+    def valid_score(c: dict) -> float:
+        r = (c.get("valid") or {}).get("correlation")
+        return -2.0 if r is None else r
+
+    best = max(candidates, key=valid_score)
     test = split("test")
-    top_recs, top_sims = simulate(best["text"], test.top)
-    rnd_recs, rnd_sims = simulate(best["text"], test.random)
+    recs, sims, where = simulate(best["text"], test.top + test.random)  # one shared prefix
+    is_top = [i < len(test.top) for i in where]
+    top_recs = [r for r, t in zip(recs, is_top) if t]
+    top_sims = [x for x, t in zip(sims, is_top) if t]
+    rnd_recs = [r for r, t in zip(recs, is_top) if not t]
+    rnd_sims = [x for x, t in zip(sims, is_top) if not t]
     scores = {name: s.to_json() for name, s in score_splits(
         [r.activations for r in top_recs], top_sims,
         [r.activations for r in rnd_recs], rnd_sims).items()}
     row["scores"] = {"test": scores}
     if sc.calibrate:
-        recs, sims = simulate(best["text"], split("calibration").all)
+        recs, sims, _ = simulate(best["text"], split("calibration").all)
         if recs:
             calib = fit_calibration([r.activations for r in recs], sims)
             row["scores"]["calibration"] = calib.to_json()
@@ -162,6 +193,20 @@ def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig) -> dict
                   "usage": usage, "failures": failures, "seconds": time.perf_counter() - start}
 
 
+def check_resumable(cfg: DictConfig, run_dir: Path) -> None:
+    """A run directory holds one experiment: resuming it with other settings would mix results."""
+    parts = ("subject", "corpus", "neurons", "recording", "explainer", "explain", "simulator",
+             "simulation", "scoring", "seed")
+    setup = json.dumps({k: OmegaConf.to_container(cfg[k], resolve=True)
+                        if isinstance(cfg[k], DictConfig) else cfg[k] for k in parts},
+                       sort_keys=True, default=str)
+    path = run_dir / "experiment.json"
+    if path.exists() and path.read_text() != setup:
+        raise UserError(f"{run_dir} holds a run with other settings; resume it with the same "
+                        "overrides, or choose a new hydra.run.dir.")
+    path.write_text(setup)
+
+
 def finished(path: Path) -> dict[tuple[int, int], dict]:
     """Rows already in neurons.jsonl. A last line cut off by a crash is removed (that neuron is
     redone), so that the rows appended next start on a line of their own."""
@@ -172,8 +217,12 @@ def finished(path: Path) -> dict[tuple[int, int], dict]:
     if text and not text.endswith("\n"):
         text = text[:text.rfind("\n") + 1]
         path.write_text(text)
-    for line in text.splitlines():
-        row = json.loads(line)
+    for n, line in enumerate(text.splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {n} is not valid JSON ({e.msg}); remove that line to "
+                            "redo its neuron.") from e
         rows[(row["layer"], row["index"])] = row
     return rows
 
@@ -207,13 +256,20 @@ def table(rows: list[dict]) -> str:
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.concurrency < 1:
+        raise UserError(f"concurrency must be at least 1, got {cfg.concurrency}.")
+    check_resumable(cfg, run_dir)
     model, tokenizer = load_model(cfg.subject.model, cfg.subject.device, cfg.subject.dtype)
     n = cfg.neurons
     neurons = select_neurons(model, n.layers, n.per_layer, n.which, n.indices, cfg.seed)
-    recording = recording_for(cfg, model, tokenizer, neurons, run_dir)
+    # roles first: a missing key or a strategy the backend cannot run fails now, not after recording
     explainer = build_role(cfg.explainer, Explainer, cfg.explain, cfg.remote)
     simulator = build_role(cfg.simulator, Simulator, cfg.simulation, cfg.remote)
+    for role in (explainer, simulator):
+        if isinstance(getattr(role, "backend", None), Backend):
+            role.backend.load()
     simulator.check()
+    recording = recording_for(cfg, model, tokenizer, neurons, run_dir)
     out = run_dir / "neurons.jsonl"
     done = finished(out)
     todo = [r for r in recording.neuron_records() if (r.neuron_id.layer, r.neuron_id.index) not in done]
@@ -221,13 +277,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         log.info("Resuming: %d neurons already done, %d to go", len(done), len(todo))
     with open(out, "a") as sink, ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
         futures = [pool.submit(process, r, explainer, simulator, cfg) for r in todo]
-        for future in as_completed(futures):
-            row = future.result()
-            sink.write(json.dumps(row) + "\n")
-            sink.flush()
-            done[(row["layer"], row["index"])] = row
-            log.info("%s: %s (%s)", NeuronId(row["layer"], row["index"]), row.get("explanation"),
-                     row.get("score"))
+        try:
+            for future in as_completed(futures):
+                row = future.result()
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+                done[(row["layer"], row["index"])] = row
+                log.info("%s: %s (%s)", NeuronId(row["layer"], row["index"]),
+                         row.get("explanation"), row.get("score"))
+        except BaseException:  # an error or Ctrl-C: finish nothing more, lose only what is in flight
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     rows = [done[(nid.layer, nid.index)] for nid in neurons if (nid.layer, nid.index) in done]
     summary = summarise(rows, time.perf_counter() - start, cfg)
     summary["remote"] = {role: backend_stats(obj) for role, obj in

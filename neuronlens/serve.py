@@ -108,13 +108,13 @@ class PromptScores:
     top: list[list[tuple[int, float]]]
 
 
-@torch.no_grad()
 @lru_cache(maxsize=1 << 20)
 def _piece(tok: Any, token_id: int) -> str:
     """The text of one token (cached: a large top-k decodes the same ids over and over)."""
     return tok.decode([token_id])
 
 
+@torch.no_grad()
 def score_prompt(model: Any, ids: list[int], k: int) -> PromptScores:
     """One forward pass over ``ids``; log-softmax in float32 at every position."""
     device = next(model.parameters()).device

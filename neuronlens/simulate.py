@@ -25,6 +25,7 @@ from neuronlens.backends.base import (
     GenerateRequest,
     PromptLogprobRequest,
     TransientError,
+    Unscorable,
     Usage,
 )
 from neuronlens.errors import UserError
@@ -172,8 +173,9 @@ class Simulator:
     ``resolve_strategy``); ``all_at_once`` needs prompt logprobs, ``one_at_a_time`` and
     ``generated_sequence`` output logprobs, ``json`` only text (see ``neuronlens.strategies``).
     Retries belong to the policy layer around remote backends (``backends/policy.py``); an error
-    that reaches the engine (a ``TransientError`` after the retries, a ``BackendError``, an
-    unreadable answer) fails its excerpt(s) alone, counted and kept in ``errors``.
+    that reaches the engine (a ``TransientError`` after the retries, an unscorable prompt, an
+    unreadable answer) fails its excerpt(s) alone, counted and kept in ``errors``; a
+    ``BackendError`` (bad key, unknown model) stops the run with its one clear line.
     """
 
     STRATEGIES = ("auto", "all_at_once", "one_at_a_time", "generated_sequence", "json")
@@ -210,7 +212,7 @@ class Simulator:
         for i, record in enumerate(records):
             try:
                 probs = excerpt(shared, record.tokens, tally)
-            except (Unreadable, TransientError, BackendError) as e:
+            except (Unreadable, TransientError, Unscorable) as e:  # a BackendError is fatal
                 expected.append(None)
                 distributions.append(None)
                 errors.append(f"excerpt {i}: {e}")
@@ -247,7 +249,7 @@ class Simulator:
         requests = [build_request(explanation, r.tokens, self.fewshot) for r in records]
         try:
             dists = self.backend.prompt_logprobs(requests)
-        except (BackendError, TransientError) as e:
+        except (TransientError, Unscorable) as e:  # a BackendError (bad key, model) is fatal
             log.warning("simulation failed for %d excerpts: %s", len(records), e)
             return SimulationResult((None,) * len(records), (None,) * len(records),
                                     (str(e),) * len(records))
@@ -259,7 +261,7 @@ class Simulator:
                 distributions.append(None)
                 errors.append(f"excerpt {i}: {d.error}")
                 continue
-            if len(d.probs) != len(records[i].tokens) or any(m <= 0 for m in d.mass):
+            if len(d.probs) != len(records[i].tokens) or not all(m > 0 for m in d.mass):
                 expected.append(None)
                 distributions.append(None)
                 errors.append(f"excerpt {i}: no probability on any of 0-10 at some token")

@@ -21,6 +21,7 @@ from neuronlens.backends.base import (
     PromptLogprobRequest,
     TokenLogprob,
     TransientError,
+    Unscorable,
 )
 from neuronlens.backends.openai import (
     MISSING_KEY,
@@ -216,9 +217,9 @@ def test_rounds_are_bounded():
 def test_placeholder_needs_a_scored_token():
     assert token_covering(TOKENS, 3, len(PROMPT)) == 2
     assert token_covering(TOKENS, 5, len(PROMPT)) == 2
-    with pytest.raises(BackendError, match="offset 1"):
+    with pytest.raises(Unscorable, match="offset 1"):
         token_covering(TOKENS, 1, len(PROMPT))
-    with pytest.raises(BackendError):
+    with pytest.raises(Unscorable):
         token_covering(TOKENS, len(PROMPT), len(PROMPT))
 
 

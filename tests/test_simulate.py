@@ -22,6 +22,8 @@ from neuronlens.backends.base import (
     Capabilities,
     PromptLogprobRequest,
     TokenDistributions,
+    TransientError,
+    Unscorable,
     Usage,
 )
 from neuronlens.backends.candidates import candidate_tokens
@@ -310,7 +312,7 @@ def test_queries_reject_uncovered_offset(smollm2_tokenizer):
     enc = smollm2_tokenizer(req.prompt, return_offsets_mapping=True)
     be = LocalBackend()
     be.tokenizer = smollm2_tokenizer
-    with pytest.raises(BackendError, match="covers placeholder"):
+    with pytest.raises(Unscorable, match="covers placeholder"):
         be._queries(bad, enc["input_ids"], enc["offset_mapping"])
 
 
@@ -453,7 +455,7 @@ class FakeBackend(Backend):
     def prompt_logprobs(self, requests):
         self.requests.extend(requests)
         if self.error:
-            raise BackendError(self.error)
+            raise self.error
         return [self.answers[i] for i in range(len(requests))]
 
 
@@ -507,12 +509,18 @@ def test_simulator_wrong_length_distribution_is_a_failure():
     assert res.expected == (None,) and res.n_failed == 1
 
 
-def test_simulator_backend_error_fails_every_excerpt():
+def test_simulator_transient_error_fails_every_excerpt_of_the_call():
     records = [ActivationRecord(["a"], [0.0]), ActivationRecord(["b"], [0.0])]
-    res = Simulator(FakeBackend(error="The server said no.")).simulate("x", records)
+    res = Simulator(FakeBackend(error=TransientError("The server said no."))).simulate("x", records)
     assert res.expected == (None, None) and res.distributions == (None, None)
     assert res.n_failed == 2
     assert res.errors == ("The server said no.", "The server said no.")
+
+
+def test_simulator_backend_error_is_fatal():
+    records = [ActivationRecord(["a"], [0.0])]
+    with pytest.raises(BackendError, match="unknown model"):
+        Simulator(FakeBackend(error=BackendError("unknown model"))).simulate("x", records)
 
 
 def test_simulator_no_records():

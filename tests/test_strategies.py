@@ -279,12 +279,11 @@ def test_transient_error_after_the_policy_retries_fails_one_excerpt():
     assert len(be.requests) == 2            # the engine itself never retries
 
 
-def test_backend_error_fails_one_excerpt_only():
-    be = FakeBackend(CHAT, [BackendError("The request was refused."), done(*ANSWER)])
+def test_backend_error_stops_the_run():
+    be = FakeBackend(CHAT, [BackendError("The server does not know model 'x' (404)."), done(*ANSWER)])
     records = [ActivationRecord(TOKENS, [0, 0, 0])] * 2
-    res = sim(be, "generated_sequence").simulate("x", records)
-    assert res.expected[0] is None and res.expected[1] is not None
-    assert res.errors == ("excerpt 0: The request was refused.",) and len(be.requests) == 2
+    with pytest.raises(BackendError, match="404"):  # every excerpt would fail the same way
+        sim(be, "generated_sequence").simulate("x", records)
 
 
 def test_no_records():

@@ -104,6 +104,11 @@ class BackendError(UserError):
     is one clear sentence. Never retried."""
 
 
+class Unscorable(RuntimeError):
+    """One prompt cannot be scored (e.g. no token covers a placeholder): that excerpt fails, the
+    run goes on, and retrying would not help."""
+
+
 class TransientError(RuntimeError):
     """A failure worth retrying: rate limit (429), server error (5xx), timeout, lost connection,
     or an answer that could not be parsed. ``retry_after``: seconds the server asked to wait."""

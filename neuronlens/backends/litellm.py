@@ -76,7 +76,8 @@ class LiteLLMBackend(Backend):
                             prompt_logprobs=False, context_length=self.context_length)
 
     def identity(self) -> dict:
-        return {"backend": "litellm", "model": self.model, "api_base": self.api_base}
+        return {"backend": "litellm", "model": self.model, "api_base": self.api_base,
+                "top_logprobs": self.top_logprobs}
 
     def load(self) -> None:
         if self._litellm is None:

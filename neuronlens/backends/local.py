@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -26,6 +27,7 @@ from neuronlens.backends.base import (
     PromptLogprobRequest,
     TokenDistributions,
     TokenLogprob,
+    Unscorable,
     Usage,
 )
 from neuronlens.backends.candidates import (
@@ -35,6 +37,7 @@ from neuronlens.backends.candidates import (
     candidate_tokens,
     inner_paths,
 )
+from neuronlens.errors import UserError
 from neuronlens.subject.models import load_model
 
 
@@ -53,11 +56,12 @@ class LocalBackend(Backend):
                  batch_size: int = 8, prefix_reuse: bool = True,
                  context_length: int | None = None):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+            raise UserError(f"batch_size must be at least 1, got {batch_size}.")
         self.model_name, self.device, self.dtype = model, device, dtype
         self.batch_size, self.prefix_reuse = batch_size, prefix_reuse
         self._context_length = context_length
         self.model = self.tokenizer = None
+        self._lock = threading.Lock()  # one forward at a time: seeding is process-wide in torch
 
     @property
     def name(self) -> str:
@@ -99,17 +103,19 @@ class LocalBackend(Backend):
         ids = self._render(request)
         device = next(self.model.parameters()).device
         input_ids = torch.tensor([ids], device=device)
-        torch.manual_seed(request.seed)
         sample = request.temperature > 0
-        out = self.model.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=request.max_tokens, do_sample=sample,
-            temperature=request.temperature if sample else None, top_p=None, top_k=None,
-            num_return_sequences=request.n, return_dict_in_generate=True,
-            output_logits=request.top_logprobs > 0,
-            stop_strings=list(request.stop) or None, tokenizer=self.tokenizer,
-            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
-        new = out.sequences[:, len(ids):]
+        n = request.n if sample else 1  # greedy: every one of the n answers is the same
+        with self._lock:
+            torch.manual_seed(request.seed)
+            out = self.model.generate(
+                input_ids, attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=request.max_tokens, do_sample=sample,
+                temperature=request.temperature if sample else None, top_p=None, top_k=None,
+                num_return_sequences=n, return_dict_in_generate=True,
+                output_logits=request.top_logprobs > 0,
+                stop_strings=list(request.stop) or None, tokenizer=self.tokenizer,
+                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+        new = out.sequences[:, len(ids):].repeat(request.n // n, 1)
         completions, n_generated = [], 0
         for row in range(new.shape[0]):
             tokens = [t for t in new[row].tolist()]
@@ -123,7 +129,8 @@ class LocalBackend(Backend):
                     text, finish = text[:text.index(stop)], "stop"
             logprobs = None
             if request.top_logprobs > 0:
-                logprobs = self._token_logprobs(out.logits, row, tokens, request.top_logprobs)
+                logprobs = self._token_logprobs(out.logits, row % len(out.sequences), tokens,
+                                                request.top_logprobs)
             completions.append(Completion(text, logprobs, finish))
             n_generated += len(tokens)
         return Generation(tuple(completions), Usage(len(ids), n_generated))
@@ -144,7 +151,7 @@ class LocalBackend(Backend):
         for c in request.positions:
             j = next((i for i, (s, e) in enumerate(offsets) if s <= c < e), None)
             if j is None or j == 0:
-                raise BackendError(f"No prompt token covers placeholder offset {c}.")
+                raise Unscorable(f"No prompt token covers placeholder offset {c}.")
             lead = request.prompt[offsets[j][0]:c]
             if lead not in tries:
                 trie = build_trie(candidate_tokens(self.tokenizer, lead, request.candidates))

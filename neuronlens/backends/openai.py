@@ -197,6 +197,7 @@ class OpenAIBackend(Backend):
 
     kind = "openai"
 
+    key_env = "OPENAI_API_KEY"   # the one environment variable the key is read from
     remote = True
 
     def __init__(self, model: str = "gpt-4o", base_url: str | None = None, timeout: float = 60.0,
@@ -239,7 +240,7 @@ class OpenAIBackend(Backend):
             return
         import openai
 
-        key = os.environ.get("OPENAI_API_KEY")
+        key = os.environ.get(self.key_env)
         if not key and self.base_url is None:
             raise BackendError(MISSING_KEY)
         self.client = openai.OpenAI(api_key=key or "unused", base_url=self.url,

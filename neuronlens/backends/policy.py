@@ -33,6 +33,7 @@ from neuronlens.backends.base import (
     TokenDistributions,
     TokenLogprob,
     TransientError,
+    Unscorable,
     Usage,
 )
 
@@ -184,7 +185,7 @@ class Policy(Backend):
             """Each prompt is its own request, retried alone: one bad answer costs one excerpt."""
             try:
                 fresh = self._call(lambda: self.backend.prompt_logprobs([requests[i]]))
-            except TransientError as e:
+            except (TransientError, Unscorable) as e:
                 return TokenDistributions((), (), error=str(e))
             if len(fresh) != 1:
                 raise BackendError(f"The {self.name} backend answered {len(fresh)} prompts for 1.")

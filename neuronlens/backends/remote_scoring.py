@@ -31,7 +31,7 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, NamedTuple, Sequence
 
-from neuronlens.backends.base import BackendError, PromptLogprobRequest
+from neuronlens.backends.base import PromptLogprobRequest, Unscorable
 from neuronlens.backends.candidates import build_trie, candidate_probs
 
 TokenPath = tuple[str, ...]   # token strings from the placeholder's token onwards
@@ -47,7 +47,7 @@ def token_covering(tokens: Sequence[PromptToken], c: int, prompt_length: int) ->
     """Index of the token whose text covers character ``c`` (the last of equal starts)."""
     j = bisect_right([t.start for t in tokens], c) - 1
     if j < 1 or c >= prompt_length or not tokens[j].top:
-        raise BackendError(f"No scored prompt token covers placeholder offset {c}.")
+        raise Unscorable(f"No scored prompt token covers placeholder offset {c}.")
     return j
 
 

@@ -93,6 +93,7 @@ class VLLMBackend(OpenAIBackend):
     ``top_logprobs`` may not exceed the server's ``--max-logprobs`` (20 by default)."""
 
     kind = "vllm"
+    key_env = "VLLM_API_KEY"   # only if the server was started with --api-key; never OpenAI's key
 
     def __init__(self, model: str = "meta-llama/Llama-3.1-8B-Instruct", base_url: str | None = None,
                  timeout: float = 60.0, top_logprobs: int = 20, context_length: int = 8192,

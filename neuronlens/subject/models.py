@@ -174,7 +174,12 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto"):
     path = resolve(model)
     device = pick_device(device)
     torch_dtype = (torch.float32 if device == "cpu" else torch.bfloat16) if dtype == "auto" \
-        else getattr(torch, dtype)
+        else getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise SubjectError(f"Unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SubjectError(f"Device {device!r} was asked for but this machine has no CUDA GPU; "
+                           "use device=auto or cpu.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
