@@ -165,14 +165,17 @@ def pick_device(device: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@lru_cache(maxsize=4)
 def load_model(model: str, device: str = "auto", dtype: str = "auto"):
     """Load ``(model, tokenizer)``; cached so the subject and a local backend share one copy."""
+    return _load(model, pick_device(device), dtype)
+
+
+@lru_cache(maxsize=4)
+def _load(model: str, device: str, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve(model)
-    device = pick_device(device)
     torch_dtype = (torch.float32 if device == "cpu" else torch.bfloat16) if dtype == "auto" \
         else getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
