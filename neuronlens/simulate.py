@@ -87,6 +87,17 @@ FEWSHOT: tuple[tuple[str, list[tuple[str, int]]], ...] = (
         "Pre|heat@6| the| oven@8| to| 200| degrees|,| then| chop@9| the| onions@5| and| fry@9|"
         " them| in| butter@6| until| golden@4|.| The| train| left| the| station| at| six|,|"
         " so| we| simmer@8|ed| the| sauce@6| while| we| waited|.")),
+    ("years written as four-digit numbers", _pairs(
+        "The| bridge| opened| in| |1@4|9@7|3@9|7@10|,| closed| for| repairs| in| |1@4|9@7|8@9|9@10|"
+        " and| carried| 4|0|,|0|0|0| cars| a| day| by| |2@4|0@6|1@9|5@10|.| Tickets| cost| $|3|.|5|0|"
+        " and| the| toll| booth| at| gate| 1|2| closed| at| 6| pm|.| A| plaque| from| |1@3|9@6|3@8|7@10|"
+        " still| hangs| on| the| north| tower|,| next| to| a| list| of| 2|4| workers|.")),
+    ("complaints and negative opinions in reviews", _pairs(
+        "I| ordered| the| blue| jacket| last| week|.| The| zipper| broke@8| on| the| first| day|,|"
+        " the| sleeves| are| far| too@3| short@5|,| and| the| colour| faded@7| after| one| wash|.|"
+        " Customer| service| never| replied@6|.| On| the| plus| side|,| the| pockets| are| deep| and|"
+        " delivery| was| fast|.| Overall| a| disappointing@9| purchase|;| I| would| not@6| buy@4|"
+        " it| again|.")),
 )
 
 @dataclass(frozen=True)

@@ -140,7 +140,7 @@ def test_capabilities_and_identity():
     assert caps.chat and not caps.completion and caps.output_logprobs and not caps.prompt_logprobs
     assert caps.context_length == 200000
     assert b.identity() == {"backend": "litellm", "model": "anthropic/claude-sonnet-4-5",
-                            "api_base": None}
+                            "api_base": None, "top_logprobs": 20}  # k changes the answers
 
 
 def test_base_url_is_another_name_for_api_base():
