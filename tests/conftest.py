@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from importlib import resources
 from pathlib import Path
 
@@ -81,6 +82,23 @@ def tiny_llama_dir(tiny_llama, tiny_tokenizer, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tiny_gpt2, tiny_tokenizer, tmp_path_factory) -> Path:
     return _save(tiny_gpt2, tiny_tokenizer, tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    """The tiny Llama with a chat template, for chat endpoints and chat backends."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama-chat")
+    shutil.copytree(tiny_llama_dir, path, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ through LiteLLM's ``openai/`` provider; and its response parser and error classi
 from __future__ import annotations
 
 import math
-import shutil
 
 import pytest
 
@@ -19,25 +18,9 @@ from neuronlens.backends.litellm import LiteLLMBackend, parse_chat_response, ret
 from neuronlens.backends.policy import Policy
 from neuronlens.serve import start_server
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
 
 def chat(text: str = "Name a colour.", **kw) -> GenerateRequest:
     return GenerateRequest(messages=(Message("system", "Be brief."), Message("user", text)), **kw)
-
-
-@pytest.fixture(scope="module")
-def chat_model_dir(tiny_llama_dir, tmp_path_factory):
-    """The tiny Llama with a chat template (the conftest one has none)."""
-    from transformers import AutoTokenizer
-
-    path = tmp_path_factory.mktemp("tiny-llama-chat")
-    shutil.copytree(tiny_llama_dir, path, dirs_exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

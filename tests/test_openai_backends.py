@@ -5,7 +5,6 @@ neuronlens-serve on loopback (its numbers must equal the local backend's)."""
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 
 import httpx
@@ -337,21 +336,11 @@ def test_unknown_errors_are_not_swallowed():
 
 
 # ---- against neuronlens-serve on loopback -----------------------------------------------------
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_llama_dir, tmp_path_factory):
-    """The tiny Llama with a chat template."""
-    from transformers import AutoTokenizer
-
-    path = tmp_path_factory.mktemp("tiny-llama-chat-openai")
-    shutil.copytree(tiny_llama_dir, path, dirs_exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(path)
-    return path
+def model_dir(chat_model_dir):
+    return chat_model_dir
 
 
 @pytest.fixture(scope="module")

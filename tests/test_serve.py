@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import httpx
 import pytest
@@ -13,22 +12,7 @@ from openai import InternalServerError, OpenAI
 from neuronlens.serve import score_prompt, start_server
 from neuronlens.subject.models import load_model
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 PROMPT = "The cat sat on the mat.\n1\t2\tthree"
-
-
-@pytest.fixture(scope="module")
-def chat_model_dir(tiny_llama_dir, tmp_path_factory):
-    """The tiny Llama with a chat template (the conftest one has none)."""
-    from transformers import AutoTokenizer
-
-    path = tmp_path_factory.mktemp("tiny-llama-chat")
-    shutil.copytree(tiny_llama_dir, path, dirs_exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
