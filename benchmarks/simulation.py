@@ -26,50 +26,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import sys
 import time
-from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import RESULTS, machine, sync  # benchmarks/common.py, beside this script
+
 
 EXPLANATION = "words about food, cooking and recipes"
 # Extra few-shot explanations for --long-prefix (activations are put on a few tokens of a corpus
 # window: the prompt's length and format are what matter for speed).
 EXTRA_FEWSHOT = ("punctuation at the end of a sentence", "the word 'the' and other articles",
                  "numbers and dates")
-
-
-def machine(device: str) -> dict:
-    import torch
-    import transformers
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or "unknown"
-    info = {"cpu_model": cpu, "cpu_cores": os.cpu_count(),
-            "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-            else os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "device": device, "load_average_at_start": list(os.getloadavg())}
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def long_prefix_requests(explanation: str, records, example_windows, tokenizer):
