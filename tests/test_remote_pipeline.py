@@ -103,3 +103,24 @@ def test_faults_lose_no_neuron_and_a_rerun_is_served_from_the_cache(tiny_llama_d
         assert sum(server.requests.values()) == served  # not one request reached the server
         assert second["summary"]["remote"]["simulator"]["requests"] == 0
         assert scores(second) == scores(first)
+
+
+def test_chat_only_backends_run_the_whole_pipeline_like_local(chat_model_dir, corpus, tmp_path,
+                                                              monkeypatch):
+    """OpenAI (chat only) and LiteLLM: explanations by chat, simulation by generated sequences
+    read from output logprobs. The tiny random model rarely copies an excerpt faithfully, so many
+    excerpts fail alignment: they must be counted, exactly as the local backend counts them."""
+    monkeypatch.setenv("OPENAI_API_KEY", "unused")  # LiteLLM's openai/ provider wants one
+    strategy = ["simulation.strategy=generated_sequence", "explain.prompt_format=chat",
+                "explain.max_tokens=4"]
+    reference = run(tmp_path, chat_model_dir, corpus, "local", local(chat_model_dir) + strategy)
+    with start_server(str(chat_model_dir), device="cpu") as server:
+        for backend, model in (("openai", "tiny"), ("litellm", "openai/tiny")):
+            extra = [f"explainer={backend}", f"explainer.model={model}",
+                     f"explainer.base_url={server.base_url}", f"simulator={backend}",
+                     f"simulator.model={model}", f"simulator.base_url={server.base_url}"]
+            got = run(tmp_path / backend, chat_model_dir, corpus, "run", extra + strategy)
+            assert scores(got) == scores(reference), backend
+            for key in ("n_failed", "n_failed_excerpts", "n_failed_explanations"):
+                assert got["summary"][key] == reference["summary"][key], (backend, key)
+            assert got["summary"]["remote"]["simulator"]["requests"] > 0
