@@ -25,13 +25,11 @@ from neuronlens.backends.base import (
     Backend,
     BackendError,
     Capabilities,
-    Completion,
     GenerateRequest,
     Generation,
-    TokenLogprob,
     TransientError,
-    Usage,
 )
+from neuronlens.backends.openai import parse_chat
 
 
 def import_litellm():
@@ -163,17 +161,7 @@ def retry_after(e: Exception) -> float | None:
 
 
 def parse_chat_response(data: dict) -> Generation:
-    """An OpenAI-shaped chat completion (as a dict) into a `Generation`; ``logprobs`` is None on a
-    completion the provider sent without them."""
-    completions = []
-    for choice in sorted(data["choices"], key=lambda c: c.get("index") or 0):
-        content = (choice.get("logprobs") or {}).get("content")
-        logprobs = None if content is None else tuple(
-            TokenLogprob(t["token"], float(t["logprob"]),
-                         tuple((a["token"], float(a["logprob"])) for a in t.get("top_logprobs") or ()))
-            for t in content)
-        finish = "length" if choice.get("finish_reason") in ("length", "max_tokens") else "stop"
-        completions.append(Completion(choice["message"].get("content") or "", logprobs, finish))
-    usage = data.get("usage") or {}
-    return Generation(tuple(completions), Usage(int(usage.get("prompt_tokens") or 0),
-                                                int(usage.get("completion_tokens") or 0)))
+    """An OpenAI-shaped chat completion (as a dict) into a `Generation` (LiteLLM normalises every
+    provider to OpenAI's shape); ``logprobs`` is None on a completion sent without them."""
+    return parse_chat(data)
+

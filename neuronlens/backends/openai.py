@@ -54,7 +54,7 @@ def parse_usage(data: dict) -> Usage:
 def parse_chat(data: dict) -> Generation:
     """A ``/chat/completions`` answer (JSON) as a Generation."""
     completions = []
-    for choice in sorted(data["choices"], key=lambda c: c["index"]):
+    for choice in sorted(data["choices"], key=lambda c: c.get("index") or 0):
         logprobs = None
         if choice.get("logprobs") and choice["logprobs"].get("content") is not None:
             logprobs = tuple(
@@ -81,7 +81,7 @@ def parse_completion(data: dict) -> Generation:
 
 
 def _finish(choice: dict) -> str:
-    return "length" if choice.get("finish_reason") == "length" else "stop"
+    return "length" if choice.get("finish_reason") in ("length", "max_tokens") else "stop"
 
 
 def echo_tokens(data: dict, prompt: str) -> list[PromptToken]:
