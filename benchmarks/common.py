@@ -37,3 +37,12 @@ def sync(device: str) -> None:
 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def machine_line(m: dict) -> str:
+    """The machine, in one Markdown sentence, for the head of a results file."""
+    gpu = f" ({m['gpu']})" if "gpu" in m else ""
+    load = ", ".join(f"{x:.1f}" for x in m["load_average_at_start"])
+    return (f"Machine: {m['cpu_model']}, {m['cpu_cores']} cores ({m['cpu_cores_usable']} usable, "
+            f"{m['torch_threads']} torch threads), torch {m['torch']}, transformers "
+            f"{m['transformers']}, device `{m['device']}`{gpu}; load average at start {load}.")

@@ -39,7 +39,12 @@ import time
 from itertools import cycle, islice
 from pathlib import Path
 
-from common import RESULTS, machine, sync  # benchmarks/common.py, beside this script
+from common import (  # benchmarks/common.py, beside this script
+    RESULTS,
+    machine,
+    machine_line,
+    sync,
+)
 
 NAME = "recording"
 
@@ -230,10 +235,7 @@ def markdown(res: dict) -> str:
     gib = 1 / 2**20
     lines = [
         "# Recording benchmark", "",
-        f"Machine: {m['cpu_model']}, {m['cpu_cores']} cores ({m['cpu_cores_usable']} usable, "
-        f"{m['torch_threads']} torch threads), torch {m['torch']}, transformers "
-        f"{m['transformers']}, device `{m['device']}`" + (f" ({m['gpu']})" if "gpu" in m else "")
-        + f"; load average at start {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])}.",
+        machine_line(m),
         f"Model: `{res['model']}` ({t['layers']} layers, {t['neurons_recorded']} MLP neurons per "
         "layer).", "",
         f"## Throughput ({t['windows']} windows x {t['window']} tokens = {t['tokens_per_pass']} "

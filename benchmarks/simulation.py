@@ -31,8 +31,12 @@ import statistics
 import sys
 import time
 
-from common import RESULTS, machine, sync  # benchmarks/common.py, beside this script
-
+from common import (  # benchmarks/common.py, beside this script
+    RESULTS,
+    machine,
+    machine_line,
+    sync,
+)
 
 EXPLANATION = "words about food, cooking and recipes"
 # Extra few-shot explanations for --long-prefix (activations are put on a few tokens of a corpus
@@ -216,10 +220,7 @@ def markdown(res: dict) -> str:
     m, d = res["machine"], res["default"]
     lines = [
         "# Simulation benchmark", "",
-        f"Machine: {m['cpu_model']}, {m['cpu_cores']} cores ({m['cpu_cores_usable']} usable, "
-        f"{m['torch_threads']} torch threads), torch {m['torch']}, transformers "
-        f"{m['transformers']}, device `{m['device']}`" + (f" ({m['gpu']})" if "gpu" in m else "")
-        + f"; load average at start {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])}.",
+        machine_line(m),
         f"Simulator model: `{res['model']}`. Explanation: \"{res['explanation']}\".", "",
         f"## Default engine config ({d['excerpts']} excerpts x {d['window']} tokens, local "
         f"backend batch {d['batch_size']}; warm-up, then {d['rounds']} alternated rounds, "
