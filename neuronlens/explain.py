@@ -14,7 +14,7 @@ from typing import Sequence
 
 from neuronlens.backends.base import Backend, GenerateRequest, Message
 from neuronlens.errors import UserError
-from neuronlens.records import ActivationRecord
+from neuronlens.records import ActivationRecord, NeuronRecord
 from neuronlens.score import normalize_activations
 
 PHRASE = "the main thing this neuron does is find"
@@ -237,7 +237,10 @@ class Explainer:
         """The request for `records` (most active first), fitted to the backend's context."""
         return self._fit(records).request
 
-    def explain(self, records: Sequence[ActivationRecord]) -> ExplanationResult:
+    def explain(self, records: Sequence[ActivationRecord],
+                neuron: NeuronRecord | None = None) -> ExplanationResult:
+        """Explanations of the neuron shown by ``records`` (``neuron`` is for explainers that need
+        more than the excerpts, such as the baselines; an LLM sees only the excerpts)."""
         fitted = self._fit(records)
         generation = self.backend.generate(fitted.request)
         parsed = [parse_explanation(c.text) for c in generation.completions]

@@ -6,13 +6,8 @@ skips the neurons already there, so an interrupted run loses at most the neurons
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import random
-import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -23,76 +18,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from neuronlens.backends.base import Backend, TransientError
 from neuronlens.backends.policy import Policy
-from neuronlens.corpus import token_windows
 from neuronlens.errors import UserError
 from neuronlens.explain import Explainer
 from neuronlens.records import NeuronId, NeuronRecord
 from neuronlens.score import fit_calibration, score, score_splits
 from neuronlens.simulate import Simulator
-from neuronlens.subject.hooks import check_neuron, hook_point, n_layers, n_neurons
-from neuronlens.subject.models import cache_dir, load_model
-from neuronlens.subject.recording import Recording, RecordingConfig, record
+from neuronlens.subject.models import cache_dir
+from neuronlens.subject.transformer import recording_for, select_neurons  # noqa: F401 (public)
 
 log = logging.getLogger(__name__)
-
-
-def select_neurons(model, layers, per_layer: int, which: str, indices, seed: int) -> list[NeuronId]:
-    layers = list(dict.fromkeys(layers)) if layers is not None else [n_layers(model) // 2]
-    if not layers:
-        raise UserError("neurons.layers is empty; give at least one layer, or null for the middle one.")
-    for layer in layers:
-        hook_point(model, layer)  # a clear error for an unsupported model or a bad layer
-    width = n_neurons(model)
-    if which == "list":
-        if not indices:
-            raise UserError("neurons.which=list needs neurons.indices=[...].")
-        for i in indices:
-            check_neuron(model, i)
-        chosen = list(dict.fromkeys(int(i) for i in indices))
-        return [NeuronId(l, i) for l in layers for i in chosen]
-    if per_layer < 1:
-        raise UserError(f"neurons.per_layer must be at least 1, got {per_layer}.")
-    if which == "first":
-        return [NeuronId(l, i) for l in layers for i in range(min(per_layer, width))]
-    if which == "random":
-        return [NeuronId(l, i) for l in layers
-                for i in sorted(random.Random(f"{seed}/{l}").sample(range(width), min(per_layer, width)))]
-    raise UserError(f"neurons.which must be first, random or list, not {which!r}.")
-
-
-def recording_for(cfg: DictConfig, model, tokenizer, neurons: list[NeuronId], run_dir: Path
-                  ) -> Recording:
-    """Record, or reuse an identical earlier recording from the cache."""
-    corpus = instantiate(cfg.corpus)
-    rc = cfg.recording
-    rconf = RecordingConfig(top_k=rc.top_k, n_random=rc.n_random, batch_size=rc.batch_size,
-                            seed=cfg.seed)
-    identity = {"model": cfg.subject.model, "dtype": str(next(model.parameters()).dtype),
-                "corpus": corpus.describe(), "window": rc.window, "max_windows": rc.max_windows,
-                "neurons": [[n.layer, n.index] for n in neurons], "recording": vars(rconf) | {},
-                "version": 1}
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    cached = Path(os.environ.get("NEURONLENS_RECORDING_CACHE") or cache_dir() / "recordings") / key
-    target = run_dir / "recording"
-    if (target / "manifest.json").exists():
-        return Recording.load(target)
-    if rc.cache and (cached / "manifest.json").exists():
-        log.info("Reusing the cached recording %s", cached)
-        shutil.copytree(cached, target, dirs_exist_ok=True)
-        return Recording.load(target)
-    windows = token_windows(corpus, tokenizer, rc.window, rc.max_windows)
-    rec = record(model, tokenizer, windows, neurons, rconf, progress=cfg.progress,
-                 meta={"identity": identity, "key": key})
-    rec.save(target)
-    if rc.cache:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{key}-"))
-        rec.save(tmp)
-        try:
-            tmp.rename(cached)  # atomic; a parallel job that finished first keeps its copy
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return rec
 
 
 def build_role(node: DictConfig, wrap, options: DictConfig, remote: DictConfig):
@@ -129,14 +63,11 @@ def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig) -> dict
                       "error": reason, "usage": usage, "failures": failures,
                       "seconds": time.perf_counter() - start}
 
-    train = split("train")
-    # Only train excerpts are ever shown; with no top excerpt in train, the strongest train
-    # random excerpts stand in (never an excerpt of another split).
-    shown = train.top or sorted(train.random, key=lambda r: -r.max_activation)
+    shown = neuron.shown(sc.split_seed)
     if not shown:
         return failed("no excerpt of this neuron fell in the train split")
     try:
-        result = explainer.explain(shown)
+        result = explainer.explain(shown, neuron=neuron)
     except TransientError as e:  # still failing after the policy's retries
         failures["explanations"] += 1
         return failed(f"the explainer failed: {e}")
@@ -227,7 +158,7 @@ def finished(path: Path) -> dict[tuple[int, int], dict]:
     return rows
 
 
-def summarise(rows: list[dict], wall: float, cfg: DictConfig) -> dict[str, Any]:
+def summarise(rows: list[dict], wall: float, cfg: DictConfig, subject: str) -> dict[str, Any]:
     scored = [r["score"] for r in rows if r.get("score") is not None]
     tokens = {role: [sum(r["usage"][role][k] for r in rows) for k in (0, 1)]
               for role in ("explainer", "simulator")}
@@ -239,7 +170,7 @@ def summarise(rows: list[dict], wall: float, cfg: DictConfig) -> dict[str, Any]:
         "n_failed_explanations": sum(r["failures"]["explanations"] for r in rows),
         "tokens": {role: {"prompt": p, "completion": c} for role, (p, c) in tokens.items()},
         "wall_seconds": wall,
-        "subject": cfg.subject.model,
+        "subject": subject,
         "explainer": OmegaConf.select(cfg, "explainer.model", default=None),
         "simulator": OmegaConf.select(cfg, "simulator.model", default=None),
     }
@@ -259,9 +190,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.concurrency < 1:
         raise UserError(f"concurrency must be at least 1, got {cfg.concurrency}.")
     check_resumable(cfg, run_dir)
-    model, tokenizer = load_model(cfg.subject.model, cfg.subject.device, cfg.subject.dtype)
-    n = cfg.neurons
-    neurons = select_neurons(model, n.layers, n.per_layer, n.which, n.indices, cfg.seed)
+    subject = instantiate(cfg.subject)
+    neurons = subject.select(cfg.neurons, cfg.seed)
     # roles first: a missing key or a strategy the backend cannot run fails now, not after recording
     explainer = build_role(cfg.explainer, Explainer, cfg.explain, cfg.remote)
     simulator = build_role(cfg.simulator, Simulator, cfg.simulation, cfg.remote)
@@ -269,10 +199,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if isinstance(getattr(role, "backend", None), Backend):
             role.backend.load()
     simulator.check()
-    recording = recording_for(cfg, model, tokenizer, neurons, run_dir)
+    records = subject.records(cfg, neurons, run_dir)
+    for role in (explainer, simulator):
+        if hasattr(role, "prepare"):  # baselines that need every neuron (e.g. shuffled)
+            role.prepare(records, cfg.scoring.split_seed)
     out = run_dir / "neurons.jsonl"
     done = finished(out)
-    todo = [r for r in recording.neuron_records() if (r.neuron_id.layer, r.neuron_id.index) not in done]
+    todo = [r for r in records if (r.neuron_id.layer, r.neuron_id.index) not in done]
     if done:
         log.info("Resuming: %d neurons already done, %d to go", len(done), len(todo))
     with open(out, "a") as sink, ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
@@ -289,7 +222,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
     rows = [done[(nid.layer, nid.index)] for nid in neurons if (nid.layer, nid.index) in done]
-    summary = summarise(rows, time.perf_counter() - start, cfg)
+    summary = summarise(rows, time.perf_counter() - start, cfg, subject.name)
     summary["remote"] = {role: backend_stats(obj) for role, obj in
                          (("explainer", explainer), ("simulator", simulator))}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -126,6 +126,12 @@ class NeuronRecord:
         rnd = [r for r in self.random_sample if split_of(r, seed, fractions) == name]
         return Split(top, rnd)
 
+    def shown(self, seed: int = 0) -> list[ActivationRecord]:
+        """The excerpts an explainer may see: the train split's top excerpts, or, with none there,
+        its random excerpts strongest first (never an excerpt of another split)."""
+        train = self.split("train", seed)
+        return train.top or sorted(train.random, key=lambda r: -r.max_activation)
+
     def to_json(self) -> dict[str, Any]:
         quantiles = (None if self.random_sample_by_quantile is None else
                      [[r.to_json() for r in q] for q in self.random_sample_by_quantile])

@@ -115,6 +115,68 @@ def _batches(windows: Iterable[list[int]], size: int) -> Iterator[list[list[int]
         yield batch
 
 
+class Recorder:
+    """The running state of a recording, fed one batch of windows at a time.
+
+    ``add(ids [B, T], acts [N, B, T])`` keeps, per neuron, a running top-k of windows ranked by their
+    max activation, a reservoir sample of windows shared by all neurons (Algorithm R, deterministic
+    in the seed), and the running moments; ``finish`` turns it into a ``Recording``. The model
+    recorder feeds it hook outputs; synthetic neurons feed it their rules' activations.
+    """
+
+    def __init__(self, neurons: Sequence[NeuronId], config: RecordingConfig, device="cpu"):
+        self.neurons, self.config, self.device = list(neurons), config, device
+        self.state: dict[str, torch.Tensor] = {}
+        self.rng = np.random.default_rng(config.seed)
+        self.seen = 0
+        self.n_tokens = 0
+
+    def add(self, ids: torch.Tensor, acts: torch.Tensor) -> None:
+        N, k, R = len(self.neurons), self.config.top_k, self.config.n_random
+        B, T = ids.shape
+        state = self.state
+        if not state:
+            state.update({"vals": torch.full((N, k), -math.inf, device=self.device),
+                          "tok": torch.zeros((N, k, T), dtype=torch.int32, device=self.device),
+                          "act": torch.zeros((N, k, T), device=self.device),
+                          "rtok": torch.zeros((R, T), dtype=torch.int32, device=self.device),
+                          "ract": torch.zeros((N, R, T), device=self.device),
+                          "mom": torch.zeros((N, 4), dtype=torch.float64, device=self.device)})
+        # running top-k by each excerpt's max activation
+        vals = torch.cat([state["vals"], acts.amax(dim=2)], dim=1)               # [N, k+B]
+        top = vals.topk(k, dim=1).indices                                         # [N, k]
+        pool_tok = torch.cat([state["tok"], ids.int().expand(N, B, T)], dim=1)
+        pool_act = torch.cat([state["act"], acts], dim=1)
+        pick = top[..., None].expand(N, k, T)
+        state["vals"] = vals.gather(1, top)
+        state["tok"] = pool_tok.gather(1, pick)
+        state["act"] = pool_act.gather(1, pick)
+        for b in range(B):  # reservoir sample of windows
+            slot = self.seen if self.seen < R else int(self.rng.integers(0, self.seen + 1))
+            if slot < R:
+                state["rtok"][slot] = ids[b]
+                state["ract"][:, slot] = acts[:, b]
+            self.seen += 1
+        a = acts.double().reshape(N, -1)
+        state["mom"] += torch.stack([a.sum(1), (a**2).sum(1), (a**3).sum(1), (a**4).sum(1)], 1)
+        self.n_tokens += B * T
+
+    def finish(self, token_string, meta: dict | None = None) -> Recording:
+        """The recording; ``token_string(id)`` gives a token's text."""
+        state = self.state
+        if not state:
+            raise ValueError("The corpus gave no windows to record.")
+        if self.seen < self.config.n_random:  # fewer windows than asked for: keep those there are
+            state["rtok"], state["ract"] = state["rtok"][:self.seen], state["ract"][:, :self.seen]
+        seen_ids = torch.cat([state["tok"].flatten(), state["rtok"].flatten()]).long()
+        used = torch.bincount(seen_ids).nonzero().flatten().tolist()  # cheaper than a sort
+        return Recording(neurons=self.neurons, top_tokens=state["tok"], top_acts=state["act"],
+                         top_max=state["vals"], random_tokens=state["rtok"],
+                         random_acts=state["ract"], moments=state["mom"], n_tokens=self.n_tokens,
+                         token_strings={i: token_string(i) for i in used},
+                         meta={**(meta or {}), "config": asdict(self.config)})
+
+
 @torch.no_grad()
 def record(model, tokenizer, windows: Iterable[list[int]], neurons: Sequence[NeuronId],
            config: RecordingConfig = RecordingConfig(), progress: bool = True,
@@ -131,12 +193,8 @@ def record(model, tokenizer, windows: Iterable[list[int]], neurons: Sequence[Neu
              for l in layers}
     order = [n for l in layers for n in neurons if n.layer == l]
     restore = torch.tensor([order.index(n) for n in neurons], device=device)
-    N, k, R = len(neurons), config.top_k, config.n_random
-    state: dict[str, torch.Tensor] = {}
+    recorder = Recorder(neurons, config, device)
     captured: dict[int, torch.Tensor] = {}
-    rng = np.random.default_rng(config.seed)
-    seen = 0
-    n_tokens = 0
 
     def grab(layer: int, acts: torch.Tensor) -> None:
         captured[layer] = acts[..., index[layer]].float()
@@ -147,49 +205,12 @@ def record(model, tokenizer, windows: Iterable[list[int]], neurons: Sequence[Neu
         bar = tqdm(desc="recording", unit="tok", disable=not progress)
         for batch in _batches(windows, config.batch_size):
             ids = torch.tensor(batch, device=device)
-            B, T = ids.shape
             try:  # the base model: no LM head, and the forward stops at the last hooked layer
                 model.base_model(input_ids=ids, use_cache=False)
             except _StopForward:
                 pass
             acts = torch.cat([captured[l] for l in layers], dim=-1)[..., restore]  # [B, T, N]
-            acts = acts.permute(2, 0, 1)                                          # [N, B, T]
-            if not state:
-                state = {"vals": torch.full((N, k), -math.inf, device=device),
-                         "tok": torch.zeros((N, k, T), dtype=torch.int32, device=device),
-                         "act": torch.zeros((N, k, T), device=device),
-                         "rtok": torch.zeros((R, T), dtype=torch.int32, device=device),
-                         "ract": torch.zeros((N, R, T), device=device),
-                         "mom": torch.zeros((N, 4), dtype=torch.float64, device=device)}
-            # running top-k by each excerpt's max activation
-            vals = torch.cat([state["vals"], acts.amax(dim=2)], dim=1)               # [N, k+B]
-            top = vals.topk(k, dim=1).indices                                         # [N, k]
-            pool_tok = torch.cat([state["tok"], ids.int().expand(N, B, T)], dim=1)
-            pool_act = torch.cat([state["act"], acts], dim=1)
-            pick = top[..., None].expand(N, k, T)
-            state["vals"] = vals.gather(1, top)
-            state["tok"] = pool_tok.gather(1, pick)
-            state["act"] = pool_act.gather(1, pick)
-            # reservoir sample of windows (Algorithm R), deterministic in the seed
-            for b in range(B):
-                slot = seen if seen < R else int(rng.integers(0, seen + 1))
-                if slot < R:
-                    state["rtok"][slot] = ids[b]
-                    state["ract"][:, slot] = acts[:, b]
-                seen += 1
-            a = acts.double().reshape(N, -1)
-            state["mom"] += torch.stack([a.sum(1), (a**2).sum(1), (a**3).sum(1), (a**4).sum(1)], 1)
-            n_tokens += B * T
-            bar.update(B * T)
+            recorder.add(ids, acts.permute(2, 0, 1))                                # [N, B, T]
+            bar.update(ids.numel())
         bar.close()
-    if not state:
-        raise ValueError("The corpus gave no windows to record.")
-    if seen < R:  # fewer windows than the random sample asks for: keep those there are
-        state["rtok"], state["ract"] = state["rtok"][:seen], state["ract"][:, :seen]
-    seen_ids = torch.cat([state["tok"].flatten(), state["rtok"].flatten()]).long()
-    used = torch.bincount(seen_ids).nonzero().flatten().tolist()  # cheaper than a sort
-    strings = {i: tokenizer.decode([i]) for i in used}
-    return Recording(neurons=list(neurons), top_tokens=state["tok"], top_acts=state["act"],
-                     top_max=state["vals"], random_tokens=state["rtok"],
-                     random_acts=state["ract"], moments=state["mom"], n_tokens=n_tokens,
-                     token_strings=strings, meta={**(meta or {}), "config": asdict(config)})
+    return recorder.finish(lambda i: tokenizer.decode([i]), meta)

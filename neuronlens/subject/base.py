@@ -1,0 +1,44 @@
+"""What a subject is: whatever yields the records of the neurons to explain.
+
+A subject config (``conf/subject/*.yaml``) instantiates a ``Subject``: a transformers model that is
+recorded over the corpus (``ModelSubject``), rule-defined synthetic neurons with known answers
+(``SyntheticSubject``), or records read from files. The pipeline asks it two things: which neurons
+the ``neurons`` settings pick (``select``, early, so a bad layer fails before anything slow), and
+their records (``records``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from omegaconf import DictConfig
+
+from neuronlens.errors import UserError
+from neuronlens.records import NeuronId, NeuronRecord
+
+
+class Subject(Protocol):
+    name: str  # what the summary and the report call it
+
+    def select(self, neurons: DictConfig, seed: int) -> list[NeuronId]: ...
+
+    def records(self, cfg: DictConfig, neurons: list[NeuronId],
+                run_dir: Path) -> list[NeuronRecord]: ...
+
+
+def pick(available: list[NeuronId], neurons: DictConfig | dict[str, Any]) -> list[NeuronId]:
+    """The neurons of a fixed set (synthetic rules, records on disk) that the settings keep:
+    ``neurons.layers`` (null = all) and, with ``which=list``, ``neurons.indices``; ``per_layer``
+    and ``which=random|first`` do not thin a fixed set."""
+    layers, which, indices = neurons.get("layers"), neurons.get("which"), neurons.get("indices")
+    chosen = [n for n in available if layers is None or n.layer in set(layers)]
+    if which == "list":
+        if not indices:
+            raise UserError("neurons.which=list needs neurons.indices=[...].")
+        chosen = [n for n in chosen if n.index in {int(i) for i in indices}]
+    if not chosen:
+        have = sorted({n.layer for n in available})
+        raise UserError(f"No neuron matches neurons.layers={layers} and neurons.indices="
+                        f"{list(indices or [])}; this subject has layers {have}.")
+    return chosen

@@ -1,0 +1,103 @@
+"""The usual subject: a transformers causal LM, recorded over the corpus with hooks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from neuronlens.corpus import token_windows
+from neuronlens.errors import UserError
+from neuronlens.records import NeuronId, NeuronRecord
+from neuronlens.subject.hooks import check_neuron, hook_point, n_layers, n_neurons
+from neuronlens.subject.models import cache_dir, load_model
+from neuronlens.subject.recording import Recording, RecordingConfig, record
+
+log = logging.getLogger(__name__)
+
+
+class ModelSubject:
+    """``subject.model``: an HF name, a local directory, a .gguf file, or an embedded model."""
+
+    def __init__(self, model: str = "embedded", device: str = "auto", dtype: str = "auto"):
+        self.name, self.device, self.dtype = model, device, dtype
+
+    def load(self):
+        return load_model(self.name, self.device, self.dtype)
+
+    def select(self, neurons: DictConfig, seed: int) -> list[NeuronId]:
+        model, _ = self.load()
+        return select_neurons(model, neurons.layers, neurons.per_layer, neurons.which,
+                              neurons.indices, seed)
+
+    def records(self, cfg: DictConfig, neurons: list[NeuronId], run_dir: Path
+                ) -> list[NeuronRecord]:
+        model, tokenizer = self.load()
+        return list(recording_for(cfg, model, tokenizer, neurons, run_dir).neuron_records())
+
+
+def select_neurons(model, layers, per_layer: int, which: str, indices, seed: int) -> list[NeuronId]:
+    layers = list(dict.fromkeys(layers)) if layers is not None else [n_layers(model) // 2]
+    if not layers:
+        raise UserError("neurons.layers is empty; give at least one layer, or null for the middle one.")
+    for layer in layers:
+        hook_point(model, layer)  # a clear error for an unsupported model or a bad layer
+    width = n_neurons(model)
+    if which == "list":
+        if not indices:
+            raise UserError("neurons.which=list needs neurons.indices=[...].")
+        for i in indices:
+            check_neuron(model, i)
+        chosen = list(dict.fromkeys(int(i) for i in indices))
+        return [NeuronId(l, i) for l in layers for i in chosen]
+    if per_layer < 1:
+        raise UserError(f"neurons.per_layer must be at least 1, got {per_layer}.")
+    if which == "first":
+        return [NeuronId(l, i) for l in layers for i in range(min(per_layer, width))]
+    if which == "random":
+        return [NeuronId(l, i) for l in layers
+                for i in sorted(random.Random(f"{seed}/{l}").sample(range(width), min(per_layer, width)))]
+    raise UserError(f"neurons.which must be first, random or list, not {which!r}.")
+
+
+def recording_for(cfg: DictConfig, model, tokenizer, neurons: list[NeuronId], run_dir: Path
+                  ) -> Recording:
+    """Record, or reuse an identical earlier recording from the cache."""
+    corpus = instantiate(cfg.corpus)
+    rc = cfg.recording
+    rconf = RecordingConfig(top_k=rc.top_k, n_random=rc.n_random, batch_size=rc.batch_size,
+                            seed=cfg.seed)
+    identity = {"model": cfg.subject.model, "dtype": str(next(model.parameters()).dtype),
+                "corpus": corpus.describe(), "window": rc.window, "max_windows": rc.max_windows,
+                "neurons": [[n.layer, n.index] for n in neurons], "recording": vars(rconf) | {},
+                "version": 1}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    cached = Path(os.environ.get("NEURONLENS_RECORDING_CACHE") or cache_dir() / "recordings") / key
+    target = run_dir / "recording"
+    if (target / "manifest.json").exists():
+        return Recording.load(target)
+    if rc.cache and (cached / "manifest.json").exists():
+        log.info("Reusing the cached recording %s", cached)
+        shutil.copytree(cached, target, dirs_exist_ok=True)
+        return Recording.load(target)
+    windows = token_windows(corpus, tokenizer, rc.window, rc.max_windows)
+    rec = record(model, tokenizer, windows, neurons, rconf, progress=cfg.progress,
+                 meta={"identity": identity, "key": key})
+    rec.save(target)
+    if rc.cache:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{key}-"))
+        rec.save(tmp)
+        try:
+            tmp.rename(cached)  # atomic; a parallel job that finished first keeps its copy
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return rec
