@@ -6,6 +6,7 @@ skips the neurons already there, so an interrupted run loses at most the neurons
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -31,8 +32,12 @@ log = logging.getLogger(__name__)
 
 def build_role(node: DictConfig, wrap, options: DictConfig, remote: DictConfig):
     """A role's config builds either a backend (wrapped in the engine) or a ready object. Remote
-    backends go through the policy layer: response cache, retries, bounded concurrency, cost."""
-    obj = instantiate(node)
+    backends go through the policy layer: response cache, retries, bounded concurrency, cost.
+    A role with an ``inner`` role (``explainer=shuffled``) gets that role built the same way."""
+    if "inner" in node:
+        obj = instantiate(node, inner=build_role(node.inner, wrap, options, remote))
+    else:
+        obj = instantiate(node)
     if not isinstance(obj, Backend):
         return obj
     if obj.remote:
@@ -48,8 +53,35 @@ def backend_stats(role) -> dict[str, Any] | None:
     return backend.stats() if isinstance(backend, Policy) else None
 
 
-def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig) -> dict[str, Any]:
-    """Explain one neuron, pick the best explanation on `valid`, and score it on `test`."""
+def split_scores(top, top_sims, rnd, rnd_sims) -> dict[str, Any]:
+    """Test correlation (and r², ...) on top excerpts, random ones, and all together."""
+    return {name: s.to_json() for name, s in score_splits(
+        [r.activations for r in top], top_sims, [r.activations for r in rnd], rnd_sims).items()}
+
+
+def judge(judges: dict[str, Any], explanation: str, top, rnd) -> dict[str, Any]:
+    """The kept explanation scored again by each second judge, on the very excerpts the main
+    simulator scored (so the two are paired); ``test_simulated`` is aligned with ``test_excerpts``
+    (None where this judge failed an excerpt)."""
+    out = {}
+    for name, simulator in judges.items():
+        sim = simulator.simulate(explanation, top + rnd)
+        expected = [None if e is None else list(e) for e in sim.expected]
+        pairs = list(zip(top + rnd, expected))
+        ok_top = [(r, e) for r, e in pairs[:len(top)] if e is not None]
+        ok_rnd = [(r, e) for r, e in pairs[len(top):] if e is not None]
+        scores = split_scores([r for r, _ in ok_top], [e for _, e in ok_top],
+                              [r for r, _ in ok_rnd], [e for _, e in ok_rnd])
+        out[name] = {"score": scores["all"]["correlation"], "scores": {"test": scores},
+                     "test_simulated": expected, "failed_excerpts": sim.n_failed,
+                     "usage": [sim.usage.prompt_tokens, sim.usage.completion_tokens]}
+    return out
+
+
+def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig,
+            judges: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Explain one neuron, pick the best explanation on `valid`, score it on `test`, and have the
+    second judges (if any) score it too."""
     start = time.perf_counter()
     sc = cfg.scoring
     split = lambda name: neuron.split(name, sc.split_seed)  # noqa: E731
@@ -105,9 +137,7 @@ def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig) -> dict
     top_sims = [x for x, t in zip(sims, is_top) if t]
     rnd_recs = [r for r, t in zip(recs, is_top) if not t]
     rnd_sims = [x for x, t in zip(sims, is_top) if not t]
-    scores = {name: s.to_json() for name, s in score_splits(
-        [r.activations for r in top_recs], top_sims,
-        [r.activations for r in rnd_recs], rnd_sims).items()}
+    scores = split_scores(top_recs, top_sims, rnd_recs, rnd_sims)
     row["scores"] = {"test": scores}
     if sc.calibrate:
         recs, sims, _ = simulate(best["text"], split("calibration").all)
@@ -119,23 +149,48 @@ def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig) -> dict
     excerpts = [{"kind": kind, "tokens": r.tokens, "true": r.activations, "simulated": s}
                 for kind, recs, sims in (("top", top_recs, top_sims), ("random", rnd_recs, rnd_sims))
                 for r, s in zip(recs, sims)]
+    if judges:
+        row["judges"] = judge(judges, best["text"], top_recs, rnd_recs)
     return row | {"explanation": best["text"], "explanations": candidates,
                   "score": scores["all"]["correlation"], "test_excerpts": excerpts,
                   "usage": usage, "failures": failures, "seconds": time.perf_counter() - start}
 
 
+EXPERIMENT = ("subject", "corpus", "neurons", "recording", "explainer", "explain", "simulator",
+              "judges", "simulation", "scoring", "seed")
+
+
+def experiment(cfg: DictConfig) -> dict[str, Any]:
+    """The settings that make a run's results what they are (not paths, progress bars, ...)."""
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig)
+            else cfg[k] for k in EXPERIMENT if k in cfg}
+
+
+def experiment_id(cfg: DictConfig) -> str:
+    """A hash of the experiment without its shard: the shards of one experiment share it, so the
+    report can merge them."""
+    setup = experiment(cfg)
+    setup["neurons"] = {k: v for k, v in setup["neurons"].items() if k not in ("shard", "n_shards")}
+    return hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def check_resumable(cfg: DictConfig, run_dir: Path) -> None:
     """A run directory holds one experiment: resuming it with other settings would mix results."""
-    parts = ("subject", "corpus", "neurons", "recording", "explainer", "explain", "simulator",
-             "simulation", "scoring", "seed")
-    setup = json.dumps({k: OmegaConf.to_container(cfg[k], resolve=True)
-                        if isinstance(cfg[k], DictConfig) else cfg[k] for k in parts},
-                       sort_keys=True, default=str)
+    setup = json.dumps(experiment(cfg), sort_keys=True, default=str)
     path = run_dir / "experiment.json"
     if path.exists() and path.read_text() != setup:
         raise UserError(f"{run_dir} holds a run with other settings; resume it with the same "
                         "overrides, or choose a new hydra.run.dir.")
     path.write_text(setup)
+
+
+def shard(neurons: list[NeuronId], index: int | None, count: int) -> list[NeuronId]:
+    """Every ``count``-th neuron from ``index``: the part of the neurons one job of a sharded
+    sweep does (``neurons.shard=0,1,2 neurons.n_shards=3``)."""
+    if count < 1 or (index is not None and not 0 <= index < count):
+        raise UserError(f"neurons.shard must be in [0, neurons.n_shards) and n_shards at least 1 "
+                        f"(got shard={index}, n_shards={count}).")
+    return neurons if index is None else neurons[index::count]
 
 
 def finished(path: Path) -> dict[tuple[int, int], dict]:
@@ -162,10 +217,15 @@ def summarise(rows: list[dict], wall: float, cfg: DictConfig, subject: str) -> d
     scored = [r["score"] for r in rows if r.get("score") is not None]
     tokens = {role: [sum(r["usage"][role][k] for r in rows) for k in (0, 1)]
               for role in ("explainer", "simulator")}
+    judged = {name: [r["judges"][name]["score"] for r in rows
+                     if r.get("judges", {}).get(name, {}).get("score") is not None]
+              for name in judge_names(rows)}
     return {
         "n_neurons": len(rows),
         "n_failed": sum(1 for r in rows if r.get("score") is None),
         "mean_score": sum(scored) / len(scored) if scored else None,
+        "judges": {name: {"mean_score": sum(v) / len(v) if v else None, "n": len(v)}
+                   for name, v in judged.items()},
         "n_failed_excerpts": sum(r["failures"]["excerpts"] for r in rows),
         "n_failed_explanations": sum(r["failures"]["explanations"] for r in rows),
         "tokens": {role: {"prompt": p, "completion": c} for role, (p, c) in tokens.items()},
@@ -173,14 +233,38 @@ def summarise(rows: list[dict], wall: float, cfg: DictConfig, subject: str) -> d
         "subject": subject,
         "explainer": OmegaConf.select(cfg, "explainer.model", default=None),
         "simulator": OmegaConf.select(cfg, "simulator.model", default=None),
+        "choices": choices(),
+        "experiment": experiment_id(cfg),
+        "shard": (None if cfg.neurons.get("shard") is None
+                  else [cfg.neurons.shard, cfg.neurons.get("n_shards", 1)]),
     }
 
 
+def choices() -> dict[str, str]:
+    """The config-group options this run was composed from (subject=..., explainer=..., ...),
+    which the report uses to name runs; empty outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    picked = HydraConfig.get().runtime.choices
+    return {k: v for k, v in picked.items() if not k.startswith("hydra") and v is not None}
+
+
+def judge_names(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(name for r in rows for name in r.get("judges", {})))
+
+
 def table(rows: list[dict]) -> str:
-    lines = [f"{'neuron':>10}  {'score':>6}  explanation"]
+    """One line per neuron: the main simulator's test correlation, each second judge's, and the
+    explanation."""
+    names = judge_names(rows)
+    fmt = lambda x: "  fail" if x is None else f"{x:6.3f}"
+    lines = [f"{'neuron':>10}  {'score':>6}  " + "".join(f"{n[:9]:>9}  " for n in names) + "explanation"]
     for r in sorted(rows, key=lambda r: (r["layer"], r["index"])):
-        s = "  fail" if r.get("score") is None else f"{r['score']:6.3f}"
-        lines.append(f"{str(NeuronId(r['layer'], r['index'])):>10}  {s}  {r.get('explanation') or r.get('error')}")
+        judged = "".join(f"{fmt(r.get('judges', {}).get(n, {}).get('score')):>9}  " for n in names)
+        lines.append(f"{NeuronId(r['layer'], r['index'])!s:>10}  {fmt(r.get('score'))}  {judged}"
+                     f"{r.get('explanation') or r.get('error')}")
     return "\n".join(lines)
 
 
@@ -191,14 +275,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise UserError(f"concurrency must be at least 1, got {cfg.concurrency}.")
     check_resumable(cfg, run_dir)
     subject = instantiate(cfg.subject)
-    neurons = subject.select(cfg.neurons, cfg.seed)
+    neurons = shard(subject.select(cfg.neurons, cfg.seed), cfg.neurons.get("shard"),
+                    cfg.neurons.get("n_shards", 1))
     # roles first: a missing key or a strategy the backend cannot run fails now, not after recording
     explainer = build_role(cfg.explainer, Explainer, cfg.explain, cfg.remote)
     simulator = build_role(cfg.simulator, Simulator, cfg.simulation, cfg.remote)
-    for role in (explainer, simulator):
+    judges = {name: build_role(node, Simulator, cfg.simulation, cfg.remote)
+              for name, node in (cfg.get("judges") or {}).items() if node != cfg.simulator}
+    for role in (explainer, simulator, *judges.values()):
         if isinstance(getattr(role, "backend", None), Backend):
             role.backend.load()
-    simulator.check()
+    for role in (simulator, *judges.values()):
+        role.check()
     records = subject.records(cfg, neurons, run_dir)
     for role in (explainer, simulator):
         if hasattr(role, "prepare"):  # baselines that need every neuron (e.g. shuffled)
@@ -209,7 +297,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if done:
         log.info("Resuming: %d neurons already done, %d to go", len(done), len(todo))
     with open(out, "a") as sink, ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
-        futures = [pool.submit(process, r, explainer, simulator, cfg) for r in todo]
+        futures = [pool.submit(process, r, explainer, simulator, cfg, judges) for r in todo]
         try:
             for future in as_completed(futures):
                 row = future.result()
@@ -233,7 +321,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             print(f"{role}: {stats['requests']} requests, {stats['cache_hits']} from cache, "
                   f"{stats['retries']} retries, {stats['prompt_tokens']}+"
                   f"{stats['completion_tokens']} tokens, cost {cost}")
+    r3 = lambda x: None if x is None else round(x, 3)
+    judged = "".join(f", {name} judge {r3(j['mean_score'])}" for name, j in summary["judges"].items())
     print(f"{summary['n_neurons']} neurons, {summary['n_failed']} failed, mean test correlation "
-          f"{summary['mean_score'] if summary['mean_score'] is None else round(summary['mean_score'], 3)}"
-          f" -> {run_dir}")
+          f"{r3(summary['mean_score'])} ({OmegaConf.select(cfg, 'simulator._target_', default='?').split('.')[-1]})"
+          f"{judged} -> {run_dir}")
     return summary

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 import neuronlens.pipeline as pipeline
 from neuronlens.cli import CONF_DIR
@@ -51,7 +52,7 @@ def test_every_config_option_composes_and_instantiates(tmp_path):
         for option in options:
             extra = [f"corpus.paths=[{tmp_path}]"] if (group, option) == ("corpus", "files") else []
             cfg = config([f"{group}={option}", *extra])
-            if group != "subject":
+            if group != "subject" and not OmegaConf.missing_keys(cfg[group]):  # e.g. load's path
                 assert instantiate(cfg[group]) is not None, (group, option)
 
 

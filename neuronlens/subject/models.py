@@ -193,3 +193,14 @@ def _load(model: str, device: str, dtype: str):
             f"local model directory, a .gguf file, or one of: {', '.join(sorted(EMBEDDED))}.") from e
     lm.to(device).eval()
     return lm, tokenizer
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(model: str):
+    """The tokenizer of ``model`` alone (for subjects that need tokens but no network)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve(model))
+    except (OSError, ValueError) as e:
+        raise SubjectError(f"Could not load the tokenizer of {model!r}: {str(e).strip()[:200]}") from e
