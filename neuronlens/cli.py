@@ -9,6 +9,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
 from neuronlens.errors import UserError
 
@@ -17,10 +18,13 @@ log = logging.getLogger("neuronlens")
 
 
 def user_error(e: BaseException) -> UserError | None:
-    """The UserError behind ``e``, looking through Hydra's instantiation wrapper."""
+    """The UserError behind ``e``, looking through Hydra's instantiation wrapper; a setting the
+    config leaves mandatory (``???``) and the command line did not give counts as one too."""
     while e is not None:
         if isinstance(e, UserError):
             return e
+        if isinstance(e, MissingMandatoryValue):
+            return UserError(f"{e.full_key} must be set, e.g. `{e.full_key}=...` on the command line.")
         e = e.__cause__
     return None
 

@@ -1,0 +1,99 @@
+"""A run's scored simulations in OpenAI's format, for their viewer and code.
+
+``export_run(run_dir)`` writes, per finished neuron, one ``NeuronSimulationResults`` line into
+``{out_dir}/{layer}/{index}.jsonl`` (the layout of OpenAI's published explanations, so
+``explainer=load explainer.path=<out_dir>`` reads it back), built from ``neurons.jsonl``:
+
+    NeuronSimulationResults(neuron_id, scored_explanations=[ScoredExplanation(
+        explanation, ScoredSimulation(scored_sequence_simulations=[ScoredSequenceSimulation(
+            SequenceSimulation(tokens, expected_activations, activation_scale,
+                               distribution_values, distribution_probabilities,
+                               uncalibrated_simulation),
+            true_activations, ev_correlation_score, rsquared_score, absolute_dev_explained_score)
+        ], ev_correlation_score, rsquared_score, absolute_dev_explained_score))])
+
+Every object carries its ``dataclass_name``, as OpenAI's ``fast_dataclasses`` expects. Only the
+chosen explanation was simulated on the test excerpts, so it is the one exported. Rows keep no
+per-token distributions, so ``distribution_values`` / ``distribution_probabilities`` are empty.
+An undefined score (constant activations) is ``null``, as OpenAI's files have it for NaN. With
+``scoring.calibrate``, expected activations are the calibrated ones (``neuron_activations``
+scale) and the raw simulation is the ``uncalibrated_simulation``. Failed neurons are skipped.
+The records themselves are written by ``Recording.export_openai``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from neuronlens.errors import UserError
+from neuronlens.records import NeuronId
+from neuronlens.score import score
+
+SIMULATED_SCALE = "simulated_normalized_activations"
+NEURON_SCALE = "neuron_activations"
+
+
+def sequence_simulation(tokens: list[str], expected: list[float], scale: str,
+                        uncalibrated: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"dataclass_name": "SequenceSimulation", "tokens": tokens,
+            "expected_activations": expected, "activation_scale": scale,
+            "distribution_values": [], "distribution_probabilities": [],
+            "uncalibrated_simulation": uncalibrated}
+
+
+def scored_sequence(excerpt: dict[str, Any], calibration: dict[str, float] | None) -> dict[str, Any]:
+    simulation = sequence_simulation(excerpt["tokens"], excerpt["simulated"], SIMULATED_SCALE)
+    expected = excerpt["simulated"]
+    if calibration:
+        expected = [calibration["slope"] * v + calibration["intercept"] for v in expected]
+        simulation = sequence_simulation(excerpt["tokens"], expected, NEURON_SCALE, simulation)
+    s = score([excerpt["true"]], [expected])
+    return {"dataclass_name": "ScoredSequenceSimulation", "simulation": simulation,
+            "true_activations": excerpt["true"], "ev_correlation_score": s.correlation,
+            "rsquared_score": s.r_squared, "absolute_dev_explained_score": s.absolute_dev_explained}
+
+
+def simulation_results(row: dict[str, Any]) -> dict[str, Any]:
+    """One finished row of ``neurons.jsonl`` as an OpenAI ``NeuronSimulationResults`` object."""
+    scores = row.get("scores") or {}
+    calibration = scores.get("calibration") if scores.get("test_calibrated") else None
+    overall = scores["test_calibrated"] if calibration else (scores.get("test") or {}).get("all") or {}
+    sequences = [scored_sequence(e, calibration) for e in row.get("test_excerpts") or []]
+    scored = {"dataclass_name": "ScoredSimulation", "scored_sequence_simulations": sequences,
+              "ev_correlation_score": overall.get("correlation"),
+              "rsquared_score": overall.get("r_squared"),
+              "absolute_dev_explained_score": overall.get("absolute_dev_explained")}
+    return {"dataclass_name": "NeuronSimulationResults",
+            "neuron_id": NeuronId(row["layer"], row["index"]).to_json(),
+            "scored_explanations": [{"dataclass_name": "ScoredExplanation",
+                                     "explanation": row["explanation"], "scored_simulation": scored}]}
+
+
+def export_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
+    """Write ``{out_dir}/{layer}/{index}.jsonl`` per scored neuron of ``run_dir`` (default
+    ``out_dir``: ``run_dir/openai``); returns the paths written."""
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "openai"
+    source = run_dir / "neurons.jsonl"
+    if not source.is_file():
+        raise UserError(f"{run_dir} has no neurons.jsonl; give the directory of a neuronlens run.")
+    paths = []
+    lines = source.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):  # a last line cut off by a crash: that neuron is not done
+                continue
+            raise UserError(f"{source} line {n} is not valid JSON.") from None
+        if row.get("explanation") is None or not row.get("test_excerpts"):
+            continue
+        path = out_dir / str(row["layer"]) / f"{row['index']}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(simulation_results(row)) + "\n", encoding="utf-8")
+        paths.append(path)
+    return paths

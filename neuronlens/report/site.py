@@ -1,0 +1,181 @@
+"""The neuron viewer: a self-contained HTML site for one run directory.
+
+``write_site(run_dir)`` reads ``neurons.jsonl`` and ``summary.json`` and writes ``viewer/index.html``
+(every neuron in a table, sortable by score and by layer, with a search box over the explanations)
+and one page per neuron, ``viewer/neurons/L{layer}_N{index}.html``: its explanations, its scores,
+and each test excerpt drawn token by token, shaded by the true activation, with the simulated
+activation in a strip under each token and the exact values on hover.
+
+Nothing is fetched from elsewhere: CSS and JS are inline, so the site works from ``file://``. All
+text from the corpus and the explainer goes through Jinja's autoescape; no data is put in a script.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, FileSystemLoader
+
+from neuronlens.errors import UserError
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+SIMULATED_SCALE = 10.0  # the simulator predicts on 0-10, 10 meaning the neuron's max activation
+POSITIVE, NEGATIVE, SIMULATED, JUDGE = (34, 139, 34), (200, 30, 120), (40, 90, 220), (230, 140, 0)
+VISIBLE = {"\n": "↵", "\r": "␍", "\t": "⇥"}
+
+
+def page_name(layer: int, index: int) -> str:
+    return f"L{layer}_N{index}.html"
+
+
+def shade(value: float | None, scale: float, colour: tuple[int, int, int],
+          negative: tuple[int, int, int] | None = None) -> str:
+    """A CSS background for ``value``: the hue's alpha grows with ``|value| / scale``."""
+    if value is None or not math.isfinite(value) or scale <= 0:
+        return "transparent"
+    rgb = negative if value < 0 and negative else colour
+    alpha = min(1.0, abs(value) / scale) if (value >= 0 or negative) else 0.0
+    return f"rgba({rgb[0]}, {rgb[1]}, {rgb[2]}, {alpha:.3f})"
+
+
+def show_token(token: str) -> str:
+    """A token as drawn: newlines, tabs and CRs as visible marks (spaces stay, in `pre` style)."""
+    for raw, mark in VISIBLE.items():
+        token = token.replace(raw, mark)
+    return token if token else "∅"
+
+
+def read_rows(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "neurons.jsonl"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no neurons.jsonl; give the directory of a neuronlens run.")
+    rows, lines = [], path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines):  # a last line cut off by a crash: that neuron is not done yet
+                continue
+            raise UserError(f"{path} line {n} is not valid JSON.") from None
+    return sorted(rows, key=lambda r: (r["layer"], r["index"]))
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested dicts as ``(a.b.c, value)`` rows, for scores of unknown shape (judges)."""
+    if not isinstance(d, dict):
+        return [(prefix or "value", d)]
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        out += flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    return out
+
+
+def _excerpt(ex: dict[str, Any], i: int, scale: float,
+             judges: list[tuple[str, list | None, float]]) -> dict[str, Any]:
+    tokens = []
+    for j, (tok, true) in enumerate(zip(ex["tokens"], ex["true"])):
+        sim = ex["simulated"][j] if ex.get("simulated") and j < len(ex["simulated"]) else None
+        strips = [{"name": name, "value": vals[j], "bg": shade(vals[j], jscale, JUDGE, NEGATIVE)}
+                  for name, vals, jscale in judges if vals is not None and j < len(vals)]
+        tokens.append({"text": show_token(tok), "newline": "\n" in tok, "true": true, "sim": sim,
+                       "true_bg": shade(true, scale, POSITIVE, NEGATIVE),
+                       "sim_bg": shade(sim, SIMULATED_SCALE, SIMULATED, NEGATIVE),
+                       "judges": strips})
+    return {"kind": ex.get("kind", ""), "n": i + 1, "tokens": tokens,
+            "max_true": max(ex["true"], default=0.0)}
+
+
+def neuron_view(row: dict[str, Any]) -> dict[str, Any]:
+    """What the neuron page shows, computed here so the template only lays it out."""
+    excerpts = row.get("test_excerpts") or []
+    scale = row.get("max_activation") or 0.0
+    if scale <= 0:
+        scale = max((abs(a) for ex in excerpts for a in ex["true"]), default=0.0)
+    judges = []
+    for name, judge in (row.get("judges") or {}).items():
+        sims = judge.get("test_simulated") or []
+        finite = [abs(v) for s in sims if s for v in s if v is not None and math.isfinite(v)]
+        judges.append({"name": name, "score": judge.get("score"),
+                       "scores": flatten(judge.get("scores") or {}), "sims": sims,
+                       "scale": max(finite, default=0.0)})
+    views = []
+    for i, ex in enumerate(excerpts):
+        per_judge = [(j["name"], j["sims"][i] if i < len(j["sims"]) else None, j["scale"])
+                     for j in judges]
+        views.append(_excerpt(ex, i, scale, per_judge))
+    test = (row.get("scores") or {}).get("test") or {}
+    score_rows = [{"name": f"test {k}", **v} for k, v in test.items() if isinstance(v, dict)]
+    calibrated = (row.get("scores") or {}).get("test_calibrated")
+    if calibrated:
+        score_rows.append({"name": "test all, calibrated", **calibrated})
+    return {"row": row, "excerpts": views, "scale": scale, "score_rows": score_rows,
+            "calibration": (row.get("scores") or {}).get("calibration"), "judges": judges,
+            "candidates": row.get("explanations") or []}
+
+
+def environment() -> Environment:
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True,
+                      trim_blocks=True, lstrip_blocks=True)
+    env.filters["fmt"] = fmt
+    env.filters["exact"] = lambda v: "–" if v is None else repr(float(v))
+    env.globals["page_name"] = page_name
+    return env
+
+
+def role_name(run_dir: Path, summary: dict[str, Any], role: str) -> str | None:
+    """The explainer's or simulator's model as the summary names it, or else what the run's
+    settings say (``experiment.json``): e.g. the file that ``explainer=load`` read."""
+    if summary.get(role):
+        return str(summary[role])
+    try:
+        node = json.loads((run_dir / "experiment.json").read_text()).get(role) or {}
+    except (OSError, ValueError):
+        return None
+    if not isinstance(node, dict):
+        return None
+    named = node.get("model") or node.get("path")
+    kind = str(node.get("_target_", "")).rsplit(".", 1)[-1]
+    return f"{kind} {named}".strip() if named else (kind or None)
+
+
+def write_site(run_dir: Path, out_dir: Path | None = None) -> Path:
+    """Write the viewer for ``run_dir`` into ``out_dir`` (default ``run_dir/viewer``); returns the
+    path of its ``index.html``."""
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "viewer"
+    rows = read_rows(run_dir)
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    scored = [r["score"] for r in rows if r.get("score") is not None]
+    header = {"title": run_dir.resolve().name, "subject": summary.get("subject"),
+              "explainer": role_name(run_dir, summary, "explainer"),
+              "simulator": role_name(run_dir, summary, "simulator"),
+              "n_neurons": len(rows), "n_failed": sum(1 for r in rows if r.get("score") is None),
+              "mean_score": summary.get("mean_score",
+                                        sum(scored) / len(scored) if scored else None)}
+    judge_names = sorted({name for r in rows for name in (r.get("judges") or {})})
+    env = environment()
+    (out_dir / "neurons").mkdir(parents=True, exist_ok=True)
+    page = env.get_template("viewer_neuron.html")
+    for i, row in enumerate(rows):
+        nav = {"prev": page_name(rows[i - 1]["layer"], rows[i - 1]["index"]) if i > 0 else None,
+               "next": page_name(rows[i + 1]["layer"], rows[i + 1]["index"]) if i + 1 < len(rows) else None}
+        html = page.render(header=header, nav=nav, **neuron_view(row))
+        (out_dir / "neurons" / page_name(row["layer"], row["index"])).write_text(html, encoding="utf-8")
+    index = out_dir / "index.html"
+    index.write_text(env.get_template("viewer_index.html").render(header=header, rows=rows,
+                                                           judge_names=judge_names), encoding="utf-8")
+    return index
