@@ -312,7 +312,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     rows = [done[(nid.layer, nid.index)] for nid in neurons if (nid.layer, nid.index) in done]
     summary = summarise(rows, time.perf_counter() - start, cfg, subject.name)
     summary["remote"] = {role: backend_stats(obj) for role, obj in
-                         (("explainer", explainer), ("simulator", simulator))}
+                         (("explainer", explainer), ("simulator", simulator),
+                          *((f"judge:{name}", j) for name, j in judges.items()))}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(table(rows))
     for role, stats in summary["remote"].items():
