@@ -25,7 +25,8 @@ def test_shards_partition_the_neurons():
 
 
 def app(tmp_path: Path, model_dir: Path, corpus: Path, *overrides: str, multirun=False) -> None:
-    cmd = [sys.executable, "-m", "neuronlens", *(["-m"] if multirun else []), "subject=synthetic", f"subject.tokenizer={model_dir}",
+    cmd = [sys.executable, "-m", "neuronlens", *(["-m"] if multirun else []),
+           "subject=synthetic", f"subject.tokenizer={model_dir}",
            "corpus=files", f"corpus.paths=[{corpus}]", "explainer=truth",
            f"simulator.model={model_dir}", "simulator.device=cpu", "recording.window=16",
            "recording.top_k=8", "recording.n_random=8", "progress=false", *overrides]

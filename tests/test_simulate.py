@@ -136,6 +136,14 @@ def _tiny_model(arch: str, tokenizer, seed: int = 0):
         model = LlamaForCausalLM(LlamaConfig(
             vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096))
+    elif arch == "gemma3":  # a sliding window far shorter than the prompts, next to a full layer
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        model = Gemma3ForCausalLM(Gemma3TextConfig(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"], max_position_embeddings=4096,
+            attn_implementation="eager"))
     else:
         model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4,
                                            n_positions=4096, tie_word_embeddings=False,
@@ -357,7 +365,7 @@ def _explicit(model, tokenizer, req: PromptLogprobRequest):
 
 
 EXACT_CASES = [("smollm2", "llama"), ("smollm2", "gpt2"), ("tab", "llama"), ("tab", "gpt2"),
-               ("gemma3", "llama")]
+               ("gemma3", "llama"), ("smollm2", "gemma3")]
 
 
 @pytest.mark.parametrize("tokenizer,arch", EXACT_CASES, indirect=["tokenizer"])
@@ -394,7 +402,7 @@ def _five_requests():
 
 
 @pytest.mark.parametrize("tokenizer,arch", [("smollm2", "llama"), ("smollm2", "gpt2"),
-                                            ("tab", "llama"), ("tab", "gpt2")],
+                                            ("tab", "llama"), ("tab", "gpt2"), ("smollm2", "gemma3")],
                          indirect=["tokenizer"])
 def test_prefix_reuse_equals_naive_and_keeps_order(tokenizer, arch):
     model = _tiny_model(arch, tokenizer, seed=1)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from transformers import DynamicCache
 
 from neuronlens.backends.base import (
     Backend,
@@ -170,9 +171,10 @@ class LocalBackend(Backend):
         P = min([P] + [q.j - 1 for _, qs in encoded for q in qs] + [len(ids) - 1 for ids, _ in encoded])
         device = next(self.model.parameters()).device
         cache = None
-        if P > 0:
+        if P > 0:  # a plain cache keeps every prefix token, also for sliding-window layers
             cache = self.model.base_model(input_ids=torch.tensor([encoded[0][0][:P]], device=device),
-                                          use_cache=True).past_key_values  # no LM head needed
+                                          past_key_values=DynamicCache(), use_cache=True
+                                          ).past_key_values  # no LM head needed
         results: list[TokenDistributions | None] = [None] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: -len(encoded[i][0]))  # batch by length
         for start in range(0, len(order), self.batch_size):
@@ -216,15 +218,24 @@ class LocalBackend(Backend):
                 allowed[b, row, :] = False
                 allowed[b, row, P + row] = True
         dtype = next(self.model.parameters()).dtype
-        mask = torch.zeros(B, 1, L, P + L, dtype=dtype)
-        mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+        def additive(ok: torch.Tensor) -> torch.Tensor:
+            mask = torch.zeros(B, 1, L, P + L, dtype=dtype)
+            return mask.masked_fill_(~ok[:, None], torch.finfo(dtype).min).to(device)
+
+        mask = additive(allowed)
+        window = self._sliding_window()
+        if window:  # models mixing full and sliding-window layers (Gemma 2/3) get a mask for each
+            keys = torch.cat([torch.arange(P).expand(B, P), position_ids], dim=1)  # [B, P+L]
+            near = position_ids[:, :, None] - keys[:, None, :] < window
+            mask = {"full_attention": mask, "sliding_attention": additive(allowed & near)}
         past = None
         if cache is not None:
             past = copy.deepcopy(cache)
             past.batch_repeat_interleave(B)
         hidden = self.model.base_model(
             input_ids=input_ids.to(device), position_ids=position_ids.to(device),
-            attention_mask=mask.to(device), past_key_values=past, use_cache=past is not None,
+            attention_mask=mask, past_key_values=past, use_cache=past is not None,
         ).last_hidden_state
         out = []
         for b, (tokens, _pos, _parents, slot_of, S) in enumerate(rows):
@@ -249,6 +260,12 @@ class LocalBackend(Backend):
                 probs.append(tuple(x / total for x in p) if total > 0 else tuple(p))
             out.append((tuple(probs), tuple(mass), len(tokens)))
         return out
+
+    def _sliding_window(self) -> int | None:
+        """The window of the model's sliding-window layers, if it has both kinds of layer."""
+        config = self.model.config.get_text_config()
+        kinds = set(getattr(config, "layer_types", None) or ())
+        return getattr(config, "sliding_window", None) if "sliding_attention" in kinds else None
 
     def _log_softmax(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.get_output_embeddings()(hidden).float()
