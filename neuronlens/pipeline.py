@@ -325,6 +325,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     r3 = lambda x: None if x is None else round(x, 3)
     judged = "".join(f", {name} judge {r3(j['mean_score'])}" for name, j in summary["judges"].items())
     print(f"{summary['n_neurons']} neurons, {summary['n_failed']} failed, mean test correlation "
-          f"{r3(summary['mean_score'])} ({OmegaConf.select(cfg, 'simulator._target_', default='?').split('.')[-1]})"
+          f"{r3(summary['mean_score'])} (simulator {summary['choices'].get('simulator') or summary['simulator']})"
           f"{judged} -> {run_dir}")
     return summary

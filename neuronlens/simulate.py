@@ -102,7 +102,9 @@ FEWSHOT: tuple[tuple[str, list[tuple[str, int]]], ...] = (
 
 @dataclass(frozen=True)
 class SimulationResult:
-    """Per excerpt: expected activations (0-10 scale) and distributions, or None where it failed."""
+    """Per excerpt: expected activations (0-10 scale), None where it failed; and the
+    distributions behind them (None for simulators that predict values directly, such as the
+    embedding judge)."""
 
     expected: tuple[tuple[float, ...] | None, ...]
     distributions: tuple[tuple[tuple[float, ...], ...] | None, ...]

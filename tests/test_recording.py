@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from scipy import stats as sps
 
-import neuronlens.pipeline as pipeline
+import neuronlens.subject.transformer as transformer
 from neuronlens.pipeline import recording_for, select_neurons
 from neuronlens.records import NeuronId, NeuronRecord
 from neuronlens.subject.hooks import neuron_hooks
@@ -317,8 +317,8 @@ def test_recording_cache_is_reused_across_run_dirs(tiny_llama_dir, tmp_path, mon
     cfg = _cfg(tiny_llama_dir, text)
 
     calls = []
-    real_record = pipeline.record
-    monkeypatch.setattr(pipeline, "record", lambda *a, **kw: calls.append(1) or real_record(*a, **kw))
+    real_record = transformer.record
+    monkeypatch.setattr(transformer, "record", lambda *a, **kw: calls.append(1) or real_record(*a, **kw))
     first = recording_for(cfg, model, tokenizer, neurons, tmp_path / "run1")
     assert calls == [1]
     assert (tmp_path / "run1" / "recording" / "manifest.json").exists()
@@ -327,7 +327,7 @@ def test_recording_cache_is_reused_across_run_dirs(tiny_llama_dir, tmp_path, mon
     def no_record(*_a, **_kw):
         raise AssertionError("recorded again instead of using the cache")
 
-    monkeypatch.setattr(pipeline, "record", no_record)
+    monkeypatch.setattr(transformer, "record", no_record)
     second = recording_for(cfg, model, tokenizer, neurons, tmp_path / "run2")
     assert (tmp_path / "run2" / "recording" / "manifest.json").exists()
     for name in ("top_tokens", "top_acts", "top_max", "random_tokens", "random_acts", "moments"):
@@ -335,7 +335,7 @@ def test_recording_cache_is_reused_across_run_dirs(tiny_llama_dir, tmp_path, mon
     assert second.neurons == neurons and second.token_strings == first.token_strings
 
     # a changed corpus file, or cache=false, must record again
-    monkeypatch.setattr(pipeline, "record", lambda *a, **kw: calls.append(2) or real_record(*a, **kw))
+    monkeypatch.setattr(transformer, "record", lambda *a, **kw: calls.append(2) or real_record(*a, **kw))
     text.write_text(text.read_text() + "\nOne more sentence about the weather in spring.")
     recording_for(cfg, model, tokenizer, neurons, tmp_path / "run3")
     recording_for(_cfg(tiny_llama_dir, text, cache=False), model, tokenizer, neurons,
