@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 def test_default_run_end_to_end_and_resume(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "neuronlens", f"hydra.run.dir={run_dir}", "progress=false"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=2400)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "neurons.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -26,6 +26,10 @@ def test_default_run_end_to_end_and_resume(tmp_path):
         assert -1.0 <= r["score"] <= 1.0 and r["explanation"]
         assert r["test_excerpts"] and all(len(e["tokens"]) == 64 for e in r["test_excerpts"])
     assert (run_dir / "recording" / "arrays.safetensors").exists()
+    # the embedding judge scores every kept explanation too, on the same excerpts
+    assert all(len(r["judges"]["embedding"]["test_simulated"]) == len(r["test_excerpts"]) for r in scored)
+    assert summary["judges"]["embedding"]["n"] == sum(
+        r["judges"]["embedding"]["score"] is not None for r in scored)
 
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -117,7 +117,7 @@ def varying_overrides(runs: list[Run]) -> dict[str, dict[str, str]]:
     parsed = {str(r.path): dict(_parse(o) for o in r.overrides) for r in runs if r.finished}
     keys = {k for d in parsed.values() for k in d}
     varying = {k for k in keys if len({d.get(k) for d in parsed.values()}) > 1}
-    skip = set(SHARD_KEYS) | set(GROUPS)
+    skip = set(SHARD_KEYS) | set(GROUPS) | {"experiment"}  # a preset: its settings show already
     shown = lambda k: (k in varying and k not in skip and "@" not in k and not k.startswith("hydra")  # noqa: E731
                        and not (k.endswith(".model") and _role_of(k) != "setting"))  # names show models
     return {path: {k: v for k, v in d.items() if shown(k)} for path, d in parsed.items()}
