@@ -27,8 +27,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from neuronlens.errors import UserError
 from neuronlens.records import NeuronId
+from neuronlens.report.runs import rows_of_run
 from neuronlens.score import score
 
 SIMULATED_SCALE = "simulated_normalized_activations"
@@ -76,20 +76,8 @@ def export_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     ``out_dir``: ``run_dir/openai``); returns the paths written."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "openai"
-    source = run_dir / "neurons.jsonl"
-    if not source.is_file():
-        raise UserError(f"{run_dir} has no neurons.jsonl; give the directory of a neuronlens run.")
     paths = []
-    lines = source.read_text(encoding="utf-8").splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):  # a last line cut off by a crash: that neuron is not done
-                continue
-            raise UserError(f"{source} line {n} is not valid JSON.") from None
+    for row in rows_of_run(run_dir):
         if row.get("explanation") is None or not row.get("test_excerpts"):
             continue
         path = out_dir / str(row["layer"]) / f"{row['index']}.jsonl"

@@ -94,7 +94,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of neurons.jsonl; a last line cut off by a crash is skipped (that neuron is unfinished)."""
     if not path.exists():
         return []
-    lines = path.read_text().splitlines()
+    lines = path.read_text(encoding="utf-8").splitlines()
     rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -106,6 +106,14 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
                 break
             raise UserError(f"{path} line {n} is not valid JSON ({e.msg}).") from e
     return rows
+
+
+def rows_of_run(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of a run directory's neurons.jsonl, with a clear error when it has none."""
+    path = Path(run_dir) / "neurons.jsonl"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no neurons.jsonl; give the directory of a neuronlens run.")
+    return read_rows(path)
 
 
 def load_run(path: Path) -> Run:

@@ -19,7 +19,7 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader
 
-from neuronlens.errors import UserError
+from neuronlens.report.runs import rows_of_run
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 SIMULATED_SCALE = 10.0  # the simulator predicts on 0-10, 10 meaning the neuron's max activation
@@ -46,23 +46,6 @@ def show_token(token: str) -> str:
     for raw, mark in VISIBLE.items():
         token = token.replace(raw, mark)
     return token if token else "∅"
-
-
-def read_rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "neurons.jsonl"
-    if not path.is_file():
-        raise UserError(f"{run_dir} has no neurons.jsonl; give the directory of a neuronlens run.")
-    rows, lines = [], path.read_text(encoding="utf-8").splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if n == len(lines):  # a last line cut off by a crash: that neuron is not done yet
-                continue
-            raise UserError(f"{path} line {n} is not valid JSON.") from None
-    return sorted(rows, key=lambda r: (r["layer"], r["index"]))
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -156,7 +139,7 @@ def write_site(run_dir: Path, out_dir: Path | None = None) -> Path:
     path of its ``index.html``."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "viewer"
-    rows = read_rows(run_dir)
+    rows = sorted(rows_of_run(run_dir), key=lambda r: (r["layer"], r["index"]))
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     scored = [r["score"] for r in rows if r.get("score") is not None]
