@@ -47,6 +47,28 @@ def build_role(node: DictConfig, wrap, options: DictConfig, remote: DictConfig):
     return wrap(obj, **options)
 
 
+def build_roles(cfg: DictConfig) -> tuple[Any, Any, dict[str, Any]]:
+    """The explainer, the simulator and the second judges, loaded and checked: a missing key or
+    a strategy a backend cannot run fails here, before anything slow."""
+    explainer = build_role(cfg.explainer, Explainer, cfg.explain, cfg.remote)
+    simulator = build_role(cfg.simulator, Simulator, cfg.simulation, cfg.remote)
+    judges = {name: build_role(node, Simulator, cfg.simulation, cfg.remote)
+              for name, node in (cfg.get("judges") or {}).items() if node != cfg.simulator}
+    for role in (explainer, simulator, *judges.values()):
+        if isinstance(getattr(role, "backend", None), Backend):
+            role.backend.load()
+    for role in (simulator, *judges.values()):
+        role.check()
+    return explainer, simulator, judges
+
+
+def prepare_roles(roles, records: list[NeuronRecord], cfg: DictConfig) -> None:
+    """Give the roles that need every neuron (the shuffled and truth baselines) the records."""
+    for role in roles:
+        if hasattr(role, "prepare"):
+            role.prepare(records, cfg.scoring.split_seed)
+
+
 def backend_stats(role) -> dict[str, Any] | None:
     """Requests, cache hits, tokens and dollars of a role's remote backend (None when local)."""
     backend = getattr(role, "backend", None)
@@ -278,19 +300,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     neurons = shard(subject.select(cfg.neurons, cfg.seed), cfg.neurons.get("shard"),
                     cfg.neurons.get("n_shards", 1))
     # roles first: a missing key or a strategy the backend cannot run fails now, not after recording
-    explainer = build_role(cfg.explainer, Explainer, cfg.explain, cfg.remote)
-    simulator = build_role(cfg.simulator, Simulator, cfg.simulation, cfg.remote)
-    judges = {name: build_role(node, Simulator, cfg.simulation, cfg.remote)
-              for name, node in (cfg.get("judges") or {}).items() if node != cfg.simulator}
-    for role in (explainer, simulator, *judges.values()):
-        if isinstance(getattr(role, "backend", None), Backend):
-            role.backend.load()
-    for role in (simulator, *judges.values()):
-        role.check()
+    explainer, simulator, judges = build_roles(cfg)
     records = subject.records(cfg, neurons, run_dir)
-    for role in (explainer, simulator):
-        if hasattr(role, "prepare"):  # baselines that need every neuron (e.g. shuffled)
-            role.prepare(records, cfg.scoring.split_seed)
+    prepare_roles((explainer, simulator), records, cfg)
     out = run_dir / "neurons.jsonl"
     done = finished(out)
     todo = [r for r in records if (r.neuron_id.layer, r.neuron_id.index) not in done]

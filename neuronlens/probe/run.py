@@ -14,9 +14,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from neuronlens.backends.base import Backend
-from neuronlens.explain import Explainer
-from neuronlens.pipeline import build_role, process, recording_for, table
+from neuronlens.pipeline import build_roles, prepare_roles, process, recording_for, table
 from neuronlens.probe import report, trace
 from neuronlens.probe.activations import columns, pooled_activations, token_activations
 from neuronlens.probe.data import Dataset, load
@@ -24,7 +22,6 @@ from neuronlens.probe.fit import (L1Probe, Threshold, best_single, curve_sizes, 
                                   fit_l1, thresholds)
 from neuronlens.probe.steer import parse_neurons, steering_effect
 from neuronlens.records import NeuronId
-from neuronlens.simulate import Simulator
 from neuronlens.subject.hooks import check_neuron, hook_point, n_layers
 from neuronlens.subject.models import load_model
 
@@ -51,16 +48,9 @@ def checked(model, spec, key: str) -> list[NeuronId] | None:
 
 
 def roles(cfg: DictConfig):
-    """Explainer and simulator, built and checked up front as `neuronlens` does (or None)."""
-    if cfg.probe.explain < 1:
-        return None, None
-    explainer = build_role(cfg.explainer, Explainer, cfg.explain, cfg.remote)
-    simulator = build_role(cfg.simulator, Simulator, cfg.simulation, cfg.remote)
-    for role in (explainer, simulator):
-        if isinstance(getattr(role, "backend", None), Backend):
-            role.backend.load()
-    simulator.check()
-    return explainer, simulator
+    """Explainer, simulator and second judges, built and checked up front as `neuronlens` does
+    (or None)."""
+    return build_roles(cfg) if cfg.probe.explain >= 1 else None
 
 
 def top_neurons(probe: L1Probe, neurons: list[NeuronId], data: Dataset, X: dict, k: int) -> list[dict]:
@@ -79,13 +69,15 @@ def top_neurons(probe: L1Probe, neurons: list[NeuronId], data: Dataset, X: dict,
     return out
 
 
-def explain_top(cfg, model, tokenizer, top: list[dict], explainer, simulator, run_dir: Path) -> None:
+def explain_top(cfg, model, tokenizer, top: list[dict], built, run_dir: Path) -> None:
     """Record the top neurons over the configured corpus, then explain, simulate and score each
     exactly as `neuronlens` does; the rows go to neurons.jsonl and into ``top``."""
     chosen = top[:cfg.probe.explain]
     neurons = [NeuronId(t["layer"], t["index"]) for t in chosen]
-    recording = recording_for(cfg, model, tokenizer, neurons, run_dir)
-    rows = [process(r, explainer, simulator, cfg) for r in recording.neuron_records()]
+    explainer, simulator, judges = built
+    records = list(recording_for(cfg, model, tokenizer, neurons, run_dir).neuron_records())
+    prepare_roles((explainer, simulator), records, cfg)
+    rows = [process(r, explainer, simulator, cfg, judges) for r in records]
     (run_dir / "neurons.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for t, row in zip(chosen, rows):
         t.update(explanation=row.get("explanation"), score=row.get("score"), error=row.get("error"))
@@ -114,7 +106,7 @@ def run(cfg: DictConfig, run_dir: Path, command: str = "neuronlens-probe") -> di
     model, tokenizer = load_model(cfg.subject.model, cfg.subject.device, cfg.subject.dtype)
     layers = probe_layers(model, p.layers)
     data = load(p, cfg.seed)
-    explainer, simulator = roles(cfg)
+    built = roles(cfg)
     steer_neurons = checked(model, cfg.steer.neuron, "steer.neuron")
     traced = (checked(model, p.trace.neuron, "probe.trace.neuron") or [None])[0]
     clock("setup")
@@ -132,8 +124,8 @@ def run(cfg: DictConfig, run_dir: Path, command: str = "neuronlens-probe") -> di
                             X["test"], data.test.labels, p.Cs,
                             curve_sizes(len(data.train), p.curve.sizes), p.curve.seeds, cfg.seed)
     clock("probe")
-    if explainer is not None and top:
-        explain_top(cfg, model, tokenizer, top, explainer, simulator, run_dir)
+    if built is not None and top:
+        explain_top(cfg, model, tokenizer, top, built, run_dir)
     clock("explain")
     first = NeuronId(top[0]["layer"], top[0]["index"]) if top else neurons[single.column]
     traced = traced or first
