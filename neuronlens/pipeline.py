@@ -17,7 +17,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from neuronlens.backends.base import Backend, TransientError
+from neuronlens.backends.base import Backend, TransientError, failure_kind
 from neuronlens.backends.policy import Policy
 from neuronlens.errors import UserError
 from neuronlens.explain import Explainer
@@ -43,7 +43,7 @@ def build_role(node: DictConfig, wrap, options: DictConfig, remote: DictConfig):
     if obj.remote:
         cache = (remote.cache_dir or cache_dir() / "responses") if remote.cache else None
         obj = Policy(obj, cache_dir=cache, max_retries=remote.max_retries,
-                     concurrency=remote.concurrency)
+                     concurrency=remote.concurrency, retry_budget=remote.get("retry_budget", 0.2))
     return wrap(obj, **options)
 
 
@@ -96,6 +96,7 @@ def judge(judges: dict[str, Any], explanation: str, top, rnd) -> dict[str, Any]:
                               [r for r, _ in ok_rnd], [e for _, e in ok_rnd])
         out[name] = {"score": scores["all"]["correlation"], "scores": {"test": scores},
                      "test_simulated": expected, "failed_excerpts": sim.n_failed,
+                     "failures": [f.to_json() for f in sim.failures],
                      "usage": [sim.usage.prompt_tokens, sim.usage.completion_tokens]}
     return out
 
@@ -110,30 +111,40 @@ def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig,
     row: dict[str, Any] = {"layer": neuron.neuron_id.layer, "index": neuron.neuron_id.index,
                            "max_activation": neuron.max_activation}
     usage = {"explainer": [0, 0], "simulator": [0, 0]}
-    failures = {"explanations": 0, "excerpts": 0}
+    failures: dict[str, Any] = {"explanations": 0, "excerpts": 0, "by_kind": {}}
+    failed_excerpts: list[dict] = []   # each with its stage, index, kind and message
 
-    def failed(reason: str) -> dict[str, Any]:
+    def failed(reason: str, kind: str) -> dict[str, Any]:
+        failures["by_kind"][kind] = failures["by_kind"].get(kind, 0) + 1
         return row | {"explanation": None, "score": None, "scores": {"test": None},
-                      "error": reason, "usage": usage, "failures": failures,
-                      "seconds": time.perf_counter() - start}
+                      "error": reason, "error_kind": kind, "usage": usage, "failures": failures,
+                      "failed_excerpts": failed_excerpts, "seconds": time.perf_counter() - start}
 
     shown = neuron.shown(sc.split_seed)
     if not shown:
-        return failed("no excerpt of this neuron fell in the train split")
+        return failed("no excerpt of this neuron fell in the train split", "no_train_excerpts")
     try:
         result = explainer.explain(shown, neuron=neuron)
     except TransientError as e:  # still failing after the policy's retries
         failures["explanations"] += 1
-        return failed(f"the explainer failed: {e}")
+        return failed(f"the explainer failed: {e}", failure_kind(e))
     usage["explainer"] = [result.prompt_tokens, result.completion_tokens]
     failures["explanations"] = result.n_failed
+    if result.n_failed:
+        failures["by_kind"]["unparsed_explanation"] = result.n_failed
+    masses: dict[int, tuple[float, ...]] = {}
 
-    def simulate(explanation: str, records):
+    def simulate(explanation: str, records, stage: str):
         sim = simulator.simulate(explanation, records)
         usage["simulator"][0] += sim.usage.prompt_tokens
         usage["simulator"][1] += sim.usage.completion_tokens
         failures["excerpts"] += sim.n_failed
+        for f in sim.failures:
+            failures["by_kind"][f.kind] = failures["by_kind"].get(f.kind, 0) + 1
+            failed_excerpts.append({"stage": stage} | f.to_json())
         kept = [(i, list(e)) for i, e in enumerate(sim.expected) if e is not None]
+        if stage == "test":
+            masses.update((i, sim.mass[i]) for i, _ in kept if i < len(sim.mass) and sim.mass[i])
         return [records[i] for i, _ in kept], [e for _, e in kept], [i for i, _ in kept]
 
     candidates = []
@@ -141,11 +152,11 @@ def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig,
     for text in result.explanations:
         entry = {"text": text}
         if len(result.explanations) > 1:
-            recs, sims, _ = simulate(text, valid)
+            recs, sims, _ = simulate(text, valid, "valid")
             entry["valid"] = score([r.activations for r in recs], sims).to_json()
         candidates.append(entry)
     if not candidates:
-        return failed("the explainer gave no usable explanation")
+        return failed("the explainer gave no usable explanation", "no_explanation")
 
     def valid_score(c: dict) -> float:
         r = (c.get("valid") or {}).get("correlation")
@@ -153,7 +164,7 @@ def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig,
 
     best = max(candidates, key=valid_score)
     test = split("test")
-    recs, sims, where = simulate(best["text"], test.top + test.random)  # one shared prefix
+    recs, sims, where = simulate(best["text"], test.top + test.random, "test")  # one shared prefix
     is_top = [i < len(test.top) for i in where]
     top_recs = [r for r, t in zip(recs, is_top) if t]
     top_sims = [x for x, t in zip(sims, is_top) if t]
@@ -162,7 +173,7 @@ def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig,
     scores = split_scores(top_recs, top_sims, rnd_recs, rnd_sims)
     row["scores"] = {"test": scores}
     if sc.calibrate:
-        recs, sims, _ = simulate(best["text"], split("calibration").all)
+        recs, sims, _ = simulate(best["text"], split("calibration").all, "calibration")
         if recs:
             calib = fit_calibration([r.activations for r in recs], sims)
             row["scores"]["calibration"] = calib.to_json()
@@ -171,11 +182,15 @@ def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig,
     excerpts = [{"kind": kind, "tokens": r.tokens, "true": r.activations, "simulated": s}
                 for kind, recs, sims in (("top", top_recs, top_sims), ("random", rnd_recs, rnd_sims))
                 for r, s in zip(recs, sims)]
+    for excerpt, i in zip(excerpts, where):   # tops first, then randoms, in both
+        if i in masses:   # the simulator's probability on "0".."10" before renormalising
+            excerpt["mass"] = [round(m, 4) for m in masses[i]]
     if judges:
         row["judges"] = judge(judges, best["text"], top_recs, rnd_recs)
     return row | {"explanation": best["text"], "explanations": candidates,
                   "score": scores["all"]["correlation"], "test_excerpts": excerpts,
-                  "usage": usage, "failures": failures, "seconds": time.perf_counter() - start}
+                  "usage": usage, "failures": failures, "failed_excerpts": failed_excerpts,
+                  "seconds": time.perf_counter() - start}
 
 
 EXPERIMENT = ("subject", "corpus", "neurons", "recording", "explainer", "explain", "simulator",
@@ -249,6 +264,7 @@ def summarise(rows: list[dict], wall: float, cfg: DictConfig, subject: str) -> d
         "judges": {name: {"mean_score": sum(v) / len(v) if v else None, "n": len(v)}
                    for name, v in judged.items()},
         "n_failed_excerpts": sum(r["failures"]["excerpts"] for r in rows),
+        "failures_by_kind": failures_by_kind(rows),
         "n_failed_explanations": sum(r["failures"]["explanations"] for r in rows),
         "tokens": {role: {"prompt": p, "completion": c} for role, (p, c) in tokens.items()},
         "wall_seconds": wall,
@@ -260,6 +276,15 @@ def summarise(rows: list[dict], wall: float, cfg: DictConfig, subject: str) -> d
         "shard": (None if cfg.neurons.get("shard") is None
                   else [cfg.neurons.shard, cfg.neurons.get("n_shards", 1)]),
     }
+
+
+def failures_by_kind(rows: list[dict]) -> dict[str, int]:
+    """Failed neurons, explanations and excerpts of the main simulator, counted by kind."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        for kind, n in (r["failures"].get("by_kind") or {}).items():
+            counts[kind] = counts.get(kind, 0) + n
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def choices() -> dict[str, str]:
@@ -336,6 +361,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                   f"{stats['completion_tokens']} tokens, cost {cost}")
     r3 = lambda x: None if x is None else round(x, 3)
     judged = "".join(f", {name} judge {r3(j['mean_score'])}" for name, j in summary["judges"].items())
+    if summary["failures_by_kind"]:
+        print(f"failures: {summary['n_failed_excerpts']} excerpts, {summary['n_failed_explanations']} "
+              "explanations, by kind: " + ", ".join(f"{k} {n}" for k, n in summary["failures_by_kind"].items()))
     print(f"{summary['n_neurons']} neurons, {summary['n_failed']} failed, mean test correlation "
           f"{r3(summary['mean_score'])} (simulator {summary['choices'].get('simulator') or summary['simulator']})"
           f"{judged} -> {run_dir}")

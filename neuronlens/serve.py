@@ -4,6 +4,15 @@ The model is loaded once at start-up and requests are answered one at a time (a 
 model), so many jobs can share it. Endpoints: ``GET /v1/models``; ``POST /v1/completions`` with
 the legacy ``logprobs``/``echo`` prompt scoring and vLLM's ``prompt_logprobs``;
 ``POST /v1/chat/completions`` with ``logprobs``/``top_logprobs``; ``GET /stats`` (request counts).
+
+Tests use it as a stand-in for a ``vllm serve`` server, so by default it answers as vLLM does:
+at most ``max_logprobs`` (20) logprobs per token, a 404 for a request naming another model
+(``strict_model``), ``prompt_token_ids``/``token_ids`` only when the request sets
+``return_token_ids``, and in the legacy ``logprobs`` object a ``text_offset`` that is a running
+sum of the returned tokens' lengths, starting with a BOS token's text where the tokenizer adds
+one. Echoed prompt tokens are written as OpenAI's legacy API wrote them: a token that is not
+valid UTF-8 on its own (part of a multi-byte character) reads ``bytes:\\xNN...``.
+
 ``faults`` makes successive POST requests misbehave in a cycle (429, 500, slow, truncated JSON,
 answers one entry short) so that clients' retry and validation paths meet a real server.
 ``start_server`` runs the server in a background thread, for tests and scripts.
@@ -20,6 +29,8 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import accumulate
+from pathlib import Path
 from typing import Any, Literal
 
 import httpx
@@ -32,6 +43,7 @@ from fastapi.responses import JSONResponse, Response
 from omegaconf import DictConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from starlette.exceptions import HTTPException
+from tokenizers import decoders
 
 from neuronlens.backends.base import Completion, GenerateRequest, Message, TokenLogprob
 from neuronlens.backends.local import LocalBackend
@@ -45,7 +57,7 @@ FAULTS = ("none", "429", "500", "slow", "truncated", "wrong_length")
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (top_p, user, ...)
 
-    model: str
+    model: str | None = None   # vLLM: none means the served model
     temperature: float = Field(1.0, ge=0)
     n: int = Field(1, ge=1, le=16)
 
@@ -64,6 +76,7 @@ class CompletionBody(_Body):
     logprobs: int | None = Field(None, ge=0)
     echo: bool = False
     prompt_logprobs: int | None = Field(None, ge=0)   # vLLM's extension
+    return_token_ids: bool | None = None             # vLLM's: prompt_token_ids and token_ids
 
 
 class TextPart(BaseModel):
@@ -114,6 +127,38 @@ def _piece(tok: Any, token_id: int) -> str:
     return tok.decode([token_id])
 
 
+def _byte_of_char() -> dict[str, int]:
+    """Byte-level BPE writes each byte as one printable character: printable Latin-1 bytes as
+    themselves, the other 68 as U+0100 onwards in byte order. This is the way back."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    char = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in char):
+        char[b] = chr(0x100 + n)
+    return {c: b for b, c in char.items()}
+
+
+BYTE_OF_CHAR = _byte_of_char()
+
+
+@lru_cache(maxsize=1 << 20)
+def _legacy_piece(tok: Any, token_id: int) -> str:
+    """A token as OpenAI's legacy completions wrote it: its text, or ``bytes:\\xNN...`` (the
+    hex of its bytes) where those bytes are not valid UTF-8 on their own. The bytes are known
+    for byte-level BPE tokenizers; for other tokenizers and added tokens, the decoded text."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if token_id in tok.added_tokens_decoder or not isinstance(getattr(backend, "decoder", None),
+                                                              decoders.ByteLevel):
+        return _piece(tok, token_id)
+    try:
+        raw = bytes(BYTE_OF_CHAR[c] for c in tok.convert_ids_to_tokens(token_id))
+    except KeyError:   # not a byte-level piece after all
+        return _piece(tok, token_id)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
 @torch.no_grad()
 def score_prompt(model: Any, ids: list[int], k: int) -> PromptScores:
     """One forward pass over ``ids``; log-softmax in float32 at every position."""
@@ -131,12 +176,12 @@ def score_prompt(model: Any, ids: list[int], k: int) -> PromptScores:
 @dataclass
 class ServerState:
     backend: LocalBackend
-    model_name: str
-    strict_model: bool = False
+    model_name: str                    # the served name requests must use (strict_model)
+    strict_model: bool = True          # like vLLM: 404 for a request naming another model
     faults: tuple[str, ...] = ()
     retry_after: float = 0.1
     slow_seconds: float = 5.0
-    max_logprobs: int | None = None    # like vLLM's --max-logprobs; None: any k
+    max_logprobs: int | None = 20      # like vLLM's --max-logprobs; None: any k
     requests: Counter = field(default_factory=Counter)       # by endpoint path
     fault_counts: Counter = field(default_factory=Counter)   # by fault name, POST requests only
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -153,11 +198,17 @@ def _maybe_cut(text: str, cut: bool) -> str:
     return text[:text.rstrip("\n").rfind("\n") + 1] if cut else text
 
 
-def _within(logprobs: tuple[TokenLogprob, ...], text: str) -> list[TokenLogprob]:
-    """The generated tokens that start inside ``text`` (a stop string may have cut it short)."""
-    starts = [sum(len(t.token) for t in logprobs[:i]) for i in range(len(logprobs))]
-    cut = sum(len(t.token) for t in logprobs) > len(text)
-    return [t for t, at in zip(logprobs, starts) if not cut or at < len(text)]
+def _n_within(pieces: list[str], text: str) -> int:
+    """How many of the generated tokens (their texts) start inside ``text`` (a stop string may
+    have cut it short)."""
+    starts = list(accumulate(map(len, pieces), initial=0))
+    if starts[-1] <= len(text):
+        return len(pieces)
+    return sum(1 for at in starts[:-1] if at < len(text))
+
+
+def _within(logprobs: tuple[TokenLogprob, ...], text: str) -> tuple[TokenLogprob, ...]:
+    return logprobs[:_n_within([t.token for t in logprobs], text)]
 
 
 def _top_dict(pairs: Any) -> dict[str, float]:
@@ -181,24 +232,24 @@ def _generate(state: ServerState, body: _Body, max_tokens: int, k: int | None,
     return completions, gen.usage.prompt_tokens, gen.usage.completion_tokens * (body.n // n)
 
 
-def _legacy_logprobs(tok: Any, c: Completion, k: int, prompt: str, ids: list[int],
-                     offsets: list, scores: PromptScores | None) -> dict[str, list]:
-    """The legacy ``logprobs`` object: prompt tokens first when echoed (``scores`` given)."""
-    lp: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+def _legacy_logprobs(tok: Any, c: Completion, k: int, ids: list[int],
+                     scores: PromptScores | None) -> dict[str, list]:
+    """The legacy ``logprobs`` object: prompt tokens first when echoed (``scores`` given), a BOS
+    included. ``text_offset`` is, as vLLM computes it, the running sum of the tokens' lengths,
+    so after a BOS or a ``bytes:`` token it no longer points into the text."""
+    tokens, logprobs, tops = [], [], []
     if scores is not None:
-        lp["tokens"] = [_piece(tok, t) for t in ids]
-        lp["token_logprobs"] = [None] + scores.logprob
-        lp["top_logprobs"] = [None] + [_top_dict((_piece(tok, t), v) for t, v in top[:k])
-                                       for top in scores.top]
-        lp["text_offset"] = [start for start, _ in offsets]
-    at = len(prompt) if scores is not None else 0
+        tokens = [_legacy_piece(tok, t) for t in ids]
+        logprobs = [None, *scores.logprob]
+        tops = [None] + [_top_dict((_legacy_piece(tok, t), v) for t, v in top[:k])
+                         for top in scores.top]
     for t in _within(c.logprobs or (), c.text):
-        lp["tokens"].append(t.token)
-        lp["token_logprobs"].append(t.logprob)
-        lp["top_logprobs"].append(_top_dict(t.top[:k]))
-        lp["text_offset"].append(at)
-        at += len(t.token)
-    return lp
+        tokens.append(t.token)
+        logprobs.append(t.logprob)
+        tops.append(_top_dict(t.top[:k]))
+    offsets = list(accumulate(map(len, tokens[:-1]), initial=0)) if tokens else []
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops,
+            "text_offset": offsets}
 
 
 def _vllm_prompt_logprobs(tok: Any, ids: list[int], k: int, scores: PromptScores) -> list[dict | None]:
@@ -230,14 +281,14 @@ def _complete(state: ServerState, body: CompletionBody, fault: str) -> dict:
         more, p, g = _complete_one(state, body, prompt, fault == "wrong_length")
         choices += [c | {"index": len(choices) + i} for i, c in enumerate(more)]
         n_prompt, n_gen = n_prompt + p, n_gen + g
-    return _envelope("cmpl", "text_completion", body.model, choices, n_prompt, n_gen)
+    return _envelope("cmpl", "text_completion", body.model or state.model_name, choices,
+                     n_prompt, n_gen)
 
 
 def _complete_one(state: ServerState, body: CompletionBody, prompt: str,
                   short: bool) -> tuple[list[dict], int, int]:
     tok = state.backend.tokenizer
-    enc = tok(prompt, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    ids = list(tok(prompt)["input_ids"])
     echo_scores = body.echo and body.logprobs is not None
     scores = score_prompt(state.backend.model, ids, max(body.logprobs or 0, body.prompt_logprobs or 0)) \
         if body.prompt_logprobs is not None or echo_scores else None
@@ -250,12 +301,15 @@ def _complete_one(state: ServerState, body: CompletionBody, prompt: str,
         choice: dict[str, Any] = {"finish_reason": c.finish_reason, "logprobs": None,
                                   "text": (prompt if body.echo else "") + _maybe_cut(c.text, short)}
         if body.logprobs is not None:
-            lp = _legacy_logprobs(tok, c, body.logprobs, prompt, ids, offsets, scores if body.echo else None)
+            lp = _legacy_logprobs(tok, c, body.logprobs, ids, scores if body.echo else None)
             choice["logprobs"] = {key: v[:-1] for key, v in lp.items()} if short else lp
         if body.prompt_logprobs is not None:
             entries = _vllm_prompt_logprobs(tok, ids, body.prompt_logprobs, scores)
             choice["prompt_logprobs"] = entries[:-1] if short else entries
+        if body.return_token_ids:
+            generated = list(c.token_ids or ())
             choice["prompt_token_ids"] = ids
+            choice["token_ids"] = generated[:_n_within([_piece(tok, t) for t in generated], c.text)]
         choices.append(choice)
     return choices, n_prompt, n_gen
 
@@ -284,7 +338,8 @@ def _chat(state: ServerState, body: ChatBody, fault: str) -> dict:
         text = _maybe_cut(c.text, fault == "wrong_length")
         choices.append({"index": i, "message": {"role": "assistant", "content": text},
                         "finish_reason": c.finish_reason, "logprobs": logprobs})
-    return _envelope("chatcmpl", "chat.completion", body.model, choices, n_prompt, n_gen)
+    return _envelope("chatcmpl", "chat.completion", body.model or state.model_name, choices,
+                     n_prompt, n_gen)
 
 
 def _envelope(prefix: str, kind: str, model: str, choices: list, n_prompt: int, n_gen: int) -> dict:
@@ -336,7 +391,7 @@ def build_app(state: ServerState) -> FastAPI:
         return error_response(500, f"{type(e).__name__}: {e}", None, "server_error")
 
     def run(body: _Body, answer) -> dict:
-        if state.strict_model and body.model != state.model_name:
+        if state.strict_model and body.model not in (None, state.model_name):
             raise ApiError(404, f"The model `{body.model}` does not exist.", "model_not_found")
         if body.stream:
             raise ApiError(400, "stream=true is not supported by neuronlens-serve.")
@@ -345,8 +400,10 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     def models() -> dict:
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model",
-                                            "created": 0, "owned_by": "neuronlens"}]}
+        return {"object": "list", "data": [
+            {"id": state.model_name, "object": "model", "created": 0, "owned_by": "neuronlens",
+             "root": _root(state.backend), "parent": None,
+             "max_model_len": state.backend.capabilities.context_length}]}
 
     @app.post("/v1/completions")
     def completions(body: CompletionBody, request: Request) -> dict:
@@ -363,9 +420,17 @@ def build_app(state: ServerState) -> FastAPI:
     return app
 
 
-def make_state(model: str, device: str = "auto", dtype: str = "auto", strict_model: bool = False,
+def _root(backend: LocalBackend) -> str:
+    """What the model was loaded from, as vLLM's ``root``: the local directory where there is
+    one (an embedded model's de-quantised copy, a path made absolute), else the hub name."""
+    loaded = backend.model.config.name_or_path or backend.model_name
+    path = Path(loaded).expanduser()
+    return str(path.resolve()) if path.is_dir() else loaded
+
+
+def make_state(model: str, device: str = "auto", dtype: str = "auto", strict_model: bool = True,
                faults: Any = (), retry_after: float = 0.1, slow_seconds: float = 5.0,
-               max_logprobs: int | None = None) -> ServerState:
+               max_logprobs: int | None = 20) -> ServerState:
     """Validate the options and load the model (once)."""
     names = tuple(str(f) for f in (faults or ()))   # Hydra reads `429` as an int
     unknown = [f for f in names if f not in FAULTS]
@@ -392,6 +457,11 @@ class ServerHandle:
         return f"http://127.0.0.1:{self.port}/v1"
 
     @property
+    def model(self) -> str:
+        """The served model name, the one requests must give."""
+        return self.state.model_name
+
+    @property
     def requests(self) -> Counter:
         return self.state.requests
 
@@ -411,11 +481,12 @@ class ServerHandle:
 
 
 def start_server(model: str, port: int = 0, *, device: str = "auto", dtype: str = "auto",
-                 strict_model: bool = False, faults: Any = (), retry_after: float = 0.1,
-                 slow_seconds: float = 5.0, max_logprobs: int | None = None,
+                 strict_model: bool = True, faults: Any = (), retry_after: float = 0.1,
+                 slow_seconds: float = 5.0, max_logprobs: int | None = 20,
                  timeout: float = 30.0) -> ServerHandle:
     """Serve ``model`` on 127.0.0.1:``port`` (0: a free port) in a background thread; returns once
-    ``/v1/models`` answers."""
+    ``/v1/models`` answers. Requests must name ``model`` exactly (``handle.model``) unless
+    ``strict_model=False``; ``max_logprobs=None`` lifts the limit of 20 logprobs per token."""
     state = make_state(model, device, dtype, strict_model, faults, retry_after, slow_seconds,
                        max_logprobs)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

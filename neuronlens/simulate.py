@@ -8,8 +8,13 @@ a whole neuron in little more than one forward pass over the excerpts' own token
 
 Backends without prompt logprobs (chat APIs) get strategies that read output logprobs instead,
 or none at all (``neuronlens.strategies``); whatever the strategy, the result is the same type.
-A failed excerpt (a backend error, an answer that cannot be read, a distribution with no mass on
-any number) is reported as ``None`` and counted with its reason, never turned into zeros.
+A failed excerpt (a backend error after the policy's retries, a prompt the server's tokens do not
+align with, an answer that cannot be read) is reported as ``None`` and kept with its reason and
+kind (`Failure`), never turned into zeros.
+
+A token where the simulator puts no probability at all on "0".."10" (only possible when a remote
+server returns a top-k that holds none of them) gets the expected value 0, as OpenAI's reference
+does, and its ``mass`` of 0 says so; the local backend's softmax is exact, so its mass is never 0.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from neuronlens.backends.base import (
     TransientError,
     Unscorable,
     Usage,
+    failure_kind,
 )
 from neuronlens.errors import UserError
 from neuronlens.explain import PHRASE, format_token
@@ -101,19 +107,41 @@ FEWSHOT: tuple[tuple[str, list[tuple[str, int]]], ...] = (
 )
 
 @dataclass(frozen=True)
+class Failure:
+    """Why excerpt ``excerpt`` (its index in the records simulated) failed; ``kind`` is the short
+    name summaries count it under (``timeout``, ``misaligned``, ``unreadable``, ...)."""
+
+    excerpt: int
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"excerpt {self.excerpt}: {self.message}"
+
+    def to_json(self) -> dict:
+        return {"excerpt": self.excerpt, "kind": self.kind, "message": self.message}
+
+
+@dataclass(frozen=True)
 class SimulationResult:
-    """Per excerpt: expected activations (0-10 scale), None where it failed; and the
-    distributions behind them (None for simulators that predict values directly, such as the
-    embedding judge)."""
+    """Per excerpt: expected activations (0-10 scale), None where it failed; the distributions
+    behind them (None for simulators that predict values directly, such as the embedding judge);
+    and, where the simulator gives distributions, the probability ``mass`` it put on "0".."10" at
+    each token before renormalising."""
 
     expected: tuple[tuple[float, ...] | None, ...]
     distributions: tuple[tuple[tuple[float, ...], ...] | None, ...]
-    errors: tuple[str, ...] = ()
+    failures: tuple[Failure, ...] = ()
     usage: Usage = field(default_factory=Usage)
+    mass: tuple[tuple[float, ...] | None, ...] = ()
 
     @property
     def n_failed(self) -> int:
         return sum(e is None for e in self.expected)
+
+    @property
+    def errors(self) -> tuple[str, ...]:
+        return tuple(str(f) for f in self.failures)
 
 
 def _block(label: int, explanation: str, lines: list[str]) -> str:
@@ -228,7 +256,7 @@ class Simulator:
             except (Unreadable, TransientError, Unscorable) as e:  # a BackendError is fatal
                 expected.append(None)
                 distributions.append(None)
-                errors.append(f"excerpt {i}: {e}")
+                errors.append(Failure(i, failure_kind(e), str(e)))
                 continue
             expected.append(tuple(expected_value(p) for p in probs))
             distributions.append(probs)
@@ -265,20 +293,27 @@ class Simulator:
         except (TransientError, Unscorable) as e:  # a BackendError (bad key, model) is fatal
             log.warning("simulation failed for %d excerpts: %s", len(records), e)
             return SimulationResult((None,) * len(records), (None,) * len(records),
-                                    (str(e),) * len(records))
-        expected, distributions, errors, usage = [], [], [], Usage()
+                                    tuple(Failure(i, failure_kind(e), str(e)) for i in range(len(records))))
+        expected, distributions, errors, mass, usage = [], [], [], [], Usage()
         for i, d in enumerate(dists):
             usage = usage + d.usage
+            failure = None
             if d.error is not None:
+                failure = Failure(i, d.kind or "unscorable", d.error)
+            elif len(d.probs) != len(records[i].tokens):
+                failure = Failure(i, "wrong_length", f"{len(d.probs)} distributions for "
+                                                     f"{len(records[i].tokens)} tokens")
+            if failure is not None:
                 expected.append(None)
                 distributions.append(None)
-                errors.append(f"excerpt {i}: {d.error}")
-                continue
-            if len(d.probs) != len(records[i].tokens) or not all(m > 0 for m in d.mass):
-                expected.append(None)
-                distributions.append(None)
-                errors.append(f"excerpt {i}: no probability on any of 0-10 at some token")
+                mass.append(None)
+                errors.append(failure)
                 continue
             expected.append(tuple(expected_value(p) for p in d.probs))
             distributions.append(d.probs)
-        return SimulationResult(tuple(expected), tuple(distributions), tuple(errors), usage)
+            mass.append(d.mass)
+        if errors:
+            log.warning("simulation failed for %d of %d excerpts; first: %s", len(errors),
+                        len(records), errors[0])
+        return SimulationResult(tuple(expected), tuple(distributions), tuple(errors), usage,
+                                tuple(mass))

@@ -59,6 +59,8 @@ JSON_CUE = "The {n} activations above, predicted, as a JSON list:\n["
 class Unreadable(Exception):
     """An answer that does not give a distribution for every token; the message says why."""
 
+    kind = "unreadable"
+
 
 @dataclass(frozen=True)
 class SharedPrompt:

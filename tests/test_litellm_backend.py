@@ -1,8 +1,10 @@
 """The LiteLLM backend against a real loopback server (neuronlens-serve over a tiny random Llama),
-through LiteLLM's ``openai/`` provider; and its response parser and error classification."""
+through LiteLLM's ``openai/`` provider; its response parser and error classification; and the
+capabilities it declares from what LiteLLM forwards to each provider."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -13,10 +15,18 @@ from neuronlens.backends.base import (
     GenerateRequest,
     Message,
     TransientError,
+    Unscorable,
 )
-from neuronlens.backends.litellm import LiteLLMBackend, parse_chat_response, retry_after
+from neuronlens.backends.litellm import (
+    LiteLLMBackend,
+    parse_chat_response,
+    retry_after,
+    supported_logprobs,
+)
 from neuronlens.backends.policy import Policy
+from neuronlens.records import ActivationRecord
 from neuronlens.serve import start_server
+from neuronlens.simulate import Simulator, resolve_strategy
 
 
 def chat(text: str = "Name a colour.", **kw) -> GenerateRequest:
@@ -43,7 +53,7 @@ def instant(monkeypatch) -> list[float]:
 
 
 def test_generates_text_and_top_logprobs(server):
-    backend = LiteLLMBackend(model="openai/tiny", api_base=server.base_url)
+    backend = LiteLLMBackend(model=f"openai/{server.model}", api_base=server.base_url)
     out = backend.generate(chat(max_tokens=6, top_logprobs=5))
     (c,) = out.completions
     assert c.logprobs is not None and 1 <= len(c.logprobs) <= 6
@@ -56,12 +66,14 @@ def test_generates_text_and_top_logprobs(server):
 
 
 def test_without_top_logprobs_no_logprobs_come_back(server):
-    out = LiteLLMBackend(model="openai/tiny", api_base=server.base_url).generate(chat(max_tokens=3))
+    backend = LiteLLMBackend(model=f"openai/{server.model}", api_base=server.base_url)
+    out = backend.generate(chat(max_tokens=3))
     assert out.completions[0].logprobs is None and out.completions[0].text
 
 
 def test_top_logprobs_capped_by_the_backend_setting(server):
-    backend = LiteLLMBackend(model="openai/tiny", api_base=server.base_url, top_logprobs=2)
+    backend = LiteLLMBackend(model=f"openai/{server.model}", api_base=server.base_url,
+                             top_logprobs=2)
     out = backend.generate(chat(max_tokens=2, top_logprobs=20))
     assert all(len(t.top) == 2 for t in out.completions[0].logprobs)
 
@@ -77,7 +89,8 @@ def test_unknown_model_is_a_fatal_error(chat_model_dir):
 
 def test_a_bad_request_is_fatal(chat_model_dir):
     with start_server(str(chat_model_dir), device="cpu", max_logprobs=20) as capped:
-        backend = LiteLLMBackend(model="openai/tiny", api_base=capped.base_url, top_logprobs=50)
+        backend = LiteLLMBackend(model=f"openai/{capped.model}", api_base=capped.base_url,
+                                 top_logprobs=50)
         with pytest.raises(BackendError, match="rejected the request"):
             backend.generate(chat(max_tokens=2, top_logprobs=50))   # the server allows 20
 
@@ -86,7 +99,7 @@ def test_faults_are_transient_and_the_policy_retries_them(chat_model_dir, instan
     faults = ["429", "500", "slow", "none"]
     with start_server(str(chat_model_dir), device="cpu", faults=faults, retry_after=0.25,
                       slow_seconds=1.0) as srv:
-        backend = LiteLLMBackend(model="openai/tiny", api_base=srv.base_url, timeout=0.3)
+        backend = LiteLLMBackend(model=f"openai/{srv.model}", api_base=srv.base_url, timeout=0.3)
         with pytest.raises(TransientError) as limited:
             backend.generate(chat(max_tokens=2))
         assert limited.value.retry_after == 0.25
@@ -107,7 +120,7 @@ def test_faults_are_transient_and_the_policy_retries_them(chat_model_dir, instan
 
 def test_a_truncated_answer_is_transient(chat_model_dir):
     with start_server(str(chat_model_dir), device="cpu", faults=["truncated"]) as srv:
-        backend = LiteLLMBackend(model="openai/tiny", api_base=srv.base_url)
+        backend = LiteLLMBackend(model=f"openai/{srv.model}", api_base=srv.base_url)
         with pytest.raises(TransientError):
             backend.generate(chat(max_tokens=2))
 
@@ -120,7 +133,8 @@ def test_text_prompts_are_refused():
 def test_capabilities_and_identity():
     b = LiteLLMBackend("anthropic/claude-sonnet-4-5", timeout=5, context_length=200000)
     caps = b.capabilities
-    assert caps.chat and not caps.completion and caps.output_logprobs and not caps.prompt_logprobs
+    assert caps.chat and not caps.completion and not caps.prompt_logprobs
+    assert not caps.output_logprobs          # LiteLLM drops logprobs for Anthropic
     assert caps.context_length == 200000
     assert b.identity() == {"backend": "litellm", "model": "anthropic/claude-sonnet-4-5",
                             "api_base": None, "top_logprobs": 20}  # k changes the answers
@@ -186,3 +200,127 @@ def test_retry_after_headers():
     assert retry_after(E({"retry-after-ms": "1500"})) == 1.5
     assert retry_after(E({})) is None and retry_after(Exception()) is None
     assert 0 <= retry_after(E({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})) == 0.0
+
+
+# ---- capabilities from what LiteLLM forwards, and logprobs never dropped silently ---------------
+
+def forwarded(model: str) -> tuple[bool, bool] | None:
+    import litellm
+
+    return supported_logprobs(litellm, model, None)
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "openai/gpt-4o-mini", "openai/tiny",
+                                   "openrouter/meta-llama/llama-3.1-8b-instruct"])
+def test_logprobs_declared_where_litellm_forwards_them(model):
+    assert forwarded(model) == (True, True)
+    assert LiteLLMBackend(model).capabilities.output_logprobs
+
+
+@pytest.mark.parametrize("model", ["anthropic/claude-sonnet-4-5", "o3-mini", "gpt-5",
+                                   "ollama/llama3"])
+def test_no_logprobs_where_litellm_drops_them(model):
+    b = LiteLLMBackend(model)
+    assert not b.capabilities.output_logprobs
+    assert resolve_strategy(b, "auto") == "json"
+    with pytest.raises(BackendError, match="returns no output logprobs"):
+        resolve_strategy(b, "generated_sequence")
+
+
+def test_gemini_follows_what_litellm_says():
+    """Through AI Studio LiteLLM (1.110) forwards logprobs but not top_logprobs, which would make
+    every distribution a one-hot: declared only when LiteLLM forwards both."""
+    found = forwarded("gemini/gemini-2.5-flash")
+    assert found is not None
+    assert LiteLLMBackend("gemini/gemini-2.5-flash").capabilities.output_logprobs == all(found)
+
+
+def test_an_unknown_model_is_assumed_to_have_none_and_says_so(caplog):
+    assert forwarded("no-such-provider/some-model") is None
+    with caplog.at_level(logging.WARNING, logger="neuronlens.backends.litellm"):
+        assert not LiteLLMBackend("no-such-provider/some-model").capabilities.output_logprobs
+    assert "LiteLLM does not know no-such-provider/some-model" in caplog.text
+    assert "logprobs=true" in caplog.text
+    assert LiteLLMBackend("no-such-provider/some-model", logprobs=True).capabilities.output_logprobs
+
+
+def test_the_logprobs_setting():
+    assert not LiteLLMBackend("gpt-4o", logprobs=False).capabilities.output_logprobs
+    assert not LiteLLMBackend("gpt-4o", logprobs="false").capabilities.output_logprobs
+    assert not LiteLLMBackend("gpt-4o", top_logprobs=0).capabilities.output_logprobs
+    assert LiteLLMBackend("anthropic/claude-sonnet-4-5", logprobs="true").capabilities.output_logprobs
+    assert LiteLLMBackend("gpt-4o", logprobs=None).logprobs == "auto"
+    with pytest.raises(ValueError, match="auto, true or false"):
+        LiteLLMBackend("gpt-4o", logprobs="maybe")
+    with pytest.raises(ValueError, match="top_logprobs above 0"):
+        LiteLLMBackend("gpt-4o", logprobs=True, top_logprobs=0)
+
+
+def answer(top: list | None, content: str = "7") -> dict:
+    """An OpenAI-shaped chat answer of one token; ``top`` None: no logprobs at all."""
+    logprobs = None if top is None else {"content": [
+        {"token": content, "logprob": -0.1, "top_logprobs": top}]}
+    return {"choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": "stop", "logprobs": logprobs}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 1}}
+
+
+@pytest.fixture
+def fake_completion(monkeypatch):
+    """LiteLLM's completion() answering from ``replies`` (a list, first out first); the keyword
+    arguments of each call land in ``calls``."""
+    import litellm
+
+    state = {"calls": [], "replies": []}
+
+    def completion(**kwargs):
+        state["calls"].append(kwargs)
+        return state["replies"].pop(0)
+
+    monkeypatch.setattr(litellm, "completion", completion)
+    return state
+
+
+def test_empty_top_logprobs_are_unscorable_never_one_hot(fake_completion):
+    b = LiteLLMBackend("openai/gpt-4o")
+    fake_completion["replies"] = [answer([]), answer(None),
+                                  answer([{"token": "7", "logprob": -0.1},
+                                          {"token": "6", "logprob": -2.4}])]
+    with pytest.raises(Unscorable, match="no top-20 alternatives for the token '7'"):
+        b.generate(chat(max_tokens=1, top_logprobs=20))
+    with pytest.raises(Unscorable, match="without the logprobs it was asked for"):
+        b.generate(chat(max_tokens=1, top_logprobs=20))
+    good = b.generate(chat(max_tokens=1, top_logprobs=20))
+    assert good.completions[0].logprobs[0].top == (("7", -0.1), ("6", -2.4))
+    assert [c["top_logprobs"] for c in fake_completion["calls"]] == [20, 20, 20]
+    assert all("allowed_openai_params" not in c for c in fake_completion["calls"])
+
+
+def test_no_logprobs_are_fine_when_none_were_asked_for(fake_completion):
+    fake_completion["replies"] = [answer(None)]
+    out = LiteLLMBackend("openai/gpt-4o").generate(chat(max_tokens=1))
+    assert out.completions[0].logprobs is None
+    assert "logprobs" not in fake_completion["calls"][0]
+
+
+def test_unscorable_is_not_retried_and_fails_only_its_excerpt(fake_completion, instant):
+    """What Gemini answers when LiteLLM drops top_logprobs: each token alone. The excerpt fails
+    with the reason, once, and the policy does not retry it."""
+    b = LiteLLMBackend("gemini/gemini-2.5-flash", logprobs=True)
+    fake_completion["replies"] = [answer([])]
+    result = Simulator(Policy(b), strategy="one_at_a_time").simulate(
+        "the word cat", [ActivationRecord(["a", "cat"], [0.0, 5.0])])
+    assert result.expected == (None,) and result.n_failed == 1
+    assert "no top-20 alternatives" in result.errors[0] and result.errors[0].startswith("excerpt 0")
+    (call,) = fake_completion["calls"]
+    assert call["allowed_openai_params"] == ["logprobs", "top_logprobs"]   # told not to drop them
+    assert instant == []
+
+
+def test_logprobs_are_not_requested_from_a_backend_without_them(fake_completion):
+    b = LiteLLMBackend("anthropic/claude-sonnet-4-5")
+    with pytest.raises(BackendError, match="returns no output logprobs"):
+        b.generate(chat(max_tokens=1, top_logprobs=20))
+    assert fake_completion["calls"] == []    # refused before any paid call
+    fake_completion["replies"] = [answer(None, content="[1, 2]")]
+    assert b.generate(chat(max_tokens=8)).completions[0].text == "[1, 2]"

@@ -96,10 +96,54 @@ def test_echo_tokens_offsets_and_actual_token_added():
                       PromptToken(3, {"0": -0.5, "unknown": -3.0})]
     lp = data["choices"][0]["logprobs"]
     short = {"choices": [{"logprobs": {key: v[:-1] for key, v in lp.items()}}]}
-    lp["text_offset"] = [0, 1, 3]
-    for bad in (data, short):          # an offset off by one; the last token missing
-        with pytest.raises(TransientError, match="misaligned"):
-            echo_tokens(bad, prompt)
+    with pytest.raises(TransientError, match="misaligned"):    # the last token missing: damaged
+        echo_tokens(short, prompt)
+    lp["tokens"][1] = " "
+    with pytest.raises(Unscorable, match="does not match the prompt at offset 2"):
+        echo_tokens(data, prompt)
+
+
+def _echo(tokens: list[str], offsets: list[int] | None = None) -> dict:
+    n = len(tokens)
+    return {"choices": [{"index": 0, "logprobs": {
+        "tokens": tokens, "token_logprobs": [None] + [-1.0] * (n - 1),
+        "top_logprobs": [None] + [{"0": -0.5}] * (n - 1), "text_offset": offsets or [0] * n}}]}
+
+
+def test_echo_tokens_drop_a_bos_and_ignore_running_sum_offsets():
+    """vLLM echoes the BOS and counts its text in text_offset; neither is prompt text."""
+    prompt = "ab\tunknown\n"
+    tokens = ["<|begin_of_text|>", "ab", "\t", "unknown", "\n"]
+    vllm_offsets = [0, 17, 19, 20, 27]
+    starts = [t.start for t in echo_tokens(_echo(tokens, vllm_offsets), prompt)]
+    assert starts == [0, 2, 3, 10]
+    first = echo_tokens(_echo(tokens), prompt)[0]
+    assert first == PromptToken(0, {"0": -0.5, "ab": -1.0})   # its distribution given the BOS
+    assert [t.start for t in echo_tokens(_echo(["", *tokens[1:]]), prompt)] == [0, 0, 2, 3, 10]
+    with pytest.raises(Unscorable, match="offset 0"):          # not a BOS: the prompt is not there
+        echo_tokens(_echo(["<s>", "xb", "\t", "unknown", "\n"]), prompt)
+
+
+def test_echo_tokens_read_partial_characters():
+    prompt = "a🐱 b\ufffd猫\tx\n"   # the literal U+FFFD is a character of the prompt
+    as_bytes = ["<s>", "a", "bytes:\\xf0\\x9f", "bytes:\\x90", "bytes:\\xb1", " b",
+                "bytes:\\xef\\xbf", "bytes:\\xbd\\xe7", "bytes:\\x8c\\xab", "\t", "x", "\n"]
+    assert [t.start for t in echo_tokens(_echo(as_bytes), prompt)] == [0, 1, 1, 1, 2, 4, 4, 5, 6, 7, 8]
+    # vLLM decodes each part on its own to U+FFFD: a run ends where the next tokens fit
+    as_fffd = ["<s>", "a", "\ufffd", "\ufffd\ufffd", " b", "\ufffd", "\ufffd", "\ufffd\ufffd",
+               "\t", "x", "\n"]
+    assert [t.start for t in echo_tokens(_echo(as_fffd), prompt)] == [0, 1, 1, 2, 4, 4, 4, 6, 7, 8]
+    two = "🐱 🐱 cat"
+    assert [t.start for t in echo_tokens(_echo(["\ufffd", "\ufffd", " ", "\ufffd\ufffd", " cat"]),
+                                         two)] == [0, 0, 1, 2, 3]
+    for tokens, text, words in (
+            (["a", "bytes:\\xf0\\x9f", "b"], "a🐱b", "unfinished"),
+            (["a", "bytes:\\xff"], "a\xff", "not valid bytes"),
+            (["a", "bytes:\\xc3\\xa9"], "a😀", "does not match"),
+            (["\ufffd", "\ufffd"], "é\t", "nowhere"),
+            (["\ufffd", "\ufffd", "é", "\ufffd"], "ééé", "more than one way")):
+        with pytest.raises(Unscorable, match=words):
+            echo_tokens(_echo(tokens), text)
 
 
 def _vllm_answer(ids, entries):
@@ -122,9 +166,10 @@ def test_vllm_prompt_tokens_map_offsets_by_decoding():
 
 def test_vllm_prompt_tokens_refuse_misalignment():
     entries = [None, {"7": {"logprob": -1.0, "rank": 1, "decoded_token": " \t"}}]
-    with pytest.raises(TransientError, match="misaligned"):
+    with pytest.raises(Unscorable, match="misaligned") as e:   # deterministic: never retried
         vllm_prompt_tokens(_vllm_answer([3, 7], entries), "ab\t")
-    with pytest.raises(TransientError, match="misaligned"):
+    assert e.value.kind == "misaligned"
+    with pytest.raises(TransientError, match="misaligned"):    # a cut-off answer: asked again
         vllm_prompt_tokens(_vllm_answer([3, 7, 8], entries), "ab\t")
     with pytest.raises(BackendError, match="prompt_token_ids"):
         vllm_prompt_tokens(_vllm_answer(None, entries), "ab\t")
@@ -335,6 +380,25 @@ def test_unknown_errors_are_not_swallowed():
     assert classify_error(bug, "m", "u") is bug
 
 
+def test_legacy_logprobs_are_at_most_5_on_openai_itself(monkeypatch):
+    """OpenAI's /completions refuses logprobs > 5; other servers get the k asked for."""
+    import json
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    sent: list[dict] = []
+
+    def handler(request):
+        sent.append(json.loads(request.content))
+        return httpx.Response(200, json=COMPLETION)
+
+    for base_url in (None, "https://api.openai.com/v1/", "http://mock.test/v1"):
+        be = OpenAIBackend(model="davinci-002", base_url=base_url, completion=True)
+        be.client = openai.OpenAI(api_key="x", base_url=be.url, max_retries=0,
+                                  http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+        be.generate(GenerateRequest(prompt="hello", max_tokens=2, top_logprobs=20))
+    assert [body["logprobs"] for body in sent] == [5, 5, 20]
+
+
 # ---- against neuronlens-serve on loopback -----------------------------------------------------
 
 
@@ -367,10 +431,12 @@ def digit_model_dir(tiny_tokenizer, tmp_path_factory):
     return path
 
 
-def _serve(path):
+def _serve(path, max_logprobs: int | None = None):
+    """neuronlens-serve as vLLM serves (the model's name required), with no logprob limit
+    unless one is given, so that k >= the vocabulary makes HTTP scoring exact."""
     from neuronlens.serve import start_server
 
-    return start_server(str(path), port=0, device="cpu", dtype="float32")
+    return start_server(str(path), port=0, device="cpu", dtype="float32", max_logprobs=max_logprobs)
 
 
 def _local(path):
@@ -409,30 +475,53 @@ def test_top20_scoring_equals_local_on_a_digit_model(digit_model_dir):
     requests = _requests([["The"], [" cat"], ["1"]])
     expected = _local(digit_model_dir).prompt_logprobs(requests)
     assert min(m for e in expected for m in e.mass) > 0.5
-    with _serve(digit_model_dir) as handle:
-        vllm = VLLMBackend(model="any", base_url=handle.base_url, top_logprobs=20)
+    with _serve(digit_model_dir, max_logprobs=20) as handle:   # vLLM's default limit
+        vllm = VLLMBackend(model=handle.model, base_url=handle.base_url, top_logprobs=20)
         _assert_same(vllm.prompt_logprobs(requests), expected)
         assert handle.requests["/v1/completions"] == 2 * len(requests)   # scoring + one follow-up
-        echo = OpenAIBackend(model="any", base_url=handle.base_url, prompt_scoring="echo",
+        echo = OpenAIBackend(model=handle.model, base_url=handle.base_url, prompt_scoring="echo",
                              top_logprobs=20, completion=True)
         _assert_same(echo.prompt_logprobs(requests), expected)
 
 
 EXCERPTS = [["The", " cat", " sat"], ["1", "0", " dogs", "."]]
+WIDE = [["🐱", " 猫", "\ufffd", " sat"], ["a\tb", "\n", "🐟🐟", "."]]   # split into byte tokens
+
+
+def _http_backend(kind: str, handle, k: int = 601):
+    if kind == "vllm":
+        return VLLMBackend(model=handle.model, base_url=handle.base_url, top_logprobs=k)
+    return OpenAIBackend(model=handle.model, base_url=handle.base_url, prompt_scoring="echo",
+                         top_logprobs=k, completion=True)
 
 
 @pytest.mark.parametrize("kind", ["vllm", "echo"])
 def test_prompt_logprobs_equal_local(server, model_dir, kind):
     """k >= the vocabulary: nothing truncated, so the HTTP backends equal the local one."""
-    requests = _requests([["The", " cat", " sat"], ["1", "0", " dogs", "."]])
-    be = (VLLMBackend(model="any", base_url=server.base_url, top_logprobs=600) if kind == "vllm"
-          else OpenAIBackend(model="any", base_url=server.base_url, prompt_scoring="echo",
-                             top_logprobs=600, completion=True))
-    _assert_same(be.prompt_logprobs(requests), _local(model_dir).prompt_logprobs(requests))
+    requests = _requests(EXCERPTS)
+    _assert_same(_http_backend(kind, server).prompt_logprobs(requests),
+                 _local(model_dir).prompt_logprobs(requests))
+
+
+@pytest.fixture(scope="module")
+def bos_server(bos_llama_dir):
+    with _serve(bos_llama_dir) as handle:
+        yield handle
+
+
+@pytest.mark.parametrize("kind", ["vllm", "echo"])
+@pytest.mark.parametrize("excerpts", [EXCERPTS, WIDE], ids=["ascii", "emoji-cjk-fffd-tabs"])
+def test_a_bos_tokenizer_scores_like_local(bos_server, bos_llama_dir, kind, excerpts):
+    """The server echoes a BOS (counted in text_offset, as vLLM does) and writes parts of
+    characters as ``bytes:``; the numbers must still be the local backend's."""
+    requests = _requests(excerpts)
+    expected = _local(bos_llama_dir).prompt_logprobs(requests)
+    assert all(e.error is None for e in expected)
+    _assert_same(_http_backend(kind, bos_server).prompt_logprobs(requests), expected)
 
 
 def test_chat_generate_with_top_logprobs(server):
-    be = OpenAIBackend(model="any", base_url=server.base_url)
+    be = OpenAIBackend(model=server.model, base_url=server.base_url)
     gen = be.generate(GenerateRequest(messages=(Message("user", "Say something."),),
                                       max_tokens=4, top_logprobs=5))
     (c,) = gen.completions
@@ -440,7 +529,7 @@ def test_chat_generate_with_top_logprobs(server):
     assert "".join(t.token for t in c.logprobs) == c.text
     assert all(t.top[0][1] >= t.top[-1][1] for t in c.logprobs)
     assert gen.usage.prompt_tokens > 0 and gen.usage.completion_tokens == len(c.logprobs)
-    text = VLLMBackend(model="any", base_url=server.base_url).generate(
+    text = VLLMBackend(model=server.model, base_url=server.base_url).generate(
         GenerateRequest(prompt="The cat", max_tokens=3, top_logprobs=3)).completions[0]
     assert text.logprobs and all(len(t.top) == 3 for t in text.logprobs)
 
@@ -467,5 +556,5 @@ def test_server_faults_are_classified(model_dir):
         with pytest.raises(TransientError, match="misaligned"):      # one echoed token short
             echo.prompt_logprobs(request)
         wrong = VLLMBackend(model="wrong-name", base_url=handle.base_url)
-        with pytest.raises(BackendError, match="does not know model 'wrong-name' \\(404\\)"):
-            wrong.generate(TEXT)
+        with pytest.raises(BackendError, match="serves .*, not 'wrong-name'; set the backend's model"):
+            wrong.generate(TEXT)   # refused at load, from /v1/models, before any request

@@ -281,6 +281,62 @@ def test_concurrency_is_bounded():
     assert fake.max_active == 3 and len(fake.calls) == 24
 
 
+def test_a_busy_server_gets_fewer_requests_in_flight_then_more_again(sleeps):
+    """Timeouts and 429/503 halve the requests in flight; each success adds back 1/limit."""
+    fake = Fake(fail=3, error=TransientError("timed out", kind="timeout"))
+    p = Policy(fake, concurrency=8, max_retries=6)
+    p.generate(chat())
+    assert p.limit == pytest.approx(1.0 + 1.0)   # 8 -> 4 -> 2 -> 1, then one success: 1 + 1/1
+    for i in range(40):
+        p.generate(chat(str(i)))
+    assert p.limit == 8.0
+
+
+def test_an_unparseable_answer_does_not_shrink_concurrency(sleeps):
+    p = Policy(Fake(fail=2, error=TransientError("bad json", kind="unparseable")), concurrency=8)
+    p.generate(chat())
+    assert p.limit == 8.0
+
+
+def test_busy_limit_bounds_threads_for_real():
+    """Under a timeout storm the limit really holds: never more in flight than it allows."""
+    fake = Fake(fail=4, error=TransientError("timed out", kind="timeout"), delay=0.01)
+    p = Policy(fake, concurrency=4, base_delay=0.0)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda i: p.generate(chat(str(i))), range(8)))
+    assert fake.max_active <= 4 and p.stats()["retries"] == 4
+
+
+def test_the_retry_budget_stops_a_storm(sleeps):
+    """Past 10 retries + 20% of the requests, a transient failure fails at once, said so and
+    counted by its kind."""
+    fake = Fake(fail=10_000, error=TransientError("timed out", kind="timeout"))
+    p = Policy(fake, max_retries=6, retry_budget=0.2)
+    failed = 0
+    for i in range(10):
+        with pytest.raises(TransientError) as e:
+            p.generate(chat(str(i)))
+        failed += "retry budget" in str(e.value)
+        assert e.value.kind == "timeout"
+    s = p.stats()
+    assert s["retries"] <= 10 + 0.2 * s["requests"] + 1
+    assert s["requests"] < 10 * 7 / 2 and failed >= 5
+    assert s["failures"] == {"timeout": 10}
+
+
+def test_failed_prompts_are_counted_by_kind(tmp_path):
+    from neuronlens.backends.base import Unscorable
+
+    class Misaligned(Fake):
+        def prompt_logprobs(self, requests):
+            raise Unscorable("ids differ", kind="misaligned")
+
+    p = Policy(Misaligned(), max_retries=3)
+    out = p.prompt_logprobs([scoring("a"), scoring("b")])
+    assert [d.kind for d in out] == ["misaligned", "misaligned"]
+    assert p.stats()["failures"] == {"misaligned": 2} and p.stats()["retries"] == 0
+
+
 # ---- accounting -------------------------------------------------------------------------------
 def test_tokens_and_cost_of_a_known_model(tmp_path):
     import litellm
@@ -318,7 +374,8 @@ def test_a_self_hosted_endpoint_has_no_price_even_under_a_priced_name():
 def test_stats_keys_and_a_fresh_policy():
     s = Policy(Fake()).stats()
     assert s == {"requests": 0, "cache_hits": 0, "retries": 0, "transient_errors": 0,
-                 "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "cost_known": True}
+                 "prompt_tokens": 0, "completion_tokens": 0, "failures": {}, "cost_usd": 0.0,
+                 "cost_known": True}
 
 
 # ---- delegation and encoding ------------------------------------------------------------------

@@ -1,8 +1,12 @@
-"""neuronlens-serve on loopback with a tiny random model, read with the official openai client."""
+"""neuronlens-serve on loopback with a tiny random model, read with the official openai client.
+By default it must answer as a real vLLM server does (strict model name, at most 20 logprobs,
+token ids only when asked for, running-sum text offsets)."""
 
 from __future__ import annotations
 
 import json
+import re
+from itertools import accumulate
 
 import httpx
 import pytest
@@ -13,6 +17,7 @@ from neuronlens.serve import score_prompt, start_server
 from neuronlens.subject.models import load_model
 
 PROMPT = "The cat sat on the mat.\n1\t2\tthree"
+WIDE = "Cats 🐱 and 猫\tsat \ufffd on\nthe mat 🐟🐟."   # characters split into byte tokens
 
 
 @pytest.fixture(scope="module")
@@ -32,27 +37,40 @@ def direct(chat_model_dir):
     return load_model(str(chat_model_dir), "cpu", "auto")
 
 
-def test_models_lists_the_served_model(client, server, chat_model_dir):
+@pytest.fixture(scope="module")
+def bos_server(bos_llama_dir):
+    with start_server(str(bos_llama_dir), device="cpu") as handle:
+        yield handle
+
+
+def test_models_lists_the_served_model_with_its_root(client, server, chat_model_dir):
     models = client.models.list().data
-    assert [m.id for m in models] == [str(chat_model_dir)]
+    assert [m.id for m in models] == [str(chat_model_dir)] == [server.model]
     assert models[0].owned_by == "neuronlens"
+    card = models[0].model_dump()
+    assert card["root"] == str(chat_model_dir.resolve()) and card["max_model_len"] == 4096
     assert server.requests["/v1/models"] >= 2   # the readiness probe and this call
 
 
-def test_completion(client):
-    out = client.completions.create(model="anything", prompt=PROMPT, max_tokens=5, temperature=0)
-    assert out.model == "anything" and out.object == "text_completion"
+def test_completion(client, server):
+    out = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=5, temperature=0)
+    assert out.model == server.model and out.object == "text_completion"
     assert len(out.choices) == 1 and isinstance(out.choices[0].text, str)
     assert out.usage.prompt_tokens > 0 and out.usage.completion_tokens <= 5
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
-    again = client.completions.create(model="x", prompt=[PROMPT], max_tokens=5, temperature=0, n=2)
+    again = client.completions.create(model=server.model, prompt=[PROMPT], max_tokens=5,
+                                      temperature=0, n=2)
     assert [c.text for c in again.choices] == [out.choices[0].text] * 2
+    unnamed = httpx.post(f"{server.base_url}/completions", json={"prompt": PROMPT, "max_tokens": 5,
+                                                                 "temperature": 0})
+    assert unnamed.json()["model"] == server.model      # no model: the served one, as vLLM
+    assert unnamed.json()["choices"][0]["text"] == out.choices[0].text
 
 
-def test_chat_top_logprobs_match_the_model(client, direct):
+def test_chat_top_logprobs_match_the_model(client, server, direct):
     model, tokenizer = direct
     messages = [{"role": "user", "content": "Say something."}]
-    out = client.chat.completions.create(model="m", messages=messages, max_tokens=4,
+    out = client.chat.completions.create(model=server.model, messages=messages, max_tokens=4,
                                          temperature=0, logprobs=True, top_logprobs=5)
     content = out.choices[0].logprobs.content
     assert out.choices[0].message.role == "assistant" and out.object == "chat.completion"
@@ -70,6 +88,19 @@ def test_chat_top_logprobs_match_the_model(client, direct):
         ids.append(int(top.indices[0]))
 
 
+def _legacy(tokenizer, token_id: int) -> str:
+    """What OpenAI's legacy API would show for a token of a byte-level BPE: its text, or
+    ``bytes:\\xNN...`` if its bytes are not UTF-8 on their own."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte = {c: b for b, c in bytes_to_unicode().items()}
+    raw = bytes(byte[c] for c in tokenizer.convert_ids_to_tokens(token_id))
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
 def _direct_scores(model, tokenizer, prompt):
     ids = tokenizer(prompt)["input_ids"]
     with torch.no_grad():
@@ -77,9 +108,14 @@ def _direct_scores(model, tokenizer, prompt):
     return ids, lp
 
 
-def test_echo_scores_the_prompt(client, direct):
+def _running_sum(tokens: list[str]) -> list[int]:
+    return list(accumulate(map(len, tokens[:-1]), initial=0))
+
+
+def test_echo_scores_the_prompt(client, server, direct):
     model, tokenizer = direct
-    out = client.completions.create(model="m", prompt=PROMPT, echo=True, logprobs=5, max_tokens=0)
+    out = client.completions.create(model=server.model, prompt=PROMPT, echo=True, logprobs=5,
+                                    max_tokens=0)
     choice = out.choices[0]
     assert choice.text == PROMPT and out.usage.completion_tokens == 0
     ids, lp = _direct_scores(model, tokenizer, PROMPT)
@@ -91,30 +127,76 @@ def test_echo_scores_the_prompt(client, direct):
     for j in range(1, len(ids)):
         top = lp[j - 1].topk(5)
         got = lps.top_logprobs[j]
-        want_top: dict[str, float] = {}   # tokens that decode alike share a key; the best is kept
-        for i, v in zip(top.indices.tolist(), top.values.tolist()):
-            want_top.setdefault(tokenizer.decode([i]), v)
+        want_top = {_legacy(tokenizer, i): v for i, v in zip(top.indices.tolist(),
+                                                             top.values.tolist())}
         assert got == pytest.approx(want_top, abs=1e-4)
-    for token, offset in zip(lps.tokens, lps.text_offset):
+    assert lps.text_offset == _running_sum(lps.tokens)
+    for token, offset in zip(lps.tokens, lps.text_offset):   # no BOS, no partial characters
         assert choice.text[offset:offset + len(token)] == token
-    assert lps.text_offset == sorted(lps.text_offset) and lps.text_offset[0] == 0
 
 
-def test_echo_with_generation_continues_the_offsets(client):
-    out = client.completions.create(model="m", prompt=PROMPT, echo=True, logprobs=2, max_tokens=3,
-                                    temperature=0)
+def test_echo_with_generation_continues_the_offsets(client, server):
+    out = client.completions.create(model=server.model, prompt=PROMPT, echo=True, logprobs=2,
+                                    max_tokens=3, temperature=0)
     choice = out.choices[0]
     lps = choice.logprobs
     assert choice.text.startswith(PROMPT)
     assert len(lps.tokens) == out.usage.prompt_tokens + out.usage.completion_tokens
+    assert lps.text_offset == _running_sum(lps.tokens)
     for token, offset in zip(lps.tokens, lps.text_offset):
         assert choice.text[offset:offset + len(token)] == token
 
 
-def test_vllm_prompt_logprobs(client, direct):
+def _bytes(token: str) -> bytes:
+    if token.startswith("bytes:"):
+        return bytes.fromhex(token[6:].replace("\\x", ""))
+    return token.encode()
+
+
+def test_echo_writes_partial_characters_as_bytes_and_counts_the_bos(bos_server, bos_llama_dir):
+    """As OpenAI's legacy API: a token that is not UTF-8 on its own reads ``bytes:\\xNN``; as
+    vLLM: the BOS is echoed and text_offset is the running sum of the tokens' lengths."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(bos_llama_dir)
+    r = httpx.post(f"{bos_server.base_url}/completions",
+                   json={"model": bos_server.model, "prompt": WIDE, "echo": True, "logprobs": 20,
+                         "max_tokens": 0})
+    choice = r.json()["choices"][0]
+    lps = choice["logprobs"]
+    ids = tokenizer(WIDE)["input_ids"]
+    assert choice["text"] == WIDE and len(lps["tokens"]) == len(ids)
+    assert lps["tokens"][0] == "<|bos|>" and lps["top_logprobs"][0] is None
+    assert lps["tokens"][1:] == [_legacy(tokenizer, i) for i in ids[1:]]
+    assert b"".join(_bytes(t) for t in lps["tokens"][1:]) == WIDE.encode()
+    partial = [t for t in lps["tokens"] if t.startswith("bytes:")]
+    assert "bytes:\\xf0\\x9f" in partial and len(partial) >= 8   # 🐱, 猫, U+FFFD, 🐟🐟
+    assert all(re.fullmatch(r"bytes:(\\x[0-9a-f]{2})+", t) for t in partial)
+    assert not any("\ufffd" in t for t in lps["tokens"])
+    keys = [k for top in lps["top_logprobs"][1:] for k in top]
+    assert any(k.startswith("bytes:") for k in keys) and not any("\ufffd" in k for k in keys)
+    assert lps["text_offset"] == _running_sum(lps["tokens"])
+    assert lps["text_offset"][1] == len("<|bos|>")
+
+
+def test_token_ids_only_with_return_token_ids(server, direct):
+    _, tokenizer = direct
+    body = {"model": server.model, "prompt": PROMPT, "max_tokens": 3, "temperature": 0,
+            "prompt_logprobs": 1, "logprobs": 1}
+    plain = httpx.post(f"{server.base_url}/completions", json=body).json()["choices"][0]
+    assert "prompt_token_ids" not in plain and "token_ids" not in plain
+    asked = httpx.post(f"{server.base_url}/completions",
+                       json=body | {"return_token_ids": True}).json()["choices"][0]
+    assert asked["prompt_token_ids"] == tokenizer(PROMPT)["input_ids"]
+    assert len(asked["token_ids"]) == len(asked["logprobs"]["tokens"])
+    assert tokenizer.decode(asked["token_ids"]) == asked["text"]
+
+
+def test_vllm_prompt_logprobs(client, server, direct):
     model, tokenizer = direct
     raw = client.completions.with_raw_response.create(
-        model="m", prompt=PROMPT, max_tokens=1, temperature=0, extra_body={"prompt_logprobs": 3})
+        model=server.model, prompt=PROMPT, max_tokens=1, temperature=0,
+        extra_body={"prompt_logprobs": 3, "return_token_ids": True})
     choice = json.loads(raw.text)["choices"][0]
     ids, lp = _direct_scores(model, tokenizer, PROMPT)
     assert choice["prompt_token_ids"] == ids
@@ -142,31 +224,41 @@ def test_score_prompt_agrees_with_a_plain_forward(direct):
 
 
 def test_bad_requests_get_openai_error_bodies(server):
-    for body in ({"model": "m"}, {"model": "m", "prompt": ""}, {"model": "m", "prompt": []},
-                 {"model": "m", "prompt": "x", "logprobs": -1}):
+    m = server.model
+    for body in ({"model": m}, {"model": m, "prompt": ""}, {"model": m, "prompt": []},
+                 {"model": m, "prompt": "x", "logprobs": -1}):
         r = httpx.post(f"{server.base_url}/completions", json=body)
         assert r.status_code == 400 and set(r.json()["error"]) >= {"message", "type", "code"}
-    r = httpx.post(f"{server.base_url}/chat/completions", json={"model": "m", "messages": []})
+    r = httpx.post(f"{server.base_url}/chat/completions", json={"model": m, "messages": []})
     assert r.status_code == 400
 
 
 def test_a_list_of_prompts_gets_one_choice_each_in_order(server):
     r = httpx.post(f"{server.base_url}/completions",
-                   json={"model": "m", "prompt": ["one two", "three"], "max_tokens": 0, "echo": True,
-                         "logprobs": 2, "n": 2})
+                   json={"model": server.model, "prompt": ["one two", "three"], "max_tokens": 0,
+                         "echo": True, "logprobs": 2, "n": 2})
     choices = r.json()["choices"]
     assert [c["index"] for c in choices] == [0, 1, 2, 3]
     assert [c["text"] for c in choices] == ["one two", "one two", "three", "three"]
 
 
-def test_max_logprobs_caps_k_like_vllm(tiny_llama_dir):
-    with start_server(str(tiny_llama_dir), device="cpu", max_logprobs=20) as capped:
-        ok = httpx.post(f"{capped.base_url}/completions",
-                        json={"model": "m", "prompt": "x y", "max_tokens": 0, "echo": True, "logprobs": 20})
-        too_many = httpx.post(f"{capped.base_url}/completions",
-                              json={"model": "m", "prompt": "x y", "max_tokens": 0, "echo": True, "logprobs": 21})
-    assert ok.status_code == 200
-    assert too_many.status_code == 400 and "at most 20" in too_many.json()["error"]["message"]
+def test_max_logprobs_is_20_by_default_like_vllm(server, tiny_llama_dir):
+    def post(path: str, url: str = server.base_url, **fields) -> httpx.Response:
+        base = ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}
+                if path == "chat/completions" else {"prompt": "x y", "max_tokens": 0, "echo": True})
+        return httpx.post(f"{url}/{path}", json={"model": server.model, "max_tokens": 1}
+                          | base | fields)
+
+    assert post("completions", logprobs=20).status_code == 200
+    assert post("completions", logprobs=0, prompt_logprobs=20).status_code == 200
+    for too_many in (post("completions", logprobs=21), post("completions", prompt_logprobs=21),
+                     post("chat/completions", top_logprobs=21)):
+        assert too_many.status_code == 400
+        assert "at most 20" in too_many.json()["error"]["message"]
+    with start_server(str(tiny_llama_dir), device="cpu", max_logprobs=None,
+                      strict_model=False) as unlimited:
+        r = post("completions", unlimited.base_url, logprobs=600)
+        assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["top_logprobs"][1]) > 20
 
 
 def test_stats_endpoint(server):
@@ -175,15 +267,15 @@ def test_stats_endpoint(server):
     assert stats["faults"] == {"none": sum(server.faults.values())}
 
 
-def test_strict_model_404_and_lenient_answers(tiny_gpt2_dir):
-    with start_server(str(tiny_gpt2_dir), device="cpu", strict_model=True) as strict:
-        r = httpx.post(f"{strict.base_url}/completions", json={"model": "gpt-4", "prompt": "hi"})
+def test_another_model_name_is_a_404_unless_lenient(server, tiny_gpt2_dir):
+    for path, fields in (("completions", {"prompt": "hi"}),
+                         ("chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        r = httpx.post(f"{server.base_url}/{path}", json={"model": "gpt-4"} | fields)
         assert r.status_code == 404
-        assert r.json()["error"]["code"] == "model_not_found"
-        ok = httpx.post(f"{strict.base_url}/completions",
-                        json={"model": str(tiny_gpt2_dir), "prompt": "hi", "max_tokens": 2})
-        assert ok.status_code == 200
-    with start_server(str(tiny_gpt2_dir), device="cpu") as lenient:
+        assert r.json()["error"] == {"message": "The model `gpt-4` does not exist.",
+                                     "type": "invalid_request_error", "param": None,
+                                     "code": "model_not_found"}
+    with start_server(str(tiny_gpt2_dir), device="cpu", strict_model=False) as lenient:
         r = httpx.post(f"{lenient.base_url}/completions",
                        json={"model": "gpt-4", "prompt": "hi", "max_tokens": 2})
         assert r.status_code == 200 and r.json()["model"] == "gpt-4"
@@ -191,8 +283,8 @@ def test_strict_model_404_and_lenient_answers(tiny_gpt2_dir):
 
 def test_faults_in_a_cycle(tiny_gpt2_dir):
     faults = ["none", 429, "500", "slow", "truncated", "wrong_length"]
-    body = {"model": "m", "prompt": "one\ntwo", "max_tokens": 4, "temperature": 0, "logprobs": 2,
-            "prompt_logprobs": 2}
+    body = {"model": str(tiny_gpt2_dir), "prompt": "one\ntwo", "max_tokens": 4, "temperature": 0,
+            "logprobs": 2, "prompt_logprobs": 2, "return_token_ids": True}
     with start_server(str(tiny_gpt2_dir), device="cpu", faults=faults, retry_after=0.25,
                       slow_seconds=1.0) as srv:
         url = f"{srv.base_url}/completions"
@@ -222,12 +314,12 @@ def test_faults_in_a_cycle(tiny_gpt2_dir):
         assert srv.requests["/v1/completions"] == 7
         client = OpenAI(base_url=srv.base_url, api_key="unused", max_retries=1)
         with pytest.raises(InternalServerError):   # 429, honoured Retry-After, then 500
-            client.completions.create(model="m", prompt="hi", max_tokens=1)
+            client.completions.create(model=srv.model, prompt="hi", max_tokens=1)
         assert srv.requests["/v1/completions"] == 9 and srv.faults["429"] == 2
 
 
 def test_chat_without_template_is_a_400(tiny_gpt2_dir):
     with start_server(str(tiny_gpt2_dir), device="cpu") as srv:
         r = httpx.post(f"{srv.base_url}/chat/completions",
-                       json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+                       json={"model": srv.model, "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]

@@ -1,8 +1,10 @@
 """The backend interface: one frozen request type per capability, capabilities declared as data.
 
-A backend only translates a typed request into a model call and parses the answer. Batching
-policy, retries, caching and progress live in the engine (`neuronlens.simulate`,
-`neuronlens.explain`, `neuronlens.pipeline`).
+A backend only translates a typed request into a model call and parses the answer. Retries,
+caching, concurrency and accounting live in the policy layer (`neuronlens.backends.policy`);
+batching and progress in the engine (`neuronlens.simulate`, `neuronlens.explain`,
+`neuronlens.pipeline`). Every failure carries a ``kind`` (a short name such as ``timeout`` or
+``misaligned``) that summaries count it by.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class Completion:
     text: str
     logprobs: tuple[TokenLogprob, ...] | None = None
     finish_reason: str = "stop"     # "stop" | "length"
+    token_ids: tuple[int, ...] | None = None   # the generated tokens, where the backend knows them
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ class TokenDistributions:
     mass: tuple[float, ...]
     usage: Usage = field(default_factory=Usage)
     error: str | None = None   # set when this prompt could not be scored (after any retries)
+    kind: str | None = None    # the error's kind (see `failure_kind`)
 
 
 class BackendError(UserError):
@@ -105,17 +109,34 @@ class BackendError(UserError):
 
 
 class Unscorable(RuntimeError):
-    """One prompt cannot be scored (e.g. no token covers a placeholder): that excerpt fails, the
-    run goes on, and retrying would not help."""
+    """One prompt cannot be scored (e.g. no token covers a placeholder, or the server's tokens do
+    not align with the prompt): that excerpt fails, the run goes on, and retrying would not help."""
+
+    def __init__(self, message: str, kind: str = "unscorable"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class TransientError(RuntimeError):
     """A failure worth retrying: rate limit (429), server error (5xx), timeout, lost connection,
-    or an answer that could not be parsed. ``retry_after``: seconds the server asked to wait."""
+    or an answer that could not be parsed. ``retry_after``: seconds the server asked to wait.
+    ``kind``: ``timeout``, ``rate_limited``, ``overloaded`` (503), ``server_error``,
+    ``unreachable``, ``unparseable`` or ``transient``; the first three mean the server is busy."""
 
-    def __init__(self, message: str, retry_after: float | None = None):
+    BUSY = ("timeout", "rate_limited", "overloaded")
+
+    def __init__(self, message: str, retry_after: float | None = None, kind: str = "transient"):
         super().__init__(message)
-        self.retry_after = retry_after
+        self.retry_after, self.kind = retry_after, kind
+
+
+def failure_kind(error: BaseException) -> str:
+    """The short name a failure is counted under: its ``kind``, else its type in snake case."""
+    kind = getattr(error, "kind", None)
+    if kind:
+        return str(kind)
+    name = type(error).__name__
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
 
 
 class Backend(ABC):

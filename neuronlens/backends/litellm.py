@@ -4,11 +4,19 @@ OpenAI-compatible server through the ``openai/`` prefix and ``api_base``, ...).
 Keys come from the provider's usual environment variable (``ANTHROPIC_API_KEY``,
 ``OPENROUTER_API_KEY``, ...), read by LiteLLM itself; never from a config file.
 
-Chat only, with output logprobs declared: the provider must actually return them when asked
-(OpenAI, OpenRouter for some models, vLLM and ``neuronlens-serve`` do; Anthropic does not). A
-completion that comes back without them is counted as a failure by the simulation engine, never
-read as zeros. Parameters a provider does not accept (``seed``, ``logprobs``) are dropped by
-LiteLLM (``drop_params``) rather than refused.
+Chat only. Output logprobs are declared only where LiteLLM passes both ``logprobs`` and
+``top_logprobs`` on to the model's provider (``litellm.get_supported_openai_params``): OpenAI's
+GPT-4 family, OpenRouter, vLLM, ``neuronlens-serve`` behind ``openai/``, ...; in LiteLLM 1.110
+not Anthropic, o-series, gpt-5 or Ollama, nor Gemini through AI Studio (which gets ``logprobs``
+but not ``top_logprobs``, so every distribution would collapse to the chosen token). Where they
+are not declared, the simulation engine picks its logprob-free JSON strategy by itself. A model LiteLLM
+does not know is assumed to return none; ``logprobs=true`` in the config overrides that (and makes
+LiteLLM forward the two parameters as they are), ``logprobs=false`` turns them off.
+
+Other parameters a provider does not accept (``seed``, ...) are dropped by LiteLLM
+(``drop_params``), but logprobs are never lost silently: an answer to a request for top-k
+logprobs that comes back without them, or with a token that has no alternatives, raises
+`Unscorable` (that excerpt fails with the reason, and is not retried), never a one-hot guess.
 
 Translation only: no retries here (``num_retries=0``), errors are classified into
 `TransientError` (retried by `neuronlens.backends.policy.Policy`) or `BackendError` (fatal).
@@ -17,7 +25,9 @@ Translation only: no retries here (``num_retries=0``), errors are classified int
 from __future__ import annotations
 
 import email.utils
+import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -28,8 +38,13 @@ from neuronlens.backends.base import (
     GenerateRequest,
     Generation,
     TransientError,
+    Unscorable,
 )
 from neuronlens.backends.openai import parse_chat
+
+log = logging.getLogger(__name__)
+
+LOGPROBS_MODES = ("auto", "true", "false")
 
 
 def import_litellm():
@@ -44,15 +59,61 @@ def import_litellm():
     return litellm
 
 
+def logprobs_mode(value: bool | str | None) -> str:
+    """``logprobs`` from a config as one of `LOGPROBS_MODES` (YAML reads true/false as booleans)."""
+    if value is None:
+        return "auto"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    mode = str(value).strip().lower()
+    if mode not in LOGPROBS_MODES:
+        raise ValueError(f"logprobs must be auto, true or false, not {value!r}.")
+    return mode
+
+
+def supported_logprobs(litellm: Any, model: str, api_base: str | None) -> tuple[bool, bool] | None:
+    """Whether LiteLLM passes ``logprobs`` and ``top_logprobs`` on to ``model``'s provider (rather
+    than dropping them); None when LiteLLM knows neither the provider nor its parameters."""
+    try:
+        name, provider, _, _ = litellm.get_llm_provider(model=model, api_base=api_base)
+        params = litellm.get_supported_openai_params(model=name, custom_llm_provider=provider)
+    except Exception:   # LiteLLM raises its BadRequestError for a provider it does not know
+        return None
+    if params is None:
+        return None
+    return "logprobs" in params, "top_logprobs" in params
+
+
+def require_logprobs(generation: Generation, name: str, k: int) -> Generation:
+    """``generation`` unchanged if every completion carries the top-k logprobs asked for; else
+    `Unscorable`: a token without alternatives would read as a one-hot distribution."""
+    for c in generation.completions:
+        if c.logprobs is None or (c.text and not c.logprobs):
+            raise Unscorable(f"{name} answered without the logprobs it was asked for (the "
+                             "provider or LiteLLM dropped them); set logprobs=false in its "
+                             "config to simulate without them.")
+        bare = next((t for t in c.logprobs if not t.top), None)
+        if bare is not None:
+            raise Unscorable(f"{name} answered with no top-{k} alternatives for the token "
+                             f"{bare.token!r} (the provider or LiteLLM dropped top_logprobs), so "
+                             "its distribution cannot be read; set logprobs=false in its config "
+                             "to simulate without them.")
+    return generation
+
+
 class LiteLLMBackend(Backend):
     """``api_base`` is LiteLLM's name for the endpoint; ``base_url`` the same thing under the name
-    the other remote backends' configs use (``explainer.base_url=...``). Give one, not both."""
+    the other remote backends' configs use (``explainer.base_url=...``). Give one, not both.
+
+    ``logprobs``: ``auto`` (output logprobs where LiteLLM forwards both ``logprobs`` and
+    ``top_logprobs`` to the provider; none for a model LiteLLM does not know), ``true`` (the
+    model returns them: LiteLLM is told to forward both parameters as they are) or ``false``."""
 
     remote = True
 
     def __init__(self, model: str, api_base: str | None = None, timeout: float = 60.0,
                  top_logprobs: int = 20, context_length: int = 128000,
-                 base_url: str | None = None):
+                 base_url: str | None = None, logprobs: bool | str | None = "auto"):
         if not model:
             raise ValueError("LiteLLMBackend needs a model, e.g. anthropic/claude-sonnet-4-5.")
         if timeout <= 0 or top_logprobs < 0 or context_length < 1:
@@ -60,9 +121,14 @@ class LiteLLMBackend(Backend):
         if api_base and base_url and api_base != base_url:
             raise ValueError(f"api_base ({api_base}) and base_url ({base_url}) name one endpoint; "
                              "give one of them.")
+        self.logprobs = logprobs_mode(logprobs)
+        if self.logprobs == "true" and top_logprobs == 0:
+            raise ValueError("logprobs=true needs top_logprobs above 0.")
         self.model, self.api_base, self.timeout = model, api_base or base_url, timeout
         self.top_logprobs, self.context_length = top_logprobs, context_length
         self._litellm: Any = None
+        self._capabilities: Capabilities | None = None
+        self._lock = threading.Lock()   # worked out once, even when many threads ask at once
 
     @property
     def name(self) -> str:
@@ -70,8 +136,30 @@ class LiteLLMBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:  # type: ignore[override]
-        return Capabilities(chat=True, completion=False, output_logprobs=True,
-                            prompt_logprobs=False, context_length=self.context_length)
+        with self._lock:
+            if self._capabilities is None:
+                self._capabilities = Capabilities(
+                    chat=True, completion=False, output_logprobs=self._output_logprobs(),
+                    prompt_logprobs=False, context_length=self.context_length)
+            return self._capabilities
+
+    def _output_logprobs(self) -> bool:
+        if self.top_logprobs == 0 or self.logprobs == "false":
+            return False
+        if self.logprobs == "true":
+            return True
+        self.load()
+        found = supported_logprobs(self._litellm, self.model, self.api_base)
+        if found is None:
+            log.warning("LiteLLM does not know %s, so whether it returns logprobs is unknown; "
+                        "assuming it does not (set logprobs=true in its config if it does).",
+                        self.model)
+            return False
+        if not all(found):
+            missing = " and ".join(p for p, ok in zip(("logprobs", "top_logprobs"), found) if not ok)
+            log.info("LiteLLM does not pass %s on to %s, so it declares no output logprobs.",
+                     missing, self.model)
+        return all(found)
 
     def identity(self) -> dict:
         return {"backend": "litellm", "model": self.model, "api_base": self.api_base,
@@ -84,6 +172,10 @@ class LiteLLMBackend(Backend):
     def generate(self, request: GenerateRequest) -> Generation:
         if request.prompt is not None:
             raise BackendError(f"The {self.name} backend is chat only; use the chat prompt format.")
+        if request.top_logprobs and not self.capabilities.output_logprobs:
+            raise BackendError(f"The {self.name} backend returns no output logprobs (see its "
+                               "logprobs setting), yet top_logprobs were asked for; use a "
+                               "strategy without logprobs (json).")
         self.load()
         k = min(request.top_logprobs, self.top_logprobs) if request.top_logprobs else 0
         kwargs: dict[str, Any] = dict(
@@ -96,14 +188,18 @@ class LiteLLMBackend(Backend):
             kwargs["stop"] = list(request.stop)
         if k:
             kwargs.update(logprobs=True, top_logprobs=k)
+            if self.logprobs == "true":   # the user says the model returns them: never drop them
+                kwargs["allowed_openai_params"] = ["logprobs", "top_logprobs"]
         try:
             response = self._litellm.completion(**kwargs)
         except Exception as e:
             raise self.classify(e) from e
         try:
-            return parse_chat_response(response.model_dump() if hasattr(response, "model_dump") else response)
+            generation = parse_chat_response(
+                response.model_dump() if hasattr(response, "model_dump") else response)
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise TransientError(f"{self.name} sent an answer that could not be parsed: {e!r}") from e
+        return require_logprobs(generation, self.name, k) if k else generation
 
     def classify(self, e: Exception) -> Exception:
         """A LiteLLM exception as `TransientError` (worth retrying) or `BackendError` (fatal)."""

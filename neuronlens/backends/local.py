@@ -132,7 +132,7 @@ class LocalBackend(Backend):
             if request.top_logprobs > 0:
                 logprobs = self._token_logprobs(out.logits, row % len(out.sequences), tokens,
                                                 request.top_logprobs)
-            completions.append(Completion(text, logprobs, finish))
+            completions.append(Completion(text, logprobs, finish, tuple(tokens)))
             n_generated += len(tokens)
         return Generation(tuple(completions), Usage(len(ids), n_generated))
 

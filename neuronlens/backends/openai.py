@@ -4,8 +4,10 @@ Chat (``messages``) goes to ``/chat/completions`` with ``logprobs``/``top_logpro
 (``prompt``) to the legacy ``/completions`` with ``logprobs=k``. Answers are parsed by pure
 functions (``parse_chat``, ``parse_completion``) into the one logprob type of ``base.py``.
 Prompt scoring (``prompt_scoring="echo"``) uses the legacy ``echo=True, max_tokens=0,
-logprobs=k`` where a server still offers it (current OpenAI models refuse it); see
-``remote_scoring.py`` for how top-k prompt logprobs become candidate distributions.
+logprobs=k`` where a server still offers it (current OpenAI models refuse it; vLLM and
+neuronlens-serve do); ``echo_tokens`` places the echoed tokens in the prompt, and
+``remote_scoring.py`` turns their top-k into candidate distributions. OpenAI's own legacy
+completions take at most ``logprobs=5``, so k is clamped to 5 there.
 
 The key comes only from the environment (``OPENAI_API_KEY``). Retries belong to the engine: the
 client never retries (``max_retries=0``) and ``classify_error`` turns every failure into a
@@ -14,11 +16,14 @@ client never retries (``max_retries=0``) and ``classify_error`` turns every fail
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import re
 import time
 from email.utils import parsedate_to_datetime
 from typing import Any, Callable, Sequence
+from urllib.parse import urlsplit
 
 from neuronlens.backends.base import (
     Backend,
@@ -31,12 +36,14 @@ from neuronlens.backends.base import (
     TokenDistributions,
     TokenLogprob,
     TransientError,
+    Unscorable,
     Usage,
 )
 from neuronlens.backends.remote_scoring import PromptToken, score
 from neuronlens.errors import UserError
 
 OPENAI_URL = "https://api.openai.com/v1"
+OPENAI_LEGACY_MAX_LOGPROBS = 5   # OpenAI's /completions refuses logprobs > 5
 MISSING_KEY = ("OPENAI_API_KEY is not set; export it in the environment "
                "(keys never go in config files).")
 
@@ -85,31 +92,93 @@ def _finish(choice: dict) -> str:
 
 
 def echo_tokens(data: dict, prompt: str) -> list[PromptToken]:
-    """The prompt's tokens from a legacy ``echo=True`` answer: start offsets (``text_offset``)
-    and the top-k at each, with the actual token added if the top-k left it out."""
+    """The prompt's tokens from a legacy ``echo=True`` answer: where each starts in the prompt,
+    and the top-k at it with the actual token added if the top-k left it out.
+
+    Start offsets are rebuilt from the tokens' texts; ``text_offset`` is not trusted, since
+    servers disagree on it (vLLM's is a running sum of token lengths that counts a BOS's text).
+    A first token that the prompt does not start with is a BOS (``<s>``, ``<|begin_of_text|>``)
+    and is dropped. ``bytes:\\xNN`` tokens (OpenAI's form of part of a character) are decoded
+    together; a run of tokens holding U+FFFD (parts of characters decoded one at a time, as vLLM
+    does) ends where the tokens after it go on rebuilding the prompt, if exactly one place fits.
+    Tokens after the prompt's end (generated ones) are left out.
+
+    An answer that ends before the prompt does is a ``TransientError`` (damaged; worth a
+    retry); one whose tokens do not rebuild the prompt, or rebuild it more than one way, is
+    ``Unscorable``."""
     lp = data["choices"][0]["logprobs"]
-    rows = list(zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], lp["text_offset"],
-                    strict=True))
-    tokens, end, raw = [], 0, False
-    for tok, logprob, top, start in rows:
-        if start >= len(prompt):            # generated tokens follow the prompt
-            break
-        # a partial character ("bytes:\\xe2" from OpenAI, U+FFFD from servers that decode it):
-        # its text is not the prompt's, its offset still is
-        raw = tok.startswith("bytes:") or "\ufffd" in tok
-        if start < end or (not tokens and start != 0) \
-                or not (raw or prompt[start:start + len(tok)] == tok):
-            raise TransientError(f"Echoed prompt tokens are misaligned with the prompt at "
-                                 f"offset {start} ({tok!r}).")
+    rows = list(zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True))
+    if rows and not _partial(rows[0][0]) and not prompt.startswith(rows[0][0]):
+        rows = rows[1:]
+    tokens = []
+    for (tok, logprob, top), start in zip(rows, _starts([r[0] for r in rows], prompt)):
         top = dict(top or {})
         if logprob is not None:
             top.setdefault(tok, float(logprob))
         tokens.append(PromptToken(start, top))
-        end = start if raw else start + len(tok)
-    if not tokens or (not raw and end != len(prompt)):
-        raise TransientError(f"Echoed prompt tokens are misaligned: they end at {end}, the "
-                             f"prompt at {len(prompt)}.")
     return tokens
+
+
+def _partial(text: str) -> bool:
+    """Part of a character: OpenAI's ``bytes:\\xNN`` or a decoded U+FFFD."""
+    return text.startswith("bytes:") or "\ufffd" in text
+
+
+def _starts(texts: list[str], prompt: str) -> list[int]:
+    """Start offsets in ``prompt`` of the tokens ``texts`` that make it up, in order."""
+    starts: list[int] = []
+    pos, i, pending = 0, 0, codecs.getincrementaldecoder("utf-8")()
+    while i < len(texts) and (pos < len(prompt) or pending.getstate()[0]):
+        text, begin = texts[i], pos
+        if text.startswith("bytes:"):
+            try:
+                text = pending.decode(bytes.fromhex(text[6:].replace("\\x", "")))
+            except ValueError as e:   # not hex, or not UTF-8 once joined
+                raise Unscorable(f"Echoed token {texts[i]!r} is not valid bytes: {e}.",
+                                 kind="misaligned") from e
+        elif pending.getstate()[0]:
+            raise Unscorable(f"Echoed tokens leave a character unfinished at offset {pos}.",
+                             kind="misaligned")
+        elif "\ufffd" in text:
+            end = next((j for j in range(i, len(texts)) if "\ufffd" not in texts[j]), len(texts))
+            pos = _resume(texts, i, end, prompt, pos)
+            starts += [begin] * (end - i)
+            i = end
+            continue
+        if not prompt.startswith(text, pos):
+            raise Unscorable(f"Echoed token {texts[i]!r} does not match the prompt at offset "
+                             f"{pos}.", kind="misaligned")
+        starts.append(begin)
+        pos, i = pos + len(text), i + 1
+    if pos < len(prompt) or pending.getstate()[0]:
+        raise TransientError(f"Echoed prompt tokens are misaligned: they end at {pos}, the "
+                             f"prompt at {len(prompt)}.", kind="unparseable")
+    return starts
+
+
+def _resume(texts: list[str], i: int, end: int, prompt: str, pos: int) -> int:
+    """Where the U+FFFD tokens ``texts[i:end]``, starting at ``pos``, end in the prompt: each
+    U+FFFD stands for one or more non-ASCII characters, and the whole tokens after them must
+    match from there (up to the prompt's end or the next partial token)."""
+    run = "".join(texts[i:end])
+    pattern = re.compile("".join("[^\\x00-\\x7f]+" if part.startswith("\ufffd") else re.escape(part)
+                                 for part in re.split("(\ufffd+)", run) if part))
+
+    def rest_fits(at: int) -> bool:
+        for text in texts[end:]:
+            if at == len(prompt) or _partial(text):
+                return True
+            if not prompt.startswith(text, at):
+                return False
+            at += len(text)
+        return at == len(prompt)
+
+    fits = [q for q in range(pos + 1, min(pos + len(run), len(prompt)) + 1)
+            if pattern.fullmatch(prompt, pos, q) and rest_fits(q)]
+    if len(fits) != 1:
+        raise Unscorable(f"Echoed tokens with U+FFFD at offset {pos} fit the prompt "
+                         f"{'in more than one way' if fits else 'nowhere'}.", kind="misaligned")
+    return fits[0]
 
 
 def first_token_tops(data: dict, n: int) -> list[dict[str, float]]:
@@ -163,17 +232,19 @@ def classify_error(error: Exception, model: str, base_url: str) -> Exception:
     if isinstance(error, (TransientError, BackendError)):
         return error
     if isinstance(error, openai.APITimeoutError):
-        return TransientError(f"{where} timed out (model '{model}').")
+        return TransientError(f"{where} timed out (model '{model}').", kind="timeout")
     if isinstance(error, openai.APIConnectionError):
-        return TransientError(f"{where} could not be reached (model '{model}'): {error}")
+        return TransientError(f"{where} could not be reached (model '{model}'): {error}",
+                              kind="unreachable")
     if isinstance(error, openai.APIStatusError):
         status, msg = error.status_code, _server_message(error.body, error.message)
         if status == 429:
             return TransientError(f"{where} is rate-limiting requests (429): {msg}.",
-                                  retry_after(error.response.headers))
+                                  retry_after(error.response.headers), kind="rate_limited")
         if status >= 500 or status in (408, 409):
             return TransientError(f"{where} failed ({status}): {msg}.",
-                                  retry_after(error.response.headers))
+                                  retry_after(error.response.headers),
+                                  kind="overloaded" if status == 503 else "server_error")
         if status == 401:
             return BackendError(f"{where} rejected the API key (401): {msg}; check OPENAI_API_KEY.")
         if status == 403:
@@ -186,7 +257,7 @@ def classify_error(error: Exception, model: str, base_url: str) -> Exception:
     if isinstance(error, (openai.APIResponseValidationError, json.JSONDecodeError,
                           KeyError, IndexError, TypeError, ValueError)):
         return TransientError(f"{where} sent an answer that could not be parsed "
-                              f"({type(error).__name__}: {str(error)[:200]}).")
+                              f"({type(error).__name__}: {str(error)[:200]}).", kind="unparseable")
     return error
 
 
@@ -219,6 +290,12 @@ class OpenAIBackend(Backend):
     @property
     def url(self) -> str:
         return (self.base_url or OPENAI_URL).rstrip("/")
+
+    def _legacy_k(self, k: int) -> int:
+        """``logprobs=k`` for the legacy completions endpoint: at most 5 on OpenAI's own."""
+        if urlsplit(self.url).hostname == urlsplit(OPENAI_URL).hostname:
+            return min(k, OPENAI_LEGACY_MAX_LOGPROBS)
+        return k
 
     def identity(self) -> dict:
         return {"backend": self.kind, "model": self.model, "base_url": self.url,
@@ -270,7 +347,7 @@ class OpenAIBackend(Backend):
                                    "use the chat prompt format.")
             gen, _ = self._call("completions", parse_completion, prompt=request.prompt,
                                 max_tokens=request.max_tokens, **common,
-                                **({"logprobs": k} if k else {}))
+                                **({"logprobs": self._legacy_k(k)} if k else {}))
             return gen
         if not self.chat:
             raise BackendError(f"The {self.name} backend has no chat endpoint (chat: false); "
@@ -290,7 +367,7 @@ class OpenAIBackend(Backend):
     def _prompt_tokens(self, prompt: str) -> tuple[list[PromptToken], Usage]:
         """The prompt's tokens with their top-k, from the legacy ``echo`` + ``logprobs``."""
         return self._call("completions", echo_tokens, prompt, prompt=prompt, echo=True,
-                          max_tokens=0, logprobs=self.top_logprobs, temperature=0)
+                          max_tokens=0, logprobs=self._legacy_k(self.top_logprobs), temperature=0)
 
     def _score(self, request: PromptLogprobRequest) -> TokenDistributions:
         tokens, usage = self._prompt_tokens(request.prompt)
@@ -298,7 +375,8 @@ class OpenAIBackend(Backend):
         def follow_up(texts: list[str]) -> list[dict[str, float]]:
             nonlocal usage
             tops, more = self._call("completions", first_token_tops, len(texts), prompt=texts,
-                                    max_tokens=1, logprobs=self.top_logprobs, temperature=0)
+                                    max_tokens=1, logprobs=self._legacy_k(self.top_logprobs),
+                                    temperature=0)
             usage = usage + more
             return tops
 

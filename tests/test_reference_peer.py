@@ -1,0 +1,224 @@
+"""neuronlens beside its reference: OpenAI's neuron-explainer, as Neuronpedia maintains it on PyPI
+(``automated-interpretability``, imported as ``neuron_explainer``), used only as an installed
+library. Its loaders read what neuronlens writes (recorded neurons, exported scored simulations),
+and its scoring, given the same true and simulated activations, gives neuronlens' correlations.
+
+The package pins ``numpy<2`` (and blobfile 2, which pins lxml 4 and filelock 3): pip installs it
+beside neuronlens' dependencies only by taking numpy back to 1.26 (and pandas to 3.0), although the
+parts used here run on numpy 2. So it is not a dependency of neuronlens; where it is wanted, install
+it without its pins (tiktoken, httpx, scikit-learn and aiohttp come with neuronlens already):
+
+    pip install --no-deps automated-interpretability==0.0.24 blobfile==2.1.1 \
+        boostedblob==0.15.6 "orjson>=3.10,<4" "lxml~=4.9"
+
+Every test here is skipped when ``neuron_explainer`` does not import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import math
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip(
+    "neuron_explainer.explanations.scoring",
+    reason="the reference (pip install --no-deps automated-interpretability, see this file's "
+           "docstring) is not installed")
+
+from neuron_explainer.activations.activations import (  # noqa: E402
+    ActivationRecord as TheirActivationRecord,
+)
+from neuron_explainer.activations.activations import (  # noqa: E402
+    NeuronRecord as TheirNeuronRecord,
+)
+from neuron_explainer.activations.activations import load_neuron, read_neuron_file  # noqa: E402
+from neuron_explainer.explanations.explanations import (  # noqa: E402
+    ActivationScale,
+    NeuronSimulationResults,
+    SequenceSimulation,
+    load_neuron_explanations,
+)
+from neuron_explainer.explanations.scoring import (  # noqa: E402
+    aggregate_scored_sequence_simulations,
+    correlation_score,
+    simulate_and_score,
+)
+from neuron_explainer.explanations.simulator import NeuronSimulator  # noqa: E402
+
+from neuronlens.records import NeuronId  # noqa: E402
+from neuronlens.score import score  # noqa: E402
+
+NEURONS = [NeuronId(0, 3), NeuronId(1, 17), NeuronId(2, 40)]
+
+
+# ---- neuronlens' records, read by the reference ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def recording(tiny_llama, tiny_tokenizer):
+    """The tiny random Llama recorded over the built-in corpus: real neurons, real tokens."""
+    from neuronlens.corpus import BuiltinCorpus, token_windows
+    from neuronlens.subject.recording import RecordingConfig, record
+
+    windows = token_windows(BuiltinCorpus(), tiny_tokenizer, 24, max_windows=120)
+    return record(tiny_llama, tiny_tokenizer, windows, NEURONS,
+                  RecordingConfig(top_k=20, n_random=16, batch_size=16), progress=False)
+
+
+def same_records(theirs: Sequence[TheirActivationRecord], ours) -> None:
+    assert len(theirs) == len(ours)
+    for t, o in zip(theirs, ours):
+        assert isinstance(t, TheirActivationRecord)
+        assert t.tokens == o.tokens and t.activations == o.activations   # exact, float for float
+
+
+def test_their_loaders_read_our_recorded_neurons(recording, tmp_path):
+    paths = recording.export_openai(tmp_path / "records")
+    ours = {r.neuron_id: r for r in recording.neuron_records()}
+    assert len(paths) == len(ours) == len(NEURONS)
+    for n in NEURONS:
+        # the synchronous loader takes a folder URL ({layer}/{index}.json under it) ...
+        theirs = load_neuron(n.layer, n.index, dataset_path=(tmp_path / "records").as_uri())
+        # ... the asynchronous one a file name (through boostedblob)
+        again = asyncio.run(read_neuron_file(str(tmp_path / "records" / str(n.layer)
+                                                 / f"{n.index}.json")))
+        for t in (theirs, again):
+            assert isinstance(t, TheirNeuronRecord)
+            assert (t.neuron_id.layer_index, t.neuron_id.neuron_index) == (n.layer, n.index)
+            o = ours[n]
+            same_records(t.most_positive_activation_records, o.most_positive_activation_records)
+            same_records(t.random_sample, o.random_sample)
+            assert t.max_activation == o.max_activation > 0
+            for moment in ("mean", "variance", "skewness", "kurtosis"):
+                assert getattr(t, moment) == getattr(o, moment)
+
+
+# ---- a neuronlens run, exported, read and re-scored by the reference ---------------------------
+
+@pytest.fixture(scope="module")
+def exported_run(recording, tiny_llama_dir, tmp_path_factory) -> Path:
+    """A neuronlens run on the recorded neurons (explanations from a table, the tiny Llama as the
+    simulator, all at once), exported in OpenAI's explanations layout."""
+    from hydra import compose, initialize_config_dir
+
+    import neuronlens.pipeline as pipeline
+    from neuronlens.cli import CONF_DIR
+    from neuronlens.openai_format import export_run
+
+    tmp = tmp_path_factory.mktemp("peer-run")
+    recording.export_openai(tmp / "records")
+    table = tmp / "explanations.csv"
+    with open(table, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["layer", "index", "explanation"])
+        for n, words in zip(NEURONS, ("commas and full stops", "the word the", "numbers")):
+            writer.writerow([n.layer, n.index, words])
+    overrides = ["subject=openai_records", f"subject.path={tmp / 'records'}", "subject.device=cpu",
+                 "explainer=load", f"explainer.path={table}", f"simulator.model={tiny_llama_dir}",
+                 f"neurons.layers=[{','.join(str(n.layer) for n in NEURONS)}]", "progress=false"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    pipeline.run(cfg, tmp / "run")
+    assert export_run(tmp / "run"), "the run scored no neuron"
+    return tmp / "run"
+
+
+def test_their_loader_reads_our_export_and_their_scoring_agrees(exported_run):
+    rows = [json.loads(line) for line in (exported_run / "neurons.jsonl").read_text().splitlines()]
+    scored = [r for r in rows if r.get("score") is not None]
+    assert scored, "no neuron of the run has a score to compare"
+    for row in scored:
+        results = load_neuron_explanations(str(exported_run / "openai"), row["layer"], row["index"])
+        assert isinstance(results, NeuronSimulationResults)
+        assert (results.neuron_id.layer_index, results.neuron_id.neuron_index) == \
+            (row["layer"], row["index"])
+        (explanation,) = results.scored_explanations
+        assert explanation.explanation == row["explanation"]
+        sequences = explanation.scored_simulation.scored_sequence_simulations
+        assert [s.simulation.tokens for s in sequences] == [e["tokens"] for e in row["test_excerpts"]]
+
+        # their aggregate over the sequences they loaded is our score, stored and recomputed
+        theirs = aggregate_scored_sequence_simulations(sequences)
+        assert theirs.ev_correlation_score == pytest.approx(row["score"], abs=1e-12)
+        assert explanation.get_preferred_score() == row["score"]
+        ours = score([e["true"] for e in row["test_excerpts"]],
+                     [e["simulated"] for e in row["test_excerpts"]])
+        assert ours.correlation == row["score"]
+        for s in sequences:
+            mine = score([s.true_activations], [s.simulation.expected_activations]).correlation
+            if mine is None:
+                assert s.ev_correlation_score is None
+            else:
+                assert correlation_score(s.true_activations, s.simulation.expected_activations) \
+                    == pytest.approx(mine, abs=1e-12)
+
+
+# ---- the reference's scoring on the same data --------------------------------------------------
+
+class Replay(NeuronSimulator):
+    """A simulator that answers with given expected activations, excerpt by excerpt (by tokens)."""
+
+    def __init__(self, simulated: dict[tuple[str, ...], list[float]]):
+        self.simulated = simulated
+
+    async def simulate(self, tokens: Sequence[str]) -> SequenceSimulation:
+        return SequenceSimulation(
+            tokens=list(tokens), expected_activations=self.simulated[tuple(tokens)],
+            activation_scale=ActivationScale.SIMULATED_NORMALIZED_ACTIVATIONS,
+            distribution_values=[], distribution_probabilities=[])
+
+
+def excerpts(seed: int, n: int = 6) -> tuple[list[TheirActivationRecord], list[list[float]]]:
+    """Excerpts of different lengths with a sparse neuron, and a noisy 0-10 simulation of it."""
+    rng = random.Random(seed)
+    records, simulated = [], []
+    for i in range(n):
+        length = rng.randint(5, 40)
+        true = [rng.uniform(2, 9) if rng.random() < 0.15 else rng.uniform(-0.2, 0.1)
+                for _ in range(length)]
+        sim = [min(10.0, max(0.0, t + rng.gauss(0, 2))) for t in true]
+        records.append(TheirActivationRecord(tokens=[f"{seed}.{i}.{j}" for j in range(length)],
+                                             activations=true))
+        simulated.append(sim)
+    return records, simulated
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_their_scoring_gives_our_scores(seed):
+    records, simulated = excerpts(seed)
+    simulator = Replay({tuple(r.tokens): s for r, s in zip(records, simulated)})
+    theirs = asyncio.run(simulate_and_score(simulator, records))
+    true = [r.activations for r in records]
+    ours = score(true, simulated)
+    assert ours.flag is None and ours.n_excerpts == len(records)
+    assert theirs.ev_correlation_score == pytest.approx(ours.correlation, abs=1e-12)
+    # over all tokens concatenated, not the mean of the excerpts' correlations
+    per_excerpt = [s.ev_correlation_score for s in theirs.scored_sequence_simulations]
+    assert not math.isclose(float(np.nanmean(per_excerpt)), ours.correlation, abs_tol=1e-6)
+    # r² and absolute-dev-explained differ by their denominators alone: the reference divides by
+    # the uncentred mean(true²) and mean(|true|), neuronlens by var(true) and mean(|true - mean|)
+    t = np.concatenate(true)
+    assert theirs.rsquared_score == pytest.approx(
+        1 - (1 - ours.r_squared) * np.var(t) / np.mean(t ** 2), abs=1e-12)
+    assert theirs.absolute_dev_explained_score == pytest.approx(
+        1 - (1 - ours.absolute_dev_explained) * np.mean(np.abs(t - t.mean())) / np.mean(np.abs(t)),
+        abs=1e-12)
+
+
+def test_where_their_correlation_is_nan_ours_is_none_with_a_reason():
+    true = [[0.0, 1.0, 3.0], [0.5, 0.0]]
+    with np.errstate(all="ignore"):   # numpy warns of the 0/0 it turns into NaN
+        flat = correlation_score(sum(true, []), [2.0] * 5)
+    assert math.isnan(flat)
+    ours = score(true, [[2.0] * 3, [2.0] * 2])
+    assert ours.correlation is None and ours.flag == "constant simulation"
+    with np.errstate(all="ignore"):
+        assert math.isnan(correlation_score([1.0] * 4, [0.0, 1.0, 2.0, 3.0]))
+    dead = score([[1.0] * 4], [[0.0, 1.0, 2.0, 3.0]])
+    assert dead.correlation is None and dead.flag == "constant activations"

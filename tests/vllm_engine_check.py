@@ -1,0 +1,38 @@
+"""Run inside the vLLM venv by tests/test_real_vllm.py: simulate excerpts with the in-process
+engine (`VLLMEngineBackend`, built from its conf file) and print the expected values as JSON.
+
+    <vllm venv>/bin/python tests/vllm_engine_check.py IN.json OUT.json
+IN: {"model": DIR, "explanation": str, "tokens": [[str, ...], ...]}
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from neuronlens.backends.base import GenerateRequest, Message
+from neuronlens.records import ActivationRecord
+from neuronlens.simulate import Simulator
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "simulator" / "vllm_engine.yaml"
+
+
+def main(src: str, dst: str) -> None:
+    job = json.loads(Path(src).read_text())
+    cfg = OmegaConf.load(CONF)
+    cfg.model, cfg.dtype, cfg.max_model_len = job["model"], "bfloat16", 4096
+    cfg.engine_args = {"enforce_eager": True}
+    backend = instantiate(cfg)
+    records = [ActivationRecord(t, [0.0] * len(t)) for t in job["tokens"]]
+    sim = Simulator(backend).simulate(job["explanation"], records)
+    chat = backend.generate(GenerateRequest(messages=(Message("user", "Say hello."),), max_tokens=8))
+    Path(dst).write_text(json.dumps({"expected": sim.expected, "errors": list(sim.errors),
+                                     "mass": sim.mass, "chat": chat.completions[0].text}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
