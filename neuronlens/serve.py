@@ -162,14 +162,58 @@ def _legacy_piece(tok: Any, token_id: int) -> str:
 @torch.no_grad()
 def score_prompt(model: Any, ids: list[int], k: int) -> PromptScores:
     """One forward pass over ``ids``; log-softmax in float32 at every position."""
-    device = next(model.parameters()).device
-    logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, :-1].float()
-    logp = torch.log_softmax(logits, dim=-1)
-    actual = logp.gather(1, torch.tensor(ids[1:], device=device)[:, None])
+    scores = PrefixCache(model, keep=k).run(ids, k)[0]
+    return PromptScores(scores.logprob, scores.rank, [top[:k] for top in scores.top])
+
+
+def _scores(logits: torch.Tensor, ids: list[int], k: int) -> PromptScores:
+    """Scores of tokens ``ids[1:]`` from the logits at the positions before each."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    actual = logp.gather(1, torch.tensor(ids[1:], device=logp.device)[:, None])
     rank = (logp > actual).sum(dim=1) + 1
     top = logp.topk(min(k, logp.shape[-1]), dim=-1)
     pairs = [list(zip(i.tolist(), v.tolist())) for i, v in zip(top.indices, top.values)]
     return PromptScores(actual[:, 0].tolist(), rank.tolist(), pairs)
+
+
+class PrefixCache:
+    """The KV cache and scores of the last prompt run, reused for the longest prefix the next
+    prompt shares with it, as vLLM's automatic prefix caching does: the excerpts of one neuron
+    share the instructions, examples and explanation, and a simulator's follow-up prompts share
+    all but their last tokens. ``run`` returns the prompt's scores (top-``k``, ``k`` at least
+    ``keep``) and the log-probabilities of the token after it."""
+
+    def __init__(self, model: Any, keep: int = 20):
+        self.model, self.keep = model, keep
+        self.ids: list[int] = []
+        self.kv: Any = None
+        self.scores = PromptScores([], [], [])
+        self.k = 0
+
+    @torch.no_grad()
+    def run(self, ids: list[int], k: int) -> tuple[PromptScores, torch.Tensor]:
+        from transformers import DynamicCache
+
+        k = max(k, self.keep)
+        shared = 0
+        if self.kv is not None and k <= self.k:
+            limit = min(len(ids), len(self.ids)) - 1
+            while shared < limit and ids[shared] == self.ids[shared]:
+                shared += 1
+        start = max(shared - 1, 0)   # the position before the first new token runs again
+        if start:
+            self.kv.crop(start - self.kv.get_seq_length())
+        else:
+            self.kv = DynamicCache()
+        device = next(self.model.parameters()).device
+        logits = self.model(input_ids=torch.tensor([ids[start:]], device=device),
+                            past_key_values=self.kv, use_cache=True).logits[0]
+        new = _scores(logits[:-1], ids[start:], k)
+        old = self.scores
+        self.scores = PromptScores(old.logprob[:start] + new.logprob, old.rank[:start] + new.rank,
+                                   old.top[:start] + new.top)
+        self.ids, self.k = list(ids), k
+        return self.scores, torch.log_softmax(logits[-1].float(), dim=-1)
 
 
 # ---- the server -------------------------------------------------------------------------------
@@ -185,6 +229,11 @@ class ServerState:
     requests: Counter = field(default_factory=Counter)       # by endpoint path
     fault_counts: Counter = field(default_factory=Counter)   # by fault name, POST requests only
     lock: threading.Lock = field(default_factory=threading.Lock)
+    prefix: PrefixCache | None = None  # the last prompt's KV cache (see PrefixCache)
+
+    def __post_init__(self) -> None:
+        if self.prefix is None:
+            self.prefix = PrefixCache(self.backend.model)
 
     def next_fault(self) -> str:
         n = sum(self.fault_counts.values())
@@ -271,38 +320,18 @@ def _check_k(state: ServerState, *ks: int | None) -> None:
                             f"(start it with a higher max_logprobs).")
 
 
-@torch.no_grad()
-def next_tokens(backend: LocalBackend, prompts: list[list[int]], k: int) -> list[Completion]:
-    """Greedy one-token completions of many prompts, as ``generate`` gives them, computed the way
-    vLLM's prefix caching does: the prompts' shared prefix runs once into a KV cache, then each
-    prompt's own tail after it (a simulator's follow-up prompts share all but a few tokens)."""
-    from transformers import DynamicCache
-
-    model, tok = backend.model, backend.tokenizer
-    device = next(model.parameters()).device
-    shared = 0
-    while all(shared < len(p) - 1 and p[shared] == prompts[0][shared] for p in prompts):
-        shared += 1
-    cache = DynamicCache()
-    if shared:
-        model(input_ids=torch.tensor([prompts[0][:shared]], device=device), past_key_values=cache,
-              use_cache=True)
-    out = []
-    for ids in prompts:
-        logits = model(input_ids=torch.tensor([ids[shared:]], device=device),
-                       past_key_values=cache if shared else DynamicCache(), use_cache=True).logits[0, -1]
-        if shared:   # back to the shared prefix (crop takes the number of tokens to drop)
-            cache.crop(shared - cache.get_seq_length())
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        best = int(logp.argmax())
-        if best == tok.eos_token_id:   # generate() stops there: no token, no text
-            out.append(Completion("", (), "stop", ()))
-            continue
-        top = logp.topk(min(max(k, 1), logp.shape[-1]))
-        alts = tuple((_piece(tok, int(i)), float(v)) for v, i in zip(top.values, top.indices))
-        piece = _piece(tok, best)
-        out.append(Completion(piece, (TokenLogprob(piece, float(logp[best]), alts),), "length", (best,)))
-    return out
+def next_token(state: ServerState, ids: list[int], k: int) -> Completion:
+    """The greedy one-token completion of ``ids``, as ``generate`` gives it, from the prefix
+    cache (a simulator's follow-up prompts share all but their last tokens)."""
+    tok = state.backend.tokenizer
+    logp = state.prefix.run(ids, k)[1]
+    best = int(logp.argmax())
+    if best == tok.eos_token_id:   # generate() stops there: no token, no text
+        return Completion("", (), "stop", ())
+    top = logp.topk(min(max(k, 1), logp.shape[-1]))
+    alts = tuple((_piece(tok, int(i)), float(v)) for v, i in zip(top.values, top.indices))
+    piece = _piece(tok, best)
+    return Completion(piece, (TokenLogprob(piece, float(logp[best]), alts),), "length", (best,))
 
 
 def _complete(state: ServerState, body: CompletionBody, fault: str) -> dict:
@@ -310,16 +339,9 @@ def _complete(state: ServerState, body: CompletionBody, fault: str) -> dict:
     if not prompts or not all(prompts):
         raise ApiError(400, "prompt must be a non-empty string or a list of non-empty strings.")
     _check_k(state, body.logprobs, body.prompt_logprobs)
-    ready: list = [None] * len(prompts)
-    if (len(prompts) > 1 and body.max_tokens == 1 and body.temperature == 0 and not body.echo
-            and body.prompt_logprobs is None and not body.stop):   # many next-token questions
-        tok = state.backend.tokenizer
-        ids = [list(tok(p)["input_ids"]) for p in prompts]
-        ready = [([c] * body.n, len(i), len(c.token_ids or ()) * body.n)
-                 for c, i in zip(next_tokens(state.backend, ids, body.logprobs or 0), ids)]
     choices, n_prompt, n_gen = [], 0, 0
-    for prompt, done in zip(prompts, ready):  # one block of n choices per prompt, in order, as OpenAI does
-        more, p, g = _complete_one(state, body, prompt, fault == "wrong_length", done)
+    for prompt in prompts:  # one block of n choices per prompt, indexed in order, as OpenAI does
+        more, p, g = _complete_one(state, body, prompt, fault == "wrong_length")
         choices += [c | {"index": len(choices) + i} for i, c in enumerate(more)]
         n_prompt, n_gen = n_prompt + p, n_gen + g
     return _envelope("cmpl", "text_completion", body.model or state.model_name, choices,
@@ -327,16 +349,15 @@ def _complete(state: ServerState, body: CompletionBody, fault: str) -> dict:
 
 
 def _complete_one(state: ServerState, body: CompletionBody, prompt: str,
-                  short: bool, done: tuple | None = None) -> tuple[list[dict], int, int]:
-    """The choices for one prompt; ``done``: its completions, prompt and completion tokens when
-    already computed (``next_tokens``)."""
+                  short: bool) -> tuple[list[dict], int, int]:
     tok = state.backend.tokenizer
     ids = list(tok(prompt)["input_ids"])
-    echo_scores = body.echo and body.logprobs is not None
-    scores = score_prompt(state.backend.model, ids, max(body.logprobs or 0, body.prompt_logprobs or 0)) \
-        if body.prompt_logprobs is not None or echo_scores else None
-    if done is not None:
-        completions, n_prompt, n_gen = done
+    k = max(body.logprobs or 0, body.prompt_logprobs or 0)
+    scores = state.prefix.run(ids, k)[0] \
+        if body.prompt_logprobs is not None or (body.echo and body.logprobs is not None) else None
+    if body.max_tokens == 1 and body.temperature == 0 and not body.stop:   # one greedy token
+        c = next_token(state, ids, body.logprobs or 0)
+        completions, n_prompt, n_gen = [c] * body.n, len(ids), len(c.token_ids or ()) * body.n
     elif body.max_tokens > 0:
         completions, n_prompt, n_gen = _generate(state, body, body.max_tokens, body.logprobs, prompt=prompt)
     else:

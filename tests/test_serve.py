@@ -223,6 +223,25 @@ def test_score_prompt_agrees_with_a_plain_forward(direct):
     assert scores.rank == [int((lp[j] > lp[j, ids[j + 1]]).sum()) + 1 for j in range(len(ids) - 1)]
 
 
+def test_the_prefix_cache_scores_like_a_fresh_forward(direct):
+    """Prompts that share a prefix with the one before (longer, shorter, diverging, unrelated, or
+    asking for more alternatives) score as a plain forward pass scores them."""
+    from neuronlens.serve import PrefixCache
+
+    model, tokenizer = direct
+    cache = PrefixCache(model, keep=5)
+    for text, k in ((PROMPT, 5), (PROMPT + " and more", 5), (PROMPT[:20], 3), (PROMPT[:20] + " x", 8),
+                    ("nothing alike", 5), (PROMPT, 5)):
+        ids = list(tokenizer(text)["input_ids"])
+        got, last = cache.run(ids, k)
+        want = score_prompt(model, ids, k)
+        assert got.rank == want.rank
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-5)
+        assert [[t for t, _ in top[:k]] for top in got.top] == [[t for t, _ in top] for top in want.top]
+        full = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+        assert torch.allclose(last, full, atol=1e-5)
+
+
 def test_bad_requests_get_openai_error_bodies(server):
     m = server.model
     for body in ({"model": m}, {"model": m, "prompt": ""}, {"model": m, "prompt": []},
