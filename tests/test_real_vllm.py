@@ -140,3 +140,25 @@ def test_the_server_is_checked_at_load(real_vllm, caplog):
         right.load()
     assert right.server["version"] == "0.32.0" and right.server["root"] == real_vllm.model
     assert right.tokenizer is not None and not caplog.records   # aligned by ids, no warning
+
+
+def test_a_request_given_up_on_is_not_computed_on(real_vllm):
+    """vLLM aborts a completion whose client hung up, so a request the policy times out and sends
+    again is not computed twice. The request below would keep the server busy for minutes (8
+    long prompts, 1000 tokens each, end-of-text ignored); after the client's timeout, nothing may
+    be left running or waiting within 20 s."""
+    import time
+
+    import httpx
+
+    prompts = [f"{i} " + "The quick brown fox jumps over the lazy dog. " * 200 for i in range(8)]
+    body = {"model": real_vllm.name, "prompt": prompts, "max_tokens": 1000, "temperature": 0,
+            "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{real_vllm.base_url}/completions", json=body, timeout=3)
+    busy = lambda m: m.get("vllm:num_requests_running", 0) + m.get("vllm:num_requests_waiting", 0)  # noqa: E731
+    deadline = time.monotonic() + 20
+    while busy(real_vllm.metrics()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert busy(real_vllm.metrics()) == 0
+    assert real_vllm.metrics().get("vllm:generation_tokens_total", 0) < 8 * 1000
