@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -111,11 +112,12 @@ def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig,
     row: dict[str, Any] = {"layer": neuron.neuron_id.layer, "index": neuron.neuron_id.index,
                            "max_activation": neuron.max_activation}
     usage = {"explainer": [0, 0], "simulator": [0, 0]}
-    failures: dict[str, Any] = {"explanations": 0, "excerpts": 0, "by_kind": {}}
+    by_kind: Counter[str] = Counter()
+    failures: dict[str, Any] = {"explanations": 0, "excerpts": 0, "by_kind": by_kind}
     failed_excerpts: list[dict] = []   # each with its stage, index, kind and message
 
     def failed(reason: str, kind: str) -> dict[str, Any]:
-        failures["by_kind"][kind] = failures["by_kind"].get(kind, 0) + 1
+        by_kind[kind] += 1
         return row | {"explanation": None, "score": None, "scores": {"test": None},
                       "error": reason, "error_kind": kind, "usage": usage, "failures": failures,
                       "failed_excerpts": failed_excerpts, "seconds": time.perf_counter() - start}
@@ -131,7 +133,7 @@ def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig,
     usage["explainer"] = [result.prompt_tokens, result.completion_tokens]
     failures["explanations"] = result.n_failed
     if result.n_failed:
-        failures["by_kind"]["unparsed_explanation"] = result.n_failed
+        by_kind["unparsed_explanation"] = result.n_failed
     masses: dict[int, tuple[float, ...]] = {}
 
     def simulate(explanation: str, records, stage: str):
@@ -140,7 +142,7 @@ def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig,
         usage["simulator"][1] += sim.usage.completion_tokens
         failures["excerpts"] += sim.n_failed
         for f in sim.failures:
-            failures["by_kind"][f.kind] = failures["by_kind"].get(f.kind, 0) + 1
+            by_kind[f.kind] += 1
             failed_excerpts.append({"stage": stage} | f.to_json())
         kept = [(i, list(e)) for i, e in enumerate(sim.expected) if e is not None]
         if stage == "test":
@@ -280,11 +282,10 @@ def summarise(rows: list[dict], wall: float, cfg: DictConfig, subject: str) -> d
 
 def failures_by_kind(rows: list[dict]) -> dict[str, int]:
     """Failed neurons, explanations and excerpts of the main simulator, counted by kind."""
-    counts: dict[str, int] = {}
+    counts: Counter[str] = Counter()
     for r in rows:
-        for kind, n in (r["failures"].get("by_kind") or {}).items():
-            counts[kind] = counts.get(kind, 0) + n
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+        counts.update(r["failures"].get("by_kind") or {})
+    return dict(counts.most_common())
 
 
 def choices() -> dict[str, str]:

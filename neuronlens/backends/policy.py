@@ -26,6 +26,7 @@ import random
 import sqlite3
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
@@ -152,7 +153,7 @@ class Policy(Backend):
         self._slot_free = threading.Condition(self._lock)
         self._counts = dict.fromkeys(("requests", "cache_hits", "retries", "transient_errors",
                                       "prompt_tokens", "completion_tokens"), 0)
-        self._failures: dict[str, int] = {}   # requests given up on, by kind
+        self._failures: Counter[str] = Counter()   # requests given up on, by kind
         self._unpriced: list[tuple[int, int]] = []   # fresh responses' tokens, priced in stats()
         self._cost: float | None = 0.0
 
@@ -272,7 +273,7 @@ class Policy(Backend):
     # ---- accounting ---------------------------------------------------------------------------
     def _count_failure(self, kind: str) -> None:
         with self._lock:
-            self._failures[kind] = self._failures.get(kind, 0) + 1
+            self._failures[kind] += 1
 
     def _add(self, **counts: int) -> None:
         with self._lock:

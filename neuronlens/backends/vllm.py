@@ -158,7 +158,7 @@ class VLLMBackend(OpenAIBackend):
         return True
 
     def load(self) -> None:
-        if self.client is not None:
+        if self.server is not None:   # checked once; a failed check is asked again, never skipped
             return
         super().load()
         self.server = self._identify()
