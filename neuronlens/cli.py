@@ -11,7 +11,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from neuronlens.errors import UserError
+from neuronlens.secrets import install_log_redaction
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 log = logging.getLogger("neuronlens")
@@ -30,7 +33,9 @@ def user_error(e: BaseException) -> UserError | None:
 
 
 def fail_cleanly(fn):
-    """Run ``fn``; a UserError becomes one line on stderr and exit status 2."""
+    """Run ``fn``, with keys redacted from every log line; a UserError becomes one line on
+    stderr and exit status 2."""
+    install_log_redaction()
     try:
         return fn()
     except Exception as e:  # noqa: BLE001 - only UserErrors are swallowed, the rest re-raised
@@ -46,8 +51,15 @@ def app(cfg: DictConfig) -> None:
     from neuronlens.pipeline import run
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request is noise
-
-    fail_cleanly(lambda: run(cfg, Path(HydraConfig.get().runtime.output_dir)))
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    with logging_redirect_tqdm():   # log lines above the progress bars, never glued to them
+        summary = fail_cleanly(lambda: run(cfg, run_dir))
+    if summary["n_neurons"] and summary["n_failed"] == summary["n_neurons"]:
+        kinds = ", ".join(f"{k} {n}" for k, n in summary["failures_by_kind"].items())
+        print(f"neuronlens: error: all {summary['n_neurons']} neurons failed ({kinds}); the reasons are "
+              f"in {run_dir / 'neurons.jsonl'}, and the same command redoes the transient ones.",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 def main() -> None:

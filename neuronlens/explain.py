@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from neuronlens.backends.base import Backend, GenerateRequest, Message
+from neuronlens.backends.base import Backend, GenerateRequest, Generation, Message
 from neuronlens.errors import UserError
 from neuronlens.records import ActivationRecord, NeuronRecord
 from neuronlens.score import normalize_activations
@@ -120,6 +120,11 @@ def parse_explanation(text: str) -> str:
     text = _RESTATED.sub("", text.strip() + " ", count=1).strip()
     first = text.splitlines()[0] if text else ""
     return " ".join(first.strip().removesuffix(".").split())
+
+
+def usable_explanations(generation: Generation) -> bool:
+    """An answer worth caching: at least one completion parses to an explanation."""
+    return any(parse_explanation(c.text) for c in generation.completions)
 
 
 @dataclass(frozen=True)
@@ -242,7 +247,7 @@ class Explainer:
         """Explanations of the neuron shown by ``records`` (``neuron`` is for explainers that need
         more than the excerpts, such as the baselines; an LLM sees only the excerpts)."""
         fitted = self._fit(records)
-        generation = self.backend.generate(fitted.request)
+        generation = self.backend.generate_usable(fitted.request, usable_explanations)
         parsed = [parse_explanation(c.text) for c in generation.completions]
         explanations = tuple(dict.fromkeys(p for p in parsed if p))
         return ExplanationResult(

@@ -23,10 +23,10 @@ The records themselves are written by ``Recording.export_openai``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from neuronlens.files import dumps, write_atomic
 from neuronlens.records import NeuronId
 from neuronlens.report.runs import rows_of_run
 from neuronlens.score import score
@@ -82,6 +82,6 @@ def export_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
             continue
         path = out_dir / str(row["layer"]) / f"{row['index']}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(simulation_results(row)) + "\n", encoding="utf-8")
+        write_atomic(path, dumps(simulation_results(row)) + "\n")
         paths.append(path)
     return paths

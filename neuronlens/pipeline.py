@@ -17,11 +17,14 @@ from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
 from neuronlens.backends.base import Backend, TransientError, failure_kind
 from neuronlens.backends.policy import Policy
+from neuronlens.checks import check_config
 from neuronlens.errors import UserError
 from neuronlens.explain import Explainer
+from neuronlens.files import RunLock, disk_error, dumps, write_atomic, write_json
 from neuronlens.records import NeuronId, NeuronRecord
 from neuronlens.score import fit_calibration, score, score_splits
 from neuronlens.simulate import Simulator
@@ -214,13 +217,15 @@ def experiment_id(cfg: DictConfig) -> str:
 
 
 def check_resumable(cfg: DictConfig, run_dir: Path) -> None:
-    """A run directory holds one experiment: resuming it with other settings would mix results."""
+    """A run directory holds one experiment: resuming it with other settings would mix results.
+    A directory without results yet (a failed start) takes the new settings."""
     setup = json.dumps(experiment(cfg), sort_keys=True, default=str)
     path = run_dir / "experiment.json"
-    if path.exists() and path.read_text() != setup:
+    has_results = (run_dir / "neurons.jsonl").exists() and (run_dir / "neurons.jsonl").stat().st_size
+    if has_results and path.exists() and path.read_text() != setup:
         raise UserError(f"{run_dir} holds a run with other settings; resume it with the same "
                         "overrides, or choose a new hydra.run.dir.")
-    path.write_text(setup)
+    write_atomic(path, setup)
 
 
 def shard(neurons: list[NeuronId], index: int | None, count: int) -> list[NeuronId]:
@@ -241,15 +246,55 @@ def finished(path: Path) -> dict[tuple[int, int], dict]:
     text = path.read_text()
     if text and not text.endswith("\n"):
         text = text[:text.rfind("\n") + 1]
-        path.write_text(text)
+        write_atomic(path, text)
     for n, line in enumerate(text.splitlines(), 1):
         try:
             row = json.loads(line)
+            key = (int(row["layer"]), int(row["index"]))
         except json.JSONDecodeError as e:
             raise UserError(f"{path} line {n} is not valid JSON ({e.msg}); remove that line to "
                             "redo its neuron.") from e
-        rows[(row["layer"], row["index"])] = row
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{path} line {n} is not a neuron's row (it needs a whole-number "
+                            "\"layer\" and \"index\"); remove that line to redo its neuron.") from e
+        rows[key] = row
     return rows
+
+
+# Failures that a rerun cannot change: the neuron is kept as it is. Any other failure (server
+# down, timeout, rate limit, an answer that did not parse) is redone when the run is resumed.
+PERMANENT = frozenset({"no_train_excerpts", "unscorable", "misaligned"})
+
+
+def redo_kinds(row: dict) -> set[str]:
+    """The transient failure kinds in a finished row (the neuron's own, its excerpts' and its
+    judges'): a row with any is redone on resume."""
+    kinds = {row.get("error_kind")} if row.get("error") else set()
+    kinds |= {f.get("kind") for f in row.get("failed_excerpts") or ()}
+    for j in (row.get("judges") or {}).values():
+        kinds |= {f.get("kind") for f in j.get("failures") or ()}
+    return {str(k) for k in kinds if k is not None} - PERMANENT
+
+
+def resume(path: Path, keys: set[tuple[int, int]]) -> dict[tuple[int, int], dict]:
+    """The finished rows of this run to keep. Rows that failed for a transient cause are dropped
+    from ``neurons.jsonl`` (rewritten atomically), so their neurons are redone."""
+    done = finished(path)
+    redo = {k: redo_kinds(r) for k, r in done.items() if k in keys and redo_kinds(r)}
+    if redo:
+        kept = [r for k, r in done.items() if k not in redo]
+        write_atomic(path, "".join(dumps(r) + "\n" for r in kept))
+        kinds = Counter(k for ks in redo.values() for k in ks)
+        log.info("Redoing %d neurons that failed for a transient cause (%s)", len(redo),
+                 ", ".join(f"{k} {n}" for k, n in kinds.most_common()))
+    kept = {k: r for k, r in done.items() if k not in redo}
+    failed = sum(1 for k, r in kept.items() if k in keys and r.get("score") is None)
+    if kept:
+        log.info("Resuming: %d neurons already done (%d of them failed for good: %s), %d to go",
+                 len(kept), failed, ", ".join(sorted({str(r.get("error_kind")) for r in kept.values()
+                                                      if r.get("score") is None})) or "none",
+                 len(keys - kept.keys()))
+    return kept
 
 
 def summarise(rows: list[dict], wall: float, cfg: DictConfig, subject: str) -> dict[str, Any]:
@@ -317,10 +362,17 @@ def table(rows: list[dict]) -> str:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    check_config(cfg)   # types and ranges: before anything is written or loaded
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise disk_error(run_dir, e) from e
+    with RunLock(run_dir):
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     start = time.perf_counter()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.concurrency < 1:
-        raise UserError(f"concurrency must be at least 1, got {cfg.concurrency}.")
     check_resumable(cfg, run_dir)
     subject = instantiate(cfg.subject)
     neurons = shard(subject.select(cfg.neurons, cfg.seed), cfg.neurons.get("shard"),
@@ -330,18 +382,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     records = subject.records(cfg, neurons, run_dir)
     prepare_roles((explainer, simulator), records, cfg)
     out = run_dir / "neurons.jsonl"
-    done = finished(out)
+    done = resume(out, {(r.neuron_id.layer, r.neuron_id.index) for r in records})
     todo = [r for r in records if (r.neuron_id.layer, r.neuron_id.index) not in done]
-    if done:
-        log.info("Resuming: %d neurons already done, %d to go", len(done), len(todo))
-    with open(out, "a") as sink, ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
+    with open(out, "a") as sink, ThreadPoolExecutor(max_workers=cfg.concurrency) as pool, \
+            tqdm(total=len(todo), desc="neurons", unit="neuron", disable=not cfg.progress) as bar:
         futures = [pool.submit(process, r, explainer, simulator, cfg, judges) for r in todo]
         try:
             for future in as_completed(futures):
                 row = future.result()
-                sink.write(json.dumps(row) + "\n")
-                sink.flush()
+                try:
+                    sink.write(dumps(row) + "\n")
+                    sink.flush()
+                except OSError as e:
+                    raise disk_error(out, e) from e
                 done[(row["layer"], row["index"])] = row
+                bar.update()
                 log.info("%s: %s (%s)", NeuronId(row["layer"], row["index"]),
                          row.get("explanation"), row.get("score"))
         except BaseException:  # an error or Ctrl-C: finish nothing more, lose only what is in flight
@@ -352,7 +407,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     summary["remote"] = {role: backend_stats(obj) for role, obj in
                          (("explainer", explainer), ("simulator", simulator),
                           *((f"judge:{name}", j) for name, j in judges.items()))}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(run_dir / "summary.json", summary)
     print(table(rows))
     for role, stats in summary["remote"].items():
         if stats:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from neuronlens.files import dumps, write_atomic
+
 SPLITS = ("train", "calibration", "valid", "test")
 DEFAULT_FRACTIONS = {"train": 0.4, "calibration": 0.1, "valid": 0.2, "test": 0.3}
 
@@ -161,15 +163,14 @@ class NeuronRecord:
                                        [[ActivationRecord.from_json(r) for r in q]
                                         for q in quantiles]),
             quantile_boundaries=d.get("quantile_boundaries"),
-            mean=d.get("mean", math.nan),
-            variance=d.get("variance", math.nan),
-            skewness=d.get("skewness", math.nan),
-            kurtosis=d.get("kurtosis", math.nan),
+            mean=_number(d.get("mean")),
+            variance=_number(d.get("variance")),
+            skewness=_number(d.get("skewness")),
+            kurtosis=_number(d.get("kurtosis")),
         )
 
     def save(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(self.to_json()))
+        write_atomic(path, dumps(self.to_json()))
 
     @classmethod
     def load(cls, path: str | Path) -> NeuronRecord:
@@ -177,3 +178,8 @@ class NeuronRecord:
             return cls.from_json(json.loads(Path(path).read_text()))
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"{path} is not a NeuronRecord JSON file ({e!r}).") from e
+
+
+def _number(value: Any) -> float:
+    """A statistic from JSON: null (how strict JSON writes NaN) is NaN."""
+    return math.nan if value is None else float(value)

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 from neuronlens.backends.base import (
     Backend,
     BackendError,
     Completion,
     GenerateRequest,
+    Generation,
     PromptLogprobRequest,
     TransientError,
     Unscorable,
@@ -51,6 +52,13 @@ from neuronlens.strategies import (
 
 log = logging.getLogger(__name__)
 Distributions = tuple[tuple[float, ...], ...]
+T = TypeVar("T")
+
+
+def first(generation: Generation) -> Completion:
+    if not generation.completions:
+        raise Unreadable("the backend returned no completion")
+    return generation.completions[0]
 
 
 @dataclass
@@ -265,25 +273,33 @@ class Simulator:
                         len(errors), len(records), errors[0])
         return SimulationResult(tuple(expected), tuple(distributions), tuple(errors), tally.usage)
 
-    def _generate(self, request: GenerateRequest, tally: _Tally) -> Completion:
-        generation = self.backend.generate(request)
+    def _generate(self, request: GenerateRequest, tally: _Tally, parse: Callable[[Completion], T]) -> T:
+        """The parsed first completion; an answer that does not parse is never cached."""
+        def usable(generation: Generation) -> bool:
+            try:
+                parse(first(generation))
+            except Unreadable:
+                return False
+            return True
+
+        generation = self.backend.generate_usable(request, usable)
         tally.usage = tally.usage + generation.usage
-        if not generation.completions:
-            raise Unreadable("the backend returned no completion")
-        return generation.completions[0]
+        return parse(first(generation))
 
     def _one_at_a_time(self, shared: SharedPrompt, tokens: Sequence[str],
                        tally: _Tally) -> Distributions:
-        return tuple(parse_one(self._generate(one_at_a_time_request(shared, tokens, i), tally))
+        return tuple(self._generate(one_at_a_time_request(shared, tokens, i), tally, parse_one)
                      for i in range(len(tokens)))
 
     def _generated_sequence(self, shared: SharedPrompt, tokens: Sequence[str],
                             tally: _Tally) -> Distributions:
-        return parse_sequence(self._generate(sequence_request(shared, tokens), tally), tokens)
+        return self._generate(sequence_request(shared, tokens), tally,
+                              lambda c: parse_sequence(c, tokens))
 
     def _json(self, shared: SharedPrompt, tokens: Sequence[str], tally: _Tally) -> Distributions:
-        completion = self._generate(json_request(shared, tokens), tally)
-        return tuple(one_hot(v) for v in parse_json(completion, len(tokens), not shared.chat))
+        values = self._generate(json_request(shared, tokens), tally,
+                                lambda c: parse_json(c, len(tokens), not shared.chat))
+        return tuple(one_hot(v) for v in values)
 
     def _all_at_once(self, explanation: str,
                      records: Sequence[ActivationRecord]) -> SimulationResult:

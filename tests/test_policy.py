@@ -310,18 +310,42 @@ def test_busy_limit_bounds_threads_for_real():
 def test_the_retry_budget_stops_a_storm(sleeps):
     """Past 10 retries + 20% of the requests, a transient failure fails at once, said so and
     counted by its kind."""
-    fake = Fake(fail=10_000, error=TransientError("timed out", kind="timeout"))
+    fake = Fake(fail=10_000, error=TransientError("overloaded", kind="overloaded"))
     p = Policy(fake, max_retries=6, retry_budget=0.2)
     failed = 0
     for i in range(10):
         with pytest.raises(TransientError) as e:
             p.generate(chat(str(i)))
         failed += "retry budget" in str(e.value)
-        assert e.value.kind == "timeout"
+        assert e.value.kind == "overloaded"
     s = p.stats()
     assert s["retries"] <= 10 + 0.2 * s["requests"] + 1
     assert s["requests"] < 10 * 7 / 2 and failed >= 5
-    assert s["failures"] == {"timeout": 10}
+    assert s["failures"] == {"overloaded": 10}
+
+
+@pytest.mark.parametrize("kind", ["timeout", "unreachable"])
+def test_a_server_that_never_answers_stops_the_run(sleeps, kind):
+    """No request answered and one given up on for lack of an answer: a BackendError (one line,
+    the run stops) after the retries, with the waits bounded by the policy's settings."""
+    p = Policy(Fake(fail=10_000, error=TransientError("no answer", kind=kind)), max_retries=3)
+    with pytest.raises(BackendError, match="has stopped answering: 1 requests in a row"):
+        p.generate(chat("a"))
+    assert p.stats()["requests"] == 4 and len(sleeps) == 3 and sum(sleeps) <= 0.5 * (1 + 2 + 4)
+
+
+def test_after_answers_it_takes_a_streak_to_stop_the_run(sleeps):
+    from neuronlens.backends.policy import DOWN_AFTER
+
+    fake = Fake(fail=0)
+    p = Policy(fake, max_retries=0)
+    p.generate(chat("ok"))
+    fake.fail, fake.error = 10_000, TransientError("no answer", kind="timeout")
+    for i in range(DOWN_AFTER - 1):
+        with pytest.raises(TransientError):
+            p.generate(chat(str(i)))
+    with pytest.raises(BackendError, match=f"{DOWN_AFTER} requests in a row"):
+        p.generate(chat("last"))
 
 
 def test_failed_prompts_are_counted_by_kind(tmp_path):
@@ -373,7 +397,7 @@ def test_a_self_hosted_endpoint_has_no_price_even_under_a_priced_name():
 
 def test_stats_keys_and_a_fresh_policy():
     s = Policy(Fake()).stats()
-    assert s == {"requests": 0, "cache_hits": 0, "retries": 0, "transient_errors": 0,
+    assert s == {"requests": 0, "cache_hits": 0, "evicted": 0, "retries": 0, "transient_errors": 0,
                  "prompt_tokens": 0, "completion_tokens": 0, "failures": {}, "cost_usd": 0.0,
                  "cost_known": True}
 
@@ -394,3 +418,51 @@ def test_json_round_trips():
     d = TokenDistributions(((0.1, 0.9),), (0.8,), Usage(5, 0))
     assert policy.distributions_from_json(policy.distributions_to_json(d)) == d
     assert dataclasses.asdict(g)["completions"][1]["logprobs"] is None
+
+
+# ---- only usable answers are cached -----------------------------------------------------------
+def test_an_unusable_answer_is_never_cached_and_a_cached_one_is_evicted(tmp_path):
+    fake = Fake()
+    p = Policy(fake, cache_dir=tmp_path)
+    usable = {"now": False}
+    p.generate_usable(chat("x"), lambda g: usable["now"])
+    p.generate_usable(chat("x"), lambda g: usable["now"])
+    assert len(fake.calls) == 2 and p.stats()["cache_hits"] == 0   # asked again, not replayed
+    usable["now"] = True
+    p.generate_usable(chat("x"), lambda g: True)
+    p.generate_usable(chat("x"), lambda g: True)
+    assert len(fake.calls) == 3 and p.stats()["cache_hits"] == 1
+    # the stored answer turns out unusable (a stricter parser): evicted and asked again
+    p.generate_usable(chat("x"), lambda g: len(fake.calls) > 3)
+    assert len(fake.calls) == 4 and p.stats()["evicted"] == 1
+
+
+def test_prompt_scores_of_the_wrong_shape_fail_their_excerpt_and_are_not_cached(tmp_path):
+    class Short(Fake):
+        def prompt_logprobs(self, requests):
+            self._enter(tuple(requests))
+            return [TokenDistributions(((0.25, 0.75),), (0.5,), Usage(7, 0)) for r in requests]
+
+    backend = Short()
+    p = Policy(backend, cache_dir=tmp_path)
+    for _ in range(2):
+        out = p.prompt_logprobs([scoring("a")])
+        assert out[0].kind == "wrong_length" and "1 distributions for 2 placeholders" in out[0].error
+    assert len(backend.calls) == 2
+    s = p.stats()
+    assert s["failures"] == {"wrong_length": 2} and s["prompt_tokens"] == 14   # still counted
+
+
+def test_an_answer_that_failed_to_score_still_counts_its_tokens():
+    from neuronlens.backends.base import Unscorable
+
+    class Misaligned(Fake):
+        def prompt_logprobs(self, requests):
+            e = Unscorable("ids differ", kind="misaligned")
+            e.usage = Usage(123, 1)
+            raise e
+
+    p = Policy(Misaligned())
+    out = p.prompt_logprobs([scoring("a")])
+    assert out[0].usage == Usage(123, 1)
+    assert p.stats()["prompt_tokens"] == 123 and p.stats()["requests"] == 1

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 from neuronlens.errors import UserError
+from neuronlens.secrets import redact
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,9 @@ class Unscorable(RuntimeError):
     not align with the prompt): that excerpt fails, the run goes on, and retrying would not help."""
 
     def __init__(self, message: str, kind: str = "unscorable"):
-        super().__init__(message)
+        super().__init__(redact(str(message)))
         self.kind = kind
+        self.usage: Usage | None = None   # the tokens of the answer that could not be scored
 
 
 class TransientError(RuntimeError):
@@ -126,8 +128,9 @@ class TransientError(RuntimeError):
     BUSY = ("timeout", "rate_limited", "overloaded")
 
     def __init__(self, message: str, retry_after: float | None = None, kind: str = "transient"):
-        super().__init__(message)
+        super().__init__(redact(str(message)))
         self.retry_after, self.kind = retry_after, kind
+        self.usage: Usage | None = None   # the tokens of an answer that came but was unusable
 
 
 def failure_kind(error: BaseException) -> str:
@@ -159,6 +162,12 @@ class Backend(ABC):
 
     @abstractmethod
     def generate(self, request: GenerateRequest) -> Generation: ...
+
+    def generate_usable(self, request: GenerateRequest,
+                        usable: Callable[[Generation], bool]) -> Generation:
+        """`generate`, for a caller that can tell whether an answer is usable (it parses): the
+        policy layer caches only usable answers. A plain backend just generates."""
+        return self.generate(request)
 
     def prompt_logprobs(self, requests: Sequence[PromptLogprobRequest]) -> list[TokenDistributions]:
         raise BackendError(f"The {self.name} backend cannot score prompts (no prompt logprobs); "

@@ -223,7 +223,8 @@ def _server_message(body: Any, fallback: str) -> str:
     return str(body if body else fallback).strip().rstrip(".")[:300]
 
 
-def classify_error(error: Exception, model: str, base_url: str) -> Exception:
+def classify_error(error: Exception, model: str, base_url: str,
+                   key_env: str = "OPENAI_API_KEY") -> Exception:
     """The exception to raise for ``error``: TransientError (retry) or BackendError (fatal).
     Unknown exception types are returned unchanged (they are bugs, not server trouble)."""
     import openai
@@ -246,7 +247,7 @@ def classify_error(error: Exception, model: str, base_url: str) -> Exception:
                                   retry_after(error.response.headers),
                                   kind="overloaded" if status == 503 else "server_error")
         if status == 401:
-            return BackendError(f"{where} rejected the API key (401): {msg}; check OPENAI_API_KEY.")
+            return BackendError(f"{where} rejected the API key (401): {msg}; check {key_env}.")
         if status == 403:
             return BackendError(f"{where} refused access to model '{model}' (403): {msg}; "
                                 "check the key's permissions.")
@@ -330,12 +331,17 @@ class OpenAIBackend(Backend):
         """POST to ``chat`` or ``completions`` and parse the JSON body with ``parse(data, *args)``."""
         self.load()
         api = self.client.chat.completions if endpoint == "chat" else self.client.completions
+        usage = None
         try:
             raw = api.with_raw_response.create(model=self.model, **params)
             data = json.loads(raw.text)
-            return parse(data, *args), parse_usage(data)
+            usage = parse_usage(data) if isinstance(data, dict) else Usage()
+            return parse(data, *args), usage
         except Exception as e:  # noqa: BLE001 - classified, unknown types re-raised unchanged
-            raise classify_error(e, self.model, self.url) from e
+            error = classify_error(e, self.model, self.url, self.key_env)
+            if usage is not None and isinstance(error, (TransientError, Unscorable)):
+                error.usage = usage   # the answer came and cost tokens, though unusable
+            raise error from e
 
     def generate(self, request: GenerateRequest) -> Generation:
         k = min(request.top_logprobs, self.top_logprobs)

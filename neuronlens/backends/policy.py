@@ -53,6 +53,11 @@ sleep: Callable[[float], None] = time.sleep   # tests replace these two to make 
 jitter: Callable[[], float] = random.random   # uniform in [0, 1)
 
 T = TypeVar("T")
+# A request given up on (after every retry) for one of these kinds means the server did not answer
+# at all. If none has been answered yet, the first such request stops the run; after that,
+# DOWN_AFTER of them in a row do.
+DOWN = ("unreachable", "timeout")
+DOWN_AFTER = 8
 
 
 # ---- JSON encoding of results -----------------------------------------------------------------
@@ -79,6 +84,18 @@ def distributions_to_json(t: TokenDistributions) -> dict:
 def distributions_from_json(d: dict) -> TokenDistributions:
     return TokenDistributions(tuple(tuple(float(p) for p in row) for row in d["probs"]),
                               tuple(float(m) for m in d["mass"]), Usage(**d["usage"]))
+
+
+def shape_error(d: TokenDistributions, request: PromptLogprobRequest) -> str | None:
+    """Why ``d`` cannot be the answer to ``request`` (one distribution over the candidates per
+    placeholder), or None."""
+    if d.error is not None:
+        return d.error
+    if len(d.probs) != len(request.positions) or len(d.mass) != len(d.probs):
+        return f"{len(d.probs)} distributions for {len(request.positions)} placeholders"
+    if any(len(row) != len(request.candidates) for row in d.probs):
+        return f"distributions over other than the {len(request.candidates)} candidates"
+    return None
 
 
 def cache_key(op: str, identity: dict, request: Any) -> str:
@@ -120,6 +137,10 @@ class ResponseCache:
             row = self._db.execute("SELECT value FROM responses WHERE key = ?", (key,)).fetchone()
         return None if row is None else json.loads(row[0])
 
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM responses WHERE key = ?", (key,))
+
     def put(self, key: str, op: str, value: dict) -> None:
         text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
         with self._lock:
@@ -149,9 +170,11 @@ class Policy(Backend):
         self.concurrency = concurrency
         self.limit = float(concurrency)   # requests allowed in flight now (see the module doc)
         self._in_flight = 0
+        self._answered = 0       # requests answered well, ever
+        self._down_streak = 0    # requests given up on in a row because the server did not answer
         self._lock = threading.Lock()
         self._slot_free = threading.Condition(self._lock)
-        self._counts = dict.fromkeys(("requests", "cache_hits", "retries", "transient_errors",
+        self._counts = dict.fromkeys(("requests", "cache_hits", "evicted", "retries", "transient_errors",
                                       "prompt_tokens", "completion_tokens"), 0)
         self._failures: Counter[str] = Counter()   # requests given up on, by kind
         self._unpriced: list[tuple[int, int]] = []   # fresh responses' tokens, priced in stats()
@@ -177,17 +200,27 @@ class Policy(Backend):
 
     # ---- the two operations -------------------------------------------------------------------
     def generate(self, request: GenerateRequest) -> Generation:
+        return self.generate_usable(request, lambda g: True)
+
+    def generate_usable(self, request: GenerateRequest,
+                        usable: Callable[[Generation], bool]) -> Generation:
+        """Only a usable answer is cached; a cached one that is not is evicted and asked again."""
         key = cache_key("generate", self.identity(), request) if self.cache else None
         if key is not None and (hit := self.cache.get(key)) is not None:
-            self._add(cache_hits=1)
-            return generation_from_json(hit)
+            cached = generation_from_json(hit)
+            if usable(cached):
+                self._add(cache_hits=1)
+                return cached
+            self.cache.delete(key)
+            self._add(evicted=1)
+            log.warning("%s: evicted a cached answer that could not be used; asking again.", self.name)
         try:
             result = self._call(lambda: self.backend.generate(request))
         except (TransientError, Unscorable) as e:
-            self._count_failure(failure_kind(e))
+            self._fail(e)
             raise
         self._account(result.usage)
-        if key is not None:
+        if key is not None and usable(result):
             self.cache.put(key, "generate", generation_to_json(result))
         return result
 
@@ -197,7 +230,12 @@ class Policy(Backend):
         results: list[TokenDistributions | None] = [None] * len(requests)
         for i, key in enumerate(keys):
             if key is not None and (hit := self.cache.get(key)) is not None:
-                results[i] = distributions_from_json(hit)
+                cached = distributions_from_json(hit)
+                if shape_error(cached, requests[i]) is None:
+                    results[i] = cached
+                else:
+                    self.cache.delete(key)
+                    self._add(evicted=1)
         self._add(cache_hits=sum(r is not None for r in results))
         misses = [i for i, r in enumerate(results) if r is None]
 
@@ -206,12 +244,14 @@ class Policy(Backend):
             try:
                 fresh = self._call(lambda: self.backend.prompt_logprobs([requests[i]]))
             except (TransientError, Unscorable) as e:
-                kind = failure_kind(e)
-                self._count_failure(kind)
-                return TokenDistributions((), (), error=str(e), kind=kind)
+                self._fail(e)
+                return TokenDistributions((), (), getattr(e, "usage", None) or Usage(), error=str(e),
+                                          kind=failure_kind(e))
             if len(fresh) != 1:
                 raise BackendError(f"The {self.name} backend answered {len(fresh)} prompts for 1.")
             self._account(fresh[0].usage)
+            if fresh[0].error is None and (wrong := shape_error(fresh[0], requests[i])):
+                fresh[0] = dataclasses.replace(fresh[0], error=wrong, kind="wrong_length")
             if fresh[0].error is not None:   # the backend failed it alone: count it, never cache it
                 self._count_failure(fresh[0].kind or "unscorable")
                 return fresh[0]
@@ -235,14 +275,18 @@ class Policy(Backend):
                     self._counts["transient_errors"] += 1
                     spent = self._counts["retries"] >= 10 + self.retry_budget * self._counts["requests"]
                     if attempt == self.max_retries or spent:
-                        raise TransientError(f"{e}{' (the run spent its retry budget)' if spent else ''}",
-                                             e.retry_after, e.kind) from e
+                        final = TransientError(f"{e}{' (the run spent its retry budget)' if spent else ''}",
+                                               e.retry_after, e.kind)
+                        final.usage = getattr(e, "usage", None)
+                        raise final from e
                     self._counts["retries"] += 1
                     retries = self._counts["retries"]
-                if retries <= 3 or retries % 25 == 0:
-                    log.warning("%s: retrying (%d retries so far, %d in flight at most now): %s",
-                                self.name, retries, int(self.limit), e)
-                sleep(backoff(attempt, self.base_delay, self.max_delay, e.retry_after))
+                self._account(getattr(e, "usage", None) or Usage())   # an answer that failed still cost
+                wait = backoff(attempt, self.base_delay, self.max_delay, e.retry_after)
+                log.warning("%s: %s; retry %d of %d in %.1f s (%d retries in this run, at most %d "
+                            "requests in flight now).", self.name, str(e).rstrip("."), attempt + 1,
+                            self.max_retries, wait, retries, int(self.limit))
+                sleep(wait)
             except BaseException:
                 self._release(busy=False)
                 raise
@@ -266,11 +310,29 @@ class Policy(Backend):
                 self.limit = max(1.0, self.limit / 2)
                 log.warning("%s is busy: at most %d requests in flight from now on.", self.name,
                             int(self.limit))
-            elif ok and self.limit < self.concurrency:
+            if ok:
+                self._answered += 1
+                self._down_streak = 0
+            if ok and not busy and self.limit < self.concurrency:
                 self.limit = min(float(self.concurrency), self.limit + 1 / self.limit)
             self._slot_free.notify_all()
 
     # ---- accounting ---------------------------------------------------------------------------
+    def _fail(self, e: TransientError | Unscorable) -> None:
+        """A request given up on: counted under its kind, and the tokens of its answer (if the
+        server answered at all) counted too. A server that is down stops the run (see `DOWN`)."""
+        kind = failure_kind(e)
+        self._count_failure(kind)
+        self._account(getattr(e, "usage", None) or Usage())
+        with self._lock:
+            self._down_streak = self._down_streak + 1 if kind in DOWN else 0
+            down = self._down_streak >= (1 if self._answered == 0 else DOWN_AFTER)
+        if down:
+            raise BackendError(
+                f"{self.name} has stopped answering: {self._down_streak} requests in a row failed "
+                f"after all their retries ({e}); the run stops here. Start or fix the server and run "
+                "the same command again: finished neurons are kept, failed ones redone.") from e
+
     def _count_failure(self, kind: str) -> None:
         with self._lock:
             self._failures[kind] += 1
@@ -294,6 +356,9 @@ class Policy(Backend):
         with self._lock:
             pending, self._unpriced = self._unpriced, []
             counts = dict(self._counts) | {"failures": dict(self._failures)}
+        server = getattr(self.backend, "server", None)
+        if server:   # who answered: the served model's name, root and server version
+            counts["served"] = {"model": getattr(self.backend, "model", None), **server}
         if pending and self._cost is not None:
             model = priced_model(self.identity())
             total: float | None = 0.0

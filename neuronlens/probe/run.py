@@ -5,7 +5,6 @@ as `neuronlens` -> per-token traces -> steering -> probe.json, report.md, curve.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from neuronlens.files import dumps, write_atomic, write_json
 from neuronlens.pipeline import build_roles, prepare_roles, process, recording_for, table
 from neuronlens.probe import report, trace
 from neuronlens.probe.activations import columns, pooled_activations, token_activations
@@ -78,7 +78,7 @@ def explain_top(cfg, model, tokenizer, top: list[dict], built, run_dir: Path) ->
     records = list(recording_for(cfg, model, tokenizer, neurons, run_dir).neuron_records())
     prepare_roles((explainer, simulator), records, cfg)
     rows = [process(r, explainer, simulator, cfg, judges) for r in records]
-    (run_dir / "neurons.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_atomic(run_dir / "neurons.jsonl", "".join(dumps(r) + "\n" for r in rows))
     for t, row in zip(chosen, rows):
         t.update(explanation=row.get("explanation"), score=row.get("score"), error=row.get("error"))
     print(table(rows))
@@ -129,7 +129,7 @@ def run(cfg: DictConfig, run_dir: Path, command: str = "neuronlens-probe") -> di
     clock("explain")
     first = NeuronId(top[0]["layer"], top[0]["index"]) if top else neurons[single.column]
     traced = traced or first
-    (run_dir / "trace.html").write_text(trace_page(cfg, model, tokenizer, data, traced, data.classes))
+    write_atomic(run_dir / "trace.html", trace_page(cfg, model, tokenizer, data, traced, data.classes))
     steering = None
     values = list(cfg.steer["values"])  # not .values: that is DictConfig's own method
     if values:
@@ -146,9 +146,9 @@ def run(cfg: DictConfig, run_dir: Path, command: str = "neuronlens-probe") -> di
         "pooling": p.pooling, "max_tokens": p.max_tokens, "subject": cfg.subject.model,
         "command": command, "timings": timings, "wall_seconds": round(time.perf_counter() - start, 1),
     }
-    (run_dir / "probe.json").write_text(json.dumps(result, indent=1))
+    write_json(run_dir / "probe.json", result, indent=1)
     report.plot_curve(curve, result, run_dir / "curve.png")
-    (run_dir / "report.md").write_text(report.markdown(result))
+    write_atomic(run_dir / "report.md", report.markdown(result))
     print(f"test accuracy {result['test_accuracy']:.3f} with {result['n_nonzero']} neurons "
           f"(C={probe.C:g}); best single neuron {neurons[single.column]}: "
           f"{result['single_neuron_test_accuracy']:.3f} -> {run_dir}")

@@ -10,6 +10,7 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup, escape
 
+from neuronlens.files import write_atomic
 from neuronlens.report.content import Cell, Figure, Link, Report, Table
 
 
@@ -71,6 +72,6 @@ def write(report: Report, out_dir: Path) -> tuple[Path, Path]:
             if isinstance(block, Figure):
                 (out_dir / block.file).write_bytes(block.png)
     md, page = out_dir / "report.md", out_dir / "report.html"
-    md.write_text(markdown(report))
-    page.write_text(html(report))
+    write_atomic(md, markdown(report))
+    write_atomic(page, html(report))
     return md, page

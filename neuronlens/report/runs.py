@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from neuronlens.errors import UserError
+from neuronlens.files import write_atomic, write_json
 
 SHARD_KEYS = ("neurons.shard", "neurons.n_shards")
 
@@ -226,13 +227,13 @@ def merge(root: Path, out: Path) -> list[tuple[Experiment, Path]]:
         with open(target / "neurons.jsonl", "w") as f:
             for row in exp.rows.values():
                 f.write(json.dumps(row) + "\n")
-        (target / "summary.json").write_text(json.dumps(merged_summary(exp), indent=2))
+        write_json(target / "summary.json", merged_summary(exp))
         src = exp.first.path
         if (src / "experiment.json").exists():
             shutil.copy(src / "experiment.json", target / "experiment.json")
         if (src / ".hydra").is_dir():
             shutil.copytree(src / ".hydra", target / ".hydra", dirs_exist_ok=True)
             kept = [o for o in exp.first.overrides if o.split("=", 1)[0].lstrip("+~") not in SHARD_KEYS]
-            (target / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(kept))
+            write_atomic(target / ".hydra" / "overrides.yaml", yaml.safe_dump(kept))
         written.append((exp, target))
     return written

@@ -19,6 +19,7 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader
 
+from neuronlens.files import write_atomic
 from neuronlens.report.runs import rows_of_run
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -157,8 +158,8 @@ def write_site(run_dir: Path, out_dir: Path | None = None) -> Path:
         nav = {"prev": page_name(rows[i - 1]["layer"], rows[i - 1]["index"]) if i > 0 else None,
                "next": page_name(rows[i + 1]["layer"], rows[i + 1]["index"]) if i + 1 < len(rows) else None}
         html = page.render(header=header, nav=nav, **neuron_view(row))
-        (out_dir / "neurons" / page_name(row["layer"], row["index"])).write_text(html, encoding="utf-8")
+        write_atomic(out_dir / "neurons" / page_name(row["layer"], row["index"]), html)
     index = out_dir / "index.html"
-    index.write_text(env.get_template("viewer_index.html").render(header=header, rows=rows,
-                                                           judge_names=judge_names), encoding="utf-8")
+    write_atomic(index, env.get_template("viewer_index.html").render(header=header, rows=rows,
+                                                                     judge_names=judge_names))
     return index

@@ -20,6 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from neuronlens.errors import UserError
+from neuronlens.files import write_atomic
 from neuronlens.records import NeuronId, NeuronRecord
 from neuronlens.subject.base import pick
 
@@ -107,7 +108,7 @@ class OpenAIRecordsSubject:
                 text = fetch_text(source, f"the record of {neuron}")
                 if local is not None:
                     local.parent.mkdir(parents=True, exist_ok=True)
-                    local.write_text(text, encoding="utf-8")
+                    write_atomic(local, text)
         else:
             file = Path(self.path).expanduser() / relative
             if not file.is_file():

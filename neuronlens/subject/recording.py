@@ -9,6 +9,7 @@ with the length of the corpus.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -20,8 +21,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from neuronlens.files import write_atomic
 from neuronlens.records import ActivationRecord, NeuronId, NeuronRecord
 from neuronlens.subject.hooks import check_neuron, neuron_hooks
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,12 +83,27 @@ class Recording:
         arrays = {"top_tokens": self.top_tokens, "top_acts": self.top_acts, "top_max": self.top_max,
                   "random_tokens": self.random_tokens, "random_acts": self.random_acts,
                   "moments": self.moments}
-        save_file({k: v.detach().cpu().contiguous() for k, v in arrays.items()},
-                  directory / "arrays.safetensors")
+        tensors = {k: v.detach().cpu().contiguous() for k, v in arrays.items()}
+        write_atomic(directory / "arrays.safetensors", lambda tmp: save_file(tensors, tmp))
         manifest = {"neurons": [[n.layer, n.index] for n in self.neurons],
                     "n_tokens": self.n_tokens, "meta": self.meta,
                     "token_strings": {str(k): v for k, v in sorted(self.token_strings.items())}}
-        (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        # the manifest last: its presence says the arrays beside it are whole
+        write_atomic(directory / "manifest.json", json.dumps(manifest, indent=1))
+
+    @classmethod
+    def saved(cls, directory: str | Path) -> Recording | None:
+        """The recording saved in ``directory``; None when there is none, or when it is torn (a
+        crash or a full disk while it was written), which is said in one line and recorded anew."""
+        directory = Path(directory)
+        if not (directory / "manifest.json").exists():
+            return None
+        try:
+            return cls.load(directory)
+        except Exception as e:  # noqa: BLE001 - JSON, safetensors or shape errors: all mean torn
+            log.warning("The recording in %s is incomplete or damaged (%s); recording again.",
+                        directory, type(e).__name__)
+            return None
 
     @classmethod
     def load(cls, directory: str | Path) -> Recording:

@@ -106,8 +106,8 @@ class SyntheticSubject:
     def records(self, cfg: DictConfig, neurons: list[NeuronId], run_dir: Path
                 ) -> list[NeuronRecord]:
         target = run_dir / "recording"
-        if (target / "manifest.json").exists():
-            return list(Recording.load(target).neuron_records())
+        if (saved := Recording.saved(target)) is not None:
+            return list(saved.neuron_records())
         tokenizer = load_tokenizer(self.tokenizer_name)
         rc = cfg.recording
         windows = token_windows(instantiate(cfg.corpus), tokenizer, rc.window, rc.max_windows)

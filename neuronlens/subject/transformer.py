@@ -82,12 +82,13 @@ def recording_for(cfg: DictConfig, model, tokenizer, neurons: list[NeuronId], ru
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
     cached = Path(os.environ.get("NEURONLENS_RECORDING_CACHE") or cache_dir() / "recordings") / key
     target = run_dir / "recording"
-    if (target / "manifest.json").exists():
-        return Recording.load(target)
-    if rc.cache and (cached / "manifest.json").exists():
+    if (saved := Recording.saved(target)) is not None:
+        return saved
+    if rc.cache and Recording.saved(cached) is not None:
         log.info("Reusing the cached recording %s", cached)
         shutil.copytree(cached, target, dirs_exist_ok=True)
-        return Recording.load(target)
+        if (saved := Recording.saved(target)) is not None:
+            return saved
     windows = token_windows(corpus, tokenizer, rc.window, rc.max_windows)
     rec = record(model, tokenizer, windows, neurons, rconf, progress=cfg.progress,
                  meta={"identity": identity, "key": key})
