@@ -26,10 +26,13 @@ from neuronlens.corpus import BuiltinCorpus
 
 pytestmark = pytest.mark.vllm
 
-# bf16 on vLLM against fp32 locally, measured on these excerpts: where vLLM's top-20 holds at
-# least MASS of the probability on "0".."10", per-token expected values (0-10 scale) differ by at
-# most 0.80 and correlate at 0.97 or more; the bounds below leave room for other CPUs' kernels.
-TOKEN_TOL, MASS, CORR = 1.0, 0.05, 0.9
+# bf16 on vLLM against fp32 locally, measured on these excerpts (three comparisons, 56-105 tokens
+# each): where vLLM's top-20 holds at least MASS of the probability on "0".."10", per-token
+# expected values (0-10 scale) differ by 0.14-0.22 on average and by 0.57-0.98 at most, and
+# correlate at 0.94-0.98. The largest difference is one token's and depends on the CPU's bf16
+# kernels (CI's reached 1.006 where this machine's reached 0.98), so the bounds are on the mean
+# and the correlation, with the largest only bounded loosely.
+MEAN_TOL, TOKEN_TOL, MASS, CORR = 0.35, 1.5, 0.05, 0.9
 
 # Text that real servers decode differently from the prompt: characters split into byte tokens
 # (emoji, CJK), accents, a literal U+FFFD, tabs and newlines inside excerpts.
@@ -67,12 +70,15 @@ def on(server, role: str) -> list[str]:
 
 def compare(local: list[list[float]], remote: list[list[float]], mass: list[list[float]]) -> tuple[float, float]:
     """Over the tokens where vLLM's top-k holds at least MASS of probability on "0".."10" (below
-    that, its renormalised top-k is a guess): the largest per-token difference and the
-    correlation, all excerpts concatenated."""
+    that, its renormalised top-k is a guess), all excerpts concatenated: the largest per-token
+    difference and the correlation; the mean difference is checked here."""
     a, b, m = (np.concatenate([np.asarray(x, dtype=float) for x in xs]) for xs in (local, remote, mass))
     seen = m >= MASS
     assert seen.sum() >= 20, f"only {seen.sum()} comparable tokens"
-    return float(np.abs(a - b)[seen].max()), float(np.corrcoef(a[seen], b[seen])[0, 1])
+
+    diff = np.abs(a - b)[seen]
+    assert diff.mean() <= MEAN_TOL, f"mean difference {diff.mean():.3f} over {seen.sum()} tokens"
+    return float(diff.max()), float(np.corrcoef(a[seen], b[seen])[0, 1])
 
 
 def test_simulator_vllm_scores_every_excerpt_of_hard_text_like_local(real_vllm, hard_corpus, tmp_path):
