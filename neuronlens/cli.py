@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
+from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from neuronlens.errors import UserError
@@ -42,7 +44,7 @@ def fail_cleanly(fn):
         err = user_error(e)
         if err is None:
             raise
-        print(f"neuronlens: error: {err}", file=sys.stderr)
+        tqdm.write(f"neuronlens: error: {err}", file=sys.stderr)   # on a line of its own, under any bar
         sys.exit(2)
 
 
@@ -62,8 +64,25 @@ def app(cfg: DictConfig) -> None:
         sys.exit(1)
 
 
+def check_output_dir(argv: list[str], command: str = "neuronlens") -> None:
+    """Exit with one line when the run's output folder cannot be written (Hydra creates it, with
+    a traceback, before any of our code runs). Checked: a literal ``hydra.run.dir`` /
+    ``hydra.sweep.dir`` from the command line, else the default ``outputs``/``multirun`` here."""
+    multirun = "-m" in argv or "--multirun" in argv
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    given = [a.split("=", 1)[1] for a in argv if a.startswith(key)]
+    target = Path(given[-1] if given else ("multirun" if multirun else "outputs")).expanduser()
+    if "${" in str(target):
+        return
+    existing = next(p for p in (target, *target.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK) or not existing.is_dir():
+        sys.exit(f"{command}: error: cannot write the output folder {target} ({existing} is not a "
+                 "writable folder); choose one with hydra.run.dir=...")
+
+
 def main() -> None:
     if not CONF_DIR.is_dir():
         sys.exit(f"neuronlens: error: no config folder at {CONF_DIR}; install with `pip install -e .`"
                  " from a checkout of the repository.")
+    check_output_dir(sys.argv[1:])
     app()

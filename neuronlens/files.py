@@ -16,6 +16,9 @@ from typing import Any, Callable
 
 from neuronlens.errors import UserError
 
+UMASK = os.umask(0)
+os.umask(UMASK)
+
 
 def finite(value: Any) -> Any:
     """``value`` with every NaN or infinity replaced by None, so that the JSON is strict (a bare
@@ -32,6 +35,32 @@ def finite(value: Any) -> Any:
 def dumps(value: Any, **kwargs: Any) -> str:
     """Strict JSON (NaN and infinities as null)."""
     return json.dumps(finite(value), allow_nan=False, **kwargs)
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``neurons.jsonl``. A last line cut off by a crash is skipped (that
+    neuron is unfinished); any other line that is not a neuron's row is one clear error."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines) and not path.read_bytes().endswith(b"\n"):
+                break
+            raise UserError(f"{path} line {n} is not valid JSON ({e.msg}); remove that line to "
+                            "redo its neuron.") from e
+        if not (isinstance(row, dict) and all(isinstance(row.get(k), int) and not isinstance(
+                row.get(k), bool) for k in ("layer", "index"))):
+            raise UserError(f"{path} line {n} is not a neuron's row (it needs a whole-number "
+                            "\"layer\" and \"index\"); remove that line to redo its neuron.")
+        rows.append(row)
+    return rows
 
 
 def disk_error(path: Path, e: OSError) -> UserError:
@@ -62,6 +91,7 @@ def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], None]) -
                 f.write(data.encode() if isinstance(data, str) else data)
                 f.flush()
                 os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)   # as open() would have made it (mkstemp makes 0600)
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)

@@ -24,7 +24,7 @@ from neuronlens.backends.policy import Policy
 from neuronlens.checks import check_config
 from neuronlens.errors import UserError
 from neuronlens.explain import Explainer
-from neuronlens.files import RunLock, disk_error, dumps, write_atomic, write_json
+from neuronlens.files import RunLock, disk_error, dumps, read_rows, write_atomic, write_json
 from neuronlens.records import NeuronId, NeuronRecord
 from neuronlens.score import fit_calibration, score, score_splits
 from neuronlens.simulate import Simulator
@@ -240,25 +240,11 @@ def shard(neurons: list[NeuronId], index: int | None, count: int) -> list[Neuron
 def finished(path: Path) -> dict[tuple[int, int], dict]:
     """Rows already in neurons.jsonl. A last line cut off by a crash is removed (that neuron is
     redone), so that the rows appended next start on a line of their own."""
-    rows: dict[tuple[int, int], dict] = {}
-    if not path.exists():
-        return rows
-    text = path.read_text()
-    if text and not text.endswith("\n"):
-        text = text[:text.rfind("\n") + 1]
-        write_atomic(path, text)
-    for n, line in enumerate(text.splitlines(), 1):
-        try:
-            row = json.loads(line)
-            key = (int(row["layer"]), int(row["index"]))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {n} is not valid JSON ({e.msg}); remove that line to "
-                            "redo its neuron.") from e
-        except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{path} line {n} is not a neuron's row (it needs a whole-number "
-                            "\"layer\" and \"index\"); remove that line to redo its neuron.") from e
-        rows[key] = row
-    return rows
+    if path.exists():
+        text = path.read_text()
+        if text and not text.endswith("\n"):
+            write_atomic(path, text[:text.rfind("\n") + 1])
+    return {(r["layer"], r["index"]): r for r in read_rows(path)}
 
 
 # Failures that a rerun cannot change: the neuron is kept as it is. Any other failure (server

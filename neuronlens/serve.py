@@ -546,6 +546,22 @@ class ServerHandle:
         self.stop()
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``: connections queue from here on, so the server is
+    announced only once this has succeeded."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise UserError(f"Cannot listen on {host}:{port} ({e.strerror}); is another server there? "
+                        "Choose another with port=...") from e
+    return sock
+
+
 def start_server(model: str, port: int = 0, *, device: str = "auto", dtype: str = "auto",
                  strict_model: bool = True, faults: Any = (), retry_after: float = 0.1,
                  slow_seconds: float = 5.0, max_logprobs: int | None = 20,
@@ -555,9 +571,7 @@ def start_server(model: str, port: int = 0, *, device: str = "auto", dtype: str 
     ``strict_model=False``; ``max_logprobs=None`` lifts the limit of 20 logprobs per token."""
     state = make_state(model, device, dtype, strict_model, faults, retry_after, slow_seconds,
                        max_logprobs)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
+    sock = bind("127.0.0.1", port)
     server = uvicorn.Server(uvicorn.Config(build_app(state), log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
                               name=f"neuronlens-serve:{sock.getsockname()[1]}")
@@ -578,10 +592,12 @@ def start_server(model: str, port: int = 0, *, device: str = "auto", dtype: str 
 
 def serve(cfg: DictConfig) -> None:
     """Serve until stopped (Ctrl-C), with the options of ``conf/serve.yaml``."""
+    sock = bind(str(cfg.host), int(cfg.port))   # first: a taken port fails before the model loads
     state = make_state(str(cfg.model), cfg.device, cfg.dtype, cfg.strict_model, cfg.faults,
                        cfg.retry_after, cfg.slow_seconds, cfg.max_logprobs)
-    print(f"neuronlens-serve: {cfg.model} at http://{cfg.host}:{cfg.port}/v1", flush=True)
-    uvicorn.run(build_app(state), host=cfg.host, port=int(cfg.port), log_level="info")
+    server = uvicorn.Server(uvicorn.Config(build_app(state), log_level="info"))
+    print(f"neuronlens-serve: {cfg.model} at http://{cfg.host}:{sock.getsockname()[1]}/v1", flush=True)
+    server.run(sockets=[sock])
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="serve")

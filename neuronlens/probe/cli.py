@@ -11,7 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from neuronlens.cli import CONF_DIR, fail_cleanly
+from neuronlens.cli import CONF_DIR, check_output_dir, fail_cleanly
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="probe")
@@ -28,4 +28,5 @@ def main() -> None:
     if not CONF_DIR.is_dir():
         sys.exit(f"neuronlens-probe: error: no config folder at {CONF_DIR}; install with "
                  "`pip install -e .` from a checkout of the repository.")
+    check_output_dir(sys.argv[1:], "neuronlens-probe")
     app()

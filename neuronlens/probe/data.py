@@ -183,8 +183,11 @@ def build(train: Rows, valid: Rows | None, test: Rows | None, positive: str | No
     if dropped:
         notes.append(f"{dropped} blank texts dropped")
     if len(set(tr.labels.tolist())) < 2:
-        raise DataError("After subsampling, the training split has a single class; raise "
-                        "probe.max_train.")
+        if len(tr) < sizes["train"]:
+            raise DataError(f"After subsampling ({len(tr)} of {sizes['train']} texts), the training "
+                            "split has a single class; raise probe.max_train.")
+        raise DataError("The training split has a single class; a probe needs texts of at least "
+                        "two classes (check the label column and probe.positive).")
     return Dataset(tr, va, te, classes, tuple(notes))
 
 

@@ -14,8 +14,14 @@ from neuronlens.files import write_atomic
 from neuronlens.report.content import Cell, Figure, Link, Report, Table
 
 
+def no_html(text: str) -> str:
+    """``text`` with anything that could open an HTML tag escaped: Markdown viewers render raw
+    HTML, and names (of run directories, say) come from users."""
+    return re.sub(r"<(?=[A-Za-z/!?])", "&lt;", text)
+
+
 def _md_cell(cell: Cell) -> str:
-    text = f"[{cell.text}]({cell.href})" if isinstance(cell, Link) else cell
+    text = f"[{no_html(cell.text)}]({cell.href})" if isinstance(cell, Link) else no_html(cell)
     return text.replace("|", "\\|").replace("\n", " ")
 
 
@@ -26,7 +32,7 @@ def md_table(table: Table) -> str:
 
 
 def markdown(report: Report) -> str:
-    out = [f"# {report.title}", "", *[f"{line}  " for line in report.header], ""]
+    out = [f"# {no_html(report.title)}", "", *[f"{no_html(line)}  " for line in report.header], ""]
     if report.commands:
         out += ["Reproduce with:", "", "```bash", *report.commands, "```", ""]
     for section in report.sections:
@@ -35,11 +41,11 @@ def markdown(report: Report) -> str:
             if isinstance(block, Table):
                 out.append(md_table(block))
             elif isinstance(block, Figure):
-                out.append(f"![{block.caption}]({block.file})\n\n*{block.caption}*")
+                out.append(f"![{no_html(block.caption)}]({block.file})\n\n*{no_html(block.caption)}*")
             elif isinstance(block, list):
-                out.append("\n".join(f"- {item}" for item in block))
+                out.append("\n".join(f"- {no_html(item)}" for item in block))
             else:
-                out.append(block)
+                out.append(no_html(block))
             out.append("")
     return "\n".join(out)
 

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from neuronlens.errors import UserError
-from neuronlens.files import write_atomic, write_json
+from neuronlens.files import read_rows, write_atomic, write_json
 
 SHARD_KEYS = ("neurons.shard", "neurons.n_shards")
 
@@ -89,24 +89,6 @@ def find_runs(root: Path) -> list[Path]:
 
 def _natural(path: Path) -> list:
     return [int(part) if part.isdigit() else part for part in path.parts]
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of neurons.jsonl; a last line cut off by a crash is skipped (that neuron is unfinished)."""
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if n == len(lines):
-                break
-            raise UserError(f"{path} line {n} is not valid JSON ({e.msg}).") from e
-    return rows
 
 
 def rows_of_run(run_dir: Path) -> list[dict[str, Any]]:

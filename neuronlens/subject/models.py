@@ -153,6 +153,10 @@ def resolve(model: str) -> str:
         path = Path(model).expanduser()
         if not path.is_file():
             raise SubjectError(f"GGUF file {model} does not exist.")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":   # every GGUF file starts with these magic bytes
+                raise SubjectError(f"{model} is not a GGUF file (it does not start with the GGUF "
+                                   "magic bytes); give a real .gguf file or a model directory.")
         return str(_dequantised(path))
     return model
 

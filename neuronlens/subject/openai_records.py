@@ -12,9 +12,13 @@ A local folder offers the neurons found in it; ``neurons.layers`` (and ``which=l
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+import math
 import urllib.error
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -23,6 +27,8 @@ from neuronlens.errors import UserError
 from neuronlens.files import write_atomic
 from neuronlens.records import NeuronId, NeuronRecord
 from neuronlens.subject.base import pick
+
+log = logging.getLogger(__name__)
 
 TIMEOUT_S = 60
 
@@ -117,6 +123,32 @@ class OpenAIRecordsSubject:
         record = parse_record(text, source)
         if record.neuron_id != neuron:
             raise UserError(f"{source} holds the record of {record.neuron_id}, not of {neuron}.")
+        record = usable_excerpts(record, source)
         if not record.most_positive_activation_records and not record.random_sample:
-            raise UserError(f"{source} has no activation records.")
+            raise UserError(f"{source} has no usable activation records.")
         return record
+
+
+def usable_excerpts(record: NeuronRecord, source: str) -> NeuronRecord:
+    """``record`` without the excerpts that cannot be explained or scored (no tokens, or an
+    activation that is NaN or infinite), each kind of drop said in one warning line."""
+    def why(r) -> str | None:
+        if not r.tokens:
+            return "no tokens"
+        if not all(math.isfinite(a) for a in r.activations):
+            return "a NaN or infinite activation"
+        return None
+
+    dropped: Counter[str] = Counter()
+    kept = {}
+    for field in ("most_positive_activation_records", "random_sample"):
+        kept[field] = []
+        for r in getattr(record, field):
+            reason = why(r)
+            if reason:
+                dropped[reason] += 1
+            else:
+                kept[field].append(r)
+    for reason, n in dropped.items():
+        log.warning("%s: %d excerpts dropped (%s)", source, n, reason)
+    return dataclasses.replace(record, **kept) if dropped else record

@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from neuronlens.files import write_atomic
@@ -84,7 +84,7 @@ class Recording:
                   "random_tokens": self.random_tokens, "random_acts": self.random_acts,
                   "moments": self.moments}
         tensors = {k: v.detach().cpu().contiguous() for k, v in arrays.items()}
-        write_atomic(directory / "arrays.safetensors", lambda tmp: save_file(tensors, tmp))
+        write_atomic(directory / "arrays.safetensors", save(tensors))
         manifest = {"neurons": [[n.layer, n.index] for n in self.neurons],
                     "n_tokens": self.n_tokens, "meta": self.meta,
                     "token_strings": {str(k): v for k, v in sorted(self.token_strings.items())}}

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from neuronlens.corpus import token_windows
 from neuronlens.errors import UserError
+from neuronlens.files import write_atomic
 from neuronlens.records import NeuronId, NeuronRecord
 from neuronlens.subject.hooks import check_neuron, hook_point, n_layers, n_neurons
 from neuronlens.subject.models import cache_dir, load_model
@@ -86,7 +87,8 @@ def recording_for(cfg: DictConfig, model, tokenizer, neurons: list[NeuronId], ru
         return saved
     if rc.cache and Recording.saved(cached) is not None:
         log.info("Reusing the cached recording %s", cached)
-        shutil.copytree(cached, target, dirs_exist_ok=True)
+        for name in ("arrays.safetensors", "manifest.json"):   # the manifest last
+            write_atomic(target / name, (cached / name).read_bytes())
         if (saved := Recording.saved(target)) is not None:
             return saved
     windows = token_windows(corpus, tokenizer, rc.window, rc.max_windows)
