@@ -466,3 +466,11 @@ def test_an_answer_that_failed_to_score_still_counts_its_tokens():
     out = p.prompt_logprobs([scoring("a")])
     assert out[0].usage == Usage(123, 1)
     assert p.stats()["prompt_tokens"] == 123 and p.stats()["requests"] == 1
+
+
+def test_a_slow_server_is_never_silent(monkeypatch, caplog):
+    monkeypatch.setattr(policy, "HEARTBEAT", 0.05)
+    p = Policy(Fake(delay=0.4))
+    with caplog.at_level("WARNING"):
+        p.generate(chat("slow"))
+    assert "Fake: waiting for 1 requests, none answered for" in caplog.text

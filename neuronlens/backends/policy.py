@@ -58,6 +58,7 @@ T = TypeVar("T")
 # DOWN_AFTER of them in a row do.
 DOWN = ("unreachable", "timeout")
 DOWN_AFTER = 8
+HEARTBEAT = 30.0   # seconds without any answer before a waiting line is logged
 
 
 # ---- JSON encoding of results -----------------------------------------------------------------
@@ -171,6 +172,8 @@ class Policy(Backend):
         self.limit = float(concurrency)   # requests allowed in flight now (see the module doc)
         self._in_flight = 0
         self._answered = 0       # requests answered well, ever
+        self._last_news = time.monotonic()   # when a request last came back (or the first went out)
+        self._watch: threading.Thread | None = None
         self._down_streak = 0    # requests given up on in a row because the server did not answer
         self._lock = threading.Lock()
         self._slot_free = threading.Condition(self._lock)
@@ -302,10 +305,28 @@ class Policy(Backend):
                 self._slot_free.wait()
             self._in_flight += 1
             self._counts["requests"] += 1
+            if self._in_flight == 1:
+                self._last_news = time.monotonic()
+            if self._watch is None:
+                self._watch = threading.Thread(target=self._heartbeat, daemon=True,
+                                               name=f"heartbeat:{self.name}")
+                self._watch.start()
+
+    def _heartbeat(self) -> None:
+        """Never silent for long: while requests are in flight and none has come back for
+        HEARTBEAT seconds, say so every HEARTBEAT seconds."""
+        while True:
+            time.sleep(HEARTBEAT)
+            with self._lock:
+                waiting, quiet = self._in_flight, time.monotonic() - self._last_news
+            if waiting and quiet >= HEARTBEAT:
+                log.warning("%s: waiting for %d requests, none answered for %.0f s.", self.name,
+                            waiting, quiet)
 
     def _release(self, busy: bool, ok: bool = False) -> None:
         with self._slot_free:
             self._in_flight -= 1
+            self._last_news = time.monotonic()
             if busy and self.limit > 1:
                 self.limit = max(1.0, self.limit / 2)
                 log.warning("%s is busy: at most %d requests in flight from now on.", self.name,
