@@ -28,9 +28,14 @@ INTEGERS = {
     "scoring.split_seed": (None, False),
     "remote.max_retries": (0, False),
     "remote.concurrency": (1, False),
+    "judge_power.window": (2, False),
+    "judge_power.top_k": (1, False),
+    "judge_power.n_random": (0, False),
+    "judge_power.max_windows": (1, False),
 }
 NUMBERS = {"remote.retry_budget": 0.0, "explain.temperature": 0.0}   # floats, null allowed
-BOOLEANS = ("recording.cache", "scoring.calibrate", "remote.cache", "progress", "simulation.fewshot")
+BOOLEANS = ("recording.cache", "scoring.calibrate", "remote.cache", "progress", "simulation.fewshot",
+            "judge_power.enabled")
 CHOICES = {"neurons.which": ("first", "random", "list")}
 
 

@@ -113,6 +113,7 @@ class EmbeddingSimulator:
     """
 
     name = "embedding"
+    tuned_on_controls = True   # its settings were chosen on the judge-power control rules
 
     def __init__(self, model: str = EMBEDDED, window: int | Sequence[int] = 0,
                  context_weight: float = 0.5, floor: float = 0.15, device: str = "auto",

@@ -8,6 +8,7 @@ context, sends one request for `n` candidates and counts the ones that parse to 
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -45,7 +46,9 @@ def _rec(pairs: Sequence[tuple[str, float]]) -> ActivationRecord:
 
 
 # Hand-made neurons, already on the 0-10 scale: (excerpts, explanation).
-FEWSHOT: tuple[tuple[tuple[ActivationRecord, ...], str], ...] = (
+Example = tuple[Sequence[ActivationRecord], str]
+NEAR_COPY = 0.85   # SequenceMatcher ratio from which two explanations count as one (one word apart)
+FEWSHOT: tuple[Example, ...] = (
     ((_rec([("We", 0), (" met", 0), (" in", 0), (" early", 1), (" March", 10), (" and", 0),
             (" again", 0), (" in", 0), (" May", 9), (".", 0)]),
       _rec([("The", 0), (" report", 0), (" is", 0), (" due", 0), (" by", 0), (" the", 0),
@@ -138,6 +141,7 @@ class ExplanationResult:
     n_records_dropped: int = 0        # excerpts left out to fit the context
     n_fewshot_dropped: int = 0        # few-shot examples left out to fit the context
     n_lines_truncated: int = 0        # token lines cut from the one excerpt left, to fit
+    n_copies_replaced: int = 0        # answers that copied a few-shot answer, asked again without it
 
 
 @dataclass(frozen=True)
@@ -201,16 +205,16 @@ class Explainer:
                                temperature=self.temperature, n=self.n, seed=self.seed,
                                stop=() if chat else ("\n",)), tokens
 
-    def _fit(self, records: Sequence[ActivationRecord]) -> _Fitted:
+    def _fit(self, records: Sequence[ActivationRecord], fewshot: Sequence[Example] = FEWSHOT) -> _Fitted:
         if not records:
             raise UserError("A neuron needs at least one activation record to be explained.")
         shown = list(records[: self.max_records])
         max_activation = max(r.max_activation for r in shown)
         budget = self.backend.capabilities.context_length - self.max_tokens
-        n_fewshot = len(FEWSHOT)
+        n_fewshot = len(fewshot)
 
         def attempt() -> tuple[GenerateRequest, bool]:
-            request, tokens = self._request(FEWSHOT[:n_fewshot], shown, max_activation)
+            request, tokens = self._request(fewshot[:n_fewshot], shown, max_activation)
             return request, tokens <= budget
 
         request, fits = attempt()
@@ -245,22 +249,65 @@ class Explainer:
     def explain(self, records: Sequence[ActivationRecord],
                 neuron: NeuronRecord | None = None) -> ExplanationResult:
         """Explanations of the neuron shown by ``records`` (``neuron`` is for explainers that need
-        more than the excerpts, such as the baselines; an LLM sees only the excerpts)."""
-        fitted = self._fit(records)
-        generation = self.backend.generate_usable(fitted.request, usable_explanations)
-        parsed = [parse_explanation(c.text) for c in generation.completions]
+        more than the excerpts, such as the baselines; an LLM sees only the excerpts).
+
+        An answer that copies one of the few-shot answers says nothing about this neuron: the
+        request is made again without the examples it copied (small models copy the first one
+        often), until no answer copies one. Copies replaced so are counted."""
+        fewshot, replaced = list(FEWSHOT), 0
+        prompt_tokens = completion_tokens = 0
+        while True:
+            fitted = self._fit(records, fewshot)
+            generation = self.backend.generate_usable(fitted.request, usable_explanations)
+            prompt_tokens += generation.usage.prompt_tokens
+            completion_tokens += generation.usage.completion_tokens
+            parsed = [parse_explanation(c.text) for c in generation.completions]
+            copied = {c for p in parsed if p for c in [copied_example(p, fewshot[:fitted.n_fewshot])]
+                      if c is not None}
+            if not copied:
+                break
+            replaced += sum(1 for p in parsed if p and copied_example(p, fewshot[:fitted.n_fewshot]))
+            fewshot = [example for example in fewshot if example[1] not in copied]
         explanations = tuple(dict.fromkeys(p for p in parsed if p))
         return ExplanationResult(
             explanations=explanations,
             n_failed=sum(1 for p in parsed if not p),
-            prompt_tokens=generation.usage.prompt_tokens,
-            completion_tokens=generation.usage.completion_tokens,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
             n_records_shown=fitted.n_records,
             n_fewshot_used=fitted.n_fewshot,
             n_records_dropped=fitted.n_records_dropped,
-            n_fewshot_dropped=len(FEWSHOT) - fitted.n_fewshot,
+            n_fewshot_dropped=len(fewshot) - fitted.n_fewshot,   # to fit the context
             n_lines_truncated=fitted.n_lines_truncated,
+            n_copies_replaced=replaced,
         )
+
+
+def words(text: str) -> str:
+    """``text`` lowercased, as its words only (for comparing explanations)."""
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def near(a: str, b: str) -> bool:
+    """Whether two explanations are the same or nearly (one word changed, say)."""
+    a, b = words(a), words(b)
+    return a == b or difflib.SequenceMatcher(None, a, b).ratio() >= NEAR_COPY
+
+
+def copied_example(explanation: str, fewshot: Sequence[Example] = FEWSHOT) -> str | None:
+    """The few-shot answer ``explanation`` copies (exactly or nearly), or None."""
+    return next((answer for _, answer in fewshot if near(explanation, answer)), None)
+
+
+def copy_flag(explanation: str) -> str | None:
+    """Why an explanation says nothing of its own: it copies a few-shot answer, or repeats a
+    phrase of the instructions; None when it does neither."""
+    if (answer := copied_example(explanation)) is not None:
+        return f"copies the example answer {answer!r}"
+    said = words(explanation)
+    if len(said.split()) >= 3 and f" {said} " in f" {words(INSTRUCTIONS)} ":
+        return "repeats the instructions"
+    return None
 
 
 def _window(record: ActivationRecord, peak: int, length: int) -> ActivationRecord:

@@ -15,7 +15,9 @@
 Every object carries its ``dataclass_name``, as OpenAI's ``fast_dataclasses`` expects. Only the
 chosen explanation was simulated on the test excerpts, so it is the one exported. Rows keep no
 per-token distributions, so ``distribution_values`` / ``distribution_probabilities`` are empty.
-An undefined score (constant activations) is ``null``, as OpenAI's files have it for NaN. With
+An undefined score (constant activations) is ``null``, as OpenAI's files have it for NaN. r² and
+absolute-dev-explained follow OpenAI's definitions (uncentred denominators, `openai_dispersion`),
+so that their code and viewer read the numbers they expect. With
 ``scoring.calibrate``, expected activations are the calibrated ones (``neuron_activations``
 scale) and the raw simulation is the ``uncalibrated_simulation``. Failed neurons are skipped.
 The records themselves are written by ``Recording.export_openai``.
@@ -29,7 +31,7 @@ from typing import Any
 from neuronlens.files import dumps, write_atomic
 from neuronlens.records import NeuronId
 from neuronlens.report.runs import rows_of_run
-from neuronlens.score import score
+from neuronlens.score import openai_dispersion, score
 
 SIMULATED_SCALE = "simulated_normalized_activations"
 NEURON_SCALE = "neuron_activations"
@@ -49,10 +51,11 @@ def scored_sequence(excerpt: dict[str, Any], calibration: dict[str, float] | Non
     if calibration:
         expected = [calibration["slope"] * v + calibration["intercept"] for v in expected]
         simulation = sequence_simulation(excerpt["tokens"], expected, NEURON_SCALE, simulation)
-    s = score([excerpt["true"]], [expected])
+    r2, abs_dev = openai_dispersion([excerpt["true"]], [expected])
     return {"dataclass_name": "ScoredSequenceSimulation", "simulation": simulation,
-            "true_activations": excerpt["true"], "ev_correlation_score": s.correlation,
-            "rsquared_score": s.r_squared, "absolute_dev_explained_score": s.absolute_dev_explained}
+            "true_activations": excerpt["true"],
+            "ev_correlation_score": score([excerpt["true"]], [expected]).correlation,
+            "rsquared_score": r2, "absolute_dev_explained_score": abs_dev}
 
 
 def simulation_results(row: dict[str, Any]) -> dict[str, Any]:
@@ -61,10 +64,11 @@ def simulation_results(row: dict[str, Any]) -> dict[str, Any]:
     calibration = scores.get("calibration") if scores.get("test_calibrated") else None
     overall = scores["test_calibrated"] if calibration else (scores.get("test") or {}).get("all") or {}
     sequences = [scored_sequence(e, calibration) for e in row.get("test_excerpts") or []]
+    r2, abs_dev = openai_dispersion([s["true_activations"] for s in sequences],
+                                    [s["simulation"]["expected_activations"] for s in sequences])
     scored = {"dataclass_name": "ScoredSimulation", "scored_sequence_simulations": sequences,
               "ev_correlation_score": overall.get("correlation"),
-              "rsquared_score": overall.get("r_squared"),
-              "absolute_dev_explained_score": overall.get("absolute_dev_explained")}
+              "rsquared_score": r2, "absolute_dev_explained_score": abs_dev}
     return {"dataclass_name": "NeuronSimulationResults",
             "neuron_id": NeuronId(row["layer"], row["index"]).to_json(),
             "scored_explanations": [{"dataclass_name": "ScoredExplanation",

@@ -22,13 +22,15 @@ from tqdm.auto import tqdm
 from neuronlens.backends.base import Backend, TransientError, failure_kind
 from neuronlens.backends.policy import Policy
 from neuronlens.checks import check_config
+from neuronlens.controls import judge_power, verdict
 from neuronlens.errors import UserError
-from neuronlens.explain import Explainer
+from neuronlens.explain import Explainer, copy_flag
 from neuronlens.files import RunLock, disk_error, dumps, read_rows, write_atomic, write_json
 from neuronlens.records import NeuronId, NeuronRecord
 from neuronlens.score import fit_calibration, score, score_splits
 from neuronlens.simulate import Simulator
 from neuronlens.subject.models import cache_dir
+from neuronlens.summary import CONSTANT, LOW_MASS, headline, mass_stats, summarise_rows
 from neuronlens.subject.transformer import recording_for, select_neurons  # noqa: F401 (public)
 
 log = logging.getLogger(__name__)
@@ -98,7 +100,10 @@ def judge(judges: dict[str, Any], explanation: str, top, rnd) -> dict[str, Any]:
         ok_rnd = [(r, e) for r, e in pairs[len(top):] if e is not None]
         scores = split_scores([r for r, _ in ok_top], [e for _, e in ok_top],
                               [r for r, _ in ok_rnd], [e for _, e in ok_rnd])
-        out[name] = {"score": scores["all"]["correlation"], "scores": {"test": scores},
+        masses = [{"mass": m} for (r, e), m in zip(pairs, sim.mass or [None] * len(pairs))
+                  if e is not None and m]
+        out[name] = {"score": headline(scores["all"]), "score_flag": scores["all"]["flag"],
+                     "mass": mass_stats(masses), "scores": {"test": scores},
                      "test_simulated": expected, "failed_excerpts": sim.n_failed,
                      "failures": [f.to_json() for f in sim.failures],
                      "usage": [sim.usage.prompt_tokens, sim.usage.completion_tokens]}
@@ -163,8 +168,8 @@ def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig,
     if not candidates:
         return failed("the explainer gave no usable explanation", "no_explanation")
 
-    def valid_score(c: dict) -> float:
-        r = (c.get("valid") or {}).get("correlation")
+    def valid_score(c: dict) -> float:   # the headline rule: a constant simulation scores 0
+        r = headline(c.get("valid"))
         return -2.0 if r is None else r
 
     best = max(candidates, key=valid_score)
@@ -192,8 +197,11 @@ def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig,
             excerpt["mass"] = [round(m, 4) for m in masses[i]]
     if judges:
         row["judges"] = judge(judges, best["text"], top_recs, rnd_recs)
+    row["explanation_flag"] = copy_flag(best["text"])   # a copy of the prompt says nothing
+    row["copies_replaced"] = getattr(result, "n_copies_replaced", 0)
     return row | {"explanation": best["text"], "explanations": candidates,
-                  "score": scores["all"]["correlation"], "test_excerpts": excerpts,
+                  "score": headline(scores["all"]), "score_flag": scores["all"]["flag"],
+                  "mass": mass_stats(excerpts), "test_excerpts": excerpts,
                   "usage": usage, "failures": failures, "failed_excerpts": failed_excerpts,
                   "seconds": time.perf_counter() - start}
 
@@ -284,22 +292,7 @@ def resume(path: Path, keys: set[tuple[int, int]]) -> dict[tuple[int, int], dict
 
 
 def summarise(rows: list[dict], wall: float, cfg: DictConfig, subject: str) -> dict[str, Any]:
-    scored = [r["score"] for r in rows if r.get("score") is not None]
-    tokens = {role: [sum(r["usage"][role][k] for r in rows) for k in (0, 1)]
-              for role in ("explainer", "simulator")}
-    judged = {name: [r["judges"][name]["score"] for r in rows
-                     if r.get("judges", {}).get(name, {}).get("score") is not None]
-              for name in judge_names(rows)}
-    return {
-        "n_neurons": len(rows),
-        "n_failed": sum(1 for r in rows if r.get("score") is None),
-        "mean_score": sum(scored) / len(scored) if scored else None,
-        "judges": {name: {"mean_score": sum(v) / len(v) if v else None, "n": len(v)}
-                   for name, v in judged.items()},
-        "n_failed_excerpts": sum(r["failures"]["excerpts"] for r in rows),
-        "failures_by_kind": failures_by_kind(rows),
-        "n_failed_explanations": sum(r["failures"]["explanations"] for r in rows),
-        "tokens": {role: {"prompt": p, "completion": c} for role, (p, c) in tokens.items()},
+    return summarise_rows(rows) | {
         "wall_seconds": wall,
         "subject": subject,
         "explainer": OmegaConf.select(cfg, "explainer.model", default=None),
@@ -309,14 +302,6 @@ def summarise(rows: list[dict], wall: float, cfg: DictConfig, subject: str) -> d
         "shard": (None if cfg.neurons.get("shard") is None
                   else [cfg.neurons.shard, cfg.neurons.get("n_shards", 1)]),
     }
-
-
-def failures_by_kind(rows: list[dict]) -> dict[str, int]:
-    """Failed neurons, explanations and excerpts of the main simulator, counted by kind."""
-    counts: Counter[str] = Counter()
-    for r in rows:
-        counts.update(r["failures"].get("by_kind") or {})
-    return dict(counts.most_common())
 
 
 def choices() -> dict[str, str]:
@@ -335,16 +320,50 @@ def judge_names(rows: list[dict]) -> list[str]:
 
 
 def table(rows: list[dict]) -> str:
-    """One line per neuron: the main simulator's test correlation, each second judge's, and the
-    explanation."""
+    """One line per neuron: the main simulator's test correlation and digit mass, each second
+    judge's correlation, and the explanation. Marks: ``c`` a constant simulation (scored 0),
+    ``m`` digit mass below LOW_MASS (the score is close to a guess)."""
     names = judge_names(rows)
-    fmt = lambda x: "  fail" if x is None else f"{x:6.3f}"
-    lines = [f"{'neuron':>10}  {'score':>6}  " + "".join(f"{n[:9]:>9}  " for n in names) + "explanation"]
+
+    def fmt(entry: dict | None) -> str:
+        if not entry or entry.get("score") is None:
+            return "  fail "
+        mark = ("c" if entry.get("score_flag") == CONSTANT else
+                "m" if (entry.get("mass") or {}).get("mean", 1.0) < LOW_MASS else " ")
+        return f"{entry['score']:6.3f}{mark}"
+
+    lines = [f"{'neuron':>10}  {'score':>7}  {'mass':>5}  " + "".join(f"{n[:9]:>9}  " for n in names)
+             + "explanation"]
     for r in sorted(rows, key=lambda r: (r["layer"], r["index"])):
-        judged = "".join(f"{fmt(r.get('judges', {}).get(n, {}).get('score')):>9}  " for n in names)
-        lines.append(f"{NeuronId(r['layer'], r['index'])!s:>10}  {fmt(r.get('score'))}  {judged}"
-                     f"{r.get('explanation') or r.get('error')}")
+        judged = "".join(f"{fmt(r.get('judges', {}).get(n)):>9}  " for n in names)
+        mass = (r.get("mass") or {}).get("mean")
+        lines.append(f"{NeuronId(r['layer'], r['index'])!s:>10}  {fmt(r):>7}  "
+                     f"{'' if mass is None else f'{mass:.2f}':>5}  {judged}"
+                     f"{r.get('explanation') or r.get('error')}"
+                     + (f"  [{r['explanation_flag']}]" if r.get("explanation_flag") else ""))
     return "\n".join(lines)
+
+
+def outcome(summary: dict[str, Any]) -> str:
+    """The counts and both means, in words: 'N neurons: a scored (b constant, scored 0), c failed;
+    mean test correlation x (y over the d with a defined score)'."""
+    r3 = lambda x: None if x is None else round(x, 3)   # noqa: E731
+    n_def = summary["n_scored"] - summary["n_constant"]
+    text = (f"{summary['n_neurons']} neurons: {summary['n_scored']} scored ({summary['n_constant']} "
+            f"constant simulations, scored 0), {summary['n_failed']} failed")
+    if summary.get("n_undefined"):
+        text += f", {summary['n_undefined']} undefined (constant true activations)"
+    text += f"; mean test correlation {r3(summary['mean_score'])}"
+    if summary["n_constant"]:
+        text += f" ({r3(summary['mean_defined_score'])} over the {n_def} with a defined score)"
+    if summary.get("n_copied") or summary.get("n_copies_replaced"):
+        text += (f"; {summary['n_copied']} explanations copy the prompt (flagged), "
+                 f"{summary['n_copies_replaced']} copies asked again")
+    mass = summary.get("mass")
+    if mass:
+        text += (f"; digit mass median {mass['median_of_means']:.3f}, {mass['n_low']} below "
+                 f"{LOW_MASS} (marked m)")
+    return text
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -390,6 +409,11 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             raise
     rows = [done[(nid.layer, nid.index)] for nid in neurons if (nid.layer, nid.index) in done]
     summary = summarise(rows, time.perf_counter() - start, cfg, subject.name)
+    power = cfg.get("judge_power")
+    if power is not None and power.enabled:
+        main = f"simulator {summary['choices'].get('simulator') or summary['simulator']}"
+        summary["judge_power"] = judge_power({main: simulator, **{f"{n} judge": j for n, j in judges.items()}},
+                                             power, run_dir)
     summary["remote"] = {role: backend_stats(obj) for role, obj in
                          (("explainer", explainer), ("simulator", simulator),
                           *((f"judge:{name}", j) for name, j in judges.items()))}
@@ -401,12 +425,13 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             print(f"{role}: {stats['requests']} requests, {stats['cache_hits']} from cache, "
                   f"{stats['retries']} retries, {stats['prompt_tokens']}+"
                   f"{stats['completion_tokens']} tokens, cost {cost}")
-    r3 = lambda x: None if x is None else round(x, 3)
+    r3 = lambda x: None if x is None else round(x, 3)   # noqa: E731
     judged = "".join(f", {name} judge {r3(j['mean_score'])}" for name, j in summary["judges"].items())
     if summary["failures_by_kind"]:
         print(f"failures: {summary['n_failed_excerpts']} excerpts, {summary['n_failed_explanations']} "
               "explanations, by kind: " + ", ".join(f"{k} {n}" for k, n in summary["failures_by_kind"].items()))
-    print(f"{summary['n_neurons']} neurons, {summary['n_failed']} failed, mean test correlation "
-          f"{r3(summary['mean_score'])} (simulator {summary['choices'].get('simulator') or summary['simulator']})"
+    print(f"{outcome(summary)} (simulator {summary['choices'].get('simulator') or summary['simulator']})"
           f"{judged} -> {run_dir}")
+    for name, p in (summary.get("judge_power") or {}).items():
+        print(verdict(name, p))
     return summary

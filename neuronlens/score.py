@@ -5,8 +5,11 @@ All scores are computed over the tokens of every excerpt concatenated, as OpenAI
 (a zero denominator) is `None` with a `flag` saying why; it is never NaN and never a silent 0.
 
 Note on the denominators: the paper's released code divides by the uncentred `mean(true**2)`
-and `mean(|true|)`; here r² and absolute-dev-explained are centred (`var(true)` and
-`mean(|true - mean(true)|)`), i.e. the usual coefficient of determination and its L1 analogue.
+and `mean(|true|)` (`openai_dispersion`, used for the OpenAI-format export); `score` centres them
+(`var(true)` and `mean(|true - mean(true)|)`), i.e. the usual coefficient of determination and its
+L1 analogue. Either is only meaningful after calibration: on the simulator's 0-10 scale against
+raw activations they are large negative numbers, so the tables and the viewer show them only for
+calibrated simulations.
 """
 
 from __future__ import annotations
@@ -100,6 +103,19 @@ def score(true: Sequence[Sequence[float]],
                                 "constant simulation")
     correlation = float(np.clip(np.corrcoef(t, s)[0, 1], -1.0, 1.0))
     return ScoredSimulation(correlation, r_squared, abs_dev, n_tokens, n_excerpts)
+
+
+def openai_dispersion(true: Sequence[Sequence[float]], simulated: Sequence[Sequence[float]]
+                      ) -> tuple[float | None, float | None]:
+    """r² and absolute-dev-explained as OpenAI's reference defines them (for its file format):
+    ``1 - mean((t - s)²) / mean(t²)`` and ``1 - mean(|t - s|) / mean(|t|)``, uncentred, over all
+    tokens concatenated; None where the denominator is 0."""
+    t, s = _flatten(true, simulated)
+    if t.size == 0:
+        return None, None
+    sq, ab = float(np.mean(t ** 2)), float(np.mean(np.abs(t)))
+    return (None if sq == 0 else float(1 - np.mean((t - s) ** 2) / sq),
+            None if ab == 0 else float(1 - np.mean(np.abs(t - s)) / ab))
 
 
 def score_splits(true_top: Sequence[Sequence[float]], sim_top: Sequence[Sequence[float]],

@@ -365,3 +365,21 @@ def test_temperature_defaults() -> None:
     assert Explainer(FakeBackend()).build_request(NEURON).temperature == 0.0
     assert Explainer(FakeBackend(), n=2).build_request(NEURON).temperature == 1.0
     assert Explainer(FakeBackend(), n=2, temperature=0.3).build_request(NEURON).temperature == 0.3
+
+
+def test_an_answer_copying_a_few_shot_answer_is_asked_again_without_that_example() -> None:
+    class Copier(FakeBackend):
+        """Copies the first example answer it sees in the prompt (as small models do)."""
+
+        def generate(self, request: GenerateRequest) -> Generation:
+            self.requests.append(request)
+            seen = [answer for _, answer in FEWSHOT if f"{PHRASE} {answer}." in (request.prompt or "")]
+            text = f" {seen[0]}" if seen else " words about the weather"
+            return Generation((Completion(text),), Usage(10, 2))
+
+    backend = Copier()
+    result = Explainer(backend).explain(neuron())
+    assert result.explanations == ("words about the weather",)
+    assert result.n_copies_replaced == len(FEWSHOT) and len(backend.requests) == len(FEWSHOT) + 1
+    assert (result.prompt_tokens, result.completion_tokens) == (10 * (len(FEWSHOT) + 1), 2 * (len(FEWSHOT) + 1))
+    assert result.n_fewshot_used == 0

@@ -48,6 +48,7 @@ def overrides(model_dir: Path, corpus: Path, cache: Path, *extra: str) -> list[s
             f"corpus.paths=[{corpus}]", "neurons.layers=[1]", "neurons.per_layer=3",
             "recording.top_k=10", "recording.n_random=10", "recording.window=12",
             "explain.max_tokens=6", "simulation.fewshot=false", "progress=false", "~judges",
+            "judge_power.enabled=false",
             f"remote.cache_dir={cache}", f"explainer.model={model_dir}",
             f"simulator.model={model_dir}", *extra]
 
@@ -208,6 +209,7 @@ def test_a_server_echoing_the_key_never_makes_neuronlens_print_it(role, echo_ser
     args = [f"subject.model={tiny_llama_dir}", "subject.device=cpu", "neurons.layers=[1]",
             "neurons.per_layer=2", "recording.top_k=6", "recording.n_random=4", "recording.window=8",
             "recording.max_windows=40", "progress=false", "~judges", "remote.max_retries=3",
+            "judge_power.enabled=false",
             f"remote.cache_dir={tmp_path / 'cache'}", f"simulator.model={tiny_llama_dir}",
             f"explainer={role}", f"explainer.model={model}", f"explainer.base_url={echo_server}",
             f"hydra.run.dir={run_dir}"]

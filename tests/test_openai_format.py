@@ -19,6 +19,7 @@ from neuronlens.errors import UserError
 from neuronlens.loaded_explanations import LoadedExplainer, MissingExplanation
 from neuronlens.openai_format import export_run
 from neuronlens.records import NeuronId, NeuronRecord
+from neuronlens.score import openai_dispersion
 from neuronlens.subject.openai_records import OpenAIRecordsSubject
 
 WORDS = [" the", " cat", " sat", " on", " mat", ".", "\n", " dog", " barked", " at", " a", " bird",
@@ -156,7 +157,9 @@ def test_export_reads_back_as_neuron_simulation_results(openai_run, tmp_path):
         scored = explanation["scored_simulation"]
         assert scored["dataclass_name"] == "ScoredSimulation"
         assert scored["ev_correlation_score"] == row["score"]
-        assert scored["rsquared_score"] == row["scores"]["test"]["all"]["r_squared"]
+        r2, _ = openai_dispersion([e["true"] for e in row["test_excerpts"]],
+                                  [e["simulated"] for e in row["test_excerpts"]])
+        assert scored["rsquared_score"] == r2   # OpenAI's definition (uncentred), not ours
         sequences = scored["scored_sequence_simulations"]
         assert len(sequences) == len(row["test_excerpts"])
         for seq, ex in zip(sequences, row["test_excerpts"]):

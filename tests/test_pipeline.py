@@ -61,11 +61,15 @@ def test_run_writes_contract_files(tiny_llama_dir, corpus, tmp_path):
     summary = pipeline.run(cfg, tmp_path / "run")
     out = rows(tmp_path / "run")
     assert len(out) == 4 and summary["n_neurons"] == 4
+    explained = [row for row in out if row["explanation"] is not None]
+    assert explained, "no neuron was explained: the test would check nothing"
     for row in out:
         assert {"layer", "index", "explanation"} <= set(row)
-        if row["explanation"] is not None:
-            assert "correlation" in row["scores"]["test"]["all"]
-            assert all(len(e["true"]) == len(e["simulated"]) == 16 for e in row["test_excerpts"])
+        if row["explanation"] is None:   # a failure says why
+            assert row["error"] and row["error_kind"]
+    for row in explained:
+        assert "correlation" in row["scores"]["test"]["all"] and row["test_excerpts"]
+        assert all(len(e["true"]) == len(e["simulated"]) == 16 for e in row["test_excerpts"])
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert {"n_neurons", "n_failed", "mean_score", "tokens"} <= set(saved)
     assert saved["tokens"]["simulator"]["prompt"] > 0
@@ -104,3 +108,23 @@ def test_interrupted_run_resumes_without_duplicates(tiny_llama_dir, corpus, tmp_
 
 def rows_lenient(run_dir: Path) -> list[dict]:
     return list(pipeline.finished(run_dir / "neurons.jsonl").values())
+
+
+def test_the_explainer_never_sees_a_valid_or_test_excerpt(tiny_llama_dir, corpus, tmp_path, monkeypatch):
+    from neuronlens.explain import Explainer
+
+    seen: list[tuple] = []
+    real = Explainer.explain
+
+    def spy(self, records, neuron=None):
+        seen.append((neuron, list(records)))
+        return real(self, records, neuron=neuron)
+
+    monkeypatch.setattr(Explainer, "explain", spy)
+    pipeline.run(tiny_run_config(tiny_llama_dir, corpus), tmp_path / "run")
+    assert len(seen) == 4
+    for neuron, shown in seen:
+        held_out = {r.key() for name in ("valid", "test", "calibration") for r in neuron.split(name).all}
+        assert held_out and shown
+        assert not held_out & {r.key() for r in shown}
+        assert {r.key() for r in shown} <= {r.key() for r in neuron.split("train").all}

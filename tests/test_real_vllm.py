@@ -56,6 +56,7 @@ def run(run_dir: Path, corpus: Path, extra: list[str]) -> tuple[dict, dict]:
     overrides = ["subject.device=cpu", "corpus=files", f"corpus.paths=[{corpus}]",
                  "neurons.layers=[15]", "neurons.per_layer=2", "recording.top_k=12",
                  "recording.n_random=12", "recording.window=24", "~judges", "progress=false",
+                 "judge_power.enabled=false",   # ~50 more requests per run; see tests/test_controls.py
                  f"remote.cache_dir={run_dir.parent / 'responses'}", *extra]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose(config_name="config", overrides=overrides)

@@ -179,17 +179,33 @@ def test_fewer_windows_than_k_and_n_random(request, tiny_tokenizer, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_memory_independent_of_corpus_length(request, tiny_tokenizer, arch):
-    model = _model(request, arch)
+    """What the recorder holds (every tensor reachable from it, and every Python object it keeps)
+    is the same after 10 and after 80 batches: it keeps top-k, reservoir and moments, never the
+    corpus's activations."""
+    import sys
+
+    from neuronlens.subject.recording import Recorder
+
+    def held(recorder) -> tuple[int, int]:
+        tensors = [v for v in vars(recorder).values() if isinstance(v, torch.Tensor)]
+        tensors += list(recorder.state.values())
+        others = [v for v in vars(recorder).values() if isinstance(v, (list, dict, tuple))]
+        return (sum(t.numel() * t.element_size() for t in tensors),
+                sum(sys.getsizeof(o) + sum(sys.getsizeof(x) for x in o) for o in others))
+
     neurons = [NeuronId(l, i) for l in LAYERS for i in range(8)]
-    shapes = []
-    for n in (10, 80):
-        rec = record(model, tiny_tokenizer, _windows(model, n, seed=4), neurons, CONFIG,
-                     progress=False)
-        assert rec.n_tokens == n * WINDOW
-        shapes.append({k: tuple(getattr(rec, k).shape) for k in
-                       ("top_tokens", "top_acts", "top_max", "random_tokens", "random_acts",
-                        "moments")})
-    assert shapes[0] == shapes[1]
+    recorder = Recorder(neurons, CONFIG)
+    sizes = []
+    for batch in range(80):
+        ids = torch.randint(0, 100, (CONFIG.batch_size, WINDOW))
+        recorder.add(ids, torch.randn(len(neurons), CONFIG.batch_size, WINDOW))
+        if batch + 1 in (10, 80):
+            sizes.append(held(recorder))
+    assert recorder.n_tokens == 80 * CONFIG.batch_size * WINDOW
+    assert sizes[0] == sizes[1] and sizes[0][0] > 0
+    rec = record(_model(request, arch), tiny_tokenizer, _windows(_model(request, arch), 80, seed=4),
+                 neurons, CONFIG, progress=False)
+    assert rec.top_acts.shape == (len(neurons), CONFIG.top_k, WINDOW)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -147,6 +147,18 @@ def test_their_loader_reads_our_export_and_their_scoring_agrees(exported_run):
         theirs = aggregate_scored_sequence_simulations(sequences)
         assert theirs.ev_correlation_score == pytest.approx(row["score"], abs=1e-12)
         assert explanation.get_preferred_score() == row["score"]
+        # r² and absolute-dev-explained in the export are theirs (uncentred), to the last digit
+        stored = explanation.scored_simulation
+        assert stored.rsquared_score == pytest.approx(theirs.rsquared_score, abs=1e-12)
+        assert stored.absolute_dev_explained_score == pytest.approx(
+            theirs.absolute_dev_explained_score, abs=1e-12)
+        for s in sequences:
+            with np.errstate(all="ignore"):   # theirs divides 0 by 0 on an all-zero excerpt
+                again = aggregate_scored_sequence_simulations([s]).rsquared_score
+            if s.rsquared_score is None:
+                assert not math.isfinite(again)
+            else:
+                assert s.rsquared_score == pytest.approx(again, abs=1e-12)
         ours = score([e["true"] for e in row["test_excerpts"]],
                      [e["simulated"] for e in row["test_excerpts"]])
         assert ours.correlation == row["score"]

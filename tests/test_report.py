@@ -116,9 +116,12 @@ def test_shards_merge_to_the_unsharded_numbers(tiny_llama_dir, corpus, tmp_path,
     assert len(merged) == 1
     summary = json.loads((merged[0] / "summary.json").read_text())
     assert summary["n_neurons"] == whole["n_neurons"] == 4 and summary["shard"] is None
-    assert summary["mean_score"] == pytest.approx(whole["mean_score"])
+    # float32: a shard records and simulates its neurons in other batches than the whole run, and
+    # float32 sums depend on their order (eps 1.2e-7, accumulated over thousands of terms: 1.5e-6
+    # relative was seen); 1e-5 is float32 noise, anything real is far larger
+    assert summary["mean_score"] == pytest.approx(whole["mean_score"], rel=1e-5)
     for name, judged in whole.get("judges", {}).items():  # the default second judge, if any
-        assert summary["judges"][name]["mean_score"] == pytest.approx(judged["mean_score"])
+        assert summary["judges"][name]["mean_score"] == pytest.approx(judged["mean_score"], rel=1e-5)
     key = lambda r: (r["layer"], r["index"])  # noqa: E731
     assert sorted(map(key, read_rows(merged[0]))) == sorted(map(key, read_rows(tmp_path / "whole" / "run")))
     assert all("neurons.shard" not in o for o in yaml.safe_load((merged[0] / ".hydra" / "overrides.yaml").read_text()))

@@ -435,6 +435,23 @@ def test_prefix_reuse_equals_naive_and_keeps_order(tokenizer, arch):
     assert n_reuse < n_prompt / 2                             # the shared prefix counted once
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_the_prefix_kept_from_the_last_call_scores_like_a_fresh_backend(smollm2_tokenizer, arch):
+    """The KV cache of the previous call's prefix is reused up to where the prompts differ (the
+    explanation): every call scores as a backend that computes everything afresh."""
+    model = _tiny_model(arch, smollm2_tokenizer, seed=2)
+    kept = _backend(model, smollm2_tokenizer)
+    words = ["The", " sea", " 42", "\n", "7", "10", " waves"]
+    for explanation in ("words about the sea", "words about the land", "the sea", "words about the sea"):
+        reqs = [build_request(explanation, words[:n]) for n in (3, 7)]
+        got = kept.prompt_logprobs(reqs)
+        fresh = _backend(model, smollm2_tokenizer, prefix_reuse=False).prompt_logprobs(reqs)
+        for g, f in zip(got, fresh):
+            assert max(abs(x - y) for a, b in zip(g.probs, f.probs) for x, y in zip(a, b)) <= 1e-4
+            assert g.mass == pytest.approx(f.mass, rel=1e-4)
+    assert kept._kept is not None and len(kept._kept[0]) > 10
+
+
 def test_single_request_prefix_reuse_is_naive(smollm2_tokenizer):
     model = _tiny_model("llama", smollm2_tokenizer)
     req = build_request("x", ["a", " 10"])

@@ -63,6 +63,8 @@ class LocalBackend(Backend):
         self._context_length = context_length
         self.model = self.tokenizer = None
         self._lock = threading.Lock()  # one forward at a time: seeding is process-wide in torch
+        self._kept: tuple[tuple[int, ...], DynamicCache] | None = None   # the last prompt prefix
+        self._kept_lock = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -170,11 +172,7 @@ class LocalBackend(Backend):
         P = _shared_prefix([ids for ids, _ in encoded]) if self.prefix_reuse and len(requests) > 1 else 0
         P = min([P] + [q.j - 1 for _, qs in encoded for q in qs] + [len(ids) - 1 for ids, _ in encoded])
         device = next(self.model.parameters()).device
-        cache = None
-        if P > 0:  # a plain cache keeps every prefix token, also for sliding-window layers
-            cache = self.model.base_model(input_ids=torch.tensor([encoded[0][0][:P]], device=device),
-                                          past_key_values=DynamicCache(), use_cache=True
-                                          ).past_key_values  # no LM head needed
+        cache = self._prefix_cache(encoded[0][0][:P], device) if P > 0 else None
         results: list[TokenDistributions | None] = [None] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: -len(encoded[i][0]))  # batch by length
         for start in range(0, len(order), self.batch_size):
@@ -183,6 +181,26 @@ class LocalBackend(Backend):
             for i, (probs, mass, n_tok) in zip(chunk, dists):
                 results[i] = TokenDistributions(probs, mass, Usage(n_tok + (P if i == order[0] else 0), 0))
         return results
+
+    def _prefix_cache(self, ids: list[int], device) -> DynamicCache:
+        """The KV cache of the prompt prefix ``ids``. The part it shares with the previous call's
+        prefix (a simulator's instructions and examples, up to the explanation) is not computed
+        again, as vLLM's prefix caching does. A plain cache keeps every prefix token, also for
+        sliding-window layers."""
+        with self._kept_lock:
+            kept_ids, kept = self._kept or ((), None)
+            start = min(_shared_prefix([list(kept_ids), ids]), len(ids)) if kept is not None else 0
+            cache = DynamicCache()
+            if start:
+                cache = copy.deepcopy(kept)
+                cache.crop(start - len(kept_ids))   # keep the first `start` tokens
+            if start < len(ids):   # no LM head needed
+                cache = self.model.base_model(
+                    input_ids=torch.tensor([ids[start:]], device=device),
+                    position_ids=torch.arange(start, len(ids), device=device)[None],
+                    past_key_values=cache, use_cache=True).past_key_values
+            self._kept = (tuple(ids), copy.deepcopy(cache))
+            return cache
 
     def _score_batch(self, items, P: int, cache, device):
         """One forward pass over a batch of prompt suffixes plus their trie query tokens."""

@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from neuronlens.summary import CONSTANT, LOW_MASS
 from neuronlens.report.runs import SHARD_KEYS, Experiment, Run
 
 BASELINES = ("top_tokens", "shuffled", "shuffled_truth")
@@ -29,6 +30,8 @@ class Neuron:
     score: float | None
     explanation: str | None
     excerpts: str | None  # hash of the test excerpts' kinds and tokens
+    flag: str | None = None      # "constant simulation" (scored 0), ...
+    mass: float | None = None    # mean digit mass over the test tokens
 
 
 @dataclass
@@ -66,6 +69,16 @@ class Result:
     @property
     def n_failed(self) -> int:
         return sum(1 for n in self.neurons.values() if n.score is None)
+
+    @property
+    def n_constant(self) -> int:
+        return sum(1 for n in self.neurons.values() if n.flag == CONSTANT)
+
+    @property
+    def n_low_mass(self) -> int | None:
+        """Neurons whose digit mass is below LOW_MASS (None when this judge records no mass)."""
+        masses = [n.mass for n in self.neurons.values() if n.mass is not None]
+        return sum(1 for m in masses if m < LOW_MASS) if masses else None
 
     @property
     def failed_explanations(self) -> int:
@@ -164,7 +177,8 @@ def results_of(experiments: list[Experiment], runs: list[Run]) -> tuple[list[Res
         rows = exp.rows.values()
         common = dict(subject=subject, explainer=explainer, setting=setting, group=group, experiment=exp,
                       explainer_choice=ch.get("explainer") or "", subject_choice=ch.get("subject") or "")
-        main = {k: Neuron(k[0], k[1], r.get("score"), r.get("explanation"), excerpt_hash(r))
+        main = {k: Neuron(k[0], k[1], r.get("score"), r.get("explanation"), excerpt_hash(r),
+                          r.get("score_flag"), (r.get("mass") or {}).get("mean"))
                 for k, r in exp.rows.items()}
         tokens = sum(sum((r.get("usage") or {}).get(role) or [0, 0]) for r in rows
                      for role in ("explainer", "simulator"))
@@ -180,7 +194,8 @@ def results_of(experiments: list[Experiment], runs: list[Run]) -> tuple[list[Res
             for k, r in exp.rows.items():
                 entry = (r.get("judges") or {}).get(name) or {}
                 neurons[k] = Neuron(k[0], k[1], entry.get("score"), r.get("explanation"),
-                                    excerpt_hash(r, entry.get("test_simulated")))
+                                    excerpt_hash(r, entry.get("test_simulated")),
+                                    entry.get("score_flag"), (entry.get("mass") or {}).get("mean"))
                 if "failed_excerpts" in entry:
                     failed.append(entry["failed_excerpts"] or 0)
                 judge_tokens += sum(entry.get("usage") or [0, 0])

@@ -9,6 +9,7 @@ Hydra adds ``.hydra/{config,overrides}.yaml``. Runs with the same ``experiment``
 from __future__ import annotations
 
 import json
+from collections import Counter
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import yaml
 
 from neuronlens.errors import UserError
 from neuronlens.files import read_rows, write_atomic, write_json
+from neuronlens.summary import summarise_rows
 
 SHARD_KEYS = ("neurons.shard", "neurons.n_shards")
 
@@ -158,9 +160,6 @@ def join_shards(runs: list[Run]) -> list[Experiment]:
 def merged_summary(exp: Experiment) -> dict[str, Any]:
     """summary.json recomputed from an experiment's merged rows."""
     rows = list(exp.rows.values())
-    scored = [r["score"] for r in rows if r.get("score") is not None]
-    tokens = {role: {kind: sum(((r.get("usage") or {}).get(role) or [0, 0])[i] for r in rows)
-                     for i, kind in enumerate(("prompt", "completion"))} for role in ("explainer", "simulator")}
     first = exp.first.summary or {}
     remote: dict[str, Any] = {}
     for role in ("explainer", "simulator"):
@@ -169,21 +168,13 @@ def merged_summary(exp: Experiment) -> dict[str, Any]:
         if not stats:
             remote[role] = None
             continue
-        merged = {k: sum(s.get(k) or 0 for s in stats) for k in stats[0] if k != "cost_usd"}
+        merged = {k: sum(s.get(k) or 0 for s in stats) for k, v in stats[0].items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "cost_usd"}
+        merged["failures"] = dict(sum((Counter(s.get("failures") or {}) for s in stats), Counter()))
         merged["cost_usd"] = (None if any(s.get("cost_usd") is None for s in stats)
                               else sum(s["cost_usd"] for s in stats))
         remote[role] = merged
-    names = dict.fromkeys(name for r in rows for name in r.get("judges") or {})
-    judged = {name: [s for r in rows if (s := ((r.get("judges") or {}).get(name) or {}).get("score")) is not None]
-              for name in names}
-    return {
-        "n_neurons": len(rows),
-        "n_failed": sum(1 for r in rows if r.get("score") is None),
-        "mean_score": sum(scored) / len(scored) if scored else None,
-        "judges": {name: {"mean_score": sum(v) / len(v) if v else None, "n": len(v)} for name, v in judged.items()},
-        "n_failed_excerpts": sum((r.get("failures") or {}).get("excerpts", 0) for r in rows),
-        "n_failed_explanations": sum((r.get("failures") or {}).get("explanations", 0) for r in rows),
-        "tokens": tokens,
+    return summarise_rows(rows) | {
         "wall_seconds": exp.total("wall_seconds"),
         "subject": first.get("subject"),
         "explainer": first.get("explainer"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from neuronlens.summary import LOW_MASS
 from neuronlens.report import pairs as pairing
 from neuronlens.report import stats
 from neuronlens.report.content import Link, Section, Table
@@ -33,8 +34,11 @@ def method() -> Section:
         "predicted activations were scored; a run gives one result for its main simulator and one per "
         "extra judge (`judges` in its rows). Every number names its judge.",
         "Scores are Pearson correlations between simulated and true activations on each neuron's held-out "
-        "`test` excerpts (top and random together). A failed neuron has no score and is counted, not "
-        "averaged in as 0.",
+        "`test` excerpts (top and random together). A constant simulation (the same prediction at "
+        "every token: correlation undefined) scores 0 and is counted in the `constant` column; a failed "
+        "neuron has no score and is counted, not averaged in as 0. `low mass`: neurons where the judge "
+        f"put less than {LOW_MASS} of its probability on the digits 0-10 on average (its score is close "
+        "to a guess).",
         f"95% intervals: percentile bootstrap (`scipy.stats.bootstrap`, {stats.N_RESAMPLES:,} resamples, "
         f"seed {stats.SEED}) over neurons. Paired differences resample the per-neuron differences (paired "
         "bootstrap); p-values from the Wilcoxon signed-rank test (`scipy.stats.wilcoxon`) and the paired "
@@ -43,8 +47,8 @@ def method() -> Section:
 
 
 def results_section(results: list[Result], viewers: dict[str, Link]) -> Section:
-    main = Table(["id", "subject", "explainer", "judge", "setting", "n", "failed", "mean [95% CI]",
-                  "median [95% CI]"], [])
+    main = Table(["id", "subject", "explainer", "judge", "setting", "n", "failed", "constant",
+                  "low mass", "mean [95% CI]", "median [95% CI]"], [])
     cost = Table(["id", "failed neurons", "failed explanations", "failed excerpts", "tokens / neuron",
                   "$ / neuron", "wall s / neuron", "viewer"], [])
     for r in results:
@@ -52,7 +56,8 @@ def results_section(results: list[Result], viewers: dict[str, Link]) -> Section:
         n = len(r.neurons)
         kind = {"baseline": " (baseline)", "truth": " (true explanation)"}.get(r.kind, "")
         main.rows.append([rid(results, r), r.subject, r.explainer + kind, r.judge, r.setting or "",
-                          str(n), str(r.n_failed), f"{num(s.mean)} {ci(s.mean_ci)}",
+                          str(n), str(r.n_failed), str(r.n_constant),
+                          "—" if r.n_low_mass is None else str(r.n_low_mass), f"{num(s.mean)} {ci(s.mean_ci)}",
                           f"{num(s.median)} {ci(s.median_ci)}"])
         dollars = ("— (local)" if not r.remote else "— (unknown)" if r.cost_usd is None
                    else f"{r.cost_usd / n:.5f}" if n else "—")

@@ -19,6 +19,7 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader
 
+from neuronlens.summary import LOW_MASS, summarise_rows
 from neuronlens.files import write_atomic
 from neuronlens.report.runs import rows_of_run
 
@@ -82,6 +83,9 @@ def _excerpt(ex: dict[str, Any], i: int, scale: float,
             "max_true": max(ex["true"], default=0.0)}
 
 
+UNCALIBRATED = ("r_squared", "absolute_dev_explained")   # meaningless on the 0-10 scale: not shown
+
+
 def neuron_view(row: dict[str, Any]) -> dict[str, Any]:
     """What the neuron page shows, computed here so the template only lays it out."""
     excerpts = row.get("test_excerpts") or []
@@ -92,8 +96,10 @@ def neuron_view(row: dict[str, Any]) -> dict[str, Any]:
     for name, judge in (row.get("judges") or {}).items():
         sims = judge.get("test_simulated") or []
         finite = [abs(v) for s in sims if s for v in s if v is not None and math.isfinite(v)]
-        judges.append({"name": name, "score": judge.get("score"),
-                       "scores": flatten(judge.get("scores") or {}), "sims": sims,
+        judges.append({"name": name, "score": judge.get("score"), "flag": judge.get("score_flag"),
+                       "mass": judge.get("mass"),
+                       "scores": [(k, v) for k, v in flatten(judge.get("scores") or {})
+                                  if not k.endswith(UNCALIBRATED)], "sims": sims,
                        "scale": max(finite, default=0.0)})
     views = []
     for i, ex in enumerate(excerpts):
@@ -104,7 +110,7 @@ def neuron_view(row: dict[str, Any]) -> dict[str, Any]:
     score_rows = [{"name": f"test {k}", **v} for k, v in test.items() if isinstance(v, dict)]
     calibrated = (row.get("scores") or {}).get("test_calibrated")
     if calibrated:
-        score_rows.append({"name": "test all, calibrated", **calibrated})
+        score_rows.append({"name": "test all, calibrated", **calibrated, "calibrated": True})
     return {"row": row, "excerpts": views, "scale": scale, "score_rows": score_rows,
             "calibration": (row.get("scores") or {}).get("calibration"), "judges": judges,
             "candidates": row.get("explanations") or []}
@@ -143,13 +149,13 @@ def write_site(run_dir: Path, out_dir: Path | None = None) -> Path:
     rows = sorted(rows_of_run(run_dir), key=lambda r: (r["layer"], r["index"]))
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    scored = [r["score"] for r in rows if r.get("score") is not None]
+    counts = summarise_rows(rows)   # from the rows, as the run's summary.json has them
     header = {"title": run_dir.resolve().name, "subject": summary.get("subject"),
               "explainer": role_name(run_dir, summary, "explainer"),
               "simulator": role_name(run_dir, summary, "simulator"),
-              "n_neurons": len(rows), "n_failed": sum(1 for r in rows if r.get("score") is None),
-              "mean_score": summary.get("mean_score",
-                                        sum(scored) / len(scored) if scored else None)}
+              "n_neurons": len(rows), "n_failed": counts["n_failed"],
+              "n_constant": counts["n_constant"], "mean_score": counts["mean_score"],
+              "mean_defined_score": counts["mean_defined_score"], "mass": counts["mass"]}
     judge_names = sorted({name for r in rows for name in (r.get("judges") or {})})
     env = environment()
     (out_dir / "neurons").mkdir(parents=True, exist_ok=True)
@@ -157,9 +163,10 @@ def write_site(run_dir: Path, out_dir: Path | None = None) -> Path:
     for i, row in enumerate(rows):
         nav = {"prev": page_name(rows[i - 1]["layer"], rows[i - 1]["index"]) if i > 0 else None,
                "next": page_name(rows[i + 1]["layer"], rows[i + 1]["index"]) if i + 1 < len(rows) else None}
-        html = page.render(header=header, nav=nav, **neuron_view(row))
+        html = page.render(header=header, nav=nav, low_mass=LOW_MASS, **neuron_view(row))
         write_atomic(out_dir / "neurons" / page_name(row["layer"], row["index"]), html)
     index = out_dir / "index.html"
     write_atomic(index, env.get_template("viewer_index.html").render(header=header, rows=rows,
-                                                                     judge_names=judge_names))
+                                                                     judge_names=judge_names,
+                                                                     low_mass=LOW_MASS))
     return index
