@@ -7,7 +7,6 @@ token, and cut into consecutive windows of ``window`` tokens.
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from importlib import resources
 from itertools import islice
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from neuronlens.errors import UserError
+from neuronlens.files import json_lines
 
 
 class CorpusError(UserError):
@@ -31,13 +31,7 @@ class Corpus(ABC):
 
 
 def _jsonl_texts(lines: Iterable[str], column: str, where: str) -> Iterator[str]:
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CorpusError(f"{where} line {n} is not valid JSON ({e.msg}).") from e
+    for n, row in json_lines(lines, where, CorpusError):
         if not isinstance(row, dict) or column not in row:
             raise CorpusError(f"{where} line {n} has no {column!r} field; set corpus.column.")
         yield str(row[column])

@@ -12,7 +12,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 from neuronlens.errors import UserError
 
@@ -37,24 +37,31 @@ def dumps(value: Any, **kwargs: Any) -> str:
     return json.dumps(finite(value), allow_nan=False, **kwargs)
 
 
+def json_lines(lines: Iterable[str], where: str, error: type[UserError] = UserError,
+               cut_last: bool = False) -> Iterator[tuple[int, Any]]:
+    """``(line number, object)`` for each non-blank line of JSON Lines; a line that is not JSON is
+    one ``error`` naming it, except a last line cut off by a crash when ``cut_last`` (skipped)."""
+    lines = list(lines)
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            if cut_last and n == len(lines):
+                return
+            raise error(f"{where} line {n} is not valid JSON ({e.msg}); remove or fix that line.") from e
+
+
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a run's ``neurons.jsonl``. A last line cut off by a crash is skipped (that
     neuron is unfinished); any other line that is not a neuron's row is one clear error."""
     path = Path(path)
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    text = path.read_text(encoding="utf-8")
     rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == len(lines) and not path.read_bytes().endswith(b"\n"):
-                break
-            raise UserError(f"{path} line {n} is not valid JSON ({e.msg}); remove that line to "
-                            "redo its neuron.") from e
+    for n, row in json_lines(text.splitlines(), str(path), cut_last=not text.endswith("\n")):
         if not (isinstance(row, dict) and all(isinstance(row.get(k), int) and not isinstance(
                 row.get(k), bool) for k in ("layer", "index"))):
             raise UserError(f"{path} line {n} is not a neuron's row (it needs a whole-number "

@@ -17,7 +17,6 @@ best on the `valid` split. A neuron with none is a failed row ("no explanation f
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 from neuronlens.backends.base import TransientError
 from neuronlens.errors import UserError
 from neuronlens.explain import ExplanationResult
+from neuronlens.files import json_lines
 from neuronlens.records import ActivationRecord, NeuronId, NeuronRecord
 from neuronlens.subject.openai_records import fetch_text, is_url
 
@@ -60,13 +60,7 @@ def _text(value: Any, where: str) -> str:
 
 def read_jsonl(lines: Iterable[str], source: str) -> list[tuple[NeuronId, str]]:
     pairs = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{source} line {n} is not valid JSON ({e.msg}).") from e
+    for n, obj in json_lines(lines, source):
         pairs += explanations_of(obj, f"{source} line {n}")
     return pairs
 

@@ -7,6 +7,8 @@
 - ``bos_llama_dir``: a tiny Llama whose tokenizer starts every text with a ``<|bos|>`` token, as
   Llama's and Gemma's tokenizers do.
 - ``smollm2_tokenizer``: the embedded model's real tokenizer (skips if its package is missing).
+- ``corpus40``: a text file of 40 passages of the built-in corpus (small runs).
+- ``instant_backoff``: the policy's retry waits made instant (for tests of servers with faults).
 """
 
 from __future__ import annotations
@@ -158,3 +160,21 @@ def real_vllm():
         pytest.skip(message)
     with RealVLLM() as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def corpus40(tmp_path_factory) -> Path:
+    from itertools import islice
+
+    from neuronlens.corpus import BuiltinCorpus
+
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n\n".join(islice(BuiltinCorpus().texts(), 40)))
+    return path
+
+
+@pytest.fixture
+def instant_backoff(monkeypatch):
+    import neuronlens.backends.policy as policy
+
+    monkeypatch.setattr(policy, "sleep", lambda seconds: None)

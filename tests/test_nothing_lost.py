@@ -14,16 +14,13 @@ import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from itertools import islice
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
-import neuronlens.backends.policy as policy
 import neuronlens.pipeline as pipeline
 from neuronlens.cli import CONF_DIR
-from neuronlens.corpus import BuiltinCorpus
 from neuronlens.errors import UserError
 from neuronlens.files import RunLock, dumps, read_rows
 from neuronlens.serve import start_server
@@ -31,16 +28,12 @@ from neuronlens.serve import start_server
 CANARY = "sk-canary-0123456789abcdefghijklmnop"
 
 
+pytestmark = pytest.mark.usefixtures("instant_backoff")
+
+
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n\n".join(islice(BuiltinCorpus().texts(), 40)))
-    return path
-
-
-@pytest.fixture(autouse=True)
-def instant_backoff(monkeypatch):
-    monkeypatch.setattr(policy, "sleep", lambda seconds: None)
+def corpus(corpus40) -> Path:
+    return corpus40
 
 
 def overrides(model_dir: Path, corpus: Path, cache: Path, *extra: str) -> list[str]:

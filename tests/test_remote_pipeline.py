@@ -8,29 +8,22 @@ from the response cache without a single request.
 from __future__ import annotations
 
 import json
-from itertools import islice
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
-import neuronlens.backends.policy as policy
 import neuronlens.pipeline as pipeline
 from neuronlens.cli import CONF_DIR
-from neuronlens.corpus import BuiltinCorpus
 from neuronlens.serve import start_server
 
 
+pytestmark = pytest.mark.usefixtures("instant_backoff")
+
+
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n\n".join(islice(BuiltinCorpus().texts(), 40)))
-    return path
-
-
-@pytest.fixture(autouse=True)
-def instant_backoff(monkeypatch):
-    monkeypatch.setattr(policy, "sleep", lambda seconds: None)
+def corpus(corpus40) -> Path:
+    return corpus40
 
 
 def run(tmp_path: Path, model_dir: Path, corpus: Path, name: str, extra: list[str]) -> dict:
