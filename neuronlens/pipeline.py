@@ -385,6 +385,9 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     # roles first: a missing key or a strategy the backend cannot run fails now, not after recording
     explainer, simulator, judges = build_roles(cfg)
     records = subject.records(cfg, neurons, run_dir)
+    scheme = cfg.scoring.get("splits", "auto")
+    for record in records:   # OpenAI's records come in their order: their splits by default
+        record.split_scheme = getattr(subject, "default_splits", "hash") if scheme == "auto" else scheme
     prepare_roles((explainer, simulator), records, cfg)
     out = run_dir / "neurons.jsonl"
     done = resume(out, {(r.neuron_id.layer, r.neuron_id.index) for r in records})
@@ -411,9 +414,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     summary = summarise(rows, time.perf_counter() - start, cfg, subject.name)
     power = cfg.get("judge_power")
     if power is not None and power.enabled:
-        main = f"simulator {summary['choices'].get('simulator') or summary['simulator']}"
-        summary["judge_power"] = judge_power({main: simulator, **{f"{n} judge": j for n, j in judges.items()}},
-                                             power, run_dir)
+        summary["judge_power"] = judge_power({"simulator": simulator, **judges}, power, run_dir)
     summary["remote"] = {role: backend_stats(obj) for role, obj in
                          (("explainer", explainer), ("simulator", simulator),
                           *((f"judge:{name}", j) for name, j in judges.items()))}
@@ -433,5 +434,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     print(f"{outcome(summary)} (simulator {summary['choices'].get('simulator') or summary['simulator']})"
           f"{judged} -> {run_dir}")
     for name, p in (summary.get("judge_power") or {}).items():
-        print(verdict(name, p))
+        label = (f"simulator {summary['choices'].get('simulator') or summary['simulator']}"
+                 if name == "simulator" else f"{name} judge")
+        print(verdict(label, p))
     return summary

@@ -23,6 +23,7 @@ from typing import Any
 from neuronlens.files import dumps, write_atomic
 
 SPLITS = ("train", "calibration", "valid", "test")
+RANDOM_SPLITS = SPLITS[1:]   # random excerpts are never shown to an explainer
 DEFAULT_FRACTIONS = {"train": 0.4, "calibration": 0.1, "valid": 0.2, "test": 0.3}
 
 
@@ -88,6 +89,13 @@ def split_of(record: ActivationRecord, seed: int = 0,
     return SPLITS[-1]
 
 
+def interleaved(records: list[ActivationRecord], splits: tuple[str, ...], per_split: int
+                ) -> dict[str, list[ActivationRecord]]:
+    """OpenAI's reference splits: record ``i`` of the first ``per_split * len(splits)`` goes to
+    ``splits[i % len(splits)]`` (equal, interleaved slices of a list sorted by activation)."""
+    return {name: records[k:per_split * len(splits):len(splits)] for k, name in enumerate(splits)}
+
+
 @dataclass
 class Split:
     """The excerpts of one neuron that fall in one split."""
@@ -113,6 +121,9 @@ class NeuronRecord:
     variance: float | None = math.nan
     skewness: float | None = math.nan
     kurtosis: float | None = math.nan
+    # "hash": each excerpt's split from a hash of its tokens (any source, robust to reordering);
+    # "openai": the reference's interleaved slices, top and random 1:1 (records in OpenAI's order)
+    split_scheme: str = field(default="hash", compare=False)
 
     @property
     def max_activation(self) -> float:
@@ -123,6 +134,13 @@ class NeuronRecord:
               fractions: dict[str, float] | None = None) -> Split:
         if name not in SPLITS:
             raise ValueError(f"Unknown split {name!r}; choose one of {', '.join(SPLITS)}.")
+        if self.split_scheme == "openai":
+            top, rnd = self.most_positive_activation_records, self.random_sample
+            n = min(len(top) // len(SPLITS), len(rnd) // len(RANDOM_SPLITS))   # 1:1 in every split
+            if n == 0:   # too few random excerpts for 1:1: the top ones alone, as the reference would
+                n = len(top) // len(SPLITS)
+            return Split(interleaved(top, SPLITS, n)[name],
+                         interleaved(rnd, RANDOM_SPLITS, n).get(name, []))
         top = [r for r in self.most_positive_activation_records
                if split_of(r, seed, fractions) == name]
         rnd = [r for r in self.random_sample if split_of(r, seed, fractions) == name]

@@ -121,7 +121,9 @@ def test_run_on_openai_records_with_loaded_explanations(openai_run):
     assert rows[(4, 2)]["explanation"] == 'full stops, "quoted"'
     assert rows[(4, 2)]["usage"]["explainer"] == [0, 0]
     record = NeuronRecord.from_json(openai_neuron(4, 2))
+    record.split_scheme = "openai"   # the default for OpenAI's records (scoring.splits=auto)
     excerpts = {tuple(r.tokens): r.activations for r in record.split("test").all}
+    assert len(rows[(4, 2)]["test_excerpts"]) == len(record.split("test").all)
     for ex in rows[(4, 2)]["test_excerpts"]:
         assert excerpts[tuple(ex["tokens"])] == ex["true"]  # true activations, exact
     summary = json.loads((openai_run / "summary.json").read_text())

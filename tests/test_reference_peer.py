@@ -256,3 +256,35 @@ def test_their_echo_simulator_reads_neuronlens_serve_on_emoji_and_cjk(monkeypatc
     assert result.tokens == tokens
     assert len(result.expected_activations) == len(tokens)
     assert all(0.0 <= v <= 10.0 for v in result.expected_activations)
+
+
+# ---- the reference's splits --------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_top, n_random", [(40, 50), (48, 30), (8, 2)])
+def test_openai_splits_are_the_references_slices_one_to_one(n_top, n_random):
+    from neuron_explainer.activations.activations import ActivationRecordSliceParams
+
+    from neuronlens.records import SPLITS, ActivationRecord, NeuronRecord
+
+    rng = random.Random(n_top)
+    top = [ActivationRecord([f"t{i}"], [100.0 - i]) for i in range(n_top)]
+    rnd = [ActivationRecord([f"r{i}"], [rng.random()]) for i in range(n_random)]
+    ours = NeuronRecord(NeuronId(0, 0), top, rnd, split_scheme="openai")
+    from neuron_explainer.activations.activations import NeuronId as TheirNeuronId
+
+    theirs = TheirNeuronRecord(
+        neuron_id=TheirNeuronId(layer_index=0, neuron_index=0),
+        most_positive_activation_records=[TheirActivationRecord(r.tokens, r.activations) for r in top],
+        random_sample=[TheirActivationRecord(r.tokens, r.activations) for r in rnd])
+    n = min(n_top // 4, n_random // 3) or n_top // 4
+    params = ActivationRecordSliceParams(n_examples_per_split=n)
+    tokens = lambda records: [r.tokens for r in records]  # noqa: E731
+    assert tokens(ours.split("train").all) == tokens(theirs.train_activation_records(params))
+    if n_random // 3:
+        for name in ("calibration", "valid", "test"):
+            got = ours.split(name)
+            assert tokens(got.all) == tokens(getattr(theirs, f"{name}_activation_records")(params))
+            assert len(got.top) == len(got.random) == n   # 1:1
+    seen = {r.key() for r in ours.shown()}
+    for name in SPLITS[1:]:   # what an explainer saw is never scored
+        assert not seen & {r.key() for r in ours.split(name).all}

@@ -110,6 +110,8 @@ def test_shards_merge_to_the_unsharded_numbers(tiny_llama_dir, corpus, tmp_path,
     scores = [r["score"] for r in read_rows(tmp_path / "whole" / "run") if r["score"] is not None]
     assert ci_text(scores) in md_whole and ci_text(scores) in md_sharded
     assert "Warnings" not in md_sharded
+    power = md_whole.split("## Judge power")[1].split("## ")[0]   # one row per judge of the run
+    assert power.count("tell them apart") + power.count("tells them apart") == 1 + len(whole["judges"])
 
     report_main([str(tmp_path / "sharded"), "--merge", str(tmp_path / "merged")])
     merged = [p for p in (tmp_path / "merged").iterdir()]

@@ -86,7 +86,7 @@ def build(root: Path, runs: list[Run], out_dir: Path) -> Report:
     body = [sections.method()]
     if warnings:
         body.append(Section("Warnings", [warnings]))
-    body.append(sections.results_section(results, viewers))
+    body += [sections.results_section(results, viewers), sections.judge_power_section(results)]
     body += [s for s in (sections.baseline_section(results, pairs), sections.synthetic_section(results, pairs))
              if s is not None]
     body += [sections.paired_section(results, pairs), sections.unpairable_section(results, pairs),

@@ -15,8 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from neuronlens.summary import CONSTANT, LOW_MASS
 from neuronlens.report.runs import SHARD_KEYS, Experiment, Run
+from neuronlens.summary import CONSTANT, LOW_MASS
 
 BASELINES = ("top_tokens", "shuffled", "shuffled_truth")
 TRUTH = "truth"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from neuronlens.summary import LOW_MASS
 from neuronlens.report import pairs as pairing
 from neuronlens.report import stats
 from neuronlens.report.content import Link, Section, Table
 from neuronlens.report.results import Result
+from neuronlens.summary import LOW_MASS
 
 
 def num(x: float | None, digits: int = 3) -> str:
@@ -192,6 +192,31 @@ def agreement_section(results: list[Result]) -> Section:
                     "depends on the judge."]
     blocks.append(table if table.rows else "No explanation was scored by two judges.")
     return Section("Simulator agreement", blocks)
+
+
+def judge_power_section(results: list[Result]) -> Section:
+    """Each judge's power on the control neurons, as its run measured it (``judge_power`` in the
+    first shard's summary; every shard measures the same controls)."""
+    table = Table(["id", "judge", "n", "true", "shuffled", "difference [95% CI]", "AUC", "verdict"], [])
+    for r in results:
+        power = ((r.experiment.first.summary or {}).get("judge_power") or {}).get(r.judge_name or "simulator")
+        if not power:
+            continue
+        ci_ = power.get("difference_ci")
+        verdict = "tells them apart" if power.get("tells_apart") else "cannot tell them apart: noise"
+        if power.get("optimistic"):
+            verdict += " (optimistic: tuned on these rules)"
+        table.rows.append([rid(results, r), r.judge, str(power.get("n")), num(power.get("mean_true")),
+                           num(power.get("mean_shuffled")),
+                           f"{num(power.get('difference'))} {ci(stats.Interval(*ci_)) if ci_ else '[—]'}",
+                           num(power.get("auc")), verdict])
+    blocks: list = ["Can each judge tell a true explanation from a shuffled one? Every run scores 8 control "
+                    "neurons with known explanations (the rules of `conf/subject/synthetic.yaml`) with each "
+                    "judge, once with the true explanation and once with another rule's. A judge whose "
+                    "interval is not above 0 cannot rank explanations: read its scores as noise."]
+    blocks.append(table if table.rows else "No run measured judge power (`judge_power.enabled=false`, "
+                                           "or runs from before it existed).")
+    return Section("Judge power", blocks)
 
 
 def runs_section(runs, out_dir: Path, labels: dict[str, str], viewers: dict[str, Link]) -> Section:

@@ -19,9 +19,9 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader
 
-from neuronlens.summary import LOW_MASS, summarise_rows
 from neuronlens.files import write_atomic
 from neuronlens.report.runs import rows_of_run
+from neuronlens.summary import LOW_MASS, summarise_rows
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 SIMULATED_SCALE = 10.0  # the simulator predicts on 0-10, 10 meaning the neuron's max activation

@@ -71,6 +71,8 @@ class OpenAIRecordsSubject:
     ``device`` is not used here; the local explainer and simulator backends read it
     (``${subject.device}``), as they do for a model subject."""
 
+    default_splits = "openai"   # scoring.splits=auto: the reference's interleaved slices
+
     def __init__(self, path: str, device: str = "auto", name: str | None = None):
         if not path or path == "???":
             raise UserError("subject=openai_records needs subject.path=<folder or URL laid out "
