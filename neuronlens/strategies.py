@@ -13,9 +13,10 @@ few-shot examples, explanation) and reads the answers back as distributions over
 Reading numbers from top logprobs: alternatives are matched after stripping whitespace, so
 " 7" and "7" both count as 7; probability on anything else is dropped and the rest renormalised.
 Where the tokenizer has no single token "10" (digits split one by one), a first token "1" cannot
-tell 1 from 10: ``one_at_a_time`` reads it as 1 (so 10 is never predicted there), while
-``generated_sequence``, which sees the token written after a "1", splits that mass between 1
-and 10 by the probability of a following "0".
+tell 1 from 10. One rule in both strategies that generate: when the answer writes a "1", the token
+written after it splits that mass between 1 and 10 by the probability of a following "0"
+(``one_at_a_time`` generates two tokens for this). The local and vLLM backends score "10" exactly
+(all_at_once follows every multi-token candidate).
 
 A parser that cannot read an answer raises ``Unreadable`` with the reason; the engine counts the
 excerpt as failed and keeps the reason, never a silent zero.
@@ -138,14 +139,19 @@ def one_at_a_time_request(shared: SharedPrompt, tokens: Sequence[str], i: int) -
     """The listing up to token ``i``, earlier activations "unknown", ending with token i's tab."""
     listing = unknown_lines(tokens[:i]) + f"{format_token(tokens[i])}\t"
     return shared.request(listing, ONE_RULE, ONE_ASK.format(token=repr(format_token(tokens[i]))),
-                          max_tokens=1, top_logprobs=TOP_LOGPROBS)
+                          max_tokens=2, top_logprobs=TOP_LOGPROBS)   # 2: a "1" may go on to "10"
 
 
 def parse_one(completion: Completion) -> tuple[float, ...]:
-    """The distribution at the first generated token (a lone "1" read as 1)."""
+    """The distribution at the first generated token; where that token is "1", the token after
+    it splits the mass on 1 between 1 and 10 (the rule of ``generated_sequence`` too)."""
     if not completion.logprobs:
         raise Unreadable("the answer came without logprobs")
-    return normalised(number_mass(alternatives(completion.logprobs[0])), "in the answer")
+    first = completion.logprobs[0]
+    mass = number_mass(alternatives(first))
+    if first.token.strip() == "1" and len(completion.logprobs) > 1:
+        mass = split_one_and_ten(mass, completion.logprobs[1])
+    return normalised(mass, "in the answer")
 
 
 # ---- generated_sequence -------------------------------------------------------------------------

@@ -19,7 +19,14 @@ from neuronlens.backends.base import (
 )
 from neuronlens.records import ActivationRecord
 from neuronlens.simulate import INSTRUCTIONS, SimulationResult, Simulator, prompt_prefix
-from neuronlens.strategies import Unreadable, parse_json, parse_one, parse_sequence
+from neuronlens.strategies import (
+    SharedPrompt,
+    Unreadable,
+    one_at_a_time_request,
+    parse_json,
+    parse_one,
+    parse_sequence,
+)
 
 CHAT = Capabilities(chat=True, output_logprobs=True)
 COMPLETION = Capabilities(completion=True, output_logprobs=True)
@@ -173,7 +180,7 @@ def test_one_at_a_time_by_hand():
     prefix = prompt_prefix("x", fewshot=False)
     assert [r.prompt for r in be.requests] == [
         prefix + "a\t", prefix + "a\tunknown\n b\t", prefix + "a\tunknown\n b\tunknown\n\\n\t"]
-    assert all(r.max_tokens == 1 and r.top_logprobs == 20 and r.temperature == 0
+    assert all(r.max_tokens == 2 and r.top_logprobs == 20 and r.temperature == 0
                for r in be.requests)
     assert res.usage == Usage(30, 3)
 
@@ -190,6 +197,20 @@ def test_one_at_a_time_chat_and_zero_mass():
     system, user = be.requests[0].messages
     assert system.content.startswith(INSTRUCTIONS) and "only the activation" in user.content
     assert "a\t\n" in user.content and "'a'" in user.content
+
+
+def test_one_at_a_time_reads_10_by_the_rule_of_generated_sequence():
+    """A "1" then a "0" is 10: the mass on 1 is split by the probability of a following "0",
+    exactly as parse_sequence splits it (one rule for "10" in every strategy)."""
+    answer = done(tl("1", ("1", .8), ("3", .2)), tl("0", ("0", .75), ("\n", .25)))
+    probs = parse_one(answer)
+    assert probs[10] == pytest.approx(.8 * .75) and probs[1] == pytest.approx(.8 * .25)
+    assert probs[3] == pytest.approx(.2)
+    listing = done(tl("The", ("The", 1.0)), tl("\t", ("\t", 1.0)), tl("1", ("1", .8), ("3", .2)),
+                   tl("0", ("0", .75), ("\n", .25)), tl("\n", ("\n", 1.0)))
+    assert parse_sequence(listing, ["The"])[0] == pytest.approx(probs)
+    assert parse_one(done(tl("1", ("1", 1.0)), tl("\n", ("\n", 1.0))))[1] == pytest.approx(1.0)
+    assert one_at_a_time_request(SharedPrompt("p", "s", "b", False), ["a"], 0).max_tokens == 2
 
 
 def test_parse_one_sums_alternatives_of_the_same_number():
@@ -333,7 +354,7 @@ def test_one_at_a_time_reads_a_real_backends_top_logprobs(tiny_llama, tiny_token
     be.model, be.tokenizer = model, tiny_tokenizer
     records = [ActivationRecord(["The", " sea", "\n"], [0.0, 3.0, 0.0])]
     res = Simulator(be, strategy="one_at_a_time", fewshot=False).simulate("the sea", records)
-    assert res.n_failed == 0 and res.usage.completion_tokens == 3
+    assert res.n_failed == 0 and res.usage.completion_tokens == 3 * 2   # two tokens per answer
     assert res.expected[0] == pytest.approx((3.0,) * 3, abs=0.01)
     exact = Simulator(be, strategy="all_at_once", fewshot=False).simulate("the sea", records)
     assert exact.expected[0] == pytest.approx(res.expected[0], abs=0.01)
