@@ -255,6 +255,12 @@ def test_run_writes_the_report_and_finds_the_planted_neuron(planted_dir, corpus,
     steering = saved["steering"]
     assert [r["value"] for r in steering["rows"]] == [None, -5, 5]
     assert all(r["n"] == 4 and 0 <= r["p_concept"] <= 1 for r in steering["rows"])
+    for r in steering["rows"][1:]:   # each clamp against the unsteered texts, pair by pair
+        e = r["vs_unsteered"]
+        base = [g["p_concept"] for g in steering["rows"][0]["generations"]]
+        mine = [g["p_concept"] for g in r["generations"]]
+        assert e["n"] == 4 and e["difference"] == pytest.approx(sum(mine) / 4 - sum(base) / 4)
+        assert e["ci"] is None or e["ci"][0] <= e["difference"] <= e["ci"][1]
     for name in ("report.md", "curve.png", "trace.html"):
         assert (out / name).stat().st_size > 0
     report = (out / "report.md").read_text()

@@ -67,11 +67,16 @@ def _steering(steering: dict) -> list[str]:
     base = rows[0]["p_concept"]
     lines = [f"Neurons clamped: {who}, at every token of prompt and generation. P(concept) is the "
              "probe's own probability on the generated continuations, read without the clamp.", "",
-             "| clamp value | mean P(concept) | ± s.e. | vs unsteered | texts |", "|---|---|---|---|---|"]
+             "| clamp value | mean P(concept) | ± s.e. | vs unsteered, paired [95% CI] | Wilcoxon p "
+             "| texts |", "|---|---|---|---|---|---|"]
     for r in rows:
         value = "unsteered" if r["value"] is None else f"{r['value']:g}"
-        lines.append(f"| {value} | {r['p_concept']:.3f} | {r['sem']:.3f} | "
-                     f"{r['p_concept'] - base:+.3f} | {r['n']} |")
+        vs, p = f"{r['p_concept'] - base:+.3f}", "—"
+        if r.get("vs_unsteered"):   # text by text: same prompt and sampling seed
+            e = r["vs_unsteered"]
+            vs += " [—]" if e["ci"] is None else f" [{e['ci'][0]:+.3f}, {e['ci'][1]:+.3f}]"
+            p = "—" if e["wilcoxon_p"] is None else f"{e['wilcoxon_p']:.2g}"
+        lines.append(f"| {value} | {r['p_concept']:.3f} | {r['sem']:.3f} | {vs} | {p} | {r['n']} |")
     heads = ["prompt"] + ["unsteered" if r["value"] is None else f"clamp {r['value']:g}" for r in rows]
     lines += ["", "Generations side by side (first sample of each prompt):", "",
               "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]

@@ -85,8 +85,21 @@ def steering_effect(model, tokenizer, neurons: Sequence[NeuronId], values: Seque
                 texts += got
                 where += [(prompt, s) for s in range(len(got))]
         probs = score(texts)
-        rows.append({"value": value, "p_concept": float(np.mean(probs)),
-                     "sem": float(np.std(probs) / np.sqrt(len(probs))), "n": len(probs),
-                     "generations": [{"prompt": pr, "sample": s, "text": t, "p_concept": float(q)}
-                                     for (pr, s), t, q in zip(where, texts, probs)]})
+        row = {"value": value, "p_concept": float(np.mean(probs)),
+               "sem": float(np.std(probs) / np.sqrt(len(probs))), "n": len(probs),
+               "generations": [{"prompt": pr, "sample": s, "text": t, "p_concept": float(q)}
+                               for (pr, s), t, q in zip(where, texts, probs)]}
+        if rows:   # paired with the unsteered texts: same prompt, same sampling seed
+            row["vs_unsteered"] = paired_effect(probs, [g["p_concept"] for g in rows[0]["generations"]])
+        rows.append(row)
     return rows
+
+
+def paired_effect(steered: Sequence[float], unsteered: Sequence[float]) -> dict:
+    """The mean of steered minus unsteered P(concept), text by text, with its paired bootstrap
+    95% interval and the Wilcoxon signed-rank and paired t p-values."""
+    from neuronlens.report.stats import paired
+
+    p = paired(list(steered), list(unsteered))
+    return {"difference": p.mean_diff, "ci": None if p.ci is None else [p.ci.low, p.ci.high],
+            "wilcoxon_p": p.wilcoxon_p, "ttest_p": p.ttest_p, "n": p.n}
