@@ -156,11 +156,24 @@ def curve_sizes(n_train: int, sizes: Sequence[int] | None) -> list[int]:
     return out + [n_train]
 
 
-def data_efficiency(Xtr, ytr, Xva, yva, Xte, yte, Cs: Sequence[float], sizes: Sequence[int],
+def fit_l1_within(X: np.ndarray, y: np.ndarray, Cs: Sequence[float], seed: int = 0) -> L1Probe:
+    """The probe someone with only these labelled texts would fit: C chosen on a stratified third
+    of them (fitted on the rest), then refitted on all of them with that C. With fewer than 2
+    texts of a class there is nothing to hold out: the strongest regularisation is taken."""
+    try:
+        Xa, Xb, ya, yb = train_test_split(X, y, test_size=1 / 3, stratify=y, random_state=seed)
+        C = fit_l1(Xa, ya, Xb, yb, Cs, seed).C
+    except ValueError:
+        C = min(float(c) for c in Cs)
+    return fit_l1(X, y, X, y, [C], seed)
+
+
+def data_efficiency(Xtr, ytr, Xte, yte, Cs: Sequence[float], sizes: Sequence[int],
                     seeds: int, seed: int = 0) -> list[dict]:
     """Test accuracy against the number of labelled training texts, several random draws each:
-    the L1 probe (C chosen on valid) and the single neuron (chosen and thresholded on the n texts
-    alone). One draw at the full size, where every draw would be the same."""
+    the L1 probe and the single neuron, each chosen, regularised and thresholded on the n texts
+    alone (no other label is used, so the x-axis counts every label). One draw at the full size,
+    where every draw would be the same."""
     rows = []
     for n in sizes:
         full = n >= len(ytr) - 1  # a stratified draw must leave out at least one text per class
@@ -170,7 +183,7 @@ def data_efficiency(Xtr, ytr, Xva, yva, Xte, yte, Cs: Sequence[float], sizes: Se
             else:
                 X, _, y, _ = train_test_split(Xtr, ytr, train_size=n, stratify=ytr,
                                               random_state=seed + s)
-            l1 = fit_l1(X, y, Xva, yva, Cs, seed)
+            l1 = fit_l1_within(X, y, Cs, seed)
             single = best_single(X, y)
             rows.append({"n": int(n), "seed": s, "l1": l1.accuracy(Xte, yte), "C": l1.C,
                          "n_nonzero": int(np.count_nonzero(l1.weights)),

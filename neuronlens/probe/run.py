@@ -120,8 +120,7 @@ def run(cfg: DictConfig, run_dir: Path, command: str = "neuronlens-probe") -> di
     probe = fit_l1(X["train"], data.train.labels, X["valid"], data.valid.labels, p.Cs, cfg.seed)
     single = best_single(X["train"], data.train.labels, X["valid"], data.valid.labels)
     top = top_neurons(probe, neurons, data, X, max(p.top, p.explain))
-    curve = data_efficiency(X["train"], data.train.labels, X["valid"], data.valid.labels,
-                            X["test"], data.test.labels, p.Cs,
+    curve = data_efficiency(X["train"], data.train.labels, X["test"], data.test.labels, p.Cs,
                             curve_sizes(len(data.train), p.curve.sizes), p.curve.seeds, cfg.seed)
     clock("probe")
     if built is not None and top:
