@@ -68,6 +68,9 @@ def check_output_dir(argv: list[str], command: str = "neuronlens") -> None:
     """Exit with one line when the run's output folder cannot be written (Hydra creates it, with
     a traceback, before any of our code runs). Checked: a literal ``hydra.run.dir`` /
     ``hydra.sweep.dir`` from the command line, else the default ``outputs``/``multirun`` here."""
+    if any(a in argv for a in ("-h", "--help", "--hydra-help", "--info", "-c", "--cfg",
+                               "--shell-completion", "-sc")):
+        return   # nothing will be written
     multirun = "-m" in argv or "--multirun" in argv
     key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
     given = [a.split("=", 1)[1] for a in argv if a.startswith(key)]

@@ -12,7 +12,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from neuronlens.errors import UserError
 
@@ -80,9 +80,9 @@ def disk_error(path: Path, e: OSError) -> UserError:
                      "again to resume.")
 
 
-def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], None]) -> Path:
-    """Write ``data`` (text, bytes, or a function that writes a given path) to a temporary file
-    beside ``path``, then rename it over ``path``: readers see the old file or the whole new one."""
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``: readers
+    see the old file or the whole new one."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,13 +91,9 @@ def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], None]) -
         raise disk_error(path, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                f.close()
-                data(Path(tmp))
-            else:
-                f.write(data.encode() if isinstance(data, str) else data)
-                f.flush()
-                os.fsync(f.fileno())
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~UMASK)   # as open() would have made it (mkstemp makes 0600)
         os.replace(tmp, path)
     except OSError as e:
