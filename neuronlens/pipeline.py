@@ -274,14 +274,13 @@ def resume(path: Path, keys: set[tuple[int, int]]) -> dict[tuple[int, int], dict
     """The finished rows of this run to keep. Rows that failed for a transient cause are dropped
     from ``neurons.jsonl`` (rewritten atomically), so their neurons are redone."""
     done = finished(path)
-    redo = {k: redo_kinds(r) for k, r in done.items() if k in keys and redo_kinds(r)}
-    if redo:
-        kept = [r for k, r in done.items() if k not in redo]
-        write_atomic(path, "".join(dumps(r) + "\n" for r in kept))
-        kinds = Counter(k for ks in redo.values() for k in ks)
-        log.info("Redoing %d neurons that failed for a transient cause (%s)", len(redo),
-                 ", ".join(f"{k} {n}" for k, n in kinds.most_common()))
+    redo = {k: kinds for k, r in done.items() if k in keys and (kinds := redo_kinds(r))}
     kept = {k: r for k, r in done.items() if k not in redo}
+    if redo:
+        write_atomic(path, "".join(dumps(r) + "\n" for r in kept.values()))
+        counts = Counter(k for kinds in redo.values() for k in kinds)
+        log.info("Redoing %d neurons that failed for a transient cause (%s)", len(redo),
+                 ", ".join(f"{k} {n}" for k, n in counts.most_common()))
     failed = sum(1 for k, r in kept.items() if k in keys and r.get("score") is None)
     if kept:
         log.info("Resuming: %d neurons already done (%d of them failed for good: %s), %d to go",
