@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sqlite3
 import threading
 import time
@@ -28,7 +29,7 @@ from neuronlens.backends.base import (
     TransientError,
     Usage,
 )
-from neuronlens.backends.policy import Policy, cache_key
+from neuronlens.backends.policy import Policy, ResponseCache, cache_key
 
 
 class Fake(Backend):
@@ -270,6 +271,26 @@ def test_two_processes_write_one_cache(tmp_path):
     fresh = Policy(Fake(), cache_dir=tmp_path)
     texts = [fresh.generate(chat(f"p{i}")).completions[0].text for i in range(45)]
     assert texts == [f"p{i}/0.0/0" for i in range(45)] and fresh.backend.calls == []
+
+
+def _open_at(directory: str, when: float) -> None:
+    while time.time() < when:   # every process opens the cache at the same moment
+        pass
+    cache = ResponseCache(directory)
+    cache.put(f"k{os.getpid()}", "op", {"a": 1})
+    cache.close()
+
+
+def test_processes_opening_one_new_cache_at_once(tmp_path):
+    """Six processes creating one cache together, ten times: none is refused ("database is
+    locked" came from the switch to WAL, which SQLite does not wait for)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(6) as pool:
+        for trial in range(10):
+            directory = str(tmp_path / str(trial))
+            pool.starmap(_open_at, [(directory, time.time() + 0.2)] * 6)
+            assert ResponseCache(directory)._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 6
 
 
 # ---- concurrency ------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ failure fails its request at once, counted under its kind, instead of being sent
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -129,9 +130,13 @@ class ResponseCache:
         self._db = sqlite3.connect(self.path, timeout=60.0, check_same_thread=False,
                                    isolation_level=None)
         self._db.execute("PRAGMA busy_timeout = 60000")
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, op TEXT NOT NULL,"
-                         " value TEXT NOT NULL, created REAL NOT NULL)")
+        # Switching to WAL takes an exclusive lock that SQLite does not wait for: processes that
+        # open one cache at the same moment take turns here (a sidecar flock) instead.
+        with open(path / "responses.sqlite.setup", "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, "
+                             "op TEXT NOT NULL, value TEXT NOT NULL, created REAL NOT NULL)")
 
     def get(self, key: str) -> dict | None:
         with self._lock:
