@@ -36,7 +36,8 @@ INTEGERS = {
 NUMBERS = {"remote.retry_budget": 0.0, "explain.temperature": 0.0}   # floats, null allowed
 BOOLEANS = ("recording.cache", "scoring.calibrate", "remote.cache", "progress", "simulation.fewshot",
             "judge_power.enabled")
-CHOICES = {"neurons.which": ("first", "random", "list"), "scoring.splits": ("auto", "hash", "openai")}
+CHOICES = {"neurons.which": ("first", "random", "list"), "scoring.splits": ("auto", "hash", "openai"),
+           "simulation.prompt": ("neuronlens", "openai")}
 
 
 def check_config(cfg: DictConfig) -> None:

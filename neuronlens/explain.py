@@ -65,9 +65,11 @@ FEWSHOT: tuple[Example, ...] = (
 )
 
 
-def format_token(token: str) -> str:
-    """A token made safe for a `token<TAB>activation` line: newlines and tabs as escapes."""
-    for raw, shown in (("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t")):
+def format_token(token: str, newlines: bool = False) -> str:
+    """A token made safe for a `token<TAB>activation` line: tabs (which would split the line) as
+    escapes, and newlines and carriage returns too unless ``newlines`` keeps them raw."""
+    escapes = (("\t", "\\t"),) if newlines else (("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t"))
+    for raw, shown in escapes:
         token = token.replace(raw, shown)
     return token
 

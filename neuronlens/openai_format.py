@@ -13,8 +13,10 @@
         ], ev_correlation_score, rsquared_score, absolute_dev_explained_score))])
 
 Every object carries its ``dataclass_name``, as OpenAI's ``fast_dataclasses`` expects. Only the
-chosen explanation was simulated on the test excerpts, so it is the one exported. Rows keep no
-per-token distributions, so ``distribution_values`` / ``distribution_probabilities`` are empty.
+chosen explanation was simulated on the test excerpts, so it is the one exported.
+``distribution_values`` / ``distribution_probabilities`` are each token's distribution over
+0..10 as the simulator gave it (renormalised over the digits; probabilities to 3 decimals, those
+that round to 0 left out), empty for simulators that predict values directly (the embedding judge).
 An undefined score (constant activations) is ``null``, as OpenAI's files have it for NaN. r² and
 absolute-dev-explained follow OpenAI's definitions (uncentred denominators, `openai_dispersion`),
 so that their code and viewer read the numbers they expect. With
@@ -38,19 +40,25 @@ NEURON_SCALE = "neuron_activations"
 
 
 def sequence_simulation(tokens: list[str], expected: list[float], scale: str,
+                        distribution: list[list[list[float]]] | None = None,
                         uncalibrated: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``distribution``: per token, [value, probability] pairs (a row's ``distribution``)."""
+    values = [[float(v) for v, _ in token] for token in distribution or ()]
+    probabilities = [[p for _, p in token] for token in distribution or ()]
     return {"dataclass_name": "SequenceSimulation", "tokens": tokens,
             "expected_activations": expected, "activation_scale": scale,
-            "distribution_values": [], "distribution_probabilities": [],
+            "distribution_values": values, "distribution_probabilities": probabilities,
             "uncalibrated_simulation": uncalibrated}
 
 
 def scored_sequence(excerpt: dict[str, Any], calibration: dict[str, float] | None) -> dict[str, Any]:
-    simulation = sequence_simulation(excerpt["tokens"], excerpt["simulated"], SIMULATED_SCALE)
+    simulation = sequence_simulation(excerpt["tokens"], excerpt["simulated"], SIMULATED_SCALE,
+                                     excerpt.get("distribution"))
     expected = excerpt["simulated"]
     if calibration:
         expected = [calibration["slope"] * v + calibration["intercept"] for v in expected]
-        simulation = sequence_simulation(excerpt["tokens"], expected, NEURON_SCALE, simulation)
+        simulation = sequence_simulation(excerpt["tokens"], expected, NEURON_SCALE,
+                                         uncalibrated=simulation)
     r2, abs_dev = openai_dispersion([excerpt["true"]], [expected])
     return {"dataclass_name": "ScoredSequenceSimulation", "simulation": simulation,
             "true_activations": excerpt["true"],

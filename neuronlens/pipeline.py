@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -143,6 +143,7 @@ def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig,
     if result.n_failed:
         by_kind["unparsed_explanation"] = result.n_failed
     masses: dict[int, tuple[float, ...]] = {}
+    distributions: dict[int, tuple[tuple[float, ...], ...]] = {}
 
     def simulate(explanation: str, records, stage: str):
         sim = simulator.simulate(explanation, records)
@@ -155,6 +156,7 @@ def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig,
         kept = [(i, list(e)) for i, e in enumerate(sim.expected) if e is not None]
         if stage == "test":
             masses.update((i, sim.mass[i]) for i, _ in kept if i < len(sim.mass) and sim.mass[i])
+            distributions.update((i, sim.distributions[i]) for i, _ in kept if sim.distributions[i])
         return [records[i] for i, _ in kept], [e for _, e in kept], [i for i, _ in kept]
 
     candidates = []
@@ -195,6 +197,8 @@ def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig,
     for excerpt, i in zip(excerpts, where):   # tops first, then randoms, in both
         if i in masses:   # the simulator's probability on "0".."10" before renormalising
             excerpt["mass"] = [round(m, 4) for m in masses[i]]
+        if i in distributions:
+            excerpt["distribution"] = [sparse_distribution(p) for p in distributions[i]]
     if judges:
         row["judges"] = judge(judges, best["text"], top_recs, rnd_recs)
     row["explanation_flag"] = copy_flag(best["text"])   # a copy of the prompt says nothing
@@ -204,6 +208,13 @@ def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig,
                   "mass": mass_stats(excerpts), "test_excerpts": excerpts,
                   "usage": usage, "failures": failures, "failed_excerpts": failed_excerpts,
                   "seconds": time.perf_counter() - start}
+
+
+def sparse_distribution(probs: Sequence[float]) -> list[list[float]]:
+    """A token's distribution over 0..10 as [value, probability] pairs, probabilities to 3
+    decimals and those that round to 0 left out (a row stays small; the expected value is kept
+    exactly in ``simulated``)."""
+    return [[v, round(p, 3)] for v, p in enumerate(probs) if round(p, 3) > 0]
 
 
 EXPERIMENT = ("subject", "corpus", "neurons", "recording", "explainer", "explain", "simulator",

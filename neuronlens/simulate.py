@@ -23,6 +23,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, TypeVar
 
+from neuronlens import reference_prompt
 from neuronlens.backends.base import (
     Backend,
     BackendError,
@@ -86,32 +87,48 @@ def _pairs(text: str) -> list[tuple[str, int]]:
     return out
 
 
-# Hand-made example neurons with true activations, to show the format (our own words). A few
-# examples of realistic length teach a small simulator the task; they are part of the prefix
-# every excerpt of a neuron shares, so they cost one forward pass per neuron, not per excerpt.
-FEWSHOT: tuple[tuple[str, list[tuple[str, int]]], ...] = (
-    ("days of the week", _pairs(
+@dataclass(frozen=True)
+class Example:
+    """A hand-made example neuron (our own words): its explanation, an excerpt with true
+    activations, and how many of the excerpt's first lines show "unknown" instead of their value.
+    Those lines teach the simulator what the all-at-once prompt asks of it: a listing that begins
+    with "unknown" goes on with numbers, so the placeholder is a number to predict, not a word to
+    copy (without them the most likely token at a placeholder was "unknown" itself)."""
+
+    explanation: str
+    pairs: list[tuple[str, int]]
+    hidden: int = 0
+
+    def lines(self, raw: bool) -> list[str]:
+        return [f"{format_token(token, newlines=raw)}\t{PLACEHOLDER if i < self.hidden else a}\n"
+                for i, (token, a) in enumerate(self.pairs)]
+
+
+# A few examples of realistic length teach a small simulator the task; they are part of the
+# prefix every excerpt of a neuron shares, so they cost one forward pass per neuron, not per excerpt.
+FEWSHOT: tuple[Example, ...] = (
+    Example("days of the week", _pairs(
         "We| meet| every| Monday@10| and| Thursday@9| at| noon|,| but| not| on| weekends@3|.|"
         " The| market| opens| on| Saturday@10| morning| and| closes| Sunday@9| night|.|"
-        " See| you| on| Friday@10|!")),
-    ("closing brackets and parentheses in code", _pairs(
+        " See| you| on| Friday@10|!"), hidden=5),
+    Example("closing brackets and parentheses in code", _pairs(
         "if| (|x| >| 0@0|)@8| {|\n|  | return| f|(|x|)@9|;|\n|}@7|\n|"
-        "values| =| [|1|,| 2|,| 3|]@8|\n|print|(|len|(|values|)@8|)@10")),
-    ("words about cooking and food preparation", _pairs(
+        "values| =| [|1|,| 2|,| 3|]@8|\n|print|(|len|(|values|)@8|)@10"), hidden=9),
+    Example("words about cooking and food preparation", _pairs(
         "Pre|heat@6| the| oven@8| to| 200| degrees|,| then| chop@9| the| onions@5| and| fry@9|"
         " them| in| butter@6| until| golden@4|.| The| train| left| the| station| at| six|,|"
         " so| we| simmer@8|ed| the| sauce@6| while| we| waited|.")),
-    ("years written as four-digit numbers", _pairs(
+    Example("years written as four-digit numbers", _pairs(
         "The| bridge| opened| in| |1@4|9@7|3@9|7@10|,| closed| for| repairs| in| |1@4|9@7|8@9|9@10|"
         " and| carried| 4|0|,|0|0|0| cars| a| day| by| |2@4|0@6|1@9|5@10|.| Tickets| cost| $|3|.|5|0|"
         " and| the| toll| booth| at| gate| 1|2| closed| at| 6| pm|.| A| plaque| from| |1@3|9@6|3@8|7@10|"
-        " still| hangs| on| the| north| tower|,| next| to| a| list| of| 2|4| workers|.")),
-    ("complaints and negative opinions in reviews", _pairs(
+        " still| hangs| on| the| north| tower|,| next| to| a| list| of| 2|4| workers|."), hidden=12),
+    Example("complaints and negative opinions in reviews", _pairs(
         "I| ordered| the| blue| jacket| last| week|.| The| zipper| broke@8| on| the| first| day|,|"
         " the| sleeves| are| far| too@3| short@5|,| and| the| colour| faded@7| after| one| wash|.|"
         " Customer| service| never| replied@6|.| On| the| plus| side|,| the| pockets| are| deep| and|"
         " delivery| was| fast|.| Overall| a| disappointing@9| purchase|;| I| would| not@6| buy@4|"
-        " it| again|.")),
+        " it| again|."), hidden=3),
 )
 
 @dataclass(frozen=True)
@@ -157,27 +174,32 @@ def _block(label: int, explanation: str, lines: list[str]) -> str:
             "Activations:\n<start>\n" + "".join(lines))
 
 
-def prompt_body(explanation: str, fewshot: bool = True) -> str:
+def prompt_body(explanation: str, fewshot: bool = True, raw: bool = False) -> str:
     """The prompt after the instructions: the few-shot examples, then the neuron being simulated,
-    up to and including its "<start>" line (a chat user message begins with it)."""
+    up to and including its "<start>" line (a chat user message begins with it). ``raw``: newlines
+    written as they are, as the method writes them (the all-at-once prompt); else escaped, so that
+    an answer that copies the lines can be read line by line. Tabs are always escaped: a raw tab
+    token would merge with the line's own tab."""
     examples = FEWSHOT if fewshot else ()
-    blocks = [_block(label, ex_expl, [f"{format_token(t)}\t{a}\n" for t, a in pairs]) + "<end>"
-              for label, (ex_expl, pairs) in enumerate(examples, 1)]
+    blocks = [_block(label, ex.explanation, ex.lines(raw)) + "<end>"
+              for label, ex in enumerate(examples, 1)]
     blocks.append(_block(len(examples) + 1, explanation.strip().rstrip("."), []))
     return "\n\n".join(blocks)
 
 
-def prompt_prefix(explanation: str, fewshot: bool = True) -> str:
+def prompt_prefix(explanation: str, fewshot: bool = True, raw: bool = False) -> str:
     """Everything before the excerpt: shared by every excerpt of a neuron."""
-    return f"{INSTRUCTIONS}\n\n{prompt_body(explanation, fewshot)}"
+    return f"{INSTRUCTIONS}\n\n{prompt_body(explanation, fewshot, raw)}"
 
 
 def build_request(explanation: str, tokens: Sequence[str],
                   fewshot: bool = True) -> PromptLogprobRequest:
-    prompt = prompt_prefix(explanation, fewshot)
+    """The all-at-once prompt: every token (newlines raw), a tab, then the placeholder whose
+    distribution over "0".."10" is read."""
+    prompt = prompt_prefix(explanation, fewshot, raw=True)
     positions = []
     for token in tokens:
-        prompt += format_token(token) + "\t"
+        prompt += format_token(token, newlines=True) + "\t"
         positions.append(len(prompt))
         prompt += PLACEHOLDER + "\n"
     prompt += "<end>\n"
@@ -228,12 +250,19 @@ class Simulator:
     """
 
     STRATEGIES = ("auto", "all_at_once", "one_at_a_time", "generated_sequence", "json")
+    PROMPTS = ("neuronlens", "openai")
 
-    def __init__(self, backend: Backend, strategy: str = "auto", fewshot: bool = True):
+    def __init__(self, backend: Backend, strategy: str = "auto", fewshot: bool = True,
+                 prompt: str = "neuronlens"):
         if strategy not in self.STRATEGIES:
             raise UserError(f"Unknown simulator strategy {strategy!r}; choose one of "
                              f"{', '.join(self.STRATEGIES)}.")
-        self.backend, self.requested, self.fewshot = backend, strategy, fewshot
+        if prompt not in self.PROMPTS:
+            raise UserError(f"Unknown simulation prompt {prompt!r}; choose one of "
+                            f"{', '.join(self.PROMPTS)}.")
+        if prompt == "openai":
+            reference_prompt.check()
+        self.backend, self.requested, self.fewshot, self.prompt = backend, strategy, fewshot, prompt
 
     @property
     def strategy(self) -> str:
@@ -241,6 +270,11 @@ class Simulator:
 
     def check(self) -> None:
         """Fail at start-up, not hours later, when the backend cannot run this strategy."""
+        if self.prompt == "openai" and self.strategy != "all_at_once":
+            raise UserError(f"simulation.prompt=openai is the reference's all-at-once prompt, which "
+                            f"needs prompt logprobs; the {self.backend.name} backend simulates "
+                            f"with {self.strategy}, so use simulation.prompt=neuronlens or a "
+                            "backend with prompt logprobs (local, vllm).")
         if self.strategy == "json" and self.requested == "auto":
             log.warning("The %s backend returns no logprobs: simulating with JSON answers, so "
                         "every simulated activation is a whole number.", self.backend.name)
@@ -303,7 +337,11 @@ class Simulator:
 
     def _all_at_once(self, explanation: str,
                      records: Sequence[ActivationRecord]) -> SimulationResult:
-        requests = [build_request(explanation, r.tokens, self.fewshot) for r in records]
+        if self.prompt == "openai":
+            requests = [reference_prompt.reference_request(explanation, r.tokens, CANDIDATES)
+                        for r in records]
+        else:
+            requests = [build_request(explanation, r.tokens, self.fewshot) for r in records]
         try:
             dists = self.backend.prompt_logprobs(requests)
         except (TransientError, Unscorable) as e:  # a BackendError (bad key, model) is fatal

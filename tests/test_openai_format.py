@@ -173,7 +173,13 @@ def test_export_reads_back_as_neuron_simulation_results(openai_run, tmp_path):
             assert sim["dataclass_name"] == "SequenceSimulation"
             assert sim["tokens"] == ex["tokens"] and sim["expected_activations"] == ex["simulated"]
             assert sim["activation_scale"] == "simulated_normalized_activations"
-            assert sim["distribution_values"] == sim["distribution_probabilities"] == []
+            # each token's distribution over 0..10, renormalised: its mean is the expected value
+            values, probs = sim["distribution_values"], sim["distribution_probabilities"]
+            assert len(values) == len(probs) == len(ex["tokens"])
+            for v, p, expected in zip(values, probs, ex["simulated"]):
+                assert len(v) == len(p) and set(v) <= {float(i) for i in range(11)}
+                assert sum(p) == pytest.approx(1.0, abs=0.006)   # 11 values to 3 decimals
+                assert sum(a * b for a, b in zip(v, p)) == pytest.approx(expected, abs=0.03)
             assert sim["uncalibrated_simulation"] is None
             assert seq["true_activations"] == ex["true"]
             assert seq["ev_correlation_score"] is None or -1 <= seq["ev_correlation_score"] <= 1

@@ -258,6 +258,46 @@ def test_their_echo_simulator_reads_neuronlens_serve_on_emoji_and_cjk(monkeypatc
     assert all(0.0 <= v <= 10.0 for v in result.expected_activations)
 
 
+@pytest.mark.slow
+def test_the_reference_prompt_simulates_as_their_own_simulator_does(monkeypatch):
+    """``simulation.prompt=openai``: the same prompt (theirs, built by their package), read at the
+    same places, gives their expected values. Theirs come from the top 15 logprobs of one token
+    (so "10", two tokens for SmolLM2, never counts); ours from every candidate exactly."""
+    from neuron_explainer.api_client import ApiClient
+    from neuron_explainer.explanations.simulator import ExplanationNeuronSimulator
+
+    from neuronlens.backends.local import LocalBackend
+    from neuronlens.records import ActivationRecord
+    from neuronlens.reference_prompt import reference_request
+    from neuronlens.serve import start_server
+    from neuronlens.simulate import CANDIDATES, Simulator
+
+    monkeypatch.setenv("OPENAI_API_KEY", "unused")
+    explanation = "numbers and prices"
+    tokens = ["It", " costs", " 9", "9", " dollars", ",", " or", " 12", " euros", ".", "\n", "Cheap", "!"]
+    with start_server("embedded", device="cpu") as server:
+        theirs = ExplanationNeuronSimulator(server.model, explanation)
+        theirs.api_client = ApiClient(model_name=server.model, base_api_url=server.base_url)
+        expected = asyncio.run(theirs.simulate(tokens))
+    request = reference_request(explanation, tokens, CANDIDATES)
+    assert request.prompt == theirs.make_simulation_prompt(tokens)
+    assert [request.prompt[p:p + 7] for p in request.positions] == ["unknown"] * len(tokens)
+    backend = LocalBackend(model="embedded", device="cpu")
+    backend.load()
+    ours = Simulator(backend, "all_at_once", prompt="openai").simulate(
+        explanation, [ActivationRecord(tokens, [0.0] * len(tokens))])
+    assert len(ours.distributions[0]) == len(expected.distribution_values) == len(tokens)
+    for token, d, values, probs in zip(tokens, ours.distributions[0], expected.distribution_values,
+                                       expected.distribution_probabilities):
+        if not values:   # theirs: a newline folded into the line before, given 0 and no distribution
+            assert "\n" in token
+            continue
+        # their reading: the digits in the top 15 of one token, renormalised; a first token "1"
+        # is 1, so our "10" counts as 1 there
+        mine = [d[int(v)] + (d[10] if v == 1 else 0.0) for v in values]
+        assert np.allclose(np.array(mine) / sum(mine), probs, atol=2e-3), (token, mine, probs)
+
+
 # ---- the reference's splits --------------------------------------------------------------------
 
 @pytest.mark.parametrize("n_top, n_random", [(40, 50), (48, 30), (8, 2)])

@@ -202,7 +202,7 @@ GOLDEN = (
     "<start>\n"
     "The\tunknown\n"
     " 42\tunknown\n"
-    "\\n\tunknown\n"
+    "\n\tunknown\n"      # tokens raw, newlines included, as the method writes them
     "<end>\n"
 )
 
@@ -215,7 +215,7 @@ def test_prompt_golden_without_fewshot():
     assert all(req.prompt[p:p + 7] == "unknown" for p in req.positions)
     assert all(req.prompt[p - 1] == "\t" for p in req.positions)
     assert req.positions == (GOLDEN.index("The\tunknown") + 4, GOLDEN.index(" 42\tunknown") + 4,
-                             GOLDEN.index("\\n\tunknown") + 3)
+                             GOLDEN.index("\n\n\tunknown") + 3)
 
 
 def test_prompt_with_fewshot_is_prefix_plus_excerpt():
@@ -223,11 +223,19 @@ def test_prompt_with_fewshot_is_prefix_plus_excerpt():
     n = len(FEWSHOT) + 1
     tail = (f"Neuron {n}\nExplanation of neuron {n}: the main thing this neuron does is find "
             "words about the sea.\nActivations:\n<start>\n"
-            "The\tunknown\n 42\tunknown\n\\n\tunknown\n<end>\n")
+            "The\tunknown\n 42\tunknown\n\n\tunknown\n<end>\n")
     assert req.prompt.endswith("\n\n" + tail)
-    assert req.prompt == prompt_prefix("words about the sea") + tail[tail.index("The\t"):]
+    assert req.prompt == prompt_prefix("words about the sea", raw=True) + tail[tail.index("The\t"):]
     assert req.prompt.startswith(GOLDEN.split("\n\n")[0] + "\n\nNeuron 1\n")
-    assert req.prompt.count(PLACEHOLDER + "\n") == 3           # only the excerpt asks
+    # the examples' first lines show "unknown" and then their values (the method's reveal)
+    assert req.prompt.count(PLACEHOLDER + "\n") == 3 + sum(ex.hidden for ex in FEWSHOT)
+    assert sum(ex.hidden > 0 for ex in FEWSHOT) >= 3 and all(ex.hidden < len(ex.pairs) for ex in FEWSHOT)
+    for ex in FEWSHOT:
+        lines = ex.lines(raw=True)
+        assert lines[:ex.hidden] == [f"{t}\t{PLACEHOLDER}\n" for t, _ in ex.pairs[:ex.hidden]]
+        assert lines[ex.hidden:] == [f"{t}\t{a}\n" for t, a in ex.pairs[ex.hidden:]]
+    # the chat strategies, which read answers line by line, keep newlines and tabs escaped
+    assert "\\n\t" in prompt_prefix("x") and "\\n\t" not in prompt_prefix("x", raw=True)
     assert all(req.prompt[p:p + 7] == "unknown" for p in req.positions)
     assert req.positions == tuple(sorted(req.positions))
 
@@ -236,9 +244,11 @@ def test_positions_for_awkward_tokens():
     req = build_request("x", EXCERPT)
     assert len(req.positions) == len(EXCERPT)
     assert all(req.prompt[p:p + 7] == "unknown" for p in req.positions)
-    # each excerpt line is format_token(token) TAB unknown, newlines/tabs escaped
-    lines = req.prompt.split("<start>\n")[-1].split("\n")[:len(EXCERPT)]
-    assert lines[3] == "\\n\tunknown" and lines[7] == "\\t\tunknown" and lines[8] == "unknown\tunknown"
+    # each excerpt line is the token, a tab, the placeholder: newlines raw, a tab token escaped
+    listing = req.prompt.split("<start>\n")[-1]
+    shown = [t.replace("\t", "\\t") for t in EXCERPT]
+    assert shown[3] == "\n" and shown[7] == "\\t"
+    assert listing == "".join(f"{t}\tunknown\n" for t in shown) + "<end>\n"
 
 
 # ---- 2. placeholder finding on three tokenizers ------------------------------------------------
@@ -267,7 +277,12 @@ def test_placeholder_tokens_and_candidates(tokenizer, request):
         assert s <= c < e, "the token found must cover the placeholder's first character"
         assert req.prompt[c:c + 7] == "unknown"
         lead = req.prompt[s:c]
-        assert req.prompt[s:e] == lead + "unknown"          # all three: one placeholder token
+        if name == "tab" and req.prompt[s - 2:s] == "\n\t":
+            # after a raw newline token this tokenizer's whitespace run takes the tab too, and the
+            # placeholder starts a token of its own: what matters is that the token starts there
+            assert lead == "" and "unknown".startswith(req.prompt[s:e])
+        else:
+            assert req.prompt[s:e] == lead + "unknown"      # all three: one placeholder token
         assert offsets[q.j - 1][1] <= s                     # the context ends before the token
         leads.append(lead)
         seqs = _walk(q.trie, {})
@@ -277,8 +292,10 @@ def test_placeholder_tokens_and_candidates(tokenizer, request):
         assert candidate_tokens(tokenizer, lead, CANDIDATES) == [list(seqs[k]) for k in range(11)]
         assert q.n_candidates == 11
     if name == "tab":
-        assert set(leads) == {"\t"}
-        assert all(req.prompt[offsets[q.j][0]:offsets[q.j][1]] == "\tunknown" for q in queries)
+        newline = EXCERPT.index("\n")
+        assert leads[newline] == "" and set(leads[:newline] + leads[newline + 1:]) == {"\t"}
+        assert all(req.prompt[offsets[q.j][0]:offsets[q.j][1]] == "\tunknown"
+                   for i, q in enumerate(queries) if i != newline)
         ten = list(_walk(queries[0].trie, {})[10])
         assert len(ten) == 3                                # "\t", "1", "0"
         assert [p for p in queries[0].paths] == [(ten[0],), (ten[0], ten[1])]

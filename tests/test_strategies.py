@@ -4,6 +4,7 @@ generated sequence per excerpt, logprob-free JSON; the strategy `auto` picks; fa
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 
@@ -17,6 +18,7 @@ from neuronlens.backends.base import (
     TransientError,
     Usage,
 )
+from neuronlens.errors import UserError
 from neuronlens.records import ActivationRecord
 from neuronlens.simulate import INSTRUCTIONS, SimulationResult, Simulator, prompt_prefix
 from neuronlens.strategies import (
@@ -284,6 +286,27 @@ def test_forced_strategy_without_capability_fails_at_check(caps, strategy, words
         simulator.check()
     msg = str(info.value)
     assert "FakeBackend" in msg and "\n" not in msg and msg.endswith(".")
+
+
+def test_the_reference_prompt_needs_prompt_logprobs_and_its_package(monkeypatch):
+    pytest.importorskip("neuron_explainer.explanations.simulator")
+    simulator = Simulator(FakeBackend(CHAT), prompt="openai")
+    with pytest.raises(UserError, match="simulation.prompt=openai is the reference's all-at-once") as info:
+        simulator.check()
+    assert "generated_sequence" in str(info.value) and "\n" not in str(info.value)
+    Simulator(FakeBackend(Capabilities(completion=True, prompt_logprobs=True)), prompt="openai").check()
+
+    from neuronlens import reference_prompt
+
+    reference_prompt._builder.cache_clear()
+    monkeypatch.setitem(sys.modules, "neuron_explainer.explanations.simulator", None)
+    try:   # found when the simulator is built, before any model loads
+        with pytest.raises(UserError, match="install it with `pip install --no-deps automated-interp"):
+            Simulator(FakeBackend(COMPLETION), prompt="openai")
+    finally:
+        reference_prompt._builder.cache_clear()
+    with pytest.raises(UserError, match="Unknown simulation prompt 'gpt'; choose one of neuronlens, openai"):
+        Simulator(FakeBackend(COMPLETION), prompt="gpt")
 
 
 def test_unknown_strategy():

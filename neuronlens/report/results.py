@@ -2,7 +2,7 @@
 
 Each experiment gives one result for its main simulator and one per judge found in its rows'
 ``judges``. A result is named from the run's config-group choices and model names
-(``explainer=local(embedded)``, ``judge=embedding``) plus the overrides that vary between the
+(``explainer=local(embedded)``, ``judge=similarity``) plus the overrides that vary between the
 runs of the report (``explain.max_tokens=8``). Results are grouped by what they were measured on
 (subject, corpus, recording, split): only results of one group may be paired.
 """

@@ -204,8 +204,6 @@ def judge_power_section(results: list[Result]) -> Section:
             continue
         ci_ = power.get("difference_ci")
         verdict = "tells them apart" if power.get("tells_apart") else "cannot tell them apart: noise"
-        if power.get("optimistic"):
-            verdict += " (optimistic: tuned on these rules)"
         table.rows.append([rid(results, r), r.judge, str(power.get("n")), num(power.get("mean_true")),
                            num(power.get("mean_shuffled")),
                            f"{num(power.get('difference'))} {ci(stats.Interval(*ci_)) if ci_ else '[—]'}",

