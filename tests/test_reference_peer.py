@@ -129,6 +129,34 @@ def exported_run(recording, tiny_llama_dir, tmp_path_factory) -> Path:
     return tmp / "run"
 
 
+def test_published_explanations_rescored_with_the_references_prompt(exported_run, tiny_llama_dir):
+    """The same records and explanations through ``simulation.prompt=openai``: every neuron is
+    scored, the run says which prompt it used, and the prompt changes the simulation."""
+    from hydra import compose, initialize_config_dir
+
+    import neuronlens.pipeline as pipeline
+    from neuronlens.cli import CONF_DIR
+    from neuronlens.files import read_rows
+
+    tmp = exported_run.parent
+    overrides = ["subject=openai_records", f"subject.path={tmp / 'records'}", "subject.device=cpu",
+                 "explainer=load", f"explainer.path={tmp / 'explanations.csv'}",
+                 f"simulator.model={tiny_llama_dir}", "simulation.prompt=openai", "~judges",
+                 "judge_power.enabled=false",
+                 f"neurons.layers=[{','.join(str(n.layer) for n in NEURONS)}]", "progress=false"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    summary = pipeline.run(cfg, tmp / "reference-prompt")
+    assert summary["n_scored"] == len(NEURONS) and summary["n_failed_excerpts"] == 0
+    experiment = json.loads((tmp / "reference-prompt" / "experiment.json").read_text())
+    assert experiment["simulation"]["prompt"] == "openai"
+    ours = {(r["layer"], r["index"]): r for r in read_rows(exported_run / "neurons.jsonl")}
+    for row in read_rows(tmp / "reference-prompt" / "neurons.jsonl"):
+        default = ours[(row["layer"], row["index"])]
+        assert [e["tokens"] for e in row["test_excerpts"]] == [e["tokens"] for e in default["test_excerpts"]]
+        assert [e["simulated"] for e in row["test_excerpts"]] != [e["simulated"] for e in default["test_excerpts"]]
+
+
 def test_their_loader_reads_our_export_and_their_scoring_agrees(exported_run):
     rows = [json.loads(line) for line in (exported_run / "neurons.jsonl").read_text().splitlines()]
     scored = [r for r in rows if r.get("score") is not None]
