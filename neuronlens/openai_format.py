@@ -40,11 +40,13 @@ NEURON_SCALE = "neuron_activations"
 
 
 def sequence_simulation(tokens: list[str], expected: list[float], scale: str,
-                        distribution: list[list[list[float]]] | None = None,
+                        distribution: list[list[int]] | None = None,
                         uncalibrated: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``distribution``: per token, [value, probability] pairs (a row's ``distribution``)."""
-    values = [[float(v) for v, _ in token] for token in distribution or ()]
-    probabilities = [[p for _, p in token] for token in distribution or ()]
+    """``distribution``: per token, the probabilities of 0..10 in thousandths (a row's
+    ``distribution``); the values that round to 0 are left out, as OpenAI's files list only
+    the values they read."""
+    values = [[float(v) for v, m in enumerate(token) if m > 0] for token in distribution or ()]
+    probabilities = [[m / 1000 for m in token if m > 0] for token in distribution or ()]
     return {"dataclass_name": "SequenceSimulation", "tokens": tokens,
             "expected_activations": expected, "activation_scale": scale,
             "distribution_values": values, "distribution_probabilities": probabilities,

@@ -198,7 +198,7 @@ def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig,
         if i in masses:   # the simulator's probability on "0".."10" before renormalising
             excerpt["mass"] = [round(m, 4) for m in masses[i]]
         if i in distributions:
-            excerpt["distribution"] = [sparse_distribution(p) for p in distributions[i]]
+            excerpt["distribution"] = [per_mille(p) for p in distributions[i]]
     if judges:
         row["judges"] = judge(judges, best["text"], top_recs, rnd_recs)
     row["explanation_flag"] = copy_flag(best["text"])   # a copy of the prompt says nothing
@@ -210,11 +210,10 @@ def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig,
                   "seconds": time.perf_counter() - start}
 
 
-def sparse_distribution(probs: Sequence[float]) -> list[list[float]]:
-    """A token's distribution over 0..10 as [value, probability] pairs, probabilities to 3
-    decimals and those that round to 0 left out (a row stays small; the expected value is kept
-    exactly in ``simulated``)."""
-    return [[v, round(p, 3)] for v, p in enumerate(probs) if round(p, 3) > 0]
+def per_mille(probs: Sequence[float]) -> list[int]:
+    """A token's distribution over 0..10 in thousandths, to keep rows small (the expected value
+    is kept exactly in ``simulated``)."""
+    return [round(p * 1000) for p in probs]
 
 
 EXPERIMENT = ("subject", "corpus", "neurons", "recording", "explainer", "explain", "simulator",

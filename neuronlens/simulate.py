@@ -91,9 +91,10 @@ def _pairs(text: str) -> list[tuple[str, int]]:
 class Example:
     """A hand-made example neuron (our own words): its explanation, an excerpt with true
     activations, and how many of the excerpt's first lines show "unknown" instead of their value.
-    Those lines teach the simulator what the all-at-once prompt asks of it: a listing that begins
-    with "unknown" goes on with numbers, so the placeholder is a number to predict, not a word to
-    copy (without them the most likely token at a placeholder was "unknown" itself)."""
+    Those lines are the method's device for the all-at-once prompt: a listing that begins with
+    "unknown" goes on with numbers, so a placeholder stands for a number to predict. (Measured on
+    the control rules with SmolLM2-135M, they left the digit mass where it was, 0.35 before and
+    0.34 after: ``benchmarks/results/prompts*.md``.)"""
 
     explanation: str
     pairs: list[tuple[str, int]]

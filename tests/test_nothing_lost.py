@@ -51,10 +51,14 @@ def compose_cfg(items: list[str]):
         return compose(config_name="config", overrides=items)
 
 
-def on_server(url: str, model: str) -> list[str]:
+def on_server(url: str, model: str, model_dir: Path) -> list[str]:
+    """Both roles on the server; k = the vocabulary's size (the test servers lift vLLM's 20)."""
+    from transformers import AutoConfig
+
+    k = AutoConfig.from_pretrained(model_dir).vocab_size
     return ["explainer=openai", f"explainer.model={model}", f"explainer.base_url={url}",
             "explainer.completion=true", "simulator=vllm", f"simulator.model={model}",
-            f"simulator.base_url={url}", "simulator.top_logprobs=1000"]
+            f"simulator.base_url={url}", f"simulator.top_logprobs={k}"]
 
 
 def free_port() -> int:
@@ -69,7 +73,7 @@ def test_a_rerun_redoes_transient_failures_and_keeps_the_rest(tiny_llama_dir, co
     base = overrides(tiny_llama_dir, corpus, tmp_path / "cache", "remote.max_retries=0")
     with start_server(str(tiny_llama_dir), port, device="cpu", max_logprobs=None,
                       faults=["none", "500", "none", "none"]) as server:
-        cfg = compose_cfg(base + on_server(server.base_url, server.model))
+        cfg = compose_cfg(base + on_server(server.base_url, server.model, tiny_llama_dir))
         first = pipeline.run(cfg, tmp_path / "run")
     before = {(r["layer"], r["index"]): r for r in read_rows(tmp_path / "run" / "neurons.jsonl")}
     redo = {k for k, r in before.items() if pipeline.redo_kinds(r)}
@@ -94,7 +98,7 @@ def test_an_empty_explanation_is_never_replayed_from_the_cache(tiny_llama_dir, c
     base = overrides(tiny_llama_dir, corpus, tmp_path / "cache")
     with start_server(str(tiny_llama_dir), port, device="cpu", max_logprobs=None,
                       faults=["wrong_length"]) as server:
-        cfg = compose_cfg(base + on_server(server.base_url, server.model))
+        cfg = compose_cfg(base + on_server(server.base_url, server.model, tiny_llama_dir))
         first = pipeline.run(cfg, tmp_path / "run")
     assert first["n_failed"] == 3 and first["failures_by_kind"]["no_explanation"] == 3
     with start_server(str(tiny_llama_dir), port, device="cpu", max_logprobs=None) as server:

@@ -46,13 +46,17 @@ def local(model_dir: Path) -> list[str]:
     return [f"explainer.model={model_dir}", f"simulator.model={model_dir}"]
 
 
-def http(server, simulator: str = "vllm") -> list[str]:
-    """Both roles on ``server`` under the name it serves; k >= the vocabulary (the servers
-    below lift vLLM's limit of 20), so that scoring is exact."""
+def http(server, model_dir: Path, simulator: str = "vllm") -> list[str]:
+    """Both roles on ``server`` under the name it serves; k = the size of the vocabulary (the
+    servers below lift vLLM's limit of 20), so that every candidate is among the top k and
+    scoring is exact."""
+    from transformers import AutoConfig
+
     url, model = server.base_url, server.model
+    k = AutoConfig.from_pretrained(model_dir).vocab_size
     return ["explainer=openai", f"explainer.model={model}", f"explainer.base_url={url}",
             "explainer.completion=true", f"simulator={simulator}", f"simulator.model={model}",
-            f"simulator.base_url={url}", "simulator.top_logprobs=1000"]
+            f"simulator.base_url={url}", f"simulator.top_logprobs={k}"]
 
 
 def scores(result: dict) -> dict:
@@ -65,7 +69,7 @@ def test_http_backends_reproduce_the_local_run(tiny_llama_dir, corpus, tmp_path)
         for simulator, extra in (("vllm", []), ("openai", ["simulator.prompt_scoring=echo",
                                                            "simulator.completion=true"])):
             got = run(tmp_path / simulator, tiny_llama_dir, corpus, "run",
-                      http(server, simulator) + extra)
+                      http(server, tiny_llama_dir, simulator) + extra)
             assert got["rows"].keys() == reference["rows"].keys()
             for key, (explanation, score) in scores(reference).items():
                 other_explanation, other_score = scores(got)[key]
@@ -84,7 +88,7 @@ def test_faults_lose_no_neuron_and_a_rerun_is_served_from_the_cache(tiny_llama_d
     with start_server(str(tiny_llama_dir), device="cpu", faults=faults, retry_after=0.01,
                       max_logprobs=None) as server:
         # a third of requests fail: every one must be retried away, so the budget allows it
-        extra = http(server) + ["remote.max_retries=30", "remote.retry_budget=1.0"]
+        extra = http(server, tiny_llama_dir) + ["remote.max_retries=30", "remote.retry_budget=1.0"]
         first = run(tmp_path, tiny_llama_dir, corpus, "first", extra)
         summary = first["summary"]
         assert summary["n_neurons"] == 3  # no neuron lost; what failed is counted, not hidden:

@@ -111,8 +111,9 @@ def markdown(r: dict) -> str:
         "## Data efficiency", "",
         "![accuracy vs labelled examples](curve.png)", "",
         "Test accuracy against the number of labelled training texts (mean ± sd over random "
-        "stratified draws). L1: C chosen on the validation split; single neuron: chosen and "
-        "thresholded on the n texts alone.", "",
+        "stratified draws), each point using its n texts alone: L1 with C chosen on a "
+        "stratified third of them, then refitted on all n; single neuron: chosen and "
+        "thresholded on the n texts.", "",
         "| n | L1, all neurons | single neuron |", "|---|---|---|",
     ]
     sizes, l1, l1_sd = curve_points(r["curve"], "l1")
