@@ -46,7 +46,7 @@ from starlette.exceptions import HTTPException
 from tokenizers import decoders
 
 from neuronlens.backends.base import Completion, GenerateRequest, Message, TokenLogprob
-from neuronlens.backends.local import LocalBackend
+from neuronlens.backends.local import LocalBackend, cache_argument
 from neuronlens.cli import CONF_DIR, fail_cleanly
 from neuronlens.errors import UserError
 
@@ -206,8 +206,8 @@ class PrefixCache:
         else:
             self.kv = DynamicCache()
         device = next(self.model.parameters()).device
-        logits = self.model(input_ids=torch.tensor([ids[start:]], device=device),
-                            past_key_values=self.kv, use_cache=True).logits[0]
+        logits = self.model(input_ids=torch.tensor([ids[start:]], device=device), use_cache=True,
+                            **{cache_argument(type(self.model)): self.kv}).logits[0]
         new = _scores(logits[:-1], ids[start:], k)
         old = self.scores
         self.scores = PromptScores(old.logprob[:start] + new.logprob, old.rank[:start] + new.rank,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -607,3 +608,18 @@ def test_simulator_on_local_backend_end_to_end(tab_tokenizer):
         assert exp == pytest.approx(tuple(sum(k * p for k, p in enumerate(row)) for row in d.probs))
         assert all(0.0 <= e <= 10.0 for e in exp)
     assert res.usage.prompt_tokens == sum(d.usage.prompt_tokens for d in direct)
+
+
+def test_our_calls_raise_no_deprecation_warning(tiny_llama_dir, capfd):
+    """transformers renamed ``past_key_values`` to ``cache``; passing the old name warns on every
+    forward. The local backend passes the name the model takes (``backends.local.cache_argument``)."""
+    from neuronlens.simulate import Simulator
+
+    backend = LocalBackend(model=str(tiny_llama_dir), device="cpu")
+    backend.load()
+    records = [ActivationRecord(["x", " y", "\n"], [0.0, 1.0, 0.0]), ActivationRecord(["z"], [2.0])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        for explanation in ("letters", "numbers"):   # the second call starts from the kept prefix
+            assert Simulator(backend).simulate(explanation, records).n_failed == 0
+    assert "deprecated" not in capfd.readouterr().err

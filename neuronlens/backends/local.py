@@ -10,9 +10,11 @@ batched after it.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import threading
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import torch
@@ -195,10 +197,11 @@ class LocalBackend(Backend):
                 cache = copy.deepcopy(kept)
                 cache.crop(start - len(kept_ids))   # keep the first `start` tokens
             if start < len(ids):   # no LM head needed
+                name = cache_argument(type(self.model.base_model))
                 cache = self.model.base_model(
                     input_ids=torch.tensor([ids[start:]], device=device),
                     position_ids=torch.arange(start, len(ids), device=device)[None],
-                    past_key_values=cache, use_cache=True).past_key_values
+                    use_cache=True, **{name: cache})[name]
             self._kept = (tuple(ids), copy.deepcopy(cache))
             return cache
 
@@ -253,7 +256,8 @@ class LocalBackend(Backend):
             past.batch_repeat_interleave(B)
         hidden = self.model.base_model(
             input_ids=input_ids.to(device), position_ids=position_ids.to(device),
-            attention_mask=mask, past_key_values=past, use_cache=past is not None,
+            attention_mask=mask, use_cache=past is not None,
+            **{cache_argument(type(self.model.base_model)): past},
         ).last_hidden_state
         out = []
         for b, (tokens, _pos, _parents, slot_of, S) in enumerate(rows):
@@ -291,6 +295,14 @@ class LocalBackend(Backend):
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return torch.log_softmax(logits, dim=-1)
+
+
+@lru_cache(maxsize=None)
+def cache_argument(model_class: type) -> str:
+    """The name under which ``model_class.forward`` takes (and returns) the KV cache: ``cache``
+    in the transformers versions that renamed it (passing the old name warns on every call),
+    ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _shared_prefix(seqs: list[list[int]]) -> int:
