@@ -16,7 +16,7 @@ Every object carries its ``dataclass_name``, as OpenAI's ``fast_dataclasses`` ex
 chosen explanation was simulated on the test excerpts, so it is the one exported.
 ``distribution_values`` / ``distribution_probabilities`` are each token's distribution over
 0..10 as the simulator gave it (renormalised over the digits; probabilities to 3 decimals, those
-that round to 0 left out), empty for simulators that predict values directly (the embedding judge).
+that round to 0 left out), empty for simulators that predict values directly (the similarity judge).
 An undefined score (constant activations) is ``null``, as OpenAI's files have it for NaN. r² and
 absolute-dev-explained follow OpenAI's definitions (uncentred denominators, `openai_dispersion`),
 so that their code and viewer read the numbers they expect. With

@@ -151,7 +151,7 @@ class Failure:
 @dataclass(frozen=True)
 class SimulationResult:
     """Per excerpt: expected activations (0-10 scale), None where it failed; the distributions
-    behind them (None for simulators that predict values directly, such as the embedding judge);
+    behind them (None for simulators that predict values directly, such as the similarity judge);
     and, where the simulator gives distributions, the probability ``mass`` it put on "0".."10" at
     each token before renormalising."""
 

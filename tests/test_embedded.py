@@ -26,7 +26,7 @@ def test_default_run_end_to_end_and_resume(tmp_path):
         assert -1.0 <= r["score"] <= 1.0 and r["explanation"]
         assert r["test_excerpts"] and all(len(e["tokens"]) == 64 for e in r["test_excerpts"])
     assert (run_dir / "recording" / "arrays.safetensors").exists()
-    # the embedding judge scores every kept explanation too, on the same excerpts
+    # the similarity judge scores every kept explanation too, on the same excerpts
     assert all(len(r["judges"]["similarity"]["test_simulated"]) == len(r["test_excerpts"]) for r in scored)
     assert summary["judges"]["similarity"]["n"] == sum(
         r["judges"]["similarity"]["score"] is not None for r in scored)
