@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 
@@ -93,6 +95,50 @@ def test_missing_model_directory():
     assert "\n" not in msg
     assert "/nonexistent/dir does not exist" in msg
     assert "existing directory" in msg and "HuggingFace model name" in msg  # says what would work
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_uncached_hub_name_without_a_hub_is_one_line_and_no_retries(tmp_path):
+    """Offline, the hub client retried for 50 s before failing; the hub is now checked first."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"),
+           "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"}   # nothing listens there
+    env.pop("HF_HUB_OFFLINE", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "neuronlens", "subject.model=someone/some-model",
+         f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120,
+        cwd=tmp_path, env=env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "neuronlens: error: Model someone/some-model is not in the local Hugging Face cache and the "
+        "hub cannot be reached; download it where there is a network (`hf download "
+        "someone/some-model`), or give a local directory, a .gguf file, or one of: gemma3-270m, "
+        "smollm2-135m-instruct."]
+    assert "Retry" not in done.stdout + done.stderr
+
+
+def test_a_cached_hub_name_loads_from_the_cache_without_a_hub(tiny_llama_dir, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from neuronlens.subject import models
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny" / "snapshots" / "abc123"
+    shutil.copytree(tiny_llama_dir, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    assert models.resolve("someone/tiny") == str(snapshot)
+    model, _ = models.load_model("someone/tiny", device="cpu")
+    assert model.config.num_hidden_layers == 3
+    monkeypatch.setattr(models, "hub_reachable", lambda: True)   # with a hub: the name, as given
+    assert models.resolve("someone/tiny") == "someone/tiny"
 
 
 def test_missing_gguf_file(tmp_path):

@@ -263,14 +263,16 @@ def test_report_out_folder_and_clear_errors(bench, tmp_path, capsys):
         assert err.startswith("neuronlens: error:") and len(err.splitlines()) == 1
 
 
-def test_every_finished_run_gets_its_viewer_and_export(bench, monkeypatch):
+def test_every_finished_run_gets_its_viewer_and_export(bench, monkeypatch, capsys):
     import types
 
     calls = []
     site = types.ModuleType("neuronlens.report.site")
-    site.write_site = lambda run_dir, out_dir=None: calls.append(("site", run_dir.name))
+    site.write_site = lambda run_dir, out_dir=None: (calls.append(("site", run_dir.name)),
+                                                     run_dir / "viewer" / "index.html")[1]
     export = types.ModuleType("neuronlens.openai_format")
-    export.export_run = lambda run_dir, out_dir=None: calls.append(("openai", run_dir.name))
+    export.export_run = lambda run_dir, out_dir=None: (calls.append(("openai", run_dir.name)),
+                                                       [run_dir / "openai" / "1" / "2.jsonl"])[1]
     monkeypatch.setitem(sys.modules, "neuronlens.report.site", site)
     monkeypatch.setitem(sys.modules, "neuronlens.openai_format", export)
     (bench / "0" / "viewer").mkdir()
@@ -279,5 +281,13 @@ def test_every_finished_run_gets_its_viewer_and_export(bench, monkeypatch):
     finished = {str(i) for i in range(7)}  # run 7 is unfinished
     assert {name for kind, name in calls if kind == "site"} == finished
     assert {name for kind, name in calls if kind == "openai"} == finished
+    # it says every file and folder it wrote
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "Wrote:"
+    for name in ("report.md", "report.html", "means.png", "by_layer.png", "histograms.png"):
+        assert f"  {bench.resolve() / name}" in printed
+    for run in finished:
+        assert f"  {bench / run / 'viewer'}/  (neuron viewer: open index.html)" in printed
+        assert f"  {bench / run / 'openai'}/  (1 neurons in OpenAI's format)" in printed
     assert "[neurons](0/viewer/index.html)" in (bench / "report.md").read_text()
     assert 'href="0/viewer/index.html"' in (bench / "report.html").read_text()

@@ -28,23 +28,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def write_sites(runs) -> None:
-    """Each finished run's neuron viewer and OpenAI-format export, where those modules exist."""
-    try:
-        from neuronlens.report.site import write_site
-    except ImportError:
-        write_site = None
-    try:
-        from neuronlens.openai_format import export_run
-    except ImportError:
-        export_run = None
+def write_sites(runs) -> list[str]:
+    """Each finished run's neuron viewer and OpenAI-format export; returns a line per folder."""
+    from neuronlens.openai_format import export_run
+    from neuronlens.report.site import write_site
+
+    lines = []
     for run in runs:
         if not run.finished:
             continue
-        if write_site is not None:
-            write_site(run.path)
-        if export_run is not None:
-            export_run(run.path)
+        index = write_site(run.path)
+        exported = export_run(run.path)
+        lines += [f"{Path(index).parent}/  (neuron viewer: open index.html)",
+                  f"{run.path / 'openai'}/  ({len(exported or [])} neurons in OpenAI's format)"]
+    return lines
 
 
 def report(args: argparse.Namespace) -> None:
@@ -59,14 +56,13 @@ def report(args: argparse.Namespace) -> None:
         print(f"Now: neuronlens-report {args.merge}")
         return
     runs = load_runs(root)
-    if not args.no_sites:
-        write_sites(runs)
+    sites = [] if args.no_sites else write_sites(runs)
     from neuronlens.report.build import build
     from neuronlens.report.render import write
 
     out_dir = (args.out or root).resolve()
-    md, page = write(build(root, runs, out_dir), out_dir)
-    print(f"{md}\n{page}")
+    written = write(build(root, runs, out_dir), out_dir)
+    print("Wrote:\n" + "\n".join(f"  {line}" for line in [*map(str, written), *sites]))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -71,13 +71,16 @@ def html(report: Report) -> str:
     return env.get_template("report.html.j2").render(report=report)
 
 
-def write(report: Report, out_dir: Path) -> tuple[Path, Path]:
+def write(report: Report, out_dir: Path) -> list[Path]:
+    """Write the report's figures, ``report.md`` and ``report.html``; returns every path written."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
     for section in report.sections:
         for block in section.blocks:
             if isinstance(block, Figure):
-                (out_dir / block.file).write_bytes(block.png)
+                written.append(out_dir / block.file)
+                write_atomic(written[-1], block.png)
     md, page = out_dir / "report.md", out_dir / "report.html"
     write_atomic(md, markdown(report))
     write_atomic(page, html(report))
-    return md, page
+    return [md, page, *written]

@@ -158,7 +158,44 @@ def resolve(model: str) -> str:
                 raise SubjectError(f"{model} is not a GGUF file (it does not start with the GGUF "
                                    "magic bytes); give a real .gguf file or a model directory.")
         return str(_dequantised(path))
-    return model
+    if looks_local or Path(model).expanduser().is_dir():
+        return model
+    return _hub_model(model)
+
+
+@lru_cache(maxsize=1)
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within 3 s (False in offline mode)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+def _hub_model(name: str) -> str:
+    """A hub name as transformers should load it: the name itself when the hub can be reached;
+    without it, the cached snapshot's directory (no request, so none of the hub client's
+    retries, which took 50 s to fail), or one line saying the model is not cached."""
+    if hub_reachable():
+        return name
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str):
+        return str(Path(cached).parent)
+    raise SubjectError(f"Model {name} is not in the local Hugging Face cache and the hub cannot be "
+                       f"reached; download it where there is a network (`hf download {name}`), or "
+                       f"give a local directory, a .gguf file, or one of: {', '.join(sorted(EMBEDDED))}.")
 
 
 def pick_device(device: str = "auto") -> str:
