@@ -40,8 +40,8 @@ def main() -> None:
     from neuronlens.backends.local import LocalBackend
     from neuronlens.corpus import BuiltinCorpus, token_windows
     from neuronlens.records import ActivationRecord
-    from neuronlens.simulate import Simulator
-    from neuronlens.subject.models import load_tokenizer
+    from neuronlens.scorers.simulation import Simulator
+    from neuronlens.models import load_tokenizer
 
     info = machine("cpu")
     tokenizer = load_tokenizer(args.model)

@@ -52,7 +52,7 @@ def spin(stop) -> None:
 def excerpts(n: int, window: int) -> list:
     from neuronlens.corpus import BuiltinCorpus
     from neuronlens.records import ActivationRecord
-    from neuronlens.subject.models import load_tokenizer
+    from neuronlens.models import load_tokenizer
 
     tok = load_tokenizer("embedded")
     out = []
@@ -80,7 +80,7 @@ def simulate_all(simulator, records_per_neuron) -> dict:
 
 
 def openai_pattern(backend, records_per_neuron, concurrency: int) -> dict:
-    from neuronlens.simulate import build_request
+    from neuronlens.scorers.simulation import build_request
 
     prompts = [build_request(e, r.tokens).prompt for e, records in zip(EXPLANATIONS, records_per_neuron)
                for r in records]
@@ -126,8 +126,8 @@ def main() -> None:
     from neuronlens.backends.local import LocalBackend
     from neuronlens.backends.policy import Policy
     from neuronlens.backends.vllm import VLLMBackend
-    from neuronlens.cli import CONF_DIR
-    from neuronlens.simulate import Simulator
+    from neuronlens.conf import CONF_DIR
+    from neuronlens.scorers.simulation import Simulator
     from real_vllm import RealVLLM, installed
 
     remote_cfg = OmegaConf.load(CONF_DIR / "config.yaml").remote

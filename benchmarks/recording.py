@@ -80,7 +80,7 @@ def child_memory(args) -> dict:
     from neuronlens.corpus import BuiltinCorpus, token_windows
     from neuronlens.records import NeuronId
     from neuronlens.subject.hooks import n_layers, n_neurons
-    from neuronlens.subject.models import load_model
+    from neuronlens.models import load_model
     from neuronlens.subject.recording import RecordingConfig, record
 
     model, tokenizer = load_model(args.model, args.device)
@@ -316,7 +316,7 @@ def main() -> None:
     start = time.perf_counter()
     import torch
 
-    from neuronlens.subject.models import load_model, pick_device
+    from neuronlens.models import load_model, pick_device
 
     args.device = pick_device(args.device)
     if args.threads:

@@ -49,7 +49,7 @@ def long_prefix_requests(explanation: str, records, example_windows, tokenizer):
     """The engine's own prompts (``build_request``) with more few-shot example neurons: the
     built-in ones plus one per ``EXTRA_FEWSHOT``, each a 64-token corpus window (activations put
     on every ninth token; the prompt's length and format are what matter for speed)."""
-    import neuronlens.simulate as sim
+    import neuronlens.scorers.simulation as sim
 
     extra = tuple((expl, [(tokenizer.decode([i]), 10 if n % 9 == 4 else 0)
                           for n, i in enumerate(window)])
@@ -124,8 +124,8 @@ def main() -> None:
     from neuronlens.backends.local import LocalBackend
     from neuronlens.corpus import BuiltinCorpus, token_windows
     from neuronlens.records import ActivationRecord
-    from neuronlens.simulate import Simulator, build_request, prompt_prefix
-    from neuronlens.subject.models import pick_device
+    from neuronlens.scorers.simulation import Simulator, build_request, prompt_prefix
+    from neuronlens.models import pick_device
 
     device = pick_device(args.device)
     if args.threads:

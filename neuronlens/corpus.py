@@ -55,6 +55,9 @@ class BuiltinCorpus(Corpus):
                 "sha256": hashlib.sha256(source.read_bytes()).hexdigest()[:16]}
 
 
+TEXT_SUFFIXES = (".txt", ".md", ".raw", "")
+
+
 class FilesCorpus(Corpus):
     """Local files: a .txt file is one document; a .jsonl file holds one document per line."""
 
@@ -62,6 +65,13 @@ class FilesCorpus(Corpus):
         if not paths:
             raise CorpusError("corpus=files needs at least one path: corpus.paths=[a.txt,b.jsonl].")
         self.paths = [Path(p).expanduser() for p in paths]
+        for path in self.paths:   # checked now, before any model loads
+            if not path.is_file():
+                raise CorpusError(f"Corpus file {path} does not exist; corpus.paths takes .txt and "
+                                  ".jsonl files.")
+            if path.suffix not in (".jsonl", *TEXT_SUFFIXES):
+                raise CorpusError(f"Corpus file {path} is neither .txt nor .jsonl; give .txt files "
+                                  "(one document each) or .jsonl files (one per line).")
         self.column = column
         self.max_texts = max_texts
 
@@ -75,7 +85,7 @@ class FilesCorpus(Corpus):
         for path in self.paths:
             if path.suffix == ".jsonl":
                 yield from _jsonl_texts(self._read(path).splitlines(), self.column, str(path))
-            elif path.suffix in (".txt", ".md", ".raw", ""):
+            elif path.suffix in TEXT_SUFFIXES:
                 yield self._read(path)
             else:
                 raise CorpusError(f"Corpus file {path} is neither .txt nor .jsonl.")

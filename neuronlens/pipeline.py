@@ -22,14 +22,16 @@ from tqdm.auto import tqdm
 from neuronlens.backends.base import Backend, TransientError, failure_kind
 from neuronlens.backends.policy import Policy
 from neuronlens.checks import check_config
-from neuronlens.controls import judge_power, verdict
+from neuronlens.scorers.power import judge_power, verdict
 from neuronlens.errors import UserError
-from neuronlens.explain import Explainer, copy_flag
+from neuronlens.explainers.base import Explainer
+from neuronlens.explainers.llm import LLMExplainer, copy_flag
 from neuronlens.files import RunLock, disk_error, dumps, read_rows, write_atomic, write_json
 from neuronlens.records import NeuronId, NeuronRecord
-from neuronlens.score import fit_calibration, score, score_splits
-from neuronlens.simulate import Simulator
-from neuronlens.subject.models import cache_dir
+from neuronlens.scorers.base import Scored, Scorer
+from neuronlens.scorers.correlation import correlate, fit_calibration
+from neuronlens.scorers.simulation import Simulator
+from neuronlens.models import cache_dir, display_name
 from neuronlens.summary import CONSTANT, LOW_MASS, headline, mass_stats, summarise_rows
 from neuronlens.subject.transformer import recording_for, select_neurons  # noqa: F401 (public)
 
@@ -53,10 +55,10 @@ def build_role(node: DictConfig, wrap, options: DictConfig, remote: DictConfig):
     return wrap(obj, **options)
 
 
-def build_roles(cfg: DictConfig) -> tuple[Any, Any, dict[str, Any]]:
+def build_roles(cfg: DictConfig) -> tuple[Explainer, Scorer, dict[str, Scorer]]:
     """The explainer, the simulator and the second judges, loaded and checked: a missing key or
     a strategy a backend cannot run fails here, before anything slow."""
-    explainer = build_role(cfg.explainer, Explainer, cfg.explain, cfg.remote)
+    explainer = build_role(cfg.explainer, LLMExplainer, cfg.explain, cfg.remote)
     simulator = build_role(cfg.simulator, Simulator, cfg.simulation, cfg.remote)
     judges = {name: build_role(node, Simulator, cfg.simulation, cfg.remote)
               for name, node in (cfg.get("judges") or {}).items() if node != cfg.simulator}
@@ -68,11 +70,10 @@ def build_roles(cfg: DictConfig) -> tuple[Any, Any, dict[str, Any]]:
     return explainer, simulator, judges
 
 
-def prepare_roles(roles, records: list[NeuronRecord], cfg: DictConfig) -> None:
-    """Give the roles that need every neuron (the shuffled and truth baselines) the records."""
-    for role in roles:
-        if hasattr(role, "prepare"):
-            role.prepare(records, cfg.scoring.split_seed)
+def prepare_explainer(explainer: Explainer, records: list[NeuronRecord], cfg: DictConfig) -> None:
+    """Give the explainer every neuron's train excerpts (the shuffled baseline swaps between
+    them); nothing else of a record ever reaches an explainer."""
+    explainer.prepare({r.neuron_id: r.shown(cfg.scoring.split_seed) for r in records})
 
 
 def backend_stats(role) -> dict[str, Any] | None:
@@ -81,26 +82,16 @@ def backend_stats(role) -> dict[str, Any] | None:
     return backend.stats() if isinstance(backend, Policy) else None
 
 
-def split_scores(top, top_sims, rnd, rnd_sims) -> dict[str, Any]:
-    """Test correlation (and r², ...) on top excerpts, random ones, and all together."""
-    return {name: s.to_json() for name, s in score_splits(
-        [r.activations for r in top], top_sims, [r.activations for r in rnd], rnd_sims).items()}
-
-
-def judge(judges: dict[str, Any], explanation: str, top, rnd) -> dict[str, Any]:
+def judge(judges: dict[str, Scorer], explanation: str, top, rnd) -> dict[str, Any]:
     """The kept explanation scored again by each second judge, on the very excerpts the main
     simulator scored (so the two are paired); ``test_simulated`` is aligned with ``test_excerpts``
     (None where this judge failed an excerpt)."""
     out = {}
-    for name, simulator in judges.items():
-        sim = simulator.simulate(explanation, top + rnd)
+    for name, scorer in judges.items():
+        scored = scorer.score(explanation, top, rnd)
+        sim, scores = scored.result, scored.scores
         expected = [None if e is None else list(e) for e in sim.expected]
-        pairs = list(zip(top + rnd, expected))
-        ok_top = [(r, e) for r, e in pairs[:len(top)] if e is not None]
-        ok_rnd = [(r, e) for r, e in pairs[len(top):] if e is not None]
-        scores = split_scores([r for r, _ in ok_top], [e for _, e in ok_top],
-                              [r for r, _ in ok_rnd], [e for _, e in ok_rnd])
-        masses = [{"mass": m} for (r, e), m in zip(pairs, sim.mass or [None] * len(pairs))
+        masses = [{"mass": m} for e, m in zip(expected, sim.mass or [None] * len(expected))
                   if e is not None and m]
         out[name] = {"score": headline(scores["all"]), "score_flag": scores["all"]["flag"],
                      "mass": mass_stats(masses), "scores": {"test": scores},
@@ -110,8 +101,8 @@ def judge(judges: dict[str, Any], explanation: str, top, rnd) -> dict[str, Any]:
     return out
 
 
-def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig,
-            judges: dict[str, Any] | None = None) -> dict[str, Any]:
+def process(neuron: NeuronRecord, explainer: Explainer, simulator: Scorer, cfg: DictConfig,
+            judges: dict[str, Scorer] | None = None) -> dict[str, Any]:
     """Explain one neuron, pick the best explanation on `valid`, score it on `test`, and have the
     second judges (if any) score it too."""
     start = time.perf_counter()
@@ -134,7 +125,7 @@ def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig,
     if not shown:
         return failed("no excerpt of this neuron fell in the train split", "no_train_excerpts")
     try:
-        result = explainer.explain(shown, neuron=neuron)
+        result = explainer.explain(neuron.neuron_id, shown)
     except TransientError as e:  # still failing after the policy's retries
         failures["explanations"] += 1
         return failed(f"the explainer failed: {e}", failure_kind(e))
@@ -142,30 +133,28 @@ def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig,
     failures["explanations"] = result.n_failed
     if result.n_failed:
         by_kind["unparsed_explanation"] = result.n_failed
-    masses: dict[int, tuple[float, ...]] = {}
-    distributions: dict[int, tuple[tuple[float, ...], ...]] = {}
 
-    def simulate(explanation: str, records, stage: str):
-        sim = simulator.simulate(explanation, records)
+    def account(sim, stage: str) -> None:
         usage["simulator"][0] += sim.usage.prompt_tokens
         usage["simulator"][1] += sim.usage.completion_tokens
         failures["excerpts"] += sim.n_failed
         for f in sim.failures:
             by_kind[f.kind] += 1
             failed_excerpts.append({"stage": stage} | f.to_json())
+
+    def simulate(explanation: str, records, stage: str):
+        sim = simulator.simulate(explanation, records)
+        account(sim, stage)
         kept = [(i, list(e)) for i, e in enumerate(sim.expected) if e is not None]
-        if stage == "test":
-            masses.update((i, sim.mass[i]) for i, _ in kept if i < len(sim.mass) and sim.mass[i])
-            distributions.update((i, sim.distributions[i]) for i, _ in kept if sim.distributions[i])
-        return [records[i] for i, _ in kept], [e for _, e in kept], [i for i, _ in kept]
+        return [records[i] for i, _ in kept], [e for _, e in kept]
 
     candidates = []
     valid = split("valid").all
     for text in result.explanations:
         entry = {"text": text}
         if len(result.explanations) > 1:
-            recs, sims, _ = simulate(text, valid, "valid")
-            entry["valid"] = score([r.activations for r in recs], sims).to_json()
+            recs, sims = simulate(text, valid, "valid")
+            entry["valid"] = correlate([r.activations for r in recs], sims).to_json()
         candidates.append(entry)
     if not candidates:
         return failed("the explainer gave no usable explanation", "no_explanation")
@@ -176,29 +165,31 @@ def process(neuron: NeuronRecord, explainer, simulator, cfg: DictConfig,
 
     best = max(candidates, key=valid_score)
     test = split("test")
-    recs, sims, where = simulate(best["text"], test.top + test.random, "test")  # one shared prefix
-    is_top = [i < len(test.top) for i in where]
-    top_recs = [r for r, t in zip(recs, is_top) if t]
-    top_sims = [x for x, t in zip(sims, is_top) if t]
-    rnd_recs = [r for r, t in zip(recs, is_top) if not t]
-    rnd_sims = [x for x, t in zip(sims, is_top) if not t]
-    scores = split_scores(top_recs, top_sims, rnd_recs, rnd_sims)
+    scored: Scored = simulator.score(best["text"], test.top, test.random)   # one shared prefix
+    account(scored.result, "test")
+    sim, scores, where = scored.result, scored.scores, scored.kept()
+    records = test.top + test.random
+    top_recs = [records[i] for i in where if i < len(test.top)]
+    rnd_recs = [records[i] for i in where if i >= len(test.top)]
+    top_sims = [list(sim.expected[i]) for i in where if i < len(test.top)]
+    rnd_sims = [list(sim.expected[i]) for i in where if i >= len(test.top)]
     row["scores"] = {"test": scores}
     if sc.calibrate:
-        recs, sims, _ = simulate(best["text"], split("calibration").all, "calibration")
+        recs, sims = simulate(best["text"], split("calibration").all, "calibration")
         if recs:
             calib = fit_calibration([r.activations for r in recs], sims)
             row["scores"]["calibration"] = calib.to_json()
-            row["scores"]["test_calibrated"] = score(
+            row["scores"]["test_calibrated"] = correlate(
                 [r.activations for r in top_recs + rnd_recs], calib.apply(top_sims + rnd_sims)).to_json()
     excerpts = [{"kind": kind, "tokens": r.tokens, "true": r.activations, "simulated": s}
+                | ({"text": list(r.text)} if r.text else {})   # split characters whole, to show
                 for kind, recs, sims in (("top", top_recs, top_sims), ("random", rnd_recs, rnd_sims))
                 for r, s in zip(recs, sims)]
     for excerpt, i in zip(excerpts, where):   # tops first, then randoms, in both
-        if i in masses:   # the simulator's probability on "0".."10" before renormalising
-            excerpt["mass"] = [round(m, 4) for m in masses[i]]
-        if i in distributions:
-            excerpt["distribution"] = [per_mille(p) for p in distributions[i]]
+        if i < len(sim.mass) and sim.mass[i]:   # the probability on "0".."10" before renormalising
+            excerpt["mass"] = [round(m, 4) for m in sim.mass[i]]
+        if sim.distributions[i]:
+            excerpt["distribution"] = [per_mille(p) for p in sim.distributions[i]]
     if judges:
         row["judges"] = judge(judges, best["text"], top_recs, rnd_recs)
     row["explanation_flag"] = copy_flag(best["text"])   # a copy of the prompt says nothing
@@ -304,13 +295,19 @@ def summarise(rows: list[dict], wall: float, cfg: DictConfig, subject: str) -> d
     return summarise_rows(rows) | {
         "wall_seconds": wall,
         "subject": subject,
-        "explainer": OmegaConf.select(cfg, "explainer.model", default=None),
-        "simulator": OmegaConf.select(cfg, "simulator.model", default=None),
+        "explainer": model_name(cfg, "explainer"),
+        "simulator": model_name(cfg, "simulator"),
         "choices": choices(),
         "experiment": experiment_id(cfg),
         "shard": (None if cfg.neurons.get("shard") is None
                   else [cfg.neurons.shard, cfg.neurons.get("n_shards", 1)]),
     }
+
+
+def model_name(cfg: DictConfig, role: str) -> str | None:
+    """The role's model as tables show it ("SmolLM2-135M-Instruct (embedded)"), or None."""
+    model = OmegaConf.select(cfg, f"{role}.model", default=None)
+    return None if model is None else display_name(model)
 
 
 def choices() -> dict[str, str]:
@@ -389,6 +386,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     check_resumable(cfg, run_dir)
     subject = instantiate(cfg.subject)
+    instantiate(cfg.corpus)        # a missing or unreadable corpus file fails now, in one line,
+    subject.check(cfg.neurons)     # and so does a layer the model lacks (from its config.json)
     neurons = shard(subject.select(cfg.neurons, cfg.seed), cfg.neurons.get("shard"),
                     cfg.neurons.get("n_shards", 1))
     # roles first: a missing key or a strategy the backend cannot run fails now, not after recording
@@ -397,7 +396,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     scheme = cfg.scoring.get("splits", "auto")
     for record in records:   # OpenAI's records come in their order: their splits by default
         record.split_scheme = getattr(subject, "default_splits", "hash") if scheme == "auto" else scheme
-    prepare_roles((explainer, simulator), records, cfg)
+    prepare_explainer(explainer, records, cfg)
     out = run_dir / "neurons.jsonl"
     done = resume(out, {(r.neuron_id.layer, r.neuron_id.index) for r in records})
     todo = [r for r in records if (r.neuron_id.layer, r.neuron_id.index) not in done]

@@ -49,6 +49,10 @@ class ActivationRecord:
 
     tokens: list[str]
     activations: list[float]
+    # How each token reads, where the recording knows better than its text alone: a character
+    # split into byte tokens (each "\ufffd" alone) whole on its first token, "" on the others.
+    # For display only; not part of the JSON form (OpenAI's has no such field).
+    text: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.activations):

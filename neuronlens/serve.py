@@ -47,7 +47,8 @@ from tokenizers import decoders
 
 from neuronlens.backends.base import Completion, GenerateRequest, Message, TokenLogprob
 from neuronlens.backends.local import LocalBackend, cache_argument
-from neuronlens.cli import CONF_DIR, fail_cleanly
+from neuronlens.conf import CONF_DIR
+from neuronlens.cli import fail_cleanly
 from neuronlens.errors import UserError
 
 FAULTS = ("none", "429", "500", "slow", "truncated", "wrong_length")
@@ -591,7 +592,7 @@ def start_server(model: str, port: int = 0, *, device: str = "auto", dtype: str 
 
 
 def serve(cfg: DictConfig) -> None:
-    """Serve until stopped (Ctrl-C), with the options of ``conf/serve.yaml``."""
+    """Serve until stopped (Ctrl-C), with the options of ``neuronlens/conf/serve.yaml``."""
     sock = bind(str(cfg.host), int(cfg.port))   # first: a taken port fails before the model loads
     state = make_state(str(cfg.model), cfg.device, cfg.dtype, cfg.strict_model, cfg.faults,
                        cfg.retry_after, cfg.slow_seconds, cfg.max_logprobs)
@@ -605,10 +606,26 @@ def _app(cfg: DictConfig) -> None:
     fail_cleanly(lambda: serve(cfg))
 
 
+ABOUT = """an OpenAI-compatible HTTP server (/v1/models, /v1/completions with echo and
+logprobs, /v1/chat/completions) over a transformers model in this process, answering as
+`vllm serve` does: a local stand-in for a vLLM server, for the remote backends and their tests."""
+
+EXAMPLES = [
+    ("neuronlens-serve", "the embedded SmolLM2-135M-Instruct on 127.0.0.1:8000"),
+    ("neuronlens-serve port=8001 model=HuggingFaceTB/SmolLM2-360M-Instruct", "any HF name or dir"),
+    ("neuronlens-serve model=/path/to/model.gguf device=cuda", "a GGUF file, on a GPU"),
+    ("neuronlens-serve faults=[429,slow] slow_seconds=2", "misbehave, to test a client"),
+    ("neuronlens simulator=vllm simulator.base_url=http://127.0.0.1:8000/v1 simulator.model=embedded",
+     "then score against it"),
+]
+
+
 def main() -> None:
-    if not (CONF_DIR / "serve.yaml").is_file():
-        sys.exit(f"neuronlens-serve: error: no serve.yaml in {CONF_DIR}; install with "
-                 "`pip install -e .` from a checkout of the repository.")
+    from neuronlens.help import help_text, wants_help
+
+    if wants_help(sys.argv[1:]):
+        print(help_text("neuronlens-serve", "serve", ABOUT, EXAMPLES, ()))
+        return
     _app()
 
 

@@ -127,7 +127,7 @@ def chat_model_dir(tiny_llama_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    from neuronlens.subject.models import EMBEDDED, _package_file
+    from neuronlens.models import EMBEDDED, _package_file
 
     path = _package_file(EMBEDDED["smollm2-135m-instruct"])
     if path is None:

@@ -29,7 +29,7 @@ SERVED_NAME = "smol"
 
 
 def venv_dir() -> Path:
-    from neuronlens.subject.models import cache_dir
+    from neuronlens.models import cache_dir
 
     return Path(os.environ.get("NEURONLENS_VLLM_VENV") or cache_dir() / "vllm-venv")
 
@@ -64,7 +64,7 @@ def install() -> Path:
 
 
 def model_dir(model: str = "embedded") -> str:
-    from neuronlens.subject.models import resolve
+    from neuronlens.models import resolve
 
     return resolve(model)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from neuronlens.controls import RULES, auc, control_neurons, power, verdict
-from neuronlens.simulate import SimulationResult
+from neuronlens.scorers.power import RULES, auc, control_neurons, power, verdict
+from neuronlens.scorers.base import SimulationResult
 from neuronlens.subject.synthetic import make_rule
 
 SETTINGS = OmegaConf.create({"window": 16, "top_k": 3, "n_random": 3, "max_windows": 400})

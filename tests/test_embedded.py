@@ -40,7 +40,7 @@ def test_embedded_subject_records_and_exports(tmp_path):
     from neuronlens.corpus import BuiltinCorpus, token_windows
     from neuronlens.pipeline import select_neurons
     from neuronlens.records import NeuronRecord
-    from neuronlens.subject.models import load_model
+    from neuronlens.models import load_model
     from neuronlens.subject.recording import RecordingConfig, record
 
     model, tokenizer = load_model("embedded", "cpu")

@@ -17,7 +17,7 @@ from neuronlens.errors import UserError
 from neuronlens.pipeline import select_neurons
 from neuronlens.records import NeuronId
 from neuronlens.subject.hooks import check_neuron, hook_point, neuron_hooks
-from neuronlens.subject.models import SubjectError, load_model
+from neuronlens.models import SubjectError, load_model
 from neuronlens.subject.recording import RecordingConfig, record
 
 
@@ -126,7 +126,7 @@ def test_an_uncached_hub_name_without_a_hub_is_one_line_and_no_retries(tmp_path)
 def test_a_cached_hub_name_loads_from_the_cache_without_a_hub(tiny_llama_dir, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from neuronlens.subject import models
+    from neuronlens import models
 
     snapshot = tmp_path / "hub" / "models--someone--tiny" / "snapshots" / "abc123"
     shutil.copytree(tiny_llama_dir, snapshot)
@@ -165,19 +165,27 @@ def test_corpus_too_short_for_one_window(tmp_path, tiny_tokenizer):
         list(token_windows(FilesCorpus([str(path)]), tiny_tokenizer, 64))
 
 
-def test_window_too_small(tiny_tokenizer):
+def test_window_too_small(tiny_tokenizer, tmp_path):
+    (tmp_path / "x.txt").write_text("Some text.")
     with pytest.raises(CorpusError, match="at least 2 tokens, got 1"):
-        list(token_windows(FilesCorpus(["x.txt"]), tiny_tokenizer, 1))
+        list(token_windows(FilesCorpus([str(tmp_path / "x.txt")]), tiny_tokenizer, 1))
 
 
-def test_unreadable_corpus_file(tmp_path):
+def test_a_missing_corpus_file_fails_when_the_corpus_is_made(tmp_path):
     path = tmp_path / "missing.txt"
-    corpus = FilesCorpus([str(path)])
-    assert corpus.describe()["files"][0][1] is None  # describing a missing file does not fail
     with pytest.raises(CorpusError) as info:
-        list(corpus.texts())
+        FilesCorpus([str(path)])
     msg = _one_line(info.value)
-    assert "Cannot read corpus file" in msg and str(path) in msg
+    assert "does not exist" in msg and str(path) in msg
+
+
+def test_a_corpus_file_that_cannot_be_read(tmp_path):
+    path = tmp_path / "locked.txt"
+    path.write_text("text")
+    corpus = FilesCorpus([str(path)])
+    path.unlink()   # gone after the check: reading it is still one clear line
+    with pytest.raises(CorpusError, match="Cannot read corpus file"):
+        list(corpus.texts())
 
 
 def test_not_utf8_corpus_file(tmp_path):
@@ -213,7 +221,7 @@ def test_unknown_file_type(tmp_path):
     path = tmp_path / "table.csv"
     path.write_text("text\nhello\n")
     with pytest.raises(CorpusError, match="neither .txt nor .jsonl"):
-        list(FilesCorpus([str(path)]).texts())
+        FilesCorpus([str(path)])
 
 
 def test_files_corpus_needs_paths():

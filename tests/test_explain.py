@@ -12,16 +12,18 @@ from neuronlens.backends.base import (
     Generation,
     Usage,
 )
-from neuronlens.explain import (
+from neuronlens.explainers.llm import (
     FEWSHOT,
     NONZERO_HEADING,
     PHRASE,
-    Explainer,
+    LLMExplainer,
     completion_prompt,
     format_record,
     parse_explanation,
 )
-from neuronlens.records import ActivationRecord
+from neuronlens.records import ActivationRecord, NeuronId
+
+ID = NeuronId(0, 0)
 
 
 class FakeBackend(Backend):
@@ -171,7 +173,7 @@ def test_format_record_normalises_negatives_and_escapes_newlines() -> None:
 def test_completion_prompt_golden() -> None:
     assert completion_prompt(FEWSHOT, NEURON, 4.0) == GOLDEN_PROMPT
     backend = FakeBackend(chat=False)
-    assert Explainer(backend).build_request(NEURON).prompt == GOLDEN_PROMPT
+    assert LLMExplainer(backend).build_request(NEURON).prompt == GOLDEN_PROMPT
 
 
 # --- repetition of non-zero tokens -------------------------------------------------------------
@@ -191,7 +193,7 @@ def test_no_repetition_when_many_fire_or_none(activations: list[float]) -> None:
 
 def test_all_zero_neuron_still_gives_a_prompt() -> None:
     backend = FakeBackend(chat=False)
-    result = Explainer(backend).explain([rec("a| b", [0.0, -1.0])])
+    result = LLMExplainer(backend).explain(ID, [rec("a| b", [0.0, -1.0])])
     assert backend.requests[0].prompt.endswith("<start>\na\t0\n b\t0\n<end>\n"
                                                f"Explanation of neuron 4: {PHRASE}")
     assert result.explanations == ("cats",)
@@ -200,13 +202,13 @@ def test_all_zero_neuron_still_gives_a_prompt() -> None:
 # --- format choice -----------------------------------------------------------------------------
 
 def test_auto_prefers_completion() -> None:
-    request = Explainer(FakeBackend(chat=True, completion=True)).build_request(NEURON)
+    request = LLMExplainer(FakeBackend(chat=True, completion=True)).build_request(NEURON)
     assert not request.messages and request.prompt.endswith(PHRASE)
 
 
 def test_auto_uses_chat_on_chat_only_backend() -> None:
     backend = FakeBackend(chat=True, completion=False)
-    request = Explainer(backend).build_request(NEURON)
+    request = LLMExplainer(backend).build_request(NEURON)
     assert request.prompt is None
     roles = [m.role for m in request.messages]
     assert roles == ["system"] + ["user", "assistant"] * len(FEWSHOT) + ["user"]
@@ -216,14 +218,14 @@ def test_auto_uses_chat_on_chat_only_backend() -> None:
 
 
 def test_auto_uses_completion_without_chat() -> None:
-    request = Explainer(FakeBackend(chat=False)).build_request(NEURON)
+    request = LLMExplainer(FakeBackend(chat=False)).build_request(NEURON)
     assert not request.messages and request.prompt.endswith(PHRASE)
 
 
 def test_forced_format() -> None:
     backend = FakeBackend(chat=True, completion=True)
-    assert Explainer(backend, prompt_format="completion").build_request(NEURON).prompt
-    assert Explainer(backend, prompt_format="chat").build_request(NEURON).messages
+    assert LLMExplainer(backend, prompt_format="completion").build_request(NEURON).prompt
+    assert LLMExplainer(backend, prompt_format="chat").build_request(NEURON).messages
 
 
 @pytest.mark.parametrize("chat, completion, fmt", [(True, False, "completion"),
@@ -231,19 +233,19 @@ def test_forced_format() -> None:
                                                     (False, False, "auto")])
 def test_missing_format_raises(chat: bool, completion: bool, fmt: str) -> None:
     with pytest.raises(ValueError, match="backend"):
-        Explainer(FakeBackend(chat=chat, completion=completion), prompt_format=fmt)
+        LLMExplainer(FakeBackend(chat=chat, completion=completion), prompt_format=fmt)
 
 
 @pytest.mark.parametrize("kwargs", [{"n": 0}, {"max_records": 0}, {"max_tokens": 0},
                                     {"temperature": -0.5}, {"prompt_format": "xml"}])
 def test_constructor_validates(kwargs: dict) -> None:
     with pytest.raises(ValueError):
-        Explainer(FakeBackend(), **kwargs)
+        LLMExplainer(FakeBackend(), **kwargs)
 
 
 def test_no_records_raises() -> None:
     with pytest.raises(ValueError, match="at least one"):
-        Explainer(FakeBackend()).explain([])
+        LLMExplainer(FakeBackend()).explain(ID, [])
 
 
 # --- context fitting ---------------------------------------------------------------------------
@@ -264,7 +266,7 @@ def prompt_tokens(n_fewshot: int, records: list[ActivationRecord]) -> int:
 
 def fit(context_length: int, records: list[ActivationRecord], max_tokens: int = 20):
     backend = FakeBackend(chat=False, context_length=context_length)
-    result = Explainer(backend, max_tokens=max_tokens).explain(records)
+    result = LLMExplainer(backend, max_tokens=max_tokens).explain(ID, records)
     return result, backend.requests[0].prompt
 
 
@@ -309,16 +311,16 @@ def test_tiny_context_never_crashes() -> None:
 def test_chat_fitting_counts_messages() -> None:
     records = neuron()
     backend = FakeBackend(chat=True, completion=False, context_length=10_000)
-    full = Explainer(backend).explain(records)
+    full = LLMExplainer(backend).explain(ID, records)
     assert full.n_fewshot_used == len(FEWSHOT)
     backend = FakeBackend(chat=True, completion=False, context_length=full.prompt_tokens + 60)
-    assert Explainer(backend).explain(records).n_fewshot_used < len(FEWSHOT)
+    assert LLMExplainer(backend).explain(ID, records).n_fewshot_used < len(FEWSHOT)
 
 
 def test_max_records_and_normalisation_over_shown() -> None:
     records = [rec(f"a{k}| b{k}", [0.0, 20.0 - k]) for k in range(15)]
     backend = FakeBackend(chat=False)
-    result = Explainer(backend, max_records=10).explain(records)
+    result = LLMExplainer(backend, max_records=10).explain(ID, records)
     assert result.n_records_shown == 10 and result.n_records_dropped == 0
     prompt = backend.requests[0].prompt
     assert " b0\t10" in prompt and " b9\t5" in prompt and " b10\t" not in prompt
@@ -346,7 +348,7 @@ def test_parse_empty(text: str) -> None:
 
 def test_n_candidates_deduplicated_and_failures_counted() -> None:
     backend = FakeBackend(replies=("cats.", " cats", "", "dogs", "\n"))
-    result = Explainer(backend, n=5, seed=7).explain(NEURON)
+    result = LLMExplainer(backend, n=5, seed=7).explain(ID, NEURON)
     request = backend.requests[0]
     assert (request.n, request.temperature, request.seed) == (5, 1.0, 7)
     assert result.explanations == ("cats", "dogs")
@@ -356,15 +358,15 @@ def test_n_candidates_deduplicated_and_failures_counted() -> None:
 
 def test_n3_passes_n_and_dedupes() -> None:
     backend = FakeBackend(replies=("cats",))
-    result = Explainer(backend, n=3).explain(NEURON)
+    result = LLMExplainer(backend, n=3).explain(ID, NEURON)
     assert len(backend.requests) == 1 and backend.requests[0].n == 3
     assert result.explanations == ("cats",) and result.n_failed == 0
 
 
 def test_temperature_defaults() -> None:
-    assert Explainer(FakeBackend()).build_request(NEURON).temperature == 0.0
-    assert Explainer(FakeBackend(), n=2).build_request(NEURON).temperature == 1.0
-    assert Explainer(FakeBackend(), n=2, temperature=0.3).build_request(NEURON).temperature == 0.3
+    assert LLMExplainer(FakeBackend()).build_request(NEURON).temperature == 0.0
+    assert LLMExplainer(FakeBackend(), n=2).build_request(NEURON).temperature == 1.0
+    assert LLMExplainer(FakeBackend(), n=2, temperature=0.3).build_request(NEURON).temperature == 0.3
 
 
 def test_an_answer_copying_a_few_shot_answer_is_asked_again_without_that_example() -> None:
@@ -378,7 +380,7 @@ def test_an_answer_copying_a_few_shot_answer_is_asked_again_without_that_example
             return Generation((Completion(text),), Usage(10, 2))
 
     backend = Copier()
-    result = Explainer(backend).explain(neuron())
+    result = LLMExplainer(backend).explain(ID, neuron())
     assert result.explanations == ("words about the weather",)
     assert result.n_copies_replaced == len(FEWSHOT) and len(backend.requests) == len(FEWSHOT) + 1
     assert (result.prompt_tokens, result.completion_tokens) == (10 * (len(FEWSHOT) + 1), 2 * (len(FEWSHOT) + 1))

@@ -20,13 +20,13 @@ from neuronlens.backends.base import (
 from neuronlens.backends.litellm import (
     LiteLLMBackend,
     parse_chat_response,
-    retry_after,
+    server_wait,
     supported_logprobs,
 )
 from neuronlens.backends.policy import Policy
 from neuronlens.records import ActivationRecord
 from neuronlens.serve import start_server
-from neuronlens.simulate import Simulator, resolve_strategy
+from neuronlens.scorers.simulation import Simulator, resolve_strategy
 
 
 def chat(text: str = "Name a colour.", **kw) -> GenerateRequest:
@@ -152,7 +152,7 @@ def test_configs_build_the_backend():
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
+    conf = Path(__file__).resolve().parents[1] / "neuronlens" / "conf"
     for role, model in (("explainer", "anthropic/claude-sonnet-4-5"),
                         ("simulator", "openrouter/meta-llama/llama-3.1-8b-instruct")):
         node = OmegaConf.load(conf / role / "litellm.yaml")
@@ -196,10 +196,10 @@ def test_retry_after_headers():
         def __init__(self, headers):
             self.headers = headers
 
-    assert retry_after(E({"Retry-After": "2"})) == 2.0
-    assert retry_after(E({"retry-after-ms": "1500"})) == 1.5
-    assert retry_after(E({})) is None and retry_after(Exception()) is None
-    assert 0 <= retry_after(E({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})) == 0.0
+    assert server_wait(E({"Retry-After": "2"})) == 2.0
+    assert server_wait(E({"retry-after-ms": "1500"})) == 1.5
+    assert server_wait(E({})) is None and server_wait(Exception()) is None
+    assert 0 <= server_wait(E({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})) == 0.0
 
 
 # ---- capabilities from what LiteLLM forwards, and logprobs never dropped silently ---------------

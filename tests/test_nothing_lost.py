@@ -20,7 +20,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import neuronlens.pipeline as pipeline
-from neuronlens.cli import CONF_DIR
+from neuronlens.conf import CONF_DIR
 from neuronlens.errors import UserError
 from neuronlens.files import RunLock, dumps, read_rows
 from neuronlens.serve import start_server
@@ -124,7 +124,8 @@ def test_a_torn_recording_is_recorded_again_with_one_warning(tiny_llama_dir, cor
 FULL_DISK = """
 import resource, signal, sys
 from hydra import compose, initialize_config_dir
-from neuronlens.cli import CONF_DIR, fail_cleanly
+from neuronlens.conf import CONF_DIR
+from neuronlens.cli import fail_cleanly
 import neuronlens.pipeline as pipeline
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)          # EFBIG instead of a kill, as ENOSPC would be
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
@@ -273,7 +274,7 @@ def test_a_failed_start_does_not_block_the_corrected_command(tiny_llama_dir, cor
 
 
 def test_a_text_file_named_gguf_is_one_line(tmp_path):
-    from neuronlens.subject.models import resolve
+    from neuronlens.models import resolve
 
     fake = tmp_path / "model.gguf"
     fake.write_text("not a model")

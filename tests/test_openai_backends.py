@@ -30,9 +30,9 @@ from neuronlens.backends.openai import (
     first_token_tops,
     parse_chat,
     parse_completion,
-    retry_after,
 )
-from neuronlens.backends.remote_scoring import PromptToken, score, token_covering
+from neuronlens.backends.base import retry_after
+from neuronlens.backends.remote_scoring import PromptToken, score_prompt, token_covering
 from neuronlens.backends.vllm import (
     MISSING_VLLM,
     VLLMBackend,
@@ -42,7 +42,7 @@ from neuronlens.backends.vllm import (
 from neuronlens.errors import UserError
 
 L = math.log
-CONF = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf"
+CONF = __import__("pathlib").Path(__file__).resolve().parents[1] / "neuronlens" / "conf"
 
 
 # ---- parsing recorded answers -----------------------------------------------------------------
@@ -206,7 +206,7 @@ class Recorder:
 def test_ten_is_one_then_zero_with_one_follow_up():
     follow = Recorder({"ab\t1": {"0": L(0.25), "\n": L(0.5)}})
     request = PromptLogprobRequest(PROMPT, (3,), ("0", "1", "5", "10", "7"))
-    probs, mass = score(request, TOKENS, follow)
+    probs, mass = score_prompt(request, TOKENS, follow)
     # P(0)=.5, P(1)=.2*(1-.25)=.15, P(5)=.1, P(10)=.2*.25=.05, P(7)=0 (not in the top-k)
     assert follow.calls == [["ab\t1"]]
     assert mass[0] == pytest.approx(0.8)
@@ -217,7 +217,7 @@ def test_merged_lead_needs_two_rounds():
     tokens = [PromptToken(0, {}), PromptToken(2, {"\t": L(0.6), "\tunknown": L(0.3), "\t5": L(0.05)}),
               PromptToken(10, {"\n": L(0.7)})]
     follow = Recorder({"ab\t": {"1": L(0.5), "x": L(0.1)}, "ab\t1": {"0": L(0.4)}})
-    probs, mass = score(PromptLogprobRequest("ab\tunknown\n", (3,), ("5", "1", "10")), tokens, follow)
+    probs, mass = score_prompt(PromptLogprobRequest("ab\tunknown\n", (3,), ("5", "1", "10")), tokens, follow)
     # "\t5" is one token: .05; "\t"+"1": .6*.5*(1-.4) = .18; "\t"+"1"+"0": .6*.5*.4 = .12
     assert follow.calls == [["ab\t"], ["ab\t1"]]
     assert mass[0] == pytest.approx(0.35)
@@ -230,7 +230,7 @@ def test_one_follow_up_request_for_all_placeholders():
     tokens = [PromptToken(0, {}), PromptToken(2, {}), PromptToken(3, top), PromptToken(10, {}),
               PromptToken(11, {}), PromptToken(12, {}), PromptToken(13, top), PromptToken(20, {})]
     follow = Recorder({"ab\t1": {"0": L(0.5)}, "ab\tunknown\nc\t1": {"0": L(0.1)}})
-    probs, mass = score(PromptLogprobRequest(prompt, (3, 13), ("0", "1", "10")), tokens, follow)
+    probs, mass = score_prompt(PromptLogprobRequest(prompt, (3, 13), ("0", "1", "10")), tokens, follow)
     assert follow.calls == [["ab\t1", "ab\tunknown\nc\t1"]]
     assert probs[0] == pytest.approx((0.5, 0.25, 0.25))
     assert probs[1] == pytest.approx((0.5, 0.45, 0.05))
@@ -240,21 +240,21 @@ def test_one_follow_up_request_for_all_placeholders():
 def test_truncated_candidates_get_zero_and_mass_shows_it():
     tokens = TOKENS[:2] + [PromptToken(3, {"0": L(0.3), "unknown": L(0.6)})] + TOKENS[3:]
     follow = Recorder({})
-    probs, mass = score(PromptLogprobRequest(PROMPT, (3,), ("0", "1", "10")), tokens, follow)
+    probs, mass = score_prompt(PromptLogprobRequest(PROMPT, (3,), ("0", "1", "10")), tokens, follow)
     assert follow.calls == []                        # "1" is missing, so "10" has no first token
     assert probs[0] == pytest.approx((1.0, 0.0, 0.0)) and mass[0] == pytest.approx(0.3)
     # the follow-up's top-k lacks "0": P(10) = 0 and P(1) keeps all of P("1")
-    probs, mass = score(PromptLogprobRequest(PROMPT, (3,), ("0", "1", "10")), TOKENS,
+    probs, mass = score_prompt(PromptLogprobRequest(PROMPT, (3,), ("0", "1", "10")), TOKENS,
                         Recorder({"ab\t1": {"\n": L(0.9)}}))
     assert probs[0] == pytest.approx((0.5 / 0.7, 0.2 / 0.7, 0.0)) and mass[0] == pytest.approx(0.7)
     # nothing at all: zeros, mass 0 (the engine counts it as a failure)
-    probs, mass = score(PromptLogprobRequest(PROMPT, (3,), ("7",)), TOKENS, Recorder({}))
+    probs, mass = score_prompt(PromptLogprobRequest(PROMPT, (3,), ("7",)), TOKENS, Recorder({}))
     assert probs == ((0.0,),) and mass == (0.0,)
 
 
 def test_rounds_are_bounded():
     follow = Recorder({"ab\t1": {"0": L(0.25)}})
-    probs, mass = score(PromptLogprobRequest(PROMPT, (3,), ("1", "10")), TOKENS, follow, max_rounds=0)
+    probs, mass = score_prompt(PromptLogprobRequest(PROMPT, (3,), ("1", "10")), TOKENS, follow, max_rounds=0)
     assert follow.calls == [] and probs[0] == pytest.approx((1.0, 0.0)) and mass[0] == pytest.approx(0.2)
 
 
@@ -441,7 +441,7 @@ def _serve(path, max_logprobs: int | None = None):
 
 def _local(path):
     from neuronlens.backends.local import LocalBackend
-    from neuronlens.subject.models import load_model
+    from neuronlens.models import load_model
 
     be = LocalBackend()
     be.model, be.tokenizer = load_model(str(path), "cpu", "float32")
@@ -455,7 +455,7 @@ def server(model_dir):
 
 
 def _requests(excerpts):
-    from neuronlens.simulate import build_request
+    from neuronlens.scorers.simulation import build_request
 
     return [build_request("cats and mats", tokens, fewshot=False) for tokens in excerpts]
 

@@ -14,12 +14,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import neuronlens.pipeline as pipeline
-from neuronlens.cli import CONF_DIR
+from neuronlens.conf import CONF_DIR
 from neuronlens.errors import UserError
-from neuronlens.loaded_explanations import LoadedExplainer, MissingExplanation
-from neuronlens.openai_format import export_run
+from neuronlens.explainers.loaded import LoadedExplainer, MissingExplanation
+from neuronlens.report.openai_format import export_run
 from neuronlens.records import NeuronId, NeuronRecord
-from neuronlens.score import openai_dispersion
+from neuronlens.scorers.correlation import openai_dispersion
 from neuronlens.subject.openai_records import OpenAIRecordsSubject
 
 WORDS = [" the", " cat", " sat", " on", " mat", ".", "\n", " dog", " barked", " at", " a", " bird",
@@ -186,15 +186,14 @@ def test_export_reads_back_as_neuron_simulation_results(openai_run, tmp_path):
 
     # the export is OpenAI's explanations layout: explainer=load reads it back
     loaded = LoadedExplainer(str(openai_run / "openai"))
-    neuron = NeuronRecord.from_json(openai_neuron(4, 2))
-    assert loaded.explain([], neuron=neuron).explanations == (rows[(4, 2)]["explanation"],)
+    assert loaded.explain(NeuronId(4, 2), []).explanations == (rows[(4, 2)]["explanation"],)
     with pytest.raises(MissingExplanation, match="no explanation for L3/N40"):
-        loaded.explain([], neuron=NeuronRecord.from_json(openai_neuron(3, 40)))
+        loaded.explain(NeuronId(3, 40), [])
     assert export_run(openai_run, tmp_path / "elsewhere")[0].is_relative_to(tmp_path / "elsewhere")
 
 
 def test_calibrated_rows_export_calibrated_expectations(tmp_path):
-    from neuronlens.openai_format import simulation_results
+    from neuronlens.report.openai_format import simulation_results
 
     row = {"layer": 1, "index": 2, "explanation": "x", "score": 1.0,
            "scores": {"test": {"all": {"correlation": 1.0, "r_squared": -3.0,

@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import neuronlens.pipeline as pipeline
-from neuronlens.cli import CONF_DIR
+from neuronlens.conf import CONF_DIR
 
 
 def config(overrides: list[str]):
@@ -50,7 +50,8 @@ def test_every_config_option_composes_and_instantiates(tmp_path):
     assert {"subject", "corpus", "explainer", "simulator"} <= set(groups)
     for group, options in groups.items():
         for option in options:
-            extra = [f"corpus.paths=[{tmp_path}]"] if (group, option) == ("corpus", "files") else []
+            (tmp_path / "a.txt").write_text("Some text.")
+            extra = [f"corpus.paths=[{tmp_path / 'a.txt'}]"] if (group, option) == ("corpus", "files") else []
             cfg = config([f"{group}={option}", *extra])
             if group != "subject" and not OmegaConf.missing_keys(cfg[group]):  # e.g. load's path
                 assert instantiate(cfg[group]) is not None, (group, option)
@@ -111,19 +112,28 @@ def rows_lenient(run_dir: Path) -> list[dict]:
 
 
 def test_the_explainer_never_sees_a_valid_or_test_excerpt(tiny_llama_dir, corpus, tmp_path, monkeypatch):
-    from neuronlens.explain import Explainer
+    from neuronlens.explainers.llm import LLMExplainer
+    from neuronlens.records import NeuronId
 
     seen: list[tuple] = []
-    real = Explainer.explain
+    records = {}
+    real, real_process = LLMExplainer.explain, pipeline.process
 
-    def spy(self, records, neuron=None):
-        seen.append((neuron, list(records)))
-        return real(self, records, neuron=neuron)
+    def spy(self, neuron, train):
+        seen.append((neuron, list(train)))
+        return real(self, neuron, train)
 
-    monkeypatch.setattr(Explainer, "explain", spy)
+    def process(neuron, *args, **kwargs):
+        records[neuron.neuron_id] = neuron
+        return real_process(neuron, *args, **kwargs)
+
+    monkeypatch.setattr(LLMExplainer, "explain", spy)
+    monkeypatch.setattr(pipeline, "process", process)
     pipeline.run(tiny_run_config(tiny_llama_dir, corpus), tmp_path / "run")
     assert len(seen) == 4
-    for neuron, shown in seen:
+    for neuron_id, shown in seen:
+        assert type(neuron_id) is NeuronId   # the id only: nothing else of the record
+        neuron = records[neuron_id]
         held_out = {r.key() for name in ("valid", "test", "calibration") for r in neuron.split(name).all}
         assert held_out and shown
         assert not held_out & {r.key() for r in shown}

@@ -408,7 +408,7 @@ def test_an_unknown_model_has_no_cost():
 
 
 def test_a_self_hosted_endpoint_has_no_price_even_under_a_priced_name():
-    from neuronlens.backends.policy import priced_model
+    from neuronlens.backends.prices import priced_model
 
     assert priced_model({"model": "gpt-4o", "base_url": None}) == "gpt-4o"
     assert priced_model({"model": "gpt-4o", "base_url": "https://api.openai.com/v1"}) == "gpt-4o"

@@ -15,7 +15,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from neuronlens.cli import CONF_DIR
+from neuronlens.conf import CONF_DIR
 from neuronlens.errors import UserError
 from neuronlens.probe import data as probe_data
 from neuronlens.probe.activations import columns, pooled_activations

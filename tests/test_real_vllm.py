@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 import neuronlens.pipeline as pipeline
 from neuronlens.backends.base import BackendError
 from neuronlens.backends.vllm import VLLMBackend
-from neuronlens.cli import CONF_DIR
+from neuronlens.conf import CONF_DIR
 from neuronlens.corpus import BuiltinCorpus
 
 pytestmark = pytest.mark.vllm
@@ -113,13 +113,13 @@ def test_explainer_and_simulator_on_vllm_score_every_neuron(real_vllm, hard_corp
 
 
 def test_in_process_engine_from_its_conf_file_matches_local(real_vllm, hard_corpus, tmp_path):
-    """`VLLMEngineBackend` (conf/simulator/vllm_engine.yaml) in the vLLM venv, on the hard text."""
+    """`VLLMEngineBackend` (neuronlens/conf/simulator/vllm_engine.yaml) in the vLLM venv, on the hard text."""
     from real_vllm import venv_python
 
     from neuronlens.backends.local import LocalBackend
     from neuronlens.records import ActivationRecord
-    from neuronlens.simulate import Simulator
-    from neuronlens.subject.models import load_tokenizer
+    from neuronlens.scorers.simulation import Simulator
+    from neuronlens.models import load_tokenizer
 
     tok = load_tokenizer("embedded")
     tokens = [[tok.decode([i]) for i in tok(text)["input_ids"]] for text in HARD]

@@ -19,7 +19,7 @@ import neuronlens.subject.transformer as transformer
 from neuronlens.pipeline import recording_for, select_neurons
 from neuronlens.records import NeuronId, NeuronRecord
 from neuronlens.subject.hooks import neuron_hooks
-from neuronlens.subject.models import load_model
+from neuronlens.models import load_model
 from neuronlens.subject.recording import Recording, RecordingConfig, record
 
 ARCHS = ["gpt2", "llama"]

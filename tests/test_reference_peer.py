@@ -53,7 +53,7 @@ from neuron_explainer.explanations.scoring import (  # noqa: E402
 from neuron_explainer.explanations.simulator import NeuronSimulator  # noqa: E402
 
 from neuronlens.records import NeuronId  # noqa: E402
-from neuronlens.score import score  # noqa: E402
+from neuronlens.scorers.correlation import correlate  # noqa: E402
 
 NEURONS = [NeuronId(0, 3), NeuronId(1, 17), NeuronId(2, 40)]
 
@@ -108,8 +108,8 @@ def exported_run(recording, tiny_llama_dir, tmp_path_factory) -> Path:
     from hydra import compose, initialize_config_dir
 
     import neuronlens.pipeline as pipeline
-    from neuronlens.cli import CONF_DIR
-    from neuronlens.openai_format import export_run
+    from neuronlens.conf import CONF_DIR
+    from neuronlens.report.openai_format import export_run
 
     tmp = tmp_path_factory.mktemp("peer-run")
     recording.export_openai(tmp / "records")
@@ -135,7 +135,7 @@ def test_published_explanations_rescored_with_the_references_prompt(exported_run
     from hydra import compose, initialize_config_dir
 
     import neuronlens.pipeline as pipeline
-    from neuronlens.cli import CONF_DIR
+    from neuronlens.conf import CONF_DIR
     from neuronlens.files import read_rows
 
     tmp = exported_run.parent
@@ -187,11 +187,11 @@ def test_their_loader_reads_our_export_and_their_scoring_agrees(exported_run):
                 assert not math.isfinite(again)
             else:
                 assert s.rsquared_score == pytest.approx(again, abs=1e-12)
-        ours = score([e["true"] for e in row["test_excerpts"]],
+        ours = correlate([e["true"] for e in row["test_excerpts"]],
                      [e["simulated"] for e in row["test_excerpts"]])
         assert ours.correlation == row["score"]
         for s in sequences:
-            mine = score([s.true_activations], [s.simulation.expected_activations]).correlation
+            mine = correlate([s.true_activations], [s.simulation.expected_activations]).correlation
             if mine is None:
                 assert s.ev_correlation_score is None
             else:
@@ -235,7 +235,7 @@ def test_their_scoring_gives_our_scores(seed):
     simulator = Replay({tuple(r.tokens): s for r, s in zip(records, simulated)})
     theirs = asyncio.run(simulate_and_score(simulator, records))
     true = [r.activations for r in records]
-    ours = score(true, simulated)
+    ours = correlate(true, simulated)
     assert ours.flag is None and ours.n_excerpts == len(records)
     assert theirs.ev_correlation_score == pytest.approx(ours.correlation, abs=1e-12)
     # over all tokens concatenated, not the mean of the excerpts' correlations
@@ -256,11 +256,11 @@ def test_where_their_correlation_is_nan_ours_is_none_with_a_reason():
     with np.errstate(all="ignore"):   # numpy warns of the 0/0 it turns into NaN
         flat = correlation_score(sum(true, []), [2.0] * 5)
     assert math.isnan(flat)
-    ours = score(true, [[2.0] * 3, [2.0] * 2])
+    ours = correlate(true, [[2.0] * 3, [2.0] * 2])
     assert ours.correlation is None and ours.flag == "constant simulation"
     with np.errstate(all="ignore"):
         assert math.isnan(correlation_score([1.0] * 4, [0.0, 1.0, 2.0, 3.0]))
-    dead = score([[1.0] * 4], [[0.0, 1.0, 2.0, 3.0]])
+    dead = correlate([[1.0] * 4], [[0.0, 1.0, 2.0, 3.0]])
     assert dead.correlation is None and dead.flag == "constant activations"
 
 
@@ -296,9 +296,10 @@ def test_the_reference_prompt_simulates_as_their_own_simulator_does(monkeypatch)
 
     from neuronlens.backends.local import LocalBackend
     from neuronlens.records import ActivationRecord
-    from neuronlens.reference_prompt import reference_request
+    from neuronlens.scorers.reference_prompt import reference_request
     from neuronlens.serve import start_server
-    from neuronlens.simulate import CANDIDATES, Simulator
+    from neuronlens.scorers.simulation import Simulator
+    from neuronlens.scorers.strategies import NUMBERS as CANDIDATES
 
     monkeypatch.setenv("OPENAI_API_KEY", "unused")
     explanation = "numbers and prices"

@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import neuronlens.pipeline as pipeline
-from neuronlens.cli import CONF_DIR
+from neuronlens.conf import CONF_DIR
 from neuronlens.serve import start_server
 
 

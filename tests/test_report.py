@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from scipy import stats as sp
 
 import neuronlens.pipeline as pipeline
-from neuronlens.cli import CONF_DIR
+from neuronlens.conf import CONF_DIR
 from neuronlens.report.cli import main as report_main
 
 
@@ -270,11 +270,11 @@ def test_every_finished_run_gets_its_viewer_and_export(bench, monkeypatch, capsy
     site = types.ModuleType("neuronlens.report.site")
     site.write_site = lambda run_dir, out_dir=None: (calls.append(("site", run_dir.name)),
                                                      run_dir / "viewer" / "index.html")[1]
-    export = types.ModuleType("neuronlens.openai_format")
+    export = types.ModuleType("neuronlens.report.openai_format")
     export.export_run = lambda run_dir, out_dir=None: (calls.append(("openai", run_dir.name)),
                                                        [run_dir / "openai" / "1" / "2.jsonl"])[1]
     monkeypatch.setitem(sys.modules, "neuronlens.report.site", site)
-    monkeypatch.setitem(sys.modules, "neuronlens.openai_format", export)
+    monkeypatch.setitem(sys.modules, "neuronlens.report.openai_format", export)
     (bench / "0" / "viewer").mkdir()
     (bench / "0" / "viewer" / "index.html").write_text("<html></html>")
     report_main([str(bench)])

@@ -6,14 +6,14 @@ import math
 
 import pytest
 
-from neuronlens.score import (
+from neuronlens.scorers.correlation import (
     Calibration,
     ScoredSimulation,
+    correlate,
     fit_calibration,
-    normalize_activations,
-    score,
     score_splits,
 )
+from neuronlens.prompt_format import normalize_activations
 
 
 def _all_plain_floats(s: ScoredSimulation) -> bool:
@@ -22,7 +22,7 @@ def _all_plain_floats(s: ScoredSimulation) -> bool:
 
 
 def test_perfect_simulation_scores_one():
-    s = score([[0, 1, 2], [3]], [[0, 1, 2], [3]])
+    s = correlate([[0, 1, 2], [3]], [[0, 1, 2], [3]])
     assert s.correlation == pytest.approx(1.0)
     assert s.r_squared == pytest.approx(1.0)
     assert s.absolute_dev_explained == pytest.approx(1.0)
@@ -36,7 +36,7 @@ def test_hand_computed_example():
     # sum dt*ds = 2.25 - .25 - .25 + 2.25 = 4; sum dt^2 = sum ds^2 = 5  ->  r = 4/5 = 0.8
     # mean (t-s)^2 = (0+1+1+0)/4 = 0.5; var t = 5/4 = 1.25  ->  r2 = 1 - 0.5/1.25 = 0.6
     # mean |t-s| = 0.5; mean |t-1.5| = (1.5+.5+.5+1.5)/4 = 1  ->  abs dev = 0.5
-    s = score([[0, 1, 2], [3]], [[0, 2, 1], [3]])
+    s = correlate([[0, 1, 2], [3]], [[0, 2, 1], [3]])
     assert s.correlation == pytest.approx(0.8)
     assert s.r_squared == pytest.approx(0.6)
     assert s.absolute_dev_explained == pytest.approx(0.5)
@@ -48,7 +48,7 @@ def test_negative_correlation():
     # t = [0,1,2], s = [2,1,0]: s = 2 - t  ->  r = -1
     # mean (t-s)^2 = (4+0+4)/3 = 8/3; var t = 2/3  ->  r2 = 1 - 4 = -3
     # mean |t-s| = 4/3; mean |t-1| = 2/3  ->  abs dev = 1 - 2 = -1
-    s = score([[0, 1, 2]], [[2, 1, 0]])
+    s = correlate([[0, 1, 2]], [[2, 1, 0]])
     assert s.correlation == pytest.approx(-1.0)
     assert s.r_squared == pytest.approx(-3.0)
     assert s.absolute_dev_explained == pytest.approx(-1.0)
@@ -57,7 +57,7 @@ def test_negative_correlation():
 def test_r_squared_negative_despite_perfect_correlation():
     # t = [0,1], s = [10,11]: r = 1, but (t-s)^2 = 100 each; var t = 0.25  ->  r2 = 1 - 400 = -399
     # mean |t-s| = 10; mean |t-0.5| = 0.5  ->  abs dev = 1 - 20 = -19
-    s = score([[0, 1]], [[10, 11]])
+    s = correlate([[0, 1]], [[10, 11]])
     assert s.correlation == pytest.approx(1.0)
     assert s.r_squared == pytest.approx(-399.0)
     assert s.absolute_dev_explained == pytest.approx(-19.0)
@@ -70,22 +70,22 @@ def test_correlation_is_over_concatenated_tokens_not_mean_of_excerpts():
     # sum dt*ds = 4 * 24.75 = 99; sum dt^2 = sum ds^2 = 30.25+20.25+20.25+30.25 = 101
     # r = 99/101 = 0.980198...
     true, sim = [[0, 1], [10, 11]], [[1, 0], [11, 10]]
-    assert score([true[0]], [sim[0]]).correlation == pytest.approx(-1.0)
-    assert score([true[1]], [sim[1]]).correlation == pytest.approx(-1.0)
-    assert score(true, sim).correlation == pytest.approx(99 / 101)
+    assert correlate([true[0]], [sim[0]]).correlation == pytest.approx(-1.0)
+    assert correlate([true[1]], [sim[1]]).correlation == pytest.approx(-1.0)
+    assert correlate(true, sim).correlation == pytest.approx(99 / 101)
 
 
 def test_constant_simulation_is_flagged():
     # t = [0,1,2], s = [1,1,1] (the mean): r undefined.
     # mean (t-s)^2 = 2/3 = var t  ->  r2 = 0; mean |t-s| = 2/3 = mean |t-1|  ->  abs dev = 0
-    s = score([[0, 1, 2]], [[1, 1, 1]])
+    s = correlate([[0, 1, 2]], [[1, 1, 1]])
     assert s.correlation is None
     assert s.flag == "constant simulation"
     assert s.r_squared == pytest.approx(0.0)
     assert s.absolute_dev_explained == pytest.approx(0.0)
     # s = [0,0,0]: mean (t-s)^2 = 5/3  ->  r2 = 1 - (5/3)/(2/3) = -1.5;
     # mean |t-s| = 1  ->  abs dev = 1 - 1/(2/3) = -0.5
-    s = score([[0, 1, 2]], [[0, 0, 0]])
+    s = correlate([[0, 1, 2]], [[0, 0, 0]])
     assert s.correlation is None and s.flag == "constant simulation"
     assert s.r_squared == pytest.approx(-1.5)
     assert s.absolute_dev_explained == pytest.approx(-0.5)
@@ -93,18 +93,18 @@ def test_constant_simulation_is_flagged():
 
 
 def test_constant_true_activations_are_flagged():
-    s = score([[2, 2], [2]], [[0, 1], [2]])
+    s = correlate([[2, 2], [2]], [[0, 1], [2]])
     assert (s.correlation, s.r_squared, s.absolute_dev_explained) == (None, None, None)
     assert s.flag == "constant activations"
     assert (s.n_tokens, s.n_excerpts) == (3, 2)
     # 0.1 repeated: its float mean is not exactly 0.1, so a variance test could see noise.
-    s = score([[0.1, 0.1, 0.1]], [[0.0, 0.5, 1.0]])
+    s = correlate([[0.1, 0.1, 0.1]], [[0.0, 0.5, 1.0]])
     assert s.flag == "constant activations" and s.r_squared is None
 
 
 def test_no_tokens():
     for true, sim, n_excerpts in (([], [], 0), ([[]], [[]], 1)):
-        s = score(true, sim)
+        s = correlate(true, sim)
         assert (s.correlation, s.r_squared, s.absolute_dev_explained) == (None, None, None)
         assert (s.flag, s.n_tokens, s.n_excerpts) == ("no tokens", 0, n_excerpts)
 
@@ -112,14 +112,14 @@ def test_no_tokens():
 @pytest.mark.parametrize("bad", [None, float("nan"), float("inf")])
 def test_failed_simulated_token_raises(bad):
     with pytest.raises(ValueError, match=r"simulated activations of excerpt 1 .* token 1.*drop"):
-        score([[0, 1], [0, 1, 2]], [[0, 1], [0, bad, 2]])
+        correlate([[0, 1], [0, 1, 2]], [[0, 1], [0, bad, 2]])
 
 
 def test_shape_mismatch_names_the_excerpt():
     with pytest.raises(ValueError, match="Excerpt 1 has 3 true activations but 2 simulated"):
-        score([[0, 1], [0, 1, 2]], [[0, 1], [0, 1]])
+        correlate([[0, 1], [0, 1, 2]], [[0, 1], [0, 1]])
     with pytest.raises(ValueError, match="2 true excerpts but 1 simulated"):
-        score([[0], [1]], [[0]])
+        correlate([[0], [1]], [[0]])
 
 
 def test_score_splits():
@@ -160,12 +160,12 @@ def test_calibration_least_squares_and_its_effect_on_scores():
     # r = 0.5 before and after (positive slope); in-sample OLS r2 = r^2 = 0.25
     calibrated = cal.apply(sim)  # [[0.5, 1.0, 1.5]]
     assert calibrated[0] == pytest.approx([0.5, 1.0, 1.5])
-    assert score(true, calibrated).correlation == pytest.approx(0.5)
-    assert score(true, calibrated).r_squared == pytest.approx(0.25)
+    assert correlate(true, calibrated).correlation == pytest.approx(0.5)
+    assert correlate(true, calibrated).r_squared == pytest.approx(0.25)
     # The r2 = -399 case above becomes perfect once calibrated (slope 1, intercept -10).
     cal = fit_calibration([[0, 1]], [[10, 11]])
     assert (cal.slope, cal.intercept) == (pytest.approx(1.0), pytest.approx(-10.0))
-    assert score([[0, 1]], cal.apply([[10, 11]])).r_squared == pytest.approx(1.0)
+    assert correlate([[0, 1]], cal.apply([[10, 11]])).r_squared == pytest.approx(1.0)
 
 
 def test_calibration_constant_simulation():

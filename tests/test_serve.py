@@ -14,7 +14,7 @@ import torch
 from openai import InternalServerError, OpenAI
 
 from neuronlens.serve import score_prompt, start_server
-from neuronlens.subject.models import load_model
+from neuronlens.models import load_model
 
 PROMPT = "The cat sat on the mat.\n1\t2\tthree"
 WIDE = "Cats 🐱 and 猫\tsat \ufffd on\nthe mat 🐟🐟."   # characters split into byte tokens

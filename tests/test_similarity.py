@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from neuronlens import similarity
-from neuronlens.similarity import SimilarityJudge, load_encoder, pool_matrix
+from neuronlens.scorers import similarity
+from neuronlens.scorers.similarity import SimilarityJudge, load_encoder, pool_matrix
 from neuronlens.errors import UserError
 from neuronlens.records import ActivationRecord
 
@@ -131,7 +131,7 @@ def test_pipeline_runs_with_the_similarity_judge(tiny_llama_dir, tmp_path):
     from hydra import compose, initialize_config_dir
 
     import neuronlens.pipeline as pipeline
-    from neuronlens.cli import CONF_DIR
+    from neuronlens.conf import CONF_DIR
     from neuronlens.corpus import BuiltinCorpus
 
     corpus = tmp_path / "corpus.txt"

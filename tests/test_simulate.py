@@ -30,11 +30,10 @@ from neuronlens.backends.base import (
 from neuronlens.backends.candidates import candidate_tokens
 from neuronlens.backends.local import LocalBackend
 from neuronlens.records import ActivationRecord
-from neuronlens.simulate import (
-    CANDIDATES,
+from neuronlens.scorers.base import SimulationResult
+from neuronlens.scorers.strategies import NUMBERS, UNKNOWN
+from neuronlens.scorers.simulation import (
     FEWSHOT,
-    PLACEHOLDER,
-    SimulationResult,
     Simulator,
     build_request,
     expected_value,
@@ -91,7 +90,7 @@ def gemma3_tokenizer(request):
     import transformers
     from transformers import AutoTokenizer
 
-    from neuronlens.subject.models import SubjectError, embedded_gguf
+    from neuronlens.models import SubjectError, embedded_gguf
 
     try:
         path = embedded_gguf("gemma3")
@@ -150,7 +149,7 @@ def _tiny_model(arch: str, tokenizer, seed: int = 0):
                                            n_positions=4096, tie_word_embeddings=False,
                                            bos_token_id=0, eos_token_id=0))
     boost = sorted({t for lead in ("", "\t")
-                    for seq in candidate_tokens(tokenizer, lead, CANDIDATES) for t in seq})
+                    for seq in candidate_tokens(tokenizer, lead, NUMBERS) for t in seq})
     with torch.no_grad():
         out = model.get_output_embeddings().weight
         out[boost] = torch.randn(len(boost), out.shape[1]) * 0.5
@@ -168,7 +167,7 @@ def _sharpen_ten(model, tokenizer) -> None:
     hs, last = [], None
     for c in req.positions:
         j = next(i for i, (s, e) in enumerate(offsets) if s <= c < e)
-        ten = candidate_tokens(tokenizer, req.prompt[offsets[j][0]:c], CANDIDATES)[10]
+        ten = candidate_tokens(tokenizer, req.prompt[offsets[j][0]:c], NUMBERS)[10]
         if len(ten) < 2:
             continue
         x = torch.tensor([ids[:j] + ten[:-1]])
@@ -229,11 +228,11 @@ def test_prompt_with_fewshot_is_prefix_plus_excerpt():
     assert req.prompt == prompt_prefix("words about the sea", raw=True) + tail[tail.index("The\t"):]
     assert req.prompt.startswith(GOLDEN.split("\n\n")[0] + "\n\nNeuron 1\n")
     # the examples' first lines show "unknown" and then their values (the method's reveal)
-    assert req.prompt.count(PLACEHOLDER + "\n") == 3 + sum(ex.hidden for ex in FEWSHOT)
+    assert req.prompt.count(UNKNOWN + "\n") == 3 + sum(ex.hidden for ex in FEWSHOT)
     assert sum(ex.hidden > 0 for ex in FEWSHOT) >= 3 and all(ex.hidden < len(ex.pairs) for ex in FEWSHOT)
     for ex in FEWSHOT:
         lines = ex.lines(raw=True)
-        assert lines[:ex.hidden] == [f"{t}\t{PLACEHOLDER}\n" for t, _ in ex.pairs[:ex.hidden]]
+        assert lines[:ex.hidden] == [f"{t}\t{UNKNOWN}\n" for t, _ in ex.pairs[:ex.hidden]]
         assert lines[ex.hidden:] == [f"{t}\t{a}\n" for t, a in ex.pairs[ex.hidden:]]
     # the chat strategies, which read answers line by line, keep newlines and tabs escaped
     assert "\\n\t" in prompt_prefix("x") and "\\n\t" not in prompt_prefix("x", raw=True)
@@ -288,9 +287,9 @@ def test_placeholder_tokens_and_candidates(tokenizer, request):
         leads.append(lead)
         seqs = _walk(q.trie, {})
         assert sorted(seqs) == list(range(11))
-        for k, cand in enumerate(CANDIDATES):
+        for k, cand in enumerate(NUMBERS):
             assert tokenizer.decode(list(seqs[k])) == lead + cand
-        assert candidate_tokens(tokenizer, lead, CANDIDATES) == [list(seqs[k]) for k in range(11)]
+        assert candidate_tokens(tokenizer, lead, NUMBERS) == [list(seqs[k]) for k in range(11)]
         assert q.n_candidates == 11
     if name == "tab":
         newline = EXCERPT.index("\n")
@@ -334,7 +333,7 @@ def test_tab_tokenizer_lead_after_whitespace_token(tab_tokenizer):
 
 def test_queries_reject_uncovered_offset(smollm2_tokenizer):
     req = build_request("x", ["a"])
-    bad = PromptLogprobRequest(req.prompt, (len(req.prompt) + 5,), CANDIDATES)
+    bad = PromptLogprobRequest(req.prompt, (len(req.prompt) + 5,), NUMBERS)
     enc = smollm2_tokenizer(req.prompt, return_offsets_mapping=True)
     be = LocalBackend()
     be.tokenizer = smollm2_tokenizer
@@ -354,7 +353,7 @@ def _explicit(model, tokenizer, req: PromptLogprobRequest):
         assert len(covering) == 1
         j = covering[0]
         lead = req.prompt[offsets[j][0]:c]
-        seqs = candidate_tokens(tokenizer, lead, CANDIDATES)
+        seqs = candidate_tokens(tokenizer, lead, NUMBERS)
         memo = {}
 
         def nextp(prefix: tuple[int, ...]) -> torch.Tensor:
@@ -613,7 +612,7 @@ def test_simulator_on_local_backend_end_to_end(tab_tokenizer):
 def test_our_calls_raise_no_deprecation_warning(tiny_llama_dir, capfd):
     """transformers renamed ``past_key_values`` to ``cache``; passing the old name warns on every
     forward. The local backend passes the name the model takes (``backends.local.cache_argument``)."""
-    from neuronlens.simulate import Simulator
+    from neuronlens.scorers.simulation import Simulator
 
     backend = LocalBackend(model=str(tiny_llama_dir), device="cpu")
     backend.load()

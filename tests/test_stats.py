@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as sp
 
-from neuronlens.report import stats
+from neuronlens import stats
 
 
 @pytest.fixture

@@ -20,8 +20,9 @@ from neuronlens.backends.base import (
 )
 from neuronlens.errors import UserError
 from neuronlens.records import ActivationRecord
-from neuronlens.simulate import INSTRUCTIONS, SimulationResult, Simulator, prompt_prefix
-from neuronlens.strategies import (
+from neuronlens.scorers.base import SimulationResult
+from neuronlens.scorers.simulation import INSTRUCTIONS, Simulator, prompt_prefix
+from neuronlens.scorers.strategies import (
     SharedPrompt,
     Unreadable,
     one_at_a_time_request,
@@ -296,7 +297,7 @@ def test_the_reference_prompt_needs_prompt_logprobs_and_its_package(monkeypatch)
     assert "generated_sequence" in str(info.value) and "\n" not in str(info.value)
     Simulator(FakeBackend(Capabilities(completion=True, prompt_logprobs=True)), prompt="openai").check()
 
-    from neuronlens import reference_prompt
+    from neuronlens.scorers import reference_prompt
 
     reference_prompt._builder.cache_clear()
     monkeypatch.setitem(sys.modules, "neuron_explainer.explanations.simulator", None)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from neuronlens.explain import FEWSHOT, copied_example, copy_flag
-from neuronlens.score import score
+from neuronlens.explainers.llm import FEWSHOT, copied_example, copy_flag
+from neuronlens.scorers.correlation import correlate
 from neuronlens.summary import LOW_MASS, headline, mass_stats, summarise_rows
 
 
@@ -30,11 +30,11 @@ def test_constant_simulations_count_as_zero_in_the_headline_mean():
 
 
 def test_the_headline_of_a_score_follows_its_flag():
-    constant = score([[0, 1, 2]], [[1, 1, 1]]).to_json()
+    constant = correlate([[0, 1, 2]], [[1, 1, 1]]).to_json()
     assert constant["correlation"] is None and headline(constant) == 0.0
-    dead = score([[2, 2, 2]], [[0, 1, 2]]).to_json()
+    dead = correlate([[2, 2, 2]], [[0, 1, 2]]).to_json()
     assert headline(dead) is None      # constant true activations: nothing to correlate with
-    assert headline(score([[0, 1, 2]], [[0, 1, 3]]).to_json()) == pytest.approx(0.9819805)
+    assert headline(correlate([[0, 1, 2]], [[0, 1, 3]]).to_json()) == pytest.approx(0.9819805)
 
 
 def test_judges_are_summarised_by_the_same_rule():

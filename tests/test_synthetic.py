@@ -10,8 +10,8 @@ import pytest
 from omegaconf import OmegaConf
 
 import neuronlens.pipeline as pipeline
-from neuronlens.baselines import Shuffled, TopTokens, Truth
-from neuronlens.cli import CONF_DIR
+from neuronlens.explainers.baselines import Shuffled, TopTokens, Truth
+from neuronlens.conf import CONF_DIR
 from neuronlens.errors import UserError
 from neuronlens.records import ActivationRecord, NeuronId, NeuronRecord
 from neuronlens.subject.synthetic import SyntheticSubject, make_rule
@@ -86,26 +86,26 @@ def _neuron(i: int, pairs) -> NeuronRecord:
 def test_top_tokens_lists_the_highest_mean_tokens():
     records = [ActivationRecord([" cat", " sat", " cat", " on", "\n"], [9.0, 0.0, 7.0, 1.0, 10.0]),
                ActivationRecord([" on", " the", " mat"], [3.0, 0.0, 0.0])]
-    out = TopTokens(n=2, min_count=2).explain(records)
+    out = TopTokens(n=2, min_count=2).explain(NeuronId(0, 0), records)
     assert out.explanations == ('the tokens "cat", "on"',)  # "\n" is blank; "mat" seen once
-    assert TopTokens(n=2, min_count=1).explain(records).explanations == ('the tokens "cat", "on"',)
-    assert TopTokens().explain([ActivationRecord([" a"], [0.0])]).explanations == ()
+    assert TopTokens(n=2, min_count=1).explain(NeuronId(0, 0), records).explanations == ('the tokens "cat", "on"',)
+    assert TopTokens().explain(NeuronId(0, 0), [ActivationRecord([" a"], [0.0])]).explanations == ()
 
 
 def test_shuffled_never_keeps_a_neurons_own_explanation():
     neurons = [_neuron(i, [(f" w{i}", 1.0)]) for i in range(7)]
     shuffled = Shuffled(Truth([{"explanation": f"rule {i}"} for i in range(7)]), seed=3)
-    shuffled.prepare(neurons, 0)
-    given = [shuffled.explain(n.shown(0), neuron=n).explanations[0] for n in neurons]
+    shuffled.prepare({n.neuron_id: n.shown(0) for n in neurons})
+    given = [shuffled.explain(n.neuron_id, n.shown(0)).explanations[0] for n in neurons]
     assert sorted(given) == sorted(f"rule {i}" for i in range(7))  # a permutation ...
     assert all(g != f"rule {i}" for i, g in enumerate(given))      # ... with no fixed point
     with pytest.raises(UserError, match="at least two neurons"):
-        Shuffled(Truth([{"explanation": "x"}])).prepare(neurons[:1], 0)
+        Shuffled(Truth([{"explanation": "x"}])).prepare({neurons[0].neuron_id: neurons[0].shown(0)})
 
 
 def test_truth_needs_a_synthetic_subject():
     with pytest.raises(UserError, match="subject=synthetic"):
-        Truth(None).prepare([_neuron(0, [(" a", 1.0)])], 0)
+        Truth(None).prepare({NeuronId(0, 0): []})
 
 
 def test_synthetic_run_with_truth_and_shuffled_truth(tiny_llama_dir, corpus, tmp_path):  # noqa: F811

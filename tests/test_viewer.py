@@ -5,7 +5,9 @@ and text from the corpus that never runs as script."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from itertools import islice
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import neuronlens.pipeline as pipeline
-from neuronlens.cli import CONF_DIR
+from neuronlens.conf import CONF_DIR
 from neuronlens.report.site import page_name, write_site
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -193,7 +195,8 @@ def test_injected_markup_is_shown_as_text(browser, tmp_path):
     neg = _rgba(cells[2].value_of_css_property("background-color"))
     pos = _rgba(cells[1].value_of_css_property("background-color"))
     assert neg[:3] != pos[:3]  # negative activations get another hue
-    assert f"embed {evil}" in browser.find_element(By.CSS_SELECTOR, "h2.judge").text
+    judge_rows = browser.find_elements(By.CSS_SELECTOR, "#judges tbody tr")
+    assert [r.find_elements(By.TAG_NAME, "td")[0].text for r in judge_rows] == ["simulator", f"embed {evil}"]
     judge_strips = browser.find_elements(By.CSS_SELECTOR, ".excerpt .j")
     assert judge_strips[1].get_attribute("title") == f"embed {evil} 0.9"
     browser.get((index.parent / "neurons" / page_name(2, 8)).as_uri())
@@ -206,3 +209,84 @@ def test_site_without_a_run_is_a_clear_error(tmp_path):
 
     with pytest.raises(UserError, match="no neurons.jsonl"):
         write_site(tmp_path)
+
+
+UNICODE = ("The mitochondria of cells 🙂 make energy; 日本語 is read in Tokyo, a café serves a naïve "
+           "résumé 🎉 and more mitochondria.")
+
+
+@pytest.fixture(scope="module")
+def unicode_run(tiny_llama_dir, tmp_path_factory) -> Path:
+    """A real run over text whose emoji and CJK characters the tiny byte-level tokenizer splits
+    into byte tokens."""
+    tmp = tmp_path_factory.mktemp("unicode-run")
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("\n\n".join(UNICODE.replace("cells", f"cells {i}") for i in range(40)))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=[
+            f"subject.model={tiny_llama_dir}", "subject.device=cpu", "corpus=files",
+            f"corpus.paths=[{corpus}]", f"explainer.model={tiny_llama_dir}",
+            f"simulator.model={tiny_llama_dir}", "neurons.layers=[1]", "neurons.per_layer=2",
+            "recording.top_k=12", "recording.n_random=12", "recording.window=48", "~judges",
+            "judge_power.enabled=false", "recording.cache=false", "explain.max_tokens=8",
+            "progress=false"])
+    pipeline.run(cfg, tmp / "run")
+    return tmp / "run"
+
+
+def test_split_characters_words_histogram_and_legend(browser, unicode_run, tmp_path):
+    """A character split into byte tokens reads as itself in one box; a word's tokens touch; the
+    histogram counts every test token; every legend swatch sits left of its label."""
+    from selenium.webdriver.common.by import By
+
+    rows = [r for r in _rows(unicode_run) if r.get("test_excerpts")]
+    joined = ["".join(e["text"]) for r in rows for e in r["test_excerpts"] if "text" in e]
+    assert joined and any("🙂" in j and "日本語" in j for j in joined)
+    for r in rows:   # the text is for display: tokens stay as the simulator saw them
+        for e in r["test_excerpts"]:
+            assert "text" not in e or len(e["text"]) == len(e["tokens"])
+
+    index = write_site(unicode_run, tmp_path / "site")
+    row = rows[0]
+    browser.get((index.parent / "neurons" / page_name(row["layer"], row["index"])).as_uri())
+    drawn = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.excerpt'), e => "
+        "Array.from(e.querySelectorAll('.t'), t => t.textContent).join(''))")
+    assert any("🙂" in d and "日本語" in d for d in drawn)
+    merged = browser.find_elements(By.CSS_SELECTOR, ".t[data-bytes]")
+    assert merged and all(int(m.get_attribute("data-bytes")) >= 2 for m in merged)
+    assert all("byte tokens" in m.get_attribute("title") for m in merged)
+
+    # the words: tokens of one word touch (no gap), each word on one line
+    gaps = browser.execute_script("""
+        const out = [];
+        for (const w of document.querySelectorAll('.word')) {
+          const ts = Array.from(w.querySelectorAll('.t'), t => t.getBoundingClientRect());
+          for (let i = 1; i < ts.length; i++) out.push([ts[i].left - ts[i - 1].right, ts[i].top - ts[i - 1].top]);
+        }
+        return out;""")
+    assert gaps and all(abs(dx) < 0.5 and abs(dy) < 0.5 for dx, dy in gaps)
+    words = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.word'), "
+        "w => Array.from(w.querySelectorAll('.t'), t => t.textContent).join(''))")
+    assert any(w.strip() == "mitochondria" for w in words)
+
+    # the histogram: two bars per bin, and its counts are the test tokens
+    bars = browser.find_elements(By.CSS_SELECTOR, "#histogram rect.bar")
+    counts = [int(re.search(r": (\d+) ", b.find_element(By.TAG_NAME, "title").get_attribute("textContent")).group(1))
+              for b in bars]
+    assert len(bars) == 48 and sum(counts) == sum(len(e["true"]) for e in row["test_excerpts"])
+
+    # the legends: a swatch, then its label, for every item that has one
+    order = browser.execute_script("""
+        return Array.from(document.querySelectorAll('.legend .item'), item => {
+          const sw = item.querySelector('.sw');
+          if (!sw) return null;
+          return [item.firstElementChild === sw, sw.getBoundingClientRect().right <= item.getBoundingClientRect().right - 4];
+        }).filter(x => x !== null);""")
+    assert len(order) >= 4 and all(first and left for first, left in order)
+    shot = tmp_path / "unicode-neuron.png"
+    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    if os.environ.get("NEURONLENS_SCREENSHOTS"):   # to look at: NEURONLENS_SCREENSHOTS=<folder>
+        Path(os.environ["NEURONLENS_SCREENSHOTS"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(os.environ["NEURONLENS_SCREENSHOTS"]) / shot.name)

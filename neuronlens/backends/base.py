@@ -2,16 +2,18 @@
 
 A backend only translates a typed request into a model call and parses the answer. Retries,
 caching, concurrency and accounting live in the policy layer (`neuronlens.backends.policy`);
-batching and progress in the engine (`neuronlens.simulate`, `neuronlens.explain`,
+batching and progress in the engine (`neuronlens.scorers.simulation`, `neuronlens.explainers.llm`,
 `neuronlens.pipeline`). Every failure carries a ``kind`` (a short name such as ``timeout`` or
 ``misaligned``) that summaries count it by.
 """
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from email.utils import parsedate_to_datetime
+from typing import Any, Callable, Sequence
 
 from neuronlens.errors import UserError
 from neuronlens.secrets import redact
@@ -176,3 +178,23 @@ class Backend(ABC):
     def count_tokens(self, text: str) -> int:
         """Tokens in ``text``; backends without a tokenizer estimate 4 characters a token."""
         return max(1, len(text) // 4)
+
+
+def retry_after(headers: Any) -> float | None:
+    """Seconds a server asked to wait, from its ``retry-after-ms`` or ``Retry-After`` header
+    (seconds or an HTTP date), in any letter case; None when it asked nothing readable."""
+    if not headers:
+        return None
+    lower = {str(k).lower(): str(v) for k, v in headers.items()}
+    try:
+        if "retry-after-ms" in lower:
+            return max(0.0, float(lower["retry-after-ms"]) / 1000)
+        if "retry-after" in lower:
+            value = lower["retry-after"]
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+    return None

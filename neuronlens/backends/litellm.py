@@ -24,14 +24,13 @@ Translation only: no retries here (``num_retries=0``), errors are classified int
 
 from __future__ import annotations
 
-import email.utils
 import logging
-import os
 import threading
-import time
 from typing import Any
 
+from neuronlens.backends.prices import import_litellm
 from neuronlens.backends.base import (
+    retry_after,
     Backend,
     BackendError,
     Capabilities,
@@ -45,18 +44,6 @@ from neuronlens.backends.openai import parse_chat
 log = logging.getLogger(__name__)
 
 LOGPROBS_MODES = ("auto", "true", "false")
-
-
-def import_litellm():
-    """LiteLLM, imported lazily (it is slow to import), with its bundled price table: costs are
-    reproducible for a given LiteLLM version and no run reaches out to refresh them."""
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    try:
-        import litellm
-    except ImportError as e:
-        raise ImportError("The litellm backend needs LiteLLM: pip install litellm") from e
-    litellm.suppress_debug_info = True   # no "Give Feedback" banner on every retried error
-    return litellm
 
 
 def logprobs_mode(value: bool | str | None) -> str:
@@ -205,7 +192,7 @@ class LiteLLMBackend(Backend):
         """A LiteLLM exception as `TransientError` (worth retrying) or `BackendError` (fatal)."""
         lm = self._litellm
         if isinstance(e, lm.RateLimitError):
-            return TransientError(f"{self.name} is rate limited: {e}", retry_after=retry_after(e))
+            return TransientError(f"{self.name} is rate limited: {e}", retry_after=server_wait(e))
         if isinstance(e, (lm.Timeout, lm.APIConnectionError, lm.InternalServerError,
                           lm.ServiceUnavailableError, lm.BadGatewayError)):
             return TransientError(f"{self.name} failed for now: {e}")
@@ -233,26 +220,12 @@ class LiteLLMBackend(Backend):
         return f" (is {' / '.join(missing)} set in the environment?)" if missing else ""
 
 
-def retry_after(e: Exception) -> float | None:
-    """Seconds from a ``Retry-After`` (seconds or HTTP date) or ``retry-after-ms`` header."""
-    sources = (getattr(e, "litellm_response_headers", None), getattr(e, "headers", None),
-               getattr(getattr(e, "response", None), "headers", None))
-    for headers in sources:
-        if not headers:
-            continue
-        lower = {str(k).lower(): str(v) for k, v in headers.items()}
-        try:
-            if "retry-after-ms" in lower:
-                return float(lower["retry-after-ms"]) / 1000
-            if "retry-after" in lower:
-                value = lower["retry-after"]
-                try:
-                    return max(0.0, float(value))
-                except ValueError:
-                    when = email.utils.parsedate_to_datetime(value)
-                    return max(0.0, when.timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
+def server_wait(e: Exception) -> float | None:
+    """The wait a LiteLLM exception's server asked for, from whichever headers it carries."""
+    for headers in (getattr(e, "litellm_response_headers", None), getattr(e, "headers", None),
+                    getattr(getattr(e, "response", None), "headers", None)):
+        if headers:
+            return retry_after(headers)
     return None
 
 

@@ -41,7 +41,7 @@ from neuronlens.backends.candidates import (
     inner_paths,
 )
 from neuronlens.errors import UserError
-from neuronlens.subject.models import load_model
+from neuronlens.models import display_name, load_model
 
 
 @dataclass
@@ -70,7 +70,7 @@ class LocalBackend(Backend):
 
     @property
     def name(self) -> str:
-        return f"local:{self.model_name}"
+        return f"local:{display_name(self.model_name)}"
 
     def identity(self) -> dict:
         return {"backend": "local", "model": self.model_name, "dtype": self.dtype}

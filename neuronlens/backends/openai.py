@@ -20,12 +20,11 @@ import codecs
 import json
 import os
 import re
-import time
-from email.utils import parsedate_to_datetime
 from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
 
 from neuronlens.backends.base import (
+    retry_after,
     Backend,
     BackendError,
     Capabilities,
@@ -39,7 +38,7 @@ from neuronlens.backends.base import (
     Unscorable,
     Usage,
 )
-from neuronlens.backends.remote_scoring import PromptToken, score
+from neuronlens.backends.remote_scoring import PromptToken, score_prompt
 from neuronlens.errors import UserError
 
 OPENAI_URL = "https://api.openai.com/v1"
@@ -196,27 +195,6 @@ def first_token_tops(data: dict, n: int) -> list[dict[str, float]]:
 
 
 # ---- errors -----------------------------------------------------------------------------------
-def retry_after(headers: Any) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` / ``Retry-After`` (seconds or an HTTP date)."""
-    if headers is None:
-        return None
-    if (ms := headers.get("retry-after-ms")) is not None:
-        try:
-            return float(ms) / 1000
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
-
-
 def _server_message(body: Any, fallback: str) -> str:
     if isinstance(body, dict):
         body = body.get("message") or body.get("detail") or body.get("error") or body
@@ -388,5 +366,5 @@ class OpenAIBackend(Backend):
             usage = usage + more
             return tops
 
-        probs, mass = score(request, tokens, follow_up)
+        probs, mass = score_prompt(request, tokens, follow_up)
         return TokenDistributions(probs, mass, usage)

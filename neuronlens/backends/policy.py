@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
+from neuronlens.backends.prices import price, priced_model
 from neuronlens.backends.base import (
     Backend,
     BackendError,
@@ -399,26 +400,3 @@ class Policy(Backend):
                     self._cost = None if total is None else self._cost + total
         cost = self._cost
         return counts | {"cost_usd": cost, "cost_known": cost is not None}
-
-
-def priced_model(identity: dict) -> str | None:
-    """The model to look up in the price table: only a provider's own endpoint has its prices; a
-    self-hosted server (a vLLM or neuronlens-serve ``base_url``) costs what its machine costs."""
-    endpoint = identity.get("base_url") or identity.get("api_base")
-    if endpoint and "api.openai.com" not in str(endpoint):
-        return None
-    return identity.get("model")
-
-
-def price(model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
-    """Dollars for one response by LiteLLM's price table; None for a model it does not list."""
-    from neuronlens.backends.litellm import import_litellm
-
-    litellm = import_litellm()
-
-    try:
-        p, c = litellm.cost_per_token(model=model, prompt_tokens=prompt_tokens,
-                                      completion_tokens=completion_tokens)
-    except Exception:  # litellm raises several types for an unmapped model
-        return None
-    return float(p) + float(c)

@@ -118,7 +118,7 @@ def normalise(p: Sequence[float]) -> tuple[tuple[float, ...], float]:
     return (tuple(x / total for x in p) if total > 0 else tuple(p)), total
 
 
-def score(request: PromptLogprobRequest, tokens: Sequence[PromptToken], follow_up: FollowUp,
+def score_prompt(request: PromptLogprobRequest, tokens: Sequence[PromptToken], follow_up: FollowUp,
           max_rounds: int = 3) -> tuple[tuple[tuple[float, ...], ...], tuple[float, ...]]:
     """Distributions over ``request.candidates`` at each of ``request.positions``: (probs, mass).
 

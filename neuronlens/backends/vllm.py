@@ -42,7 +42,7 @@ from neuronlens.backends.base import (
     Usage,
 )
 from neuronlens.backends.openai import OpenAIBackend
-from neuronlens.backends.remote_scoring import PromptToken, score
+from neuronlens.backends.remote_scoring import PromptToken, score_prompt
 from neuronlens.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ class VLLMBackend(OpenAIBackend):
         from transformers import AutoTokenizer
 
         if self.tokenizer_name:
-            from neuronlens.subject.models import load_tokenizer
+            from neuronlens.models import load_tokenizer
 
             return load_tokenizer(self.tokenizer_name)
         for name in dict.fromkeys(n for n in (root, self.model) if n):
@@ -271,7 +271,7 @@ class VLLMEngineBackend(Backend):
             import vllm
         except ImportError as e:
             raise BackendError(MISSING_VLLM) from e
-        from neuronlens.subject.models import resolve
+        from neuronlens.models import resolve
 
         self.llm = vllm.LLM(model=resolve(self.model), dtype=self.dtype, enable_prefix_caching=True,
                             tensor_parallel_size=self.tensor_parallel_size,
@@ -329,7 +329,7 @@ class VLLMEngineBackend(Backend):
                                  "prompt_token_ids": list(out.prompt_token_ids)}]}
             usage = Usage(len(out.prompt_token_ids), 1)
             try:
-                probs, mass = score(r, vllm_prompt_tokens(data, r.prompt, self.tokenizer),
+                probs, mass = score_prompt(r, vllm_prompt_tokens(data, r.prompt, self.tokenizer),
                                     self._first_tops)
             except (Unscorable, TransientError) as e:   # this prompt alone fails
                 results.append(TokenDistributions((), (), usage, error=str(e)))

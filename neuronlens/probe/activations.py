@@ -15,13 +15,9 @@ from tqdm.auto import tqdm
 
 from neuronlens.errors import UserError
 from neuronlens.records import NeuronId
-from neuronlens.subject.hooks import n_neurons, neuron_hooks
+from neuronlens.subject.hooks import StopForward, n_neurons, neuron_hooks
 
 POOLINGS = ("mean", "max", "last")
-
-
-class _StopForward(Exception):
-    pass
 
 
 def columns(model, layers: Sequence[int]) -> list[NeuronId]:
@@ -75,7 +71,7 @@ def pooled_activations(model, tokenizer, texts: Sequence[str], layers: Sequence[
     def grab(layer: int, acts: torch.Tensor) -> None:
         pooled[layer] = _pool(acts.float(), batch["mask"], batch["lengths"], pooling)
         if layer == deepest:
-            raise _StopForward
+            raise StopForward
 
     bar = tqdm(total=len(ids), desc="activations", unit="text", disable=not progress)
     with neuron_hooks(model, sorted(set(layers)), grab):
@@ -88,7 +84,7 @@ def pooled_activations(model, tokenizer, texts: Sequence[str], layers: Sequence[
             try:  # right padding: a causal model's real tokens never see the pad tokens
                 model.base_model(input_ids=input_ids, attention_mask=batch["mask"].long(),
                                  use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
             out[rows] = torch.cat([pooled[layer] for layer in layers], dim=1).cpu().numpy()
             bar.update(len(rows))
@@ -106,14 +102,14 @@ def token_activations(model, tokenizer, texts: Sequence[str], neuron: NeuronId,
 
     def grab(_layer: int, acts: torch.Tensor) -> None:
         seen.append(acts[0, :, neuron.index].float().cpu())
-        raise _StopForward
+        raise StopForward
 
     with neuron_hooks(model, [neuron.layer], grab):
         for ids in encode(tokenizer, texts, max_tokens):
             seen.clear()
             try:
                 model.base_model(input_ids=torch.tensor([ids], device=device), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
             out.append(([tokenizer.decode([i]) for i in ids], seen[0].tolist()))
     return out

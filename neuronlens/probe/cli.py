@@ -1,4 +1,4 @@
-"""The `neuronlens-probe` command: a Hydra app over conf/probe.yaml, which composes the same
+"""The `neuronlens-probe` command: a Hydra app over neuronlens/conf/probe.yaml, which composes the same
 subject, corpus, explainer and simulator groups as `neuronlens`."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from neuronlens.cli import CONF_DIR, check_output_dir, fail_cleanly
+from neuronlens.conf import CONF_DIR
+from neuronlens.cli import check_output_dir, fail_cleanly
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="probe")
@@ -24,9 +25,29 @@ def app(cfg: DictConfig) -> None:
     fail_cleanly(lambda: run(cfg, Path(hc.runtime.output_dir), command))
 
 
+ABOUT = """concept neurons. Fits a sparse (L1) logistic probe from every MLP neuron's
+activation to a labelled concept (sentiment, say), reports the few neurons that carry it and how
+well one neuron alone separates the labels, explains and scores those neurons as `neuronlens` does,
+and steers the model by clamping them (Radford et al. 2017's sentiment neuron)."""
+
+EXAMPLES = [
+    ("neuronlens-probe probe.train=train.tsv probe.test=dev.tsv probe.text=sentence",
+     ".tsv/.csv/.jsonl with a header"),
+    ("neuronlens-probe probe.data=hf probe.name=stanfordnlp/sst2 probe.valid=validation "
+     "probe.text=sentence", "a HF dataset"),
+    ("neuronlens-probe probe.train=t.tsv subject.model=gpt2 probe.layers=[6,7]", "another model"),
+    ("neuronlens-probe probe.train=t.tsv probe.explain=0", "probe and steer only"),
+    ("neuronlens-probe probe.train=t.tsv explainer=openai explainer.model=gpt-4o",
+     "explain the top neurons with another LLM"),
+]
+
+
 def main() -> None:
-    if not CONF_DIR.is_dir():
-        sys.exit(f"neuronlens-probe: error: no config folder at {CONF_DIR}; install with "
-                 "`pip install -e .` from a checkout of the repository.")
+    from neuronlens.help import help_text, wants_help
+
+    if wants_help(sys.argv[1:]):
+        print(help_text("neuronlens-probe", "probe", ABOUT, EXAMPLES,
+                        ("subject", "corpus", "explainer", "simulator")))
+        return
     check_output_dir(sys.argv[1:], "neuronlens-probe")
     app()

@@ -8,7 +8,6 @@ before any model runs.
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,6 +15,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from neuronlens.errors import UserError
+from neuronlens.files import json_lines
 
 
 class DataError(UserError):
@@ -59,13 +59,7 @@ def _table_rows(path: Path, text: str, label: str) -> Iterator[dict[str, Any]]:
     try:
         with open(path, encoding="utf-8", newline="") as f:
             if suffix == ".jsonl":
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            yield json.loads(line)
-                        except json.JSONDecodeError as e:
-                            raise DataError(f"{path} line {n} is not valid JSON ({e.msg}); fix or "
-                                            "remove that line.") from e
+                yield from (row for _, row in json_lines(f, str(path), DataError))
             elif suffix in (".tsv", ".csv"):
                 # GLUE's TSV files hold bare quote characters inside sentences: no quoting for TSV
                 quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL

@@ -14,7 +14,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from neuronlens.files import dumps, write_atomic, write_json
-from neuronlens.pipeline import build_roles, prepare_roles, process, recording_for, table
+from neuronlens.pipeline import build_roles, prepare_explainer, process, recording_for, table
 from neuronlens.probe import report, trace
 from neuronlens.probe.activations import columns, pooled_activations, token_activations
 from neuronlens.probe.data import Dataset, load
@@ -23,7 +23,7 @@ from neuronlens.probe.fit import (L1Probe, Threshold, best_single, curve_sizes, 
 from neuronlens.probe.steer import parse_neurons, steering_effect
 from neuronlens.records import NeuronId
 from neuronlens.subject.hooks import check_neuron, hook_point, n_layers
-from neuronlens.subject.models import load_model
+from neuronlens.models import load_model
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def explain_top(cfg, model, tokenizer, top: list[dict], built, run_dir: Path) ->
     neurons = [NeuronId(t["layer"], t["index"]) for t in chosen]
     explainer, simulator, judges = built
     records = list(recording_for(cfg, model, tokenizer, neurons, run_dir).neuron_records())
-    prepare_roles((explainer, simulator), records, cfg)
+    prepare_explainer(explainer, records, cfg)
     rows = [process(r, explainer, simulator, cfg, judges) for r in records]
     write_atomic(run_dir / "neurons.jsonl", "".join(dumps(r) + "\n" for r in rows))
     for t, row in zip(chosen, rows):

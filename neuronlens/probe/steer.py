@@ -98,7 +98,7 @@ def steering_effect(model, tokenizer, neurons: Sequence[NeuronId], values: Seque
 def paired_effect(steered: Sequence[float], unsteered: Sequence[float]) -> dict:
     """The mean of steered minus unsteered P(concept), text by text, with its paired bootstrap
     95% interval and the Wilcoxon signed-rank and paired t p-values."""
-    from neuronlens.report.stats import paired
+    from neuronlens.stats import paired
 
     p = paired(list(steered), list(unsteered))
     return {"difference": p.mean_diff, "ci": None if p.ci is None else [p.ci.low, p.ci.high],

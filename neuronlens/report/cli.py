@@ -16,8 +16,16 @@ log = logging.getLogger("neuronlens.report")
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="neuronlens-report", description="Compare neuronlens runs: a Markdown and HTML report with "
-        "bootstrap intervals, paired tests, judge agreement and plots.")
+        prog="neuronlens-report", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="neuronlens-report: compare neuronlens runs. Writes report.md and report.html "
+        "(scores with bootstrap\nintervals, paired tests between explainers and judges, judge power, "
+        "plots), and for each finished\nrun its neuron viewer (viewer/index.html) and its "
+        "explanations in OpenAI's format (openai/);\nprints every file and folder it writes.",
+        epilog="examples:\n"
+        "  neuronlens-report outputs/2026-12-01/10-00-00     one run: its report and neuron viewer\n"
+        "  neuronlens-report multirun/2026-12-01/10-00-00    a sweep: every run compared\n"
+        "  neuronlens-report runs --out reports/today        the report elsewhere\n"
+        "  neuronlens-report multirun/X --merge merged       join sharded runs, then report merged")
     parser.add_argument("dir", type=Path, help="a run directory, or a folder of runs (e.g. a Hydra multirun)")
     parser.add_argument("--out", type=Path, default=None, help="where report.md/report.html go (default: DIR)")
     parser.add_argument("--merge", type=Path, default=None, metavar="OUT",
@@ -30,7 +38,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def write_sites(runs) -> list[str]:
     """Each finished run's neuron viewer and OpenAI-format export; returns a line per folder."""
-    from neuronlens.openai_format import export_run
+    from neuronlens.report.openai_format import export_run
     from neuronlens.report.site import write_site
 
     lines = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import combinations
 
-from neuronlens.report import stats
+from neuronlens import stats
 from neuronlens.report.results import Result
 
 

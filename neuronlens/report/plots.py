@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from neuronlens.report import stats  # noqa: E402
+from neuronlens import stats  # noqa: E402
 from neuronlens.report.content import Figure  # noqa: E402
 from neuronlens.report.results import Result  # noqa: E402
 

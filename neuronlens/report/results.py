@@ -2,7 +2,7 @@
 
 Each experiment gives one result for its main simulator and one per judge found in its rows'
 ``judges``. A result is named from the run's config-group choices and model names
-(``explainer=local(embedded)``, ``judge=similarity``) plus the overrides that vary between the
+(``explainer=local(SmolLM2-135M-Instruct (embedded))``, ``judge=similarity``) plus the overrides that vary between the
 runs of the report (``explain.max_tokens=8``). Results are grouped by what they were measured on
 (subject, corpus, recording, split): only results of one group may be paired.
 """
@@ -36,7 +36,7 @@ class Neuron:
 
 @dataclass
 class Result:
-    subject: str  # e.g. "smollm2(embedded) corpus=builtin"
+    subject: str  # e.g. "smollm2(SmolLM2-135M-Instruct (embedded)) corpus=builtin"
     explainer: str
     judge: str
     setting: str  # overrides that vary between runs and belong to no role ("seed=1"), or ""

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from neuronlens.report import pairs as pairing
-from neuronlens.report import stats
+from neuronlens import stats
 from neuronlens.report.content import Link, Section, Table
 from neuronlens.report.results import Result
 from neuronlens.summary import LOW_MASS
@@ -209,7 +209,7 @@ def judge_power_section(results: list[Result]) -> Section:
                            f"{num(power.get('difference'))} {ci(stats.Interval(*ci_)) if ci_ else '[—]'}",
                            num(power.get("auc")), verdict])
     blocks: list = ["Can each judge tell a true explanation from a shuffled one? Every run scores 8 control "
-                    "neurons with known explanations (the rules of `conf/subject/synthetic.yaml`) with each "
+                    "neurons with known explanations (the rules of `neuronlens/conf/subject/synthetic.yaml`) with each "
                     "judge, once with the true explanation and once with another rule's. A judge whose "
                     "interval is not above 0 cannot rank explanations: read its scores as noise."]
     blocks.append(table if table.rows else "No run measured judge power (`judge_power.enabled=false`, "

@@ -27,6 +27,7 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 SIMULATED_SCALE = 10.0  # the simulator predicts on 0-10, 10 meaning the neuron's max activation
 POSITIVE, NEGATIVE, SIMULATED, JUDGE = (34, 139, 34), (200, 30, 120), (40, 90, 220), (230, 140, 0)
 VISIBLE = {"\n": "↵", "\r": "␍", "\t": "⇥"}
+REPLACEMENT = "\ufffd"   # what a byte of a split character decodes to alone
 
 
 def page_name(layer: int, index: int) -> str:
@@ -58,35 +59,102 @@ def fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """Nested dicts as ``(a.b.c, value)`` rows, for scores of unknown shape (judges)."""
-    if not isinstance(d, dict):
-        return [(prefix or "value", d)]
-    out: list[tuple[str, Any]] = []
-    for k, v in d.items():
-        out += flatten(v, f"{prefix}.{k}" if prefix else str(k))
+def pieces(tokens: list[str], text: list[str] | None) -> list[tuple[str, list[int]]]:
+    """Tokens grouped as drawn, each group with its text: the byte tokens of a split character
+    form one group that reads as the character (the recording's ``text``: the character on the
+    first, "" on the others); without ``text``, a run of tokens that are U+FFFD alone is one "�"."""
+    out: list[tuple[str, list[int]]] = []
+    for i, tok in enumerate(tokens):
+        if text is not None and i < len(text):
+            joins = text[i] == "" and tok != "" and bool(out)
+            shown = text[i]
+        else:
+            joins = tok.strip() == REPLACEMENT and bool(out) and out[-1][0].endswith(REPLACEMENT)
+            shown = tok
+        if joins:
+            out[-1][1].append(i)
+        else:
+            out.append((shown, [i]))
     return out
+
+
+def starts_word(token: str) -> bool:
+    return not token or token[0].isspace() or not token[0].isalnum()
 
 
 def _excerpt(ex: dict[str, Any], i: int, scale: float,
              judges: list[tuple[str, list | None, float]]) -> dict[str, Any]:
-    tokens = []
-    for j, (tok, true) in enumerate(zip(ex["tokens"], ex["true"])):
-        sim = ex["simulated"][j] if ex.get("simulated") and j < len(ex["simulated"]) else None
-        strips = [{"name": name, "value": vals[j], "bg": shade(vals[j], jscale, JUDGE, NEGATIVE)}
-                  for name, vals, jscale in judges if vals is not None and j < len(vals)]
-        tokens.append({"text": show_token(tok), "newline": "\n" in tok, "true": true, "sim": sim,
-                       "true_bg": shade(true, scale, POSITIVE, NEGATIVE),
-                       "sim_bg": shade(sim, SIMULATED_SCALE, SIMULATED, NEGATIVE),
-                       "judges": strips})
-    return {"kind": ex.get("kind", ""), "n": i + 1, "tokens": tokens,
+    """An excerpt as words of tokens: a word starts at a token that begins with a space or a
+    symbol, and its tokens are drawn touching (no gap inside "Mitochondria"). A character split
+    into byte tokens is one box, its activations their maximum (each on hover)."""
+    words: list[list[dict]] = []
+    simulated = ex.get("simulated") or []
+    for text, piece in pieces(ex["tokens"], ex.get("text")):
+        pick = lambda values: max((values[j] for j in piece if j < len(values) and values[j] is not None),  # noqa: E731
+                                  default=None, key=abs)
+        true, sim = pick(ex["true"]), pick(simulated)
+        strips = [{"name": name, "value": pick(vals), "bg": shade(pick(vals), jscale, JUDGE, NEGATIVE)}
+                  for name, vals, jscale in judges if vals is not None]
+        token = {"text": show_token(text), "newline": "\n" in text,
+                 "true": true, "sim": sim, "n_bytes": len(piece) if len(piece) > 1 else 0,
+                 "true_bg": shade(true, scale, POSITIVE, NEGATIVE),
+                 "sim_bg": shade(sim, SIMULATED_SCALE, SIMULATED, NEGATIVE), "judges": strips}
+        if not words or starts_word(text) or words[-1][-1]["newline"]:
+            words.append([])
+        words[-1].append(token)
+    return {"kind": ex.get("kind", ""), "n": i + 1, "words": words,
             "max_true": max(ex["true"], default=0.0)}
 
 
-UNCALIBRATED = ("r_squared", "absolute_dev_explained")   # meaningless on the 0-10 scale: not shown
+HISTOGRAM_BINS = 24
 
 
-def neuron_view(row: dict[str, Any]) -> dict[str, Any]:
+def histogram(excerpts: list[dict[str, Any]], bins: int = HISTOGRAM_BINS) -> dict[str, Any] | None:
+    """The neuron's activations over its test tokens, in ``bins`` equal bins, counted apart for
+    top and random excerpts (random excerpts show how it behaves on ordinary text)."""
+    values = {"top": [a for e in excerpts if e.get("kind") == "top" for a in e["true"]],
+              "random": [a for e in excerpts if e.get("kind") != "top" for a in e["true"]]}
+    every = [a for v in values.values() for a in v if math.isfinite(a)]
+    if not every:
+        return None
+    lo, hi = min(every), max(every)
+    width = (hi - lo) / bins if hi > lo else 1.0
+    counts = {kind: [0] * bins for kind in values}
+    for kind, vals in values.items():
+        for a in vals:
+            if math.isfinite(a):
+                counts[kind][min(bins - 1, int((a - lo) / width))] += 1
+    tallest = max(max(c) for c in counts.values()) or 1
+    return {"bins": [{"lo": lo + k * width, "hi": lo + (k + 1) * width, "top": counts["top"][k],
+                      "random": counts["random"][k],
+                      "top_h": counts["top"][k] / tallest, "random_h": counts["random"][k] / tallest}
+                     for k in range(bins)],
+            "lo": lo, "hi": hi, "tallest": tallest, "n_top": len(values["top"]),
+            "n_random": len(values["random"])}
+
+
+def judge_table(row: dict[str, Any], simulator: str | None) -> list[dict[str, Any]]:
+    """One line per judge of the kept explanation, the run's simulator first: its correlation on
+    all, top and random test excerpts, digit mass, failed excerpts and flag."""
+    def line(name: str, entry: dict[str, Any], failed: Any) -> dict[str, Any]:
+        test = ((entry.get("scores") or {}).get("test") or {})
+        def corr(split: str) -> Any:   # a split's scores, or a bare number (rows made by hand)
+            value = test.get(split)
+            return value.get("correlation") if isinstance(value, dict) else value
+        return {"name": name, "score": entry.get("score"), "all": corr("all"), "top": corr("top"),
+                "random": corr("random"), "mass": (entry.get("mass") or {}).get("mean"),
+                "failed": failed, "flag": entry.get("score_flag")}
+
+    if row.get("score") is None and not row.get("judges"):
+        return []
+    lines = [line(f"simulator ({simulator})" if simulator else "simulator", row,
+                  (row.get("failures") or {}).get("excerpts"))]
+    lines += [line(name, judge, judge.get("failed_excerpts"))
+              for name, judge in (row.get("judges") or {}).items()]
+    return lines
+
+
+def neuron_view(row: dict[str, Any], simulator: str | None = None) -> dict[str, Any]:
     """What the neuron page shows, computed here so the template only lays it out."""
     excerpts = row.get("test_excerpts") or []
     scale = row.get("max_activation") or 0.0
@@ -96,11 +164,7 @@ def neuron_view(row: dict[str, Any]) -> dict[str, Any]:
     for name, judge in (row.get("judges") or {}).items():
         sims = judge.get("test_simulated") or []
         finite = [abs(v) for s in sims if s for v in s if v is not None and math.isfinite(v)]
-        judges.append({"name": name, "score": judge.get("score"), "flag": judge.get("score_flag"),
-                       "mass": judge.get("mass"),
-                       "scores": [(k, v) for k, v in flatten(judge.get("scores") or {})
-                                  if not k.endswith(UNCALIBRATED)], "sims": sims,
-                       "scale": max(finite, default=0.0)})
+        judges.append({"name": name, "sims": sims, "scale": max(finite, default=0.0)})
     views = []
     for i, ex in enumerate(excerpts):
         per_judge = [(j["name"], j["sims"][i] if i < len(j["sims"]) else None, j["scale"])
@@ -113,6 +177,7 @@ def neuron_view(row: dict[str, Any]) -> dict[str, Any]:
         score_rows.append({"name": "test all, calibrated", **calibrated, "calibrated": True})
     return {"row": row, "excerpts": views, "scale": scale, "score_rows": score_rows,
             "calibration": (row.get("scores") or {}).get("calibration"), "judges": judges,
+            "judge_table": judge_table(row, simulator), "histogram": histogram(excerpts),
             "candidates": row.get("explanations") or []}
 
 
@@ -163,7 +228,8 @@ def write_site(run_dir: Path, out_dir: Path | None = None) -> Path:
     for i, row in enumerate(rows):
         nav = {"prev": page_name(rows[i - 1]["layer"], rows[i - 1]["index"]) if i > 0 else None,
                "next": page_name(rows[i + 1]["layer"], rows[i + 1]["index"]) if i + 1 < len(rows) else None}
-        html = page.render(header=header, nav=nav, low_mass=LOW_MASS, **neuron_view(row))
+        html = page.render(header=header, nav=nav, low_mass=LOW_MASS,
+                           **neuron_view(row, summary.get("choices", {}).get("simulator")))
         write_atomic(out_dir / "neurons" / page_name(row["layer"], row["index"]), html)
     index = out_dir / "index.html"
     write_atomic(index, env.get_template("viewer_index.html").render(header=header, rows=rows,

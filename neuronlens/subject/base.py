@@ -1,10 +1,10 @@
 """What a subject is: whatever yields the records of the neurons to explain.
 
-A subject config (``conf/subject/*.yaml``) instantiates a ``Subject``: a transformers model that is
-recorded over the corpus (``ModelSubject``), rule-defined synthetic neurons with known answers
-(``SyntheticSubject``), or records read from files. The pipeline asks it two things: which neurons
-the ``neurons`` settings pick (``select``, early, so a bad layer fails before anything slow), and
-their records (``records``).
+A subject config (``neuronlens/conf/subject/*.yaml``) instantiates a ``Subject``: a transformers
+model that is recorded over the corpus (``ModelSubject``), rule-defined synthetic neurons with
+known answers (``SyntheticSubject``), or records read from files. The pipeline asks it three
+things: whether the ``neurons`` settings can work (``check``, from files alone, before anything
+loads), which neurons they pick (``select``), and their records (``records``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ from neuronlens.records import NeuronId, NeuronRecord
 
 class Subject(Protocol):
     name: str  # what the summary and the report call it
+
+    def check(self, neurons: DictConfig) -> None:
+        """Fail in one line, before anything loads, when the settings cannot work (a layer the
+        model does not have, say)."""
 
     def select(self, neurons: DictConfig, seed: int) -> list[NeuronId]: ...
 

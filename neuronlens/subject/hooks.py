@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from neuronlens.subject.models import SubjectError
+from neuronlens.models import SubjectError
 
 GPT2_TYPES = {"gpt2"}
 LLAMA_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3",
@@ -27,7 +27,8 @@ class HookPoint:
 
 
 def _text_config(model: nn.Module):
-    config = model.config
+    """The text model's config, of a model or of a config itself (read before the weights load)."""
+    config = getattr(model, "config", model)
     return getattr(config, "get_text_config", lambda: config)()
 
 
@@ -73,6 +74,10 @@ def check_neuron(model: nn.Module, index: int) -> None:
     if not 0 <= index < total:
         raise SubjectError(f"Neuron index {index} is out of range: this model has {total} MLP "
                            f"neurons per layer (0-{total - 1}).")
+
+
+class StopForward(Exception):
+    """Raised by a hook once the deepest layer needed has been read: nothing after it runs."""
 
 
 # A hook function gets the layer and the activations [batch, tokens, neurons]; it may return a

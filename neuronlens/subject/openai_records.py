@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from neuronlens.errors import UserError
 from neuronlens.files import write_atomic
 from neuronlens.records import NeuronId, NeuronRecord
-from neuronlens.subject.base import pick
+from neuronlens.subject.base import Subject, pick
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def parse_record(text: str, source: str) -> NeuronRecord:
         raise UserError(f"{source} is not an OpenAI-format NeuronRecord JSON file ({e}).") from e
 
 
-class OpenAIRecordsSubject:
+class OpenAIRecordsSubject(Subject):
     """Neuron records read from ``path`` (a folder or URL laid out ``{layer}/{neuron}.json``).
 
     ``device`` is not used here; the local explainer and simulator backends read it

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from neuronlens.files import write_atomic
 from neuronlens.records import ActivationRecord, NeuronId, NeuronRecord
-from neuronlens.subject.hooks import check_neuron, neuron_hooks
+from neuronlens.subject.hooks import StopForward, check_neuron, neuron_hooks
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ class Recording:
     n_tokens: int
     token_strings: dict[int, str]
     meta: dict
+    token_bytes: dict[int, str] = field(default_factory=dict)   # hex bytes of the ids that decode
+                                                                 # alone to U+FFFD (split characters)
 
     def stats(self, i: int) -> dict[str, float]:
         """Mean, variance, skewness and (excess) kurtosis of neuron i over every corpus token."""
@@ -63,8 +65,27 @@ class Recording:
                 "kurtosis": m4 / var**2 - 3.0}
 
     def _record(self, tokens: torch.Tensor, acts: torch.Tensor) -> ActivationRecord:
-        return ActivationRecord([self.token_strings[int(t)] for t in tokens],
-                                [float(a) for a in acts])
+        ids = [int(t) for t in tokens]
+        strings = [self.token_strings[i] for i in ids]
+        return ActivationRecord(strings, [float(a) for a in acts], text=self._joined(ids, strings))
+
+    def _joined(self, ids: list[int], strings: list[str]) -> tuple[str, ...] | None:
+        """The tokens as they read: each run of byte tokens decoded together (a split character
+        whole) on the run's first token, "" on the others; None when no token is split."""
+        if not any(i in self.token_bytes for i in ids):
+            return None
+        out, k = list(strings), 0
+        while k < len(ids):
+            end = k
+            while end < len(ids) and ids[end] in self.token_bytes:
+                end += 1
+            if end == k:
+                k += 1
+                continue
+            raw = b"".join(bytes.fromhex(self.token_bytes[i]) for i in ids[k:end])
+            out[k:end] = [raw.decode("utf-8", errors="replace"), *[""] * (end - k - 1)]
+            k = end
+        return tuple(out)
 
     def neuron_record(self, i: int) -> NeuronRecord:
         valid = torch.isfinite(self.top_max[i])
@@ -87,7 +108,8 @@ class Recording:
         write_atomic(directory / "arrays.safetensors", save(tensors))
         manifest = {"neurons": [[n.layer, n.index] for n in self.neurons],
                     "n_tokens": self.n_tokens, "meta": self.meta,
-                    "token_strings": {str(k): v for k, v in sorted(self.token_strings.items())}}
+                    "token_strings": {str(k): v for k, v in sorted(self.token_strings.items())},
+                    "token_bytes": {str(k): v for k, v in sorted(self.token_bytes.items())}}
         # the manifest last: its presence says the arrays beside it are whole
         write_atomic(directory / "manifest.json", json.dumps(manifest, indent=1))
 
@@ -112,7 +134,8 @@ class Recording:
         arrays = load_file(directory / "arrays.safetensors")
         return cls(neurons=[NeuronId(l, i) for l, i in manifest["neurons"]], **arrays,
                    n_tokens=manifest["n_tokens"], meta=manifest["meta"],
-                   token_strings={int(k): v for k, v in manifest["token_strings"].items()})
+                   token_strings={int(k): v for k, v in manifest["token_strings"].items()},
+                   token_bytes={int(k): v for k, v in manifest.get("token_bytes", {}).items()})
 
     def export_openai(self, directory: str | Path) -> list[Path]:
         """Write one OpenAI-format NeuronRecord JSON per neuron as ``{layer}/{index}.json``."""
@@ -122,10 +145,6 @@ class Recording:
             record.save(path)
             paths.append(path)
         return paths
-
-
-class _StopForward(Exception):
-    pass
 
 
 def _batches(windows: Iterable[list[int]], size: int) -> Iterator[list[list[int]]]:
@@ -180,8 +199,9 @@ class Recorder:
         state["mom"] += torch.stack([a.sum(1), (a**2).sum(1), (a**3).sum(1), (a**4).sum(1)], 1)
         self.n_tokens += B * T
 
-    def finish(self, token_string, meta: dict | None = None) -> Recording:
-        """The recording; ``token_string(id)`` gives a token's text."""
+    def finish(self, token_string, meta: dict | None = None, token_bytes=None) -> Recording:
+        """The recording; ``token_string(id)`` gives a token's text, and ``token_bytes(id)`` the
+        raw bytes of one whose text is a split character's U+FFFD (None when unknown)."""
         state = self.state
         if not state:
             raise ValueError("The corpus gave no windows to record.")
@@ -192,7 +212,9 @@ class Recorder:
         return Recording(neurons=self.neurons, top_tokens=state["tok"], top_acts=state["act"],
                          top_max=state["vals"], random_tokens=state["rtok"],
                          random_acts=state["ract"], moments=state["mom"], n_tokens=self.n_tokens,
-                         token_strings={i: token_string(i) for i in used},
+                         token_strings=(strings := {i: token_string(i) for i in used}),
+                         token_bytes={i: raw.hex() for i, s in strings.items()
+                                      if token_bytes and "\ufffd" in s and (raw := token_bytes(i))},
                          meta={**(meta or {}), "config": asdict(self.config)})
 
 
@@ -218,7 +240,7 @@ def record(model, tokenizer, windows: Iterable[list[int]], neurons: Sequence[Neu
     def grab(layer: int, acts: torch.Tensor) -> None:
         captured[layer] = acts[..., index[layer]].float()
         if layer == layers[-1]:
-            raise _StopForward  # nothing after the deepest recorded layer is needed
+            raise StopForward  # nothing after the deepest recorded layer is needed
 
     with neuron_hooks(model, layers, grab):
         bar = tqdm(desc="recording", unit="tok", disable=not progress)
@@ -226,10 +248,36 @@ def record(model, tokenizer, windows: Iterable[list[int]], neurons: Sequence[Neu
             ids = torch.tensor(batch, device=device)
             try:  # the base model: no LM head, and the forward stops at the last hooked layer
                 model.base_model(input_ids=ids, use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
             acts = torch.cat([captured[l] for l in layers], dim=-1)[..., restore]  # [B, T, N]
             recorder.add(ids, acts.permute(2, 0, 1))                                # [N, B, T]
             bar.update(ids.numel())
         bar.close()
-    return recorder.finish(lambda i: tokenizer.decode([i]), meta)
+    return recorder.finish(lambda i: tokenizer.decode([i]), meta, lambda i: raw_bytes(tokenizer, i))
+
+
+def byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2, Llama 3, SmolLM2): a character per byte, printable bytes
+    as themselves and the rest moved, in order, to the characters from U+0100."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = chr(0x100 + n)
+    return {c: b for b, c in chars.items()}
+
+
+BYTE_ALPHABET = byte_alphabet()
+
+
+def raw_bytes(tokenizer, token_id: int) -> bytes | None:
+    """A token's bytes from its vocabulary entry: SentencePiece's ``<0xNN>`` byte tokens, or a
+    byte-level BPE token spelled in its alphabet; None for any other kind."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if not isinstance(piece, str):
+        return None
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return bytes.fromhex(piece[3:5])
+    if piece and all(c in BYTE_ALPHABET for c in piece):
+        return bytes(BYTE_ALPHABET[c] for c in piece)
+    return None

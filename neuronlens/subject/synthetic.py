@@ -3,7 +3,7 @@
 A rule neuron fires 1.0 on the tokens its rule picks and 0.0 elsewhere, over the same corpus
 windows a model would see. Its answer is known, so it tests the judges (a simulator that cannot
 score the true explanation cannot judge anyone) and the explainers (how close they get to the
-truth's score). Rules are data in ``conf/subject/synthetic.yaml``; each kind below is one small
+truth's score). Rules are data in ``neuronlens/conf/subject/synthetic.yaml``; each kind below is one small
 function of the window's token strings, so a new kind is a few lines.
 """
 
@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from neuronlens.corpus import token_windows
 from neuronlens.errors import UserError
 from neuronlens.records import NeuronId, NeuronRecord
-from neuronlens.subject.base import pick
-from neuronlens.subject.models import load_tokenizer
+from neuronlens.subject.base import Subject, pick
+from neuronlens.models import load_tokenizer
 from neuronlens.subject.recording import Recorder, Recording, RecordingConfig
 
 Rule = Callable[[Sequence[str]], list[float]]
@@ -75,7 +75,7 @@ def make_rule(spec: dict) -> Rule:
         raise UserError(f"Synthetic neuron {kind} has bad settings {spec}: {e}.") from e
 
 
-class SyntheticSubject:
+class SyntheticSubject(Subject):
     """Rule neurons over the corpus's tokens (as ``tokenizer`` cuts them), all on layer 0; neuron
     ``i`` is ``neurons[i]``. ``neurons.layers``/``indices`` filter them; all are used otherwise."""
 

@@ -18,21 +18,37 @@ from neuronlens.corpus import token_windows
 from neuronlens.errors import UserError
 from neuronlens.files import write_atomic
 from neuronlens.records import NeuronId, NeuronRecord
-from neuronlens.subject.hooks import check_neuron, hook_point, n_layers, n_neurons
-from neuronlens.subject.models import cache_dir, load_model
+from neuronlens.subject.base import Subject
+from neuronlens.subject.hooks import check_layer, check_neuron, hook_point, n_layers, n_neurons
+from neuronlens.models import cache_dir, display_name, load_model, resolve
 from neuronlens.subject.recording import Recording, RecordingConfig, record
 
 log = logging.getLogger(__name__)
 
 
-class ModelSubject:
+class ModelSubject(Subject):
     """``subject.model``: an HF name, a local directory, a .gguf file, or an embedded model."""
 
     def __init__(self, model: str = "embedded", device: str = "auto", dtype: str = "auto"):
-        self.name, self.device, self.dtype = model, device, dtype
+        self.model, self.device, self.dtype = model, device, dtype
+        self.name = display_name(model)
+
+    def check(self, neurons: DictConfig) -> None:
+        """Layers and neuron indices against the model's config.json, before its weights load."""
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(resolve(self.model))
+        except (OSError, ValueError):
+            return   # loading the model says what is wrong, in its own words
+        for layer in neurons.get("layers") or ():
+            check_layer(config, layer)
+        if neurons.get("which") == "list":
+            for index in neurons.get("indices") or ():
+                check_neuron(config, index)
 
     def load(self):
-        return load_model(self.name, self.device, self.dtype)
+        return load_model(self.model, self.device, self.dtype)
 
     def select(self, neurons: DictConfig, seed: int) -> list[NeuronId]:
         model, _ = self.load()

@@ -23,9 +23,9 @@ from typing import Any
 
 from neuronlens.backends.base import TransientError
 from neuronlens.errors import UserError
-from neuronlens.explain import ExplanationResult
+from neuronlens.explainers.base import Explainer, ExplanationResult
 from neuronlens.files import json_lines
-from neuronlens.records import ActivationRecord, NeuronId, NeuronRecord
+from neuronlens.records import ActivationRecord, NeuronId
 from neuronlens.subject.openai_records import fetch_text, is_url
 
 
@@ -85,7 +85,7 @@ def read_csv(path: Path) -> list[tuple[NeuronId, str]]:
         return pairs
 
 
-class LoadedExplainer:
+class LoadedExplainer(Explainer):
     """Explanations read from ``path`` (see the module docstring for the formats)."""
 
     def __init__(self, path: str):
@@ -127,12 +127,8 @@ class LoadedExplainer:
         return list(dict.fromkeys(t for n, t in read_jsonl(text.splitlines(), source)
                                   if n == neuron and t))
 
-    def explain(self, records: Sequence[ActivationRecord],
-                neuron: NeuronRecord | None = None) -> ExplanationResult:
-        if neuron is None:
-            raise UserError("explainer=load needs to know the neuron it explains.")
-        texts = self.lookup(neuron.neuron_id)
+    def explain(self, neuron: NeuronId, records: Sequence[ActivationRecord]) -> ExplanationResult:
+        texts = self.lookup(neuron)
         if not texts:
-            raise MissingExplanation(f"no explanation for {neuron.neuron_id} in {self.path}")
-        return ExplanationResult(explanations=tuple(texts), n_failed=0, prompt_tokens=0,
-                                 completion_tokens=0, n_records_shown=0, n_fewshot_used=0)
+            raise MissingExplanation(f"no explanation for {neuron} in {self.path}")
+        return ExplanationResult(explanations=tuple(texts))

@@ -33,7 +33,7 @@ from itertools import accumulate
 from typing import Sequence
 
 from neuronlens.backends.base import Completion, GenerateRequest, Message, TokenLogprob
-from neuronlens.explain import format_token
+from neuronlens.prompt_format import format_token
 
 NUMBERS = tuple(str(i) for i in range(11))
 TOP_LOGPROBS = 20

@@ -33,7 +33,7 @@ from typing import Any
 from neuronlens.files import dumps, write_atomic
 from neuronlens.records import NeuronId
 from neuronlens.report.runs import rows_of_run
-from neuronlens.score import openai_dispersion, score
+from neuronlens.scorers.correlation import openai_dispersion, correlate
 
 SIMULATED_SCALE = "simulated_normalized_activations"
 NEURON_SCALE = "neuron_activations"
@@ -64,7 +64,7 @@ def scored_sequence(excerpt: dict[str, Any], calibration: dict[str, float] | Non
     r2, abs_dev = openai_dispersion([excerpt["true"]], [expected])
     return {"dataclass_name": "ScoredSequenceSimulation", "simulation": simulation,
             "true_activations": excerpt["true"],
-            "ev_correlation_score": score([excerpt["true"]], [expected]).correlation,
+            "ev_correlation_score": correlate([excerpt["true"]], [expected]).correlation,
             "rsquared_score": r2, "absolute_dev_explained_score": abs_dev}
 
 

