@@ -11,7 +11,7 @@ windows shared by all, and is scored as a run scores its test split (Pearson r o
 
 Every setting of the grid (``context_weight`` x ``floor`` x ``window``) scores each tuning neuron
 with its true explanation and with every other family's; the setting with the largest mean margin
-(true r minus the best wrong r) is chosen. Then, held out, ``neuronlens.scorers.power.power`` scores
+(true r minus the best wrong r) is chosen. Then, held out, ``neuronlens.judge_power.power`` scores
 the control neurons (``--control-top`` + ``--control-random`` excerpts of ``--control-window``
 tokens) with the chosen setting and with the previous default (``context_weight`` 0.5, ``floor``
 0.15, ``window`` 0, which had been chosen on rules that overlap the controls): paired difference
@@ -163,7 +163,7 @@ def main() -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from neuronlens.scorers.power import control_neurons, power
+    from neuronlens.judge_power import control_neurons, power
     from neuronlens.scorers.similarity import SimilarityJudge, load_encoder
 
     if args.threads:

@@ -11,6 +11,8 @@ import json
 import math
 import os
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -138,3 +140,27 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)   # releases the lock; the file stays (removing it would race)
             self._fd = None
+
+
+URL_TIMEOUT_S = 60   # seconds to wait for a file fetched over HTTP
+
+
+def is_url(path: str) -> bool:
+    return path.startswith(("http://", "https://"))
+
+
+def fetch_text(url: str, what: str, missing_ok: bool = False) -> str | None:
+    """The body at ``url`` (None for a 404 when ``missing_ok``); no network, an HTTP error or a
+    timeout is one clear sentence."""
+    try:
+        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:
+            return response.read().decode("utf-8")
+    except urllib.error.HTTPError as e:
+        if missing_ok and e.code == 404:
+            return None
+        raise UserError(f"Could not download {what} from {url} (HTTP {e.code}); check the path "
+                        "and the neuron indices.") from e
+    except (urllib.error.URLError, TimeoutError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(f"Could not download {what} from {url} ({reason}): without network access, "
+                        "download the files first and point the path at the local folder.") from e

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from neuronlens.backends.base import Backend, TransientError, failure_kind
 from neuronlens.backends.policy import Policy
 from neuronlens.checks import check_config
-from neuronlens.scorers.power import judge_power, verdict
+from neuronlens.judge_power import judge_power, verdict
 from neuronlens.errors import UserError
 from neuronlens.explainers.base import Explainer
 from neuronlens.explainers.llm import LLMExplainer, copy_flag
@@ -388,10 +388,11 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     subject = instantiate(cfg.subject)
     instantiate(cfg.corpus)        # a missing or unreadable corpus file fails now, in one line,
     subject.check(cfg.neurons)     # and so does a layer the model lacks (from its config.json)
+    # the roles before the subject model: a missing key, an unreachable server or a strategy the
+    # backend cannot run fails now, not after a model has loaded and the corpus been recorded
+    explainer, simulator, judges = build_roles(cfg)
     neurons = shard(subject.select(cfg.neurons, cfg.seed), cfg.neurons.get("shard"),
                     cfg.neurons.get("n_shards", 1))
-    # roles first: a missing key or a strategy the backend cannot run fails now, not after recording
-    explainer, simulator, judges = build_roles(cfg)
     records = subject.records(cfg, neurons, run_dir)
     scheme = cfg.scoring.get("splits", "auto")
     for record in records:   # OpenAI's records come in their order: their splits by default

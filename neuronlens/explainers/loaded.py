@@ -24,9 +24,8 @@ from typing import Any
 from neuronlens.backends.base import TransientError
 from neuronlens.errors import UserError
 from neuronlens.explainers.base import Explainer, ExplanationResult
-from neuronlens.files import json_lines
+from neuronlens.files import fetch_text, is_url, json_lines
 from neuronlens.records import ActivationRecord, NeuronId
-from neuronlens.subject.openai_records import fetch_text, is_url
 
 
 class MissingExplanation(TransientError):

@@ -16,8 +16,6 @@ import dataclasses
 import json
 import logging
 import math
-import urllib.error
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -26,33 +24,10 @@ from omegaconf import DictConfig
 from neuronlens.errors import UserError
 from neuronlens.files import write_atomic
 from neuronlens.records import NeuronId, NeuronRecord
+from neuronlens.files import fetch_text, is_url
 from neuronlens.subject.base import Subject, pick
 
 log = logging.getLogger(__name__)
-
-TIMEOUT_S = 60
-
-
-def is_url(path: str) -> bool:
-    return path.startswith(("http://", "https://"))
-
-
-def fetch_text(url: str, what: str, missing_ok: bool = False) -> str | None:
-    """The body at ``url`` (None for a 404 when ``missing_ok``); no network, an HTTP error or a
-    timeout is one clear sentence."""
-    try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
-            return response.read().decode("utf-8")
-    except urllib.error.HTTPError as e:
-        if missing_ok and e.code == 404:
-            return None
-        raise UserError(f"Could not download {what} from {url} (HTTP {e.code}); check the path "
-                        "and the neuron indices.") from e
-    except (urllib.error.URLError, TimeoutError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise UserError(f"Could not download {what} from {url} ({reason}): without network access, "
-                        "download the files first and point the path at the local folder.") from e
-
 
 def parse_record(text: str, source: str) -> NeuronRecord:
     """One OpenAI-format NeuronRecord from its JSON text; a malformed file is a UserError."""

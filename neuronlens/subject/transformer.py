@@ -37,8 +37,9 @@ class ModelSubject(Subject):
         """Layers and neuron indices against the model's config.json, before its weights load."""
         from transformers import AutoConfig
 
+        path = resolve(self.model)   # an uncached hub name without a hub: its one line, now
         try:
-            config = AutoConfig.from_pretrained(resolve(self.model))
+            config = AutoConfig.from_pretrained(path)
         except (OSError, ValueError):
             return   # loading the model says what is wrong, in its own words
         for layer in neurons.get("layers") or ():
