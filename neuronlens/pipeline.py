@@ -350,12 +350,20 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def role_label(summary: dict[str, Any], role: str) -> str:
+    """A role as the printed lines name it: its config choice and model, e.g. "local
+    (SmolLM2-135M-Instruct (embedded))"."""
+    choice, model = summary["choices"].get(role), summary.get(role)
+    return f"{choice} ({model})" if choice and model else str(choice or model)
+
+
 def outcome(summary: dict[str, Any]) -> str:
-    """The counts and both means, in words: 'N neurons: a scored (b constant, scored 0), c failed;
+    """The counts and both means, in words: 'N neurons of S: a scored (b constant, scored 0), c failed;
     mean test correlation x (y over the d with a defined score)'."""
     r3 = lambda x: None if x is None else round(x, 3)   # noqa: E731
     n_def = summary["n_scored"] - summary["n_constant"]
-    text = (f"{summary['n_neurons']} neurons: {summary['n_scored']} scored ({summary['n_constant']} "
+    text = (f"{summary['n_neurons']} neurons of {summary.get('subject') or 'the subject'}: "
+            f"{summary['n_scored']} scored ({summary['n_constant']} "
             f"constant simulations, scored 0), {summary['n_failed']} failed")
     if summary.get("n_undefined"):
         text += f", {summary['n_undefined']} undefined (constant true activations)"
@@ -440,10 +448,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if summary["failures_by_kind"]:
         print(f"failures: {summary['n_failed_excerpts']} excerpts, {summary['n_failed_explanations']} "
               "explanations, by kind: " + ", ".join(f"{k} {n}" for k, n in summary["failures_by_kind"].items()))
-    print(f"{outcome(summary)} (simulator {summary['choices'].get('simulator') or summary['simulator']})"
-          f"{judged} -> {run_dir}")
+    print(f"{outcome(summary)} (simulator {role_label(summary, 'simulator')}){judged} -> {run_dir}")
     for name, p in (summary.get("judge_power") or {}).items():
-        label = (f"simulator {summary['choices'].get('simulator') or summary['simulator']}"
-                 if name == "simulator" else f"{name} judge")
+        label = f"simulator {role_label(summary, 'simulator')}" if name == "simulator" else f"{name} judge"
         print(verdict(label, p))
     return summary
