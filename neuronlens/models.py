@@ -254,3 +254,29 @@ def load_tokenizer(model: str):
         return AutoTokenizer.from_pretrained(resolve(model))
     except (OSError, ValueError) as e:
         raise SubjectError(f"Could not load the tokenizer of {model!r}: {str(e).strip()[:200]}") from e
+
+
+def byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2, Llama 3, SmolLM2): a character per byte, printable bytes
+    as themselves and the rest moved, in order, to the characters from U+0100."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = chr(0x100 + n)
+    return {c: b for b, c in chars.items()}
+
+
+BYTE_ALPHABET = byte_alphabet()
+
+
+def raw_bytes(tokenizer, token_id: int) -> bytes | None:
+    """A token's bytes from its vocabulary entry: SentencePiece's ``<0xNN>`` byte tokens, or a
+    byte-level BPE token spelled in its alphabet; None for any other kind."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if not isinstance(piece, str):
+        return None
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return bytes.fromhex(piece[3:5])
+    if piece and all(c in BYTE_ALPHABET for c in piece):
+        return bytes(BYTE_ALPHABET[c] for c in piece)
+    return None

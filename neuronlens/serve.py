@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from starlette.exceptions import HTTPException
 from tokenizers import decoders
 
+from neuronlens.models import BYTE_ALPHABET
 from neuronlens.backends.base import Completion, GenerateRequest, Message, TokenLogprob
 from neuronlens.backends.local import LocalBackend, cache_argument
 from neuronlens.conf import CONF_DIR
@@ -128,19 +129,6 @@ def _piece(tok: Any, token_id: int) -> str:
     return tok.decode([token_id])
 
 
-def _byte_of_char() -> dict[str, int]:
-    """Byte-level BPE writes each byte as one printable character: printable Latin-1 bytes as
-    themselves, the other 68 as U+0100 onwards in byte order. This is the way back."""
-    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    char = {b: chr(b) for b in printable}
-    for n, b in enumerate(b for b in range(256) if b not in char):
-        char[b] = chr(0x100 + n)
-    return {c: b for b, c in char.items()}
-
-
-BYTE_OF_CHAR = _byte_of_char()
-
-
 @lru_cache(maxsize=1 << 20)
 def _legacy_piece(tok: Any, token_id: int) -> str:
     """A token as OpenAI's legacy completions wrote it: its text, or ``bytes:\\xNN...`` (the
@@ -151,7 +139,7 @@ def _legacy_piece(tok: Any, token_id: int) -> str:
                                                               decoders.ByteLevel):
         return _piece(tok, token_id)
     try:
-        raw = bytes(BYTE_OF_CHAR[c] for c in tok.convert_ids_to_tokens(token_id))
+        raw = bytes(BYTE_ALPHABET[c] for c in tok.convert_ids_to_tokens(token_id))
     except KeyError:   # not a byte-level piece after all
         return _piece(tok, token_id)
     try:

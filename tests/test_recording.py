@@ -20,6 +20,7 @@ from neuronlens.pipeline import recording_for, select_neurons
 from neuronlens.records import NeuronId, NeuronRecord
 from neuronlens.subject.hooks import neuron_hooks
 from neuronlens.models import load_model
+from neuronlens.models import raw_bytes
 from neuronlens.subject.recording import Recording, RecordingConfig, record
 
 ARCHS = ["gpt2", "llama"]
@@ -381,3 +382,36 @@ def test_select_neurons(tiny_llama):
     assert [n.index for n in picked if n.layer == 0] != [n.index for n in picked if n.layer == 2]
     assert {n.layer for n in select_neurons(m, None, 4, "random", [], 0)} == {1}
     assert len(select_neurons(m, [0], 1000, "random", [], 0)) == 64
+
+
+SPLIT_TEXT = "Mitochondria 🙂 and 日本語 at a café, naïve\n\tend"
+
+
+@pytest.mark.parametrize("name", ["tiny_tokenizer", "smollm2_tokenizer"])
+def test_raw_bytes_spell_every_token_of_a_text(request, name):
+    tokenizer = request.getfixturevalue(name)
+    ids = tokenizer(SPLIT_TEXT, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)   # some character is split
+    assert b"".join(raw_bytes(tokenizer, i) for i in ids) == SPLIT_TEXT.encode()
+
+
+def test_sentencepiece_byte_tokens_are_their_byte():
+    class SentencePieceLike:
+        @staticmethod
+        def convert_ids_to_tokens(i):
+            return {1: "<0xE6>", 2: "\u2581the"}[i]
+
+    assert raw_bytes(SentencePieceLike(), 1) == b"\xe6"
+    assert raw_bytes(SentencePieceLike(), 2) is None   # not a byte token: its text is its own
+
+
+def test_a_recording_reads_split_characters_whole(tiny_llama, tiny_tokenizer, tmp_path):
+    ids = tiny_tokenizer(SPLIT_TEXT, add_special_tokens=False)["input_ids"]
+    rec = record(tiny_llama, tiny_tokenizer, [ids], [NeuronId(0, 0)],
+                 RecordingConfig(top_k=1, n_random=1, batch_size=1), progress=False)
+    rec.save(tmp_path / "rec")   # the bytes survive a save and a load
+    excerpt = Recording.load(tmp_path / "rec").neuron_record(0).most_positive_activation_records[0]
+    assert "\ufffd" in "".join(excerpt.tokens)             # what the simulator sees is unchanged
+    assert len(excerpt.text) == len(excerpt.tokens) and "".join(excerpt.text) == SPLIT_TEXT
+    assert "" in excerpt.text                               # the later bytes of a split character
+    assert "text" not in excerpt.to_json()                  # OpenAI's format has no such field

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from neuronlens.files import write_atomic
+from neuronlens.models import raw_bytes
 from neuronlens.records import ActivationRecord, NeuronId, NeuronRecord
 from neuronlens.subject.hooks import StopForward, check_neuron, neuron_hooks
 
@@ -255,29 +256,3 @@ def record(model, tokenizer, windows: Iterable[list[int]], neurons: Sequence[Neu
             bar.update(ids.numel())
         bar.close()
     return recorder.finish(lambda i: tokenizer.decode([i]), meta, lambda i: raw_bytes(tokenizer, i))
-
-
-def byte_alphabet() -> dict[str, int]:
-    """Byte-level BPE's alphabet (GPT-2, Llama 3, SmolLM2): a character per byte, printable bytes
-    as themselves and the rest moved, in order, to the characters from U+0100."""
-    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    chars = {b: chr(b) for b in printable}
-    for n, b in enumerate(b for b in range(256) if b not in chars):
-        chars[b] = chr(0x100 + n)
-    return {c: b for b, c in chars.items()}
-
-
-BYTE_ALPHABET = byte_alphabet()
-
-
-def raw_bytes(tokenizer, token_id: int) -> bytes | None:
-    """A token's bytes from its vocabulary entry: SentencePiece's ``<0xNN>`` byte tokens, or a
-    byte-level BPE token spelled in its alphabet; None for any other kind."""
-    piece = tokenizer.convert_ids_to_tokens(token_id)
-    if not isinstance(piece, str):
-        return None
-    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-        return bytes.fromhex(piece[3:5])
-    if piece and all(c in BYTE_ALPHABET for c in piece):
-        return bytes(BYTE_ALPHABET[c] for c in piece)
-    return None

@@ -96,7 +96,7 @@ def recording_for(cfg: DictConfig, model, tokenizer, neurons: list[NeuronId], ru
     identity = {"model": cfg.subject.model, "dtype": str(next(model.parameters()).dtype),
                 "corpus": corpus.describe(), "window": rc.window, "max_windows": rc.max_windows,
                 "neurons": [[n.layer, n.index] for n in neurons], "recording": vars(rconf) | {},
-                "version": 1}
+                "version": 2}   # 2: token_bytes, for split characters
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
     cached = Path(os.environ.get("NEURONLENS_RECORDING_CACHE") or cache_dir() / "recordings") / key
     target = run_dir / "recording"
