@@ -75,6 +75,13 @@ def discard_if_empty(run_dir: Path) -> None:
         folder = folder.parent
 
 
+def quiet_http_logs() -> None:
+    """One INFO line per HTTP request is noise: httpx (and httpx2, which the openai client uses
+    from 3.x) log at WARNING and above only."""
+    for name in ("httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def quiet_console() -> None:
     """``progress=false``: the console shows warnings and the results only (the log file keeps
     everything)."""
@@ -92,7 +99,7 @@ def quiet_console() -> None:
 def app(cfg: DictConfig) -> None:
     from neuronlens.pipeline import run
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request is noise
+    quiet_http_logs()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     with logging_redirect_tqdm():   # log lines above the progress bars, never glued to them
         if cfg.get("progress") is False:

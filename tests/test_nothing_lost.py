@@ -223,6 +223,7 @@ def test_a_server_echoing_the_key_never_makes_neuronlens_print_it(role, echo_ser
         p.read_text(errors="replace") for p in run_dir.rglob("*") if p.is_file())
     assert CANARY not in everything and CANARY[:20] not in everything
     assert "[redacted]" in everything or role == "vllm"   # vllm's check names no body at all
+    assert "HTTP Request:" not in everything   # httpx/httpx2's line per request stays out of the log
 
 
 def test_redact_removes_env_keys_and_bearer_tokens(monkeypatch):

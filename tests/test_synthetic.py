@@ -92,6 +92,15 @@ def test_top_tokens_lists_the_highest_mean_tokens():
     assert TopTokens().explain(NeuronId(0, 0), [ActivationRecord([" a"], [0.0])]).explanations == ()
 
 
+def test_top_tokens_names_whole_characters_not_byte_tokens():
+    # "🙂" split into two byte tokens (each "\ufffd" alone), read whole on the first
+    joined = ActivationRecord([" x", "\ufffd", "\ufffd", " y"], [0.1, 2.0, 1.0, 0.5],
+                              text=(" x", "🙂", "", " y"))
+    assert TopTokens(n=2, min_count=1).explain(NeuronId(0, 0), [joined]).explanations == ('the tokens "🙂", "y"',)
+    bare = ActivationRecord([" x", "\ufffd", "\ufffd", " y"], [0.1, 2.0, 1.0, 0.5])   # no byte info
+    assert TopTokens(n=2, min_count=1).explain(NeuronId(0, 0), [bare]).explanations == ('the tokens "y", "x"',)
+
+
 def test_shuffled_never_keeps_a_neurons_own_explanation():
     neurons = [_neuron(i, [(f" w{i}", 1.0)]) for i in range(7)]
     shuffled = Shuffled(Truth([{"explanation": f"rule {i}"} for i in range(7)]), seed=3)

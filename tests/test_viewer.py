@@ -167,7 +167,7 @@ def test_injected_markup_is_shown_as_text(browser, tmp_path):
     rows = [
         _hand_row(2, 7, 0.5, f"tags like {evil}", ["Hello", SCRIPT, " world", "\n", " end"],
                   [0.1, 3.0, -1.5, 0.0, 0.2], [0.5, 8.0, 0.0, 0.1, 1.0],
-                  judges={f"embed {evil}": {"score": 0.25, "scores": {"test": {"all": 0.25}},
+                  judges={f"embed {evil}": {"score": 0.25, "scores": {"test": {"all": {"correlation": 0.25}}},
                                             "test_simulated": [[0.1, 0.9, 0.2, 0.0, 0.3]]}}),
         {"layer": 2, "index": 8, "max_activation": 1.0, "explanation": None, "score": None,
          "scores": {"test": None}, "error": f"the explainer failed: {SCRIPT}",

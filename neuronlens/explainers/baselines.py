@@ -21,9 +21,9 @@ from neuronlens.records import ActivationRecord, NeuronId
 
 
 class TopTokens(Explainer):
-    """``the tokens "a", "b", "c"``: the ``n`` tokens (stripped, lower-cased) with the highest mean
-    activation over their occurrences in the shown excerpts, among those seen at least
-    ``min_count`` times (when any are)."""
+    """``the tokens "a", "b", "c"``: the ``n`` tokens (stripped, lower-cased; a character split into
+    byte tokens counts as one) with the highest mean activation over their occurrences in the shown
+    excerpts, among those seen at least ``min_count`` times (when any are)."""
 
     def __init__(self, n: int = 5, min_count: int = 2):
         if n < 1:
@@ -33,8 +33,10 @@ class TopTokens(Explainer):
     def explain(self, neuron: NeuronId, records: Sequence[ActivationRecord]) -> ExplanationResult:
         seen: dict[str, list[float]] = defaultdict(list)
         for r in records:
-            for tok, act in zip(r.tokens, r.activations):
-                if tok.strip():
+            # a character split into byte tokens reads whole on its first token ("" on the rest);
+            # a lone byte token ("\ufffd") names nothing
+            for tok, act in zip(r.text or r.tokens, r.activations):
+                if tok.strip() and tok.strip("\ufffd").strip():
                     seen[tok.strip().lower()].append(act)
         frequent = {t: a for t, a in seen.items() if len(a) >= self.min_count} or seen
         ranked = sorted(frequent, key=lambda t: (-sum(frequent[t]) / len(frequent[t]), t))

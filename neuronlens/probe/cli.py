@@ -3,7 +3,6 @@ subject, corpus, explainer and simulator groups as `neuronlens`."""
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -12,14 +11,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from neuronlens.conf import CONF_DIR
-from neuronlens.cli import check_output_dir, fail_cleanly
+from neuronlens.cli import check_output_dir, fail_cleanly, quiet_http_logs
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="probe")
 def app(cfg: DictConfig) -> None:
     from neuronlens.probe.run import run
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    quiet_http_logs()
     hc = HydraConfig.get()
     command = " ".join(["neuronlens-probe", *hc.overrides.task])
     fail_cleanly(lambda: run(cfg, Path(hc.runtime.output_dir), command))

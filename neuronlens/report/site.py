@@ -138,9 +138,8 @@ def judge_table(row: dict[str, Any], simulator: str | None) -> list[dict[str, An
     all, top and random test excerpts, digit mass, failed excerpts and flag."""
     def line(name: str, entry: dict[str, Any], failed: Any) -> dict[str, Any]:
         test = ((entry.get("scores") or {}).get("test") or {})
-        def corr(split: str) -> Any:   # a split's scores, or a bare number (rows made by hand)
-            value = test.get(split)
-            return value.get("correlation") if isinstance(value, dict) else value
+        def corr(split: str) -> Any:
+            return (test.get(split) or {}).get("correlation")
         return {"name": name, "score": entry.get("score"), "all": corr("all"), "top": corr("top"),
                 "random": corr("random"), "mass": (entry.get("mass") or {}).get("mean"),
                 "failed": failed, "flag": entry.get("score_flag")}

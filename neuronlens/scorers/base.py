@@ -65,7 +65,6 @@ class Scored:
 
     result: SimulationResult
     scores: dict[str, dict[str, Any]]
-    n_top: int
 
     def kept(self) -> list[int]:
         """Indices into ``top + random`` of the excerpts that were predicted."""
@@ -96,4 +95,4 @@ class Scorer(Protocol):
         pick = lambda is_top: ([r.activations for r, _, t in kept if t == is_top],   # noqa: E731
                                [e for _, e, t in kept if t == is_top])
         scores = score_splits(*pick(True), *pick(False))
-        return Scored(result, {name: s.to_json() for name, s in scores.items()}, len(top))
+        return Scored(result, {name: s.to_json() for name, s in scores.items()})
