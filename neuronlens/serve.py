@@ -13,6 +13,10 @@ sum of the returned tokens' lengths, starting with a BOS token's text where the 
 one. Echoed prompt tokens are written as OpenAI's legacy API wrote them: a token that is not
 valid UTF-8 on its own (part of a multi-byte character) reads ``bytes:\\xNN...``.
 
+A request's prompt shares the previous one's KV cache up to where they differ (``PrefixCache``),
+and a list of greedy one-token prompts is answered in one forward pass over a tree of their
+tokens (``LocalBackend.next_token_logprobs``), as vLLM batches them behind its prefix cache.
+
 ``faults`` makes successive POST requests misbehave in a cycle (429, 500, slow, truncated JSON,
 answers one entry short) so that clients' retry and validation paths meet a real server.
 ``start_server`` runs the server in a background thread, for tests and scripts.
@@ -312,8 +316,11 @@ def _check_k(state: ServerState, *ks: int | None) -> None:
 def next_token(state: ServerState, ids: list[int], k: int) -> Completion:
     """The greedy one-token completion of ``ids``, as ``generate`` gives it, from the prefix
     cache (a simulator's follow-up prompts share all but their last tokens)."""
-    tok = state.backend.tokenizer
-    logp = state.prefix.run(ids, k)[1]
+    return greedy(state.backend.tokenizer, state.prefix.run(ids, k)[1], k)
+
+
+def greedy(tok: Any, logp: torch.Tensor, k: int) -> Completion:
+    """The greedy token of a next-token distribution, with its top-``k`` alternatives."""
     best = int(logp.argmax())
     if best == tok.eos_token_id:   # generate() stops there: no token, no text
         return Completion("", (), "stop", ())
@@ -323,29 +330,43 @@ def next_token(state: ServerState, ids: list[int], k: int) -> Completion:
     return Completion(piece, (TokenLogprob(piece, float(logp[best]), alts),), "length", (best,))
 
 
+def _one_greedy_token(body: CompletionBody) -> bool:
+    return body.max_tokens == 1 and body.temperature == 0 and not body.stop
+
+
+def _greedy_tokens(state: ServerState, ids: list[list[int]], k: int) -> list[Completion]:
+    """Many greedy one-token completions at once (a simulator's follow-ups): one forward pass
+    over a tree of their tokens, the prefix they share computed once."""
+    tok = state.backend.tokenizer
+    return [greedy(tok, logp, k) for logp in state.backend.next_token_logprobs(ids)]
+
+
 def _complete(state: ServerState, body: CompletionBody, fault: str) -> dict:
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts or not all(prompts):
         raise ApiError(400, "prompt must be a non-empty string or a list of non-empty strings.")
     _check_k(state, body.logprobs, body.prompt_logprobs)
+    ids = [list(state.backend.tokenizer(p)["input_ids"]) for p in prompts]
+    given: list[Completion | None] = [None] * len(prompts)
+    if len(prompts) > 1 and _one_greedy_token(body) and not body.echo and body.prompt_logprobs is None:
+        given = _greedy_tokens(state, ids, body.logprobs or 0)
     choices, n_prompt, n_gen = [], 0, 0
-    for prompt in prompts:  # one block of n choices per prompt, indexed in order, as OpenAI does
-        more, p, g = _complete_one(state, body, prompt, fault == "wrong_length")
+    for prompt, prompt_ids, done in zip(prompts, ids, given):   # n choices each, in order, as OpenAI does
+        more, p, g = _complete_one(state, body, prompt, prompt_ids, done, fault == "wrong_length")
         choices += [c | {"index": len(choices) + i} for i, c in enumerate(more)]
         n_prompt, n_gen = n_prompt + p, n_gen + g
     return _envelope("cmpl", "text_completion", body.model or state.model_name, choices,
                      n_prompt, n_gen)
 
 
-def _complete_one(state: ServerState, body: CompletionBody, prompt: str,
-                  short: bool) -> tuple[list[dict], int, int]:
+def _complete_one(state: ServerState, body: CompletionBody, prompt: str, ids: list[int],
+                  given: Completion | None, short: bool) -> tuple[list[dict], int, int]:
     tok = state.backend.tokenizer
-    ids = list(tok(prompt)["input_ids"])
     k = max(body.logprobs or 0, body.prompt_logprobs or 0)
     scores = state.prefix.run(ids, k)[0] \
         if body.prompt_logprobs is not None or (body.echo and body.logprobs is not None) else None
-    if body.max_tokens == 1 and body.temperature == 0 and not body.stop:   # one greedy token
-        c = next_token(state, ids, body.logprobs or 0)
+    if _one_greedy_token(body):
+        c = given or next_token(state, ids, body.logprobs or 0)
         completions, n_prompt, n_gen = [c] * body.n, len(ids), len(c.token_ids or ()) * body.n
     elif body.max_tokens > 0:
         completions, n_prompt, n_gen = _generate(state, body, body.max_tokens, body.logprobs, prompt=prompt)

@@ -469,6 +469,27 @@ def test_the_prefix_kept_from_the_last_call_scores_like_a_fresh_backend(smollm2_
     assert kept._kept is not None and len(kept._kept[0]) > 10
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("max_tree", [2048, 5])
+def test_next_tokens_of_many_prompts_at_once_equal_a_forward_each(smollm2_tokenizer, arch, max_tree):
+    """A simulator's follow-ups (the prompt up to each placeholder, then "1"), a prompt that is a
+    prefix of another and one with another start, as one token tree (or, with a small
+    ``max_tree``, several): each next-token distribution is that of a forward pass over its
+    prompt alone, also past the sliding window (gemma3's is 16 tokens)."""
+    model = _tiny_model(arch, smollm2_tokenizer, seed=3)
+    backend = _backend(model, smollm2_tokenizer)
+    req = build_request("words about the sea", EXCERPT)
+    follow_ups = [req.prompt[:c] + "1" for c in req.positions]
+    prompts = [smollm2_tokenizer(t)["input_ids"] for t in [*follow_ups, req.prompt[:req.positions[2]],
+                                                           "A different start 1"]]
+    got = backend.next_token_logprobs(prompts, max_tree=max_tree)
+    with torch.no_grad():
+        for ids, g in zip(prompts, got):
+            want = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+            assert (g - want).abs().max() <= 1e-4
+    assert len({round(float(g.max()), 4) for g in got}) > 1   # the contexts do differ
+
+
 def test_single_request_prefix_reuse_is_naive(smollm2_tokenizer):
     model = _tiny_model("llama", smollm2_tokenizer)
     req = build_request("x", ["a", " 10"])

@@ -238,27 +238,7 @@ class LocalBackend(Backend):
             for row in range(len(tokens), L):      # padding attends to itself only
                 allowed[b, row, :] = False
                 allowed[b, row, P + row] = True
-        dtype = next(self.model.parameters()).dtype
-
-        def additive(ok: torch.Tensor) -> torch.Tensor:
-            mask = torch.zeros(B, 1, L, P + L, dtype=dtype)
-            return mask.masked_fill_(~ok[:, None], torch.finfo(dtype).min).to(device)
-
-        mask = additive(allowed)
-        window = self._sliding_window()
-        if window:  # models mixing full and sliding-window layers (Gemma 2/3) get a mask for each
-            keys = torch.cat([torch.arange(P).expand(B, P), position_ids], dim=1)  # [B, P+L]
-            near = position_ids[:, :, None] - keys[:, None, :] < window
-            mask = {"full_attention": mask, "sliding_attention": additive(allowed & near)}
-        past = None
-        if cache is not None:
-            past = copy.deepcopy(cache)
-            past.batch_repeat_interleave(B)
-        hidden = self.model.base_model(
-            input_ids=input_ids.to(device), position_ids=position_ids.to(device),
-            attention_mask=mask, use_cache=past is not None,
-            **{cache_argument(type(self.model.base_model)): past},
-        ).last_hidden_state
+        hidden = self._masked_forward(input_ids, position_ids, allowed, P, cache, device)
         out = []
         for b, (tokens, _pos, _parents, slot_of, S) in enumerate(rows):
             queries = items[b][1]
@@ -281,6 +261,80 @@ class LocalBackend(Backend):
                 mass.append(total)
                 probs.append(tuple(x / total for x in p) if total > 0 else tuple(p))
             out.append((tuple(probs), tuple(mass), len(tokens)))
+        return out
+
+    def _masked_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                        allowed: torch.Tensor, P: int, cache, device) -> torch.Tensor:
+        """Last hidden states of ``input_ids`` [B, L] after a cached prefix of ``P`` tokens, each
+        token seeing only the keys ``allowed`` [B, L, P + L] marks (a token tree in one pass)."""
+        B, L = input_ids.shape
+        dtype = next(self.model.parameters()).dtype
+
+        def additive(ok: torch.Tensor) -> torch.Tensor:
+            mask = torch.zeros(B, 1, L, P + L, dtype=dtype)
+            return mask.masked_fill_(~ok[:, None], torch.finfo(dtype).min).to(device)
+
+        mask = additive(allowed)
+        window = self._sliding_window()
+        if window:  # models mixing full and sliding-window layers (Gemma 2/3) get a mask for each
+            keys = torch.cat([torch.arange(P).expand(B, P), position_ids], dim=1)  # [B, P+L]
+            near = position_ids[:, :, None] - keys[:, None, :] < window
+            mask = {"full_attention": mask, "sliding_attention": additive(allowed & near)}
+        past = None
+        if cache is not None:
+            past = copy.deepcopy(cache)
+            past.batch_repeat_interleave(B)
+        return self.model.base_model(
+            input_ids=input_ids.to(device), position_ids=position_ids.to(device),
+            attention_mask=mask, use_cache=past is not None,
+            **{cache_argument(type(self.model.base_model)): past},
+        ).last_hidden_state
+
+    @torch.no_grad()
+    def next_token_logprobs(self, prompts: Sequence[Sequence[int]], max_tree: int = 2048) -> list[torch.Tensor]:
+        """Log-probabilities over the vocabulary of the token after each prompt (token ids), as
+        a forward pass over that prompt alone gives them. Prompts that share a prefix (a
+        simulator's follow-ups share all but their last few tokens) are computed together: the
+        shared prefix once (kept across calls, see ``_prefix_cache``), the rest as one tree of
+        tokens, each token seeing its own prompt's tokens only (at most ``max_tree`` per pass)."""
+        self.load()
+        prompts = [list(p) for p in prompts]
+        if not prompts or not all(prompts):
+            raise ValueError("next_token_logprobs needs non-empty prompts.")
+        device = next(self.model.parameters()).device
+        P = min(_shared_prefix(prompts), min(len(p) for p in prompts) - 1)
+        cache = self._prefix_cache(prompts[0][:P], device) if P > 0 else None
+        out: list[torch.Tensor | None] = [None] * len(prompts)
+        node: dict[tuple[int, ...], int] = {}      # token path after the prefix -> tree slot
+        tokens: list[int] = []
+        chains: list[list[int]] = []               # per slot: its ancestors' slots and itself
+        last: list[tuple[int, int]] = []           # (prompt, slot of its last token)
+
+        def flush() -> None:
+            n = len(tokens)
+            allowed = torch.zeros(1, n, P + n, dtype=torch.bool)
+            allowed[0, :, :P] = True
+            for slot, chain in enumerate(chains):
+                allowed[0, slot, [P + c for c in chain]] = True
+            positions = torch.tensor([[P + len(chain) - 1 for chain in chains]])
+            hidden = self._masked_forward(torch.tensor([tokens]), positions, allowed, P, cache, device)
+            logp = self._log_softmax(hidden[0, [slot for _, slot in last]])
+            for row, (i, _) in enumerate(last):
+                out[i] = logp[row]
+            node.clear(), tokens.clear(), chains.clear(), last.clear()
+
+        for i, ids in enumerate(prompts):
+            rest = ids[P:]
+            if tokens and len(tokens) + len(rest) > max_tree:
+                flush()
+            for d in range(1, len(rest) + 1):
+                path = tuple(rest[:d])
+                if path not in node:
+                    node[path] = len(tokens)
+                    tokens.append(rest[d - 1])
+                    chains.append((chains[node[path[:-1]]] if d > 1 else []) + [node[path]])
+            last.append((i, node[tuple(rest)]))
+        flush()
         return out
 
     def _sliding_window(self) -> int | None:
