@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -46,3 +47,12 @@ def machine_line(m: dict) -> str:
     return (f"Machine: {m['cpu_model']}, {m['cpu_cores']} cores ({m['cpu_cores_usable']} usable, "
             f"{m['torch_threads']} torch threads), torch {m['torch']}, transformers "
             f"{m['transformers']}, device `{m['device']}`{gpu}; load average at start {load}.")
+
+
+def save(name: str, result: dict, markdown: str) -> None:
+    """Write ``results/<name>.json`` and ``results/<name>.md``; print the headline JSON line
+    (``result["summary"]``) last."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown)
+    print(json.dumps(result["summary"]))

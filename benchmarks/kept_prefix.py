@@ -16,12 +16,11 @@ Run with no arguments (about 2 minutes on 2 CPU cores). The last line printed is
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from itertools import islice
 
-from common import RESULTS, machine, machine_line
+from common import machine, machine_line, save
 
 EXPLANATIONS = ("digits and numbers", "names of animals", "words about the weather",
                 "days of the week and names of months", "negation words such as not, no and never",
@@ -77,9 +76,7 @@ def main() -> None:
                "explanations": len(EXPLANATIONS), "excerpts_per_call": len(records),
                "max_abs_diff_expected": float(f"{diff:.3g}"), "model": args.model}
     res = {"summary": summary, "seconds": times, "machine": info}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(res, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text("\n".join([
+    save(args.name, res, "\n".join([
         "# Kept prompt prefix (local backend)", "", machine_line(info), "",
         f"{len(EXPLANATIONS)} explanations simulated in a row on {len(records)} excerpts of 16 "
         f"tokens each (`{args.model}`), {args.rounds} alternated rounds, medians:", "",
@@ -88,7 +85,6 @@ def main() -> None:
         f"| prefix computed again every call (before) | {summary['seconds_forget']} |", "",
         f"Speedup (median of paired rounds): **{ratio:.2f}x**. Max |expected value difference|: "
         f"{diff:.2e}.", ""]))
-    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

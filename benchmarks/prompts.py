@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, machine, machine_line
+from common import machine, machine_line, save
 
 PROMPTS = {"neuronlens": {"prompt": "neuronlens"}, "no_fewshot": {"fewshot": False},
            "openai": {"prompt": "openai"}}
@@ -84,13 +84,11 @@ def main() -> None:
         summary[name] = {k: r[k] for k in ("auc", "difference", "difference_ci", "tells_apart")} | {
             "mass_mean": (r["mass"] or {}).get("mean")}
     res = {"summary": summary, "results": results, "skipped": skipped, "machine": info}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(res, indent=2) + "\n")
     rows = "\n".join(
         f"| `{n}` | {r['mean_true']} | {r['mean_shuffled']} | {r['difference']} "
         f"[{', '.join(map(str, r['difference_ci'] or ['—']))}] | {r['auc']} | "
         f"{(r['mass'] or {}).get('mean')} | {r['seconds']} |" for n, r in results.items())
-    (RESULTS / f"{args.name}.md").write_text(
+    save(args.name, res,
         f"# Simulation prompts by judge power\n\n{machine_line(info)}\n\n"
         f"Simulator `{args.model}`, all at once; {len(controls)} rule neurons, {args.top_k} top + "
         f"{args.n_random} random excerpts of {args.window} tokens each.\n\n"
@@ -98,7 +96,6 @@ def main() -> None:
         f"|---|---|---|---|---|---|---|\n{rows}\n"
         + "".join(f"\nSkipped `{n}`: {why}\n" for n, why in skipped.items())
         + f"\nCommand: `python benchmarks/prompts.py {' '.join(sys.argv[1:])}`\n")
-    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

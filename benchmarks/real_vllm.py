@@ -30,14 +30,13 @@ measured part takes <= 3 minutes on 2 cores); the last line printed is one JSON 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import RESULTS, machine, machine_line  # benchmarks/common.py, beside this script
+from common import machine, machine_line, save  # benchmarks/common.py, beside this script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -203,10 +202,7 @@ def main() -> None:
         summary["vllm_vs_local_time"] = v["seconds"] / res["local"]["seconds"]
         summary["vllm_vs_openai_pattern_tokens"] = v["prompt_tokens_needed"] / o["prompt_tokens_needed"]
     res["summary"] = summary
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(res, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(res))
-    print(json.dumps(summary))
+    save(args.name, res, markdown(res))
 
 
 def markdown(res: dict) -> str:

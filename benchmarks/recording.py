@@ -40,9 +40,9 @@ from itertools import cycle, islice
 from pathlib import Path
 
 from common import (  # benchmarks/common.py, beside this script
-    RESULTS,
     machine,
     machine_line,
+    save,
     sync,
 )
 
@@ -350,10 +350,7 @@ def main() -> None:
         if "memory" in res else None,
         "device": args.device, "model": args.model, "wall_seconds": round(res["wall_seconds"], 1),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(res, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(res))
-    print(json.dumps(res["summary"]))
+    save(args.name, res, markdown(res))
 
 
 if __name__ == "__main__":

@@ -24,12 +24,11 @@ Run with no arguments (about 2 minutes on 2 CPU cores). The last line printed is
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from itertools import islice
 
-from common import RESULTS, machine, machine_line  # benchmarks/common.py, beside this script
+from common import machine, machine_line, save  # benchmarks/common.py, beside this script
 
 
 def main() -> None:
@@ -91,9 +90,7 @@ def main() -> None:
                "requests": len(requests), "prompts": n_prompts, "same_greedy_tokens": same_tokens,
                "max_abs_diff_logprob": float(f"{diff:.3g}"), "model": args.model}
     res = {"summary": summary, "seconds": times, "machine": info}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(res, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text("\n".join([
+    save(args.name, res, "\n".join([
         "# neuronlens-serve: a simulator's follow-up prompts", "", machine_line(info), "",
         f"{len(requests)} follow-up requests ({n_prompts} prompts: one per placeholder of a "
         f"{args.window}-token excerpt) on `{args.model}`, {args.rounds} alternated rounds, medians:", "",
@@ -102,7 +99,6 @@ def main() -> None:
         f"| one prompt at a time (before) | {summary['seconds_one_by_one']} |", "",
         f"Speedup (median of paired rounds): **{ratio:.2f}x**. Same greedy tokens: {same_tokens}; "
         f"max |logprob difference| over the top 20: {diff:.2e}.", ""]))
-    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

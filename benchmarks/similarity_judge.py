@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, machine, machine_line  # benchmarks/common.py, beside this script
+from common import machine, machine_line, save  # benchmarks/common.py, beside this script
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -214,10 +214,7 @@ def main() -> None:
     res = {"summary": summary, "args": vars(args), "machine": info,
            "tuning": {k: v[0] for k, v in TUNING.items()}, "grid": list(grid.values()),
            "held_out": held_out}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(res, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(res, best, previous))
-    print(json.dumps(summary))
+    save(args.name, res, markdown(res, best, previous))
 
 
 def markdown(res: dict, best: dict, previous: dict) -> str:

@@ -24,7 +24,6 @@ one JSON object with the headline ``ratio``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -32,9 +31,9 @@ import sys
 import time
 
 from common import (  # benchmarks/common.py, beside this script
-    RESULTS,
     machine,
     machine_line,
+    save,
     sync,
 )
 
@@ -210,10 +209,7 @@ def main() -> None:
         "long_prefix_ratio": round(res["long_prefix"]["ratio"], 3) if args.long_prefix else None,
         "device": device, "model": args.model, "wall_seconds": round(res["wall_seconds"], 1),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(res, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(res))
-    print(json.dumps(res["summary"]))
+    save(args.name, res, markdown(res))
 
 
 def markdown(res: dict) -> str:
