@@ -4,8 +4,12 @@ neuronlens-serve on loopback (its numbers must equal the local backend's)."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import openai
@@ -558,3 +562,47 @@ def test_server_faults_are_classified(model_dir):
         wrong = VLLMBackend(model="wrong-name", base_url=handle.base_url)
         with pytest.raises(BackendError, match="serves .*, not 'wrong-name'; set the backend's model"):
             wrong.generate(TEXT)   # refused at load, from /v1/models, before any request
+
+
+class ClosesIdleConnections(BaseHTTPRequestHandler):
+    """Keep-alive HTTP/1.1 that drops a connection, unanswered, when a request comes on it after
+    1.3 s idle: what a server whose keep-alive timeout ends just then does (uvicorn's is 5 s)."""
+
+    protocol_version = "HTTP/1.1"
+    idle_limit = 1.3
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        last = getattr(self, "last", None)
+        if last is not None and time.monotonic() - last >= self.idle_limit:
+            self.close_connection = True   # closed without an answer
+            return
+        body = json.dumps({"ok": True}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.last = time.monotonic()
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_a_connection_idle_past_the_keepalive_is_not_reused(monkeypatch):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ClosesIdleConnections)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        def two_requests_apart() -> None:
+            backend = OpenAIBackend(model="m", base_url=url)
+            for _ in range(2):
+                assert backend._call("completions", lambda data: data["ok"], prompt="x", max_tokens=1)[0]
+                time.sleep(ClosesIdleConnections.idle_limit + 0.2)
+
+        two_requests_apart()   # the second request goes on a new connection
+        monkeypatch.setattr("neuronlens.backends.openai.KEEPALIVE_S", 5.0)   # the libraries' default
+        with pytest.raises(TransientError, match="could not be reached"):
+            two_requests_apart()
+    finally:
+        server.shutdown()

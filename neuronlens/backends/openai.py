@@ -241,6 +241,22 @@ def classify_error(error: Exception, model: str, base_url: str,
 
 
 # ---- the backend ------------------------------------------------------------------------------
+KEEPALIVE_S = 1.0   # below the idle timeout servers close keep-alive connections at (uvicorn: 5 s)
+
+
+def short_keepalive_client(openai: Any) -> Any:
+    """The openai package's own HTTP client, reusing a connection only while it has been idle
+    under ``KEEPALIVE_S``. A server closes idle keep-alive connections after its own timeout
+    (vLLM's uvicorn: 5 s, the client library's default too), and a request sent on a connection
+    it is closing at that moment fails with a connection error that the policy must retry."""
+    import importlib
+
+    base = next(c for c in openai.DefaultHttpxClient.__mro__ if not c.__module__.startswith("openai"))
+    http = importlib.import_module(base.__module__.partition(".")[0])   # httpx, or httpx2 (openai 3)
+    return openai.DefaultHttpxClient(limits=http.Limits(
+        max_connections=1000, max_keepalive_connections=100, keepalive_expiry=KEEPALIVE_S))
+
+
 class OpenAIBackend(Backend):
     """``prompt_scoring``: ``none`` (chat-only APIs; the engine uses output logprobs) or
     ``echo`` (legacy completions servers that return prompt logprobs with ``echo``)."""
@@ -302,7 +318,8 @@ class OpenAIBackend(Backend):
         if not key and self.base_url is None:
             raise BackendError(MISSING_KEY)
         self.client = openai.OpenAI(api_key=key or "unused", base_url=self.url,
-                                    timeout=self.timeout, max_retries=0)
+                                    timeout=self.timeout, max_retries=0,
+                                    http_client=short_keepalive_client(openai))
 
     # ---- one call, errors classified ----------------------------------------------------------
     def _call(self, endpoint: str, parse: Callable[..., Any], *args: Any, **params: Any) -> Any:
