@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import statistics
+import sys
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,3 +60,34 @@ def save(name: str, result: dict, markdown: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown)
     print(json.dumps(result["summary"]))
+
+
+def alternate(engines: dict, run, rounds: int, deadline: float = math.inf, device: str = "cpu",
+              verbose: bool = False, label: str = ""):
+    """``run(engine)`` for each engine once per round, alternating the order (A B, B A, ...);
+    after two rounds, stop when another round would pass the deadline. Returns the seconds of
+    every run by engine name and each engine's last result."""
+    names = list(engines)
+    times = {n: [] for n in names}
+    results = {}
+    start = time.perf_counter()
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            sync(device)
+            t = time.perf_counter()
+            results[name] = run(engines[name])
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+        if verbose:
+            print(f"{label} round {r}: " + ", ".join(f"{n} {times[n][-1]:.1f} s" for n in names),
+                  file=sys.stderr)
+        per_round = (time.perf_counter() - start) / (r + 1)
+        if r + 1 >= 2 and time.perf_counter() + per_round > deadline:
+            break  # one more round would overrun the time budget
+    return times, results
+
+
+def paired_ratio(times: dict, slow: str, fast: str) -> float:
+    """The median over rounds of each round's time of ``slow`` over that of ``fast``."""
+    return statistics.median(s / f for s, f in zip(times[slow], times[fast]))

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from itertools import islice
 
-from common import machine, machine_line, save
+from common import alternate, machine, machine_line, paired_ratio, save
 
 EXPLANATIONS = ("digits and numbers", "names of animals", "words about the weather",
                 "days of the week and names of months", "negation words such as not, no and never",
@@ -58,16 +57,13 @@ def main() -> None:
             out.append(simulator.simulate(explanation, records).expected)
         return out
 
+    def cold_sweep(forget: bool):
+        backend._kept = None   # each sweep starts cold
+        return sweep(forget)
+
     sweep(False)   # warm-up
-    times: dict[str, list[float]] = {"keep": [], "forget": []}
-    results = {}
-    for r in range(args.rounds):
-        for name in (("keep", "forget") if r % 2 == 0 else ("forget", "keep")):
-            backend._kept = None   # each sweep starts cold
-            start = time.perf_counter()
-            results[name] = sweep(name == "forget")
-            times[name].append(time.perf_counter() - start)
-    ratio = statistics.median(f / k for f, k in zip(times["forget"], times["keep"]))
+    times, results = alternate({"keep": False, "forget": True}, cold_sweep, args.rounds)
+    ratio = paired_ratio(times, "forget", "keep")
     diff = max(abs(a - b) for ek, ef in zip(results["keep"], results["forget"])
                for xs, ys in zip(ek, ef) for a, b in zip(xs, ys))
     summary = {"benchmark": args.name, "ratio": round(ratio, 3),

@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from itertools import islice
 
-from common import machine, machine_line, save  # benchmarks/common.py, beside this script
+from common import alternate, machine, machine_line, paired_ratio, save  # benchmarks/common.py, beside this script
 
 
 def main() -> None:
@@ -72,14 +71,8 @@ def main() -> None:
         return out
 
     sweep(True), sweep(False)   # warm-up
-    times: dict[str, list[float]] = {"tree": [], "one_by_one": []}
-    results = {}
-    for r in range(args.rounds):
-        for name in (("tree", "one_by_one") if r % 2 == 0 else ("one_by_one", "tree")):
-            start = time.perf_counter()
-            results[name] = sweep(name == "tree")
-            times[name].append(time.perf_counter() - start)
-    ratio = statistics.median(o / t for o, t in zip(times["one_by_one"], times["tree"]))
+    times, results = alternate({"tree": True, "one_by_one": False}, sweep, args.rounds)
+    ratio = paired_ratio(times, "one_by_one", "tree")
     same_tokens = all(a[0] == b[0] for a, b in zip(results["tree"], results["one_by_one"]))
     diff = max(abs(a[1][k] - b[1][k]) for a, b in zip(results["tree"], results["one_by_one"])
                for k in a[1].keys() & b[1].keys())

@@ -27,14 +27,14 @@ import argparse
 import os
 import resource
 import statistics
-import sys
 import time
 
 from common import (  # benchmarks/common.py, beside this script
+    alternate,
     machine,
     machine_line,
+    paired_ratio,
     save,
-    sync,
 )
 
 EXPLANATION = "words about food, cooking and recipes"
@@ -61,35 +61,6 @@ def long_prefix_requests(explanation: str, records, example_windows, tokenizer):
     finally:
         sim.FEWSHOT = saved
     return requests, prefix, len(saved) + len(extra)
-
-
-def alternate(engines: dict, run, rounds: int, deadline: float, device: str, verbose: bool,
-              label: str):
-    """Run each engine once per round, alternating the order; after two rounds, stop when
-    another round would pass the deadline."""
-    names = list(engines)
-    times = {n: [] for n in names}
-    results = {}
-    start = time.perf_counter()
-    for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        for name in order:
-            sync(device)
-            t = time.perf_counter()
-            results[name] = run(engines[name])
-            sync(device)
-            times[name].append(time.perf_counter() - t)
-        if verbose:
-            print(f"{label} round {r}: " + ", ".join(f"{n} {times[n][-1]:.1f} s" for n in names),
-                  file=sys.stderr)
-        per_round = (time.perf_counter() - start) / (r + 1)
-        if r + 1 >= 2 and time.perf_counter() + per_round > deadline:
-            break  # one more round would overrun the time budget
-    return times, results
-
-
-def speedup(times) -> float:  # per-round naive time / reuse time, median over rounds
-    return statistics.median(n / p for n, p in zip(times["naive"], times["prefix_reuse"]))
 
 
 def usage_tokens(result) -> int:
@@ -161,7 +132,7 @@ def main() -> None:
         "excerpts": n, "window": args.window, "batch_size": args.batch_size,
         "rounds": len(times["naive"]), "seconds": times,
         "excerpts_per_s": {k: n / statistics.median(v) for k, v in times.items()},
-        "ratio": speedup(times),
+        "ratio": paired_ratio(times, "naive", "prefix_reuse"),
         "forward_tokens": {"prefix_reuse": usage_tokens(reuse), "naive": usage_tokens(naive)},
         "prompt_tokens_prefix": prefix_len,
         "prompt_tokens_full_first_excerpt": full_len,
@@ -187,7 +158,7 @@ def main() -> None:
                      "each), same engine, called through backend.prompt_logprobs",
             "excerpts": n, "rounds": len(ltimes["naive"]), "seconds": ltimes,
             "excerpts_per_s": {k: n / statistics.median(v) for k, v in ltimes.items()},
-            "ratio": speedup(ltimes),
+            "ratio": paired_ratio(ltimes, "naive", "prefix_reuse"),
             "forward_tokens": {k: usage_tokens(v) for k, v in lres.items()},
             "prompt_tokens_prefix": lp,
             "max_abs_diff_probs": max(abs(a - b) for da, db in zip(lres["prefix_reuse"],
