@@ -1,9 +1,9 @@
 """Simulation prompts compared by judge power: can a simulator, with each prompt, tell the true
 explanation of a rule neuron from a shuffled one?
 
-The controls are the rule neurons of ``neuronlens/conf/subject/synthetic.yaml`` recorded on the built-in
+The controls are the rule neurons of ``conf/subject/synthetic.yaml`` recorded on the built-in
 corpus (as a run's judge-power check, with more and longer excerpts). Each prompt scores every
-control with its true explanation and with the next control's (``neuronlens.judge_power.power``):
+control with its true explanation and with the next control's (``neuronlens.scorers.judge_power.power``):
 the paired difference of correlations (true minus shuffled) with its bootstrap 95% interval, the
 AUC, and the digit mass (the probability the simulator put on "0".."10" at a placeholder before
 renormalising). The prompts, on the same simulator model:
@@ -47,7 +47,7 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from neuronlens.backends.local import LocalBackend
-    from neuronlens.judge_power import control_neurons, power
+    from neuronlens.scorers.judge_power import control_neurons, power
     from neuronlens.errors import UserError
     from neuronlens.scorers.simulation import Simulator
 

@@ -5,7 +5,7 @@ With a tokenizer that writes "10" as "1" + "0" (SmolLM2's), the ``vllm`` and ``o
 simulators ask, after each excerpt's prompt logprobs, for the greedy next token (with its top 20)
 after ``prompt[:placeholder] + "1"`` for every placeholder: one ``/v1/completions`` request whose
 ``prompt`` is the list of those texts. Both variants answer exactly that request body with the
-server's own code (``serve._complete``) on the embedded SmolLM2-135M:
+server's own code (``serve.handlers.complete``) on the embedded SmolLM2-135M:
 
 - ``tree``: the request as sent (a list of prompts): their shared prefix from the backend's kept
   KV cache, the rest as one tree of tokens in one forward pass (``next_token_logprobs``);
@@ -42,7 +42,7 @@ def main() -> None:
     from neuronlens.corpus import BuiltinCorpus, token_windows
     from neuronlens.models import load_tokenizer
     from neuronlens.scorers.simulation import build_request
-    from neuronlens.serve import CompletionBody, PrefixCache, _complete, make_state
+    from neuronlens.serve import CompletionBody, PrefixCache, complete, make_state
 
     info = machine("cpu")
     tokenizer = load_tokenizer(args.model)
@@ -65,9 +65,9 @@ def main() -> None:
         out = []
         for prompts in requests:
             if tree:
-                out += answers(_complete(state, body(prompts), "none")["choices"])
+                out += answers(complete(state, body(prompts), "none")["choices"])
             else:
-                out += [a for p in prompts for a in answers(_complete(state, body(p), "none")["choices"])]
+                out += [a for p in prompts for a in answers(complete(state, body(p), "none")["choices"])]
         return out
 
     sweep(True), sweep(False)   # warm-up

@@ -2,7 +2,7 @@
 from the control rules, then its judge power measured on the control rules.
 
 Tuning set: rule neurons over real text, one per word family that none of the judge-power
-controls (``neuronlens/conf/subject/synthetic.yaml``: digits, animals, weather, days and months, negation,
+controls (``conf/subject/synthetic.yaml``: digits, animals, weather, days and months, negation,
 capitalised words, the word after "the", the first tokens) is about: colours, food, body parts,
 family, vehicles, jobs, places, money, units of time, feelings. The built-in corpus is cut into
 64-token windows by the embedded SmolLM2 tokenizer; a rule marks every token of a matching word
@@ -11,7 +11,7 @@ windows shared by all, and is scored as a run scores its test split (Pearson r o
 
 Every setting of the grid (``context_weight`` x ``floor`` x ``window``) scores each tuning neuron
 with its true explanation and with every other family's; the setting with the largest mean margin
-(true r minus the best wrong r) is chosen. Then, held out, ``neuronlens.judge_power.power`` scores
+(true r minus the best wrong r) is chosen. Then, held out, ``neuronlens.scorers.judge_power.power`` scores
 the control neurons (``--control-top`` + ``--control-random`` excerpts of ``--control-window``
 tokens) with the chosen setting and with the previous default (``context_weight`` 0.5, ``floor``
 0.15, ``window`` 0, which had been chosen on rules that overlap the controls): paired difference
@@ -115,13 +115,8 @@ def rule_neurons(windows: list[list[str]], n_top: int, n_random: int, seed: int)
 
 def margins(judge, neurons: dict) -> dict:
     """Per tuning neuron: true r, the best wrong r (another family's explanation), the margin."""
-    from neuronlens.scorers.correlation import correlate
-    from neuronlens.summary import headline
-
     def r(explanation: str, records) -> float:
-        sim = judge.simulate(explanation, records)
-        value = headline(correlate([x.activations for x in records],
-                               [list(e) for e in sim.expected]).to_json())
+        value = judge.score(explanation, records, []).value()
         return -1.0 if value is None else value
 
     out = {}
@@ -163,7 +158,7 @@ def main() -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from neuronlens.judge_power import control_neurons, power
+    from neuronlens.scorers.judge_power import control_neurons, power
     from neuronlens.scorers.similarity import SimilarityJudge, load_encoder
 
     if args.threads:

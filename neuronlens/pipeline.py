@@ -21,19 +21,18 @@ from tqdm.auto import tqdm
 
 from neuronlens.backends.base import Backend, TransientError, failure_kind
 from neuronlens.backends.policy import Policy
-from neuronlens.checks import check_config
-from neuronlens.judge_power import judge_power, verdict
+from neuronlens.settings import check
 from neuronlens.errors import UserError
 from neuronlens.explainers.base import Explainer
 from neuronlens.explainers.llm import LLMExplainer, copy_flag
 from neuronlens.files import RunLock, disk_error, dumps, read_rows, write_atomic, write_json
 from neuronlens.records import NeuronId, NeuronRecord
-from neuronlens.scorers.base import Scored, Scorer
+from neuronlens.scorers.base import Scorer, split_predictions
 from neuronlens.scorers.correlation import correlate, fit_calibration
+from neuronlens.scorers.judge_power import judge_power, verdict
 from neuronlens.scorers.simulation import Simulator
 from neuronlens.models import cache_dir, display_name
-from neuronlens.summary import CONSTANT, LOW_MASS, headline, mass_stats, summarise_rows
-from neuronlens.subject.transformer import recording_for, select_neurons  # noqa: F401 (public)
+from neuronlens.summary import CONSTANT, CORRELATION, LOW_MASS, headline, mass_stats, summarise_rows
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +83,8 @@ def backend_stats(role) -> dict[str, Any] | None:
 
 def judge(judges: dict[str, Scorer], explanation: str, top, rnd) -> dict[str, Any]:
     """The kept explanation scored again by each second judge, on the very excerpts the main
-    simulator scored (so the two are paired); ``test_simulated`` is aligned with ``test_excerpts``
-    (None where this judge failed an excerpt)."""
+    simulator scored (so the two are paired), in the judge's own metric; ``test_simulated`` is
+    aligned with ``test_excerpts`` (None where this judge failed an excerpt)."""
     out = {}
     for name, scorer in judges.items():
         scored = scorer.score(explanation, top, rnd)
@@ -93,7 +92,8 @@ def judge(judges: dict[str, Scorer], explanation: str, top, rnd) -> dict[str, An
         expected = [None if e is None else list(e) for e in sim.expected]
         masses = [{"mass": m} for e, m in zip(expected, sim.mass or [None] * len(expected))
                   if e is not None and m]
-        out[name] = {"score": headline(scores["all"]), "score_flag": scores["all"]["flag"],
+        out[name] = {"score": scored.value(), "metric": scored.metric.name,
+                     "score_flag": scores["all"].get("flag"),
                      "mass": mass_stats(masses), "scores": {"test": scores},
                      "test_simulated": expected, "failed_excerpts": sim.n_failed,
                      "failures": [f.to_json() for f in sim.failures],
@@ -106,7 +106,7 @@ def process(neuron: NeuronRecord, explainer: Explainer, simulator: Scorer, cfg: 
     """Explain one neuron, pick the best explanation on `valid`, score it on `test`, and have the
     second judges (if any) score it too."""
     start = time.perf_counter()
-    sc = cfg.scoring
+    sc, metric = cfg.scoring, simulator.metric
     split = lambda name: neuron.split(name, sc.split_seed)  # noqa: E731
     row: dict[str, Any] = {"layer": neuron.neuron_id.layer, "index": neuron.neuron_id.index,
                            "max_activation": neuron.max_activation}
@@ -117,7 +117,7 @@ def process(neuron: NeuronRecord, explainer: Explainer, simulator: Scorer, cfg: 
 
     def failed(reason: str, kind: str) -> dict[str, Any]:
         by_kind[kind] += 1
-        return row | {"explanation": None, "score": None, "scores": {"test": None},
+        return row | {"explanation": None, "score": None, "metric": metric.name, "scores": {"test": None},
                       "error": reason, "error_kind": kind, "usage": usage, "failures": failures,
                       "failed_excerpts": failed_excerpts, "seconds": time.perf_counter() - start}
 
@@ -149,30 +149,24 @@ def process(neuron: NeuronRecord, explainer: Explainer, simulator: Scorer, cfg: 
         return [records[i] for i, _ in kept], [e for _, e in kept]
 
     candidates = []
-    valid = split("valid").all
+    valid = split("valid")
     for text in result.explanations:
         entry = {"text": text}
         if len(result.explanations) > 1:
-            recs, sims = simulate(text, valid, "valid")
-            entry["valid"] = correlate([r.activations for r in recs], sims).to_json()
+            scored = simulator.score(text, valid.top, valid.random)
+            account(scored.result, "valid")
+            entry["valid"] = scored.scores["all"]
         candidates.append(entry)
     if not candidates:
         return failed("the explainer gave no usable explanation", "no_explanation")
 
-    def valid_score(c: dict) -> float:   # the headline rule: a constant simulation scores 0
-        r = headline(c.get("valid"))
-        return -2.0 if r is None else r
-
-    best = max(candidates, key=valid_score)
+    # the headline rule (a constant simulation scores 0), the better end of the metric first
+    best = max(candidates, key=lambda c: metric.rank(headline(c.get("valid"), metric.name)))
     test = split("test")
-    scored: Scored = simulator.score(best["text"], test.top, test.random)   # one shared prefix
+    scored = simulator.score(best["text"], test.top, test.random)   # one shared prefix
     account(scored.result, "test")
-    sim, scores, where = scored.result, scored.scores, scored.kept()
-    records = test.top + test.random
-    top_recs = [records[i] for i in where if i < len(test.top)]
-    rnd_recs = [records[i] for i in where if i >= len(test.top)]
-    top_sims = [list(sim.expected[i]) for i in where if i < len(test.top)]
-    rnd_sims = [list(sim.expected[i]) for i in where if i >= len(test.top)]
+    sim, scores = scored.result, scored.scores
+    kept = split_predictions(test.top, test.random, sim.expected)
     row["scores"] = {"test": scores}
     if sc.calibrate:
         recs, sims = simulate(best["text"], split("calibration").all, "calibration")
@@ -180,22 +174,27 @@ def process(neuron: NeuronRecord, explainer: Explainer, simulator: Scorer, cfg: 
             calib = fit_calibration([r.activations for r in recs], sims)
             row["scores"]["calibration"] = calib.to_json()
             row["scores"]["test_calibrated"] = correlate(
-                [r.activations for r in top_recs + rnd_recs], calib.apply(top_sims + rnd_sims)).to_json()
-    excerpts = [{"kind": kind, "tokens": r.tokens, "true": r.activations, "simulated": s}
-                | ({"text": list(r.text)} if r.text else {})   # split characters whole, to show
-                for kind, recs, sims in (("top", top_recs, top_sims), ("random", rnd_recs, rnd_sims))
-                for r, s in zip(recs, sims)]
-    for excerpt, i in zip(excerpts, where):   # tops first, then randoms, in both
-        if i < len(sim.mass) and sim.mass[i]:   # the probability on "0".."10" before renormalising
-            excerpt["mass"] = [round(m, 4) for m in sim.mass[i]]
-        if sim.distributions[i]:
-            excerpt["distribution"] = [per_mille(p) for p in sim.distributions[i]]
+                [p.record.activations for p in kept["all"]],
+                calib.apply([p.predicted for p in kept["all"]])).to_json()
+    excerpts = []
+    for kind in ("top", "random"):   # tops first, then randoms, as in kept["all"]
+        for p in kept[kind]:
+            excerpt = {"kind": kind, "tokens": p.record.tokens, "true": p.record.activations,
+                       "simulated": p.predicted}
+            if p.record.text:   # split characters whole, to show
+                excerpt["text"] = list(p.record.text)
+            if p.index < len(sim.mass) and sim.mass[p.index]:   # the probability on "0".."10"
+                excerpt["mass"] = [round(m, 4) for m in sim.mass[p.index]]   # before renormalising
+            if p.index < len(sim.distributions) and sim.distributions[p.index]:
+                excerpt["distribution"] = [per_mille(d) for d in sim.distributions[p.index]]
+            excerpts.append(excerpt)
     if judges:
-        row["judges"] = judge(judges, best["text"], top_recs, rnd_recs)
+        row["judges"] = judge(judges, best["text"], [p.record for p in kept["top"]],
+                              [p.record for p in kept["random"]])
     row["explanation_flag"] = copy_flag(best["text"])   # a copy of the prompt says nothing
     row["copies_replaced"] = getattr(result, "n_copies_replaced", 0)
     return row | {"explanation": best["text"], "explanations": candidates,
-                  "score": headline(scores["all"]), "score_flag": scores["all"]["flag"],
+                  "score": scored.value(), "metric": metric.name, "score_flag": scores["all"].get("flag"),
                   "mass": mass_stats(excerpts), "test_excerpts": excerpts,
                   "usage": usage, "failures": failures, "failed_excerpts": failed_excerpts,
                   "seconds": time.perf_counter() - start}
@@ -326,10 +325,14 @@ def judge_names(rows: list[dict]) -> list[str]:
 
 
 def table(rows: list[dict]) -> str:
-    """One line per neuron: the main simulator's test correlation and digit mass, each second
-    judge's correlation, and the explanation. Marks: ``c`` a constant simulation (scored 0),
-    ``m`` digit mass below LOW_MASS (the score is close to a guess)."""
+    """One line per neuron: the main simulator's test score and digit mass, each second judge's
+    score (each in its judge's metric), and the explanation. Marks: ``c`` a constant simulation
+    (scored 0), ``m`` digit mass below LOW_MASS (the score is close to a guess). A last line names
+    the metric of each column that is not a correlation."""
     names = judge_names(rows)
+    summary = summarise_rows(rows)
+    metrics = {"score": summary["metric"]} | {n: j["metric"] for n, j in summary["judges"].items()}
+    other = {column: m for column, m in metrics.items() if m != CORRELATION}
 
     def fmt(entry: dict | None) -> str:
         if not entry or entry.get("score") is None:
@@ -347,6 +350,9 @@ def table(rows: list[dict]) -> str:
                      f"{'' if mass is None else f'{mass:.2f}':>5}  {judged}"
                      f"{r.get('explanation') or r.get('error')}"
                      + (f"  [{r['explanation_flag']}]" if r.get("explanation_flag") else ""))
+    if other:
+        lines.append("metric: " + ", ".join(f"{column} {m}" for column, m in other.items())
+                     + "; the other columns: correlation")
     return "\n".join(lines)
 
 
@@ -359,7 +365,7 @@ def role_label(summary: dict[str, Any], role: str) -> str:
 
 def outcome(summary: dict[str, Any]) -> str:
     """The counts and both means, in words: 'N neurons of S: a scored (b constant, scored 0), c failed;
-    mean test correlation x (y over the d with a defined score)'."""
+    mean test correlation x (y over the d with a defined score)', naming the simulator's metric."""
     r3 = lambda x: None if x is None else round(x, 3)   # noqa: E731
     n_def = summary["n_scored"] - summary["n_constant"]
     text = (f"{summary['n_neurons']} neurons of {summary.get('subject') or 'the subject'}: "
@@ -367,7 +373,7 @@ def outcome(summary: dict[str, Any]) -> str:
             f"constant simulations, scored 0), {summary['n_failed']} failed")
     if summary.get("n_undefined"):
         text += f", {summary['n_undefined']} undefined (constant true activations)"
-    text += f"; mean test correlation {r3(summary['mean_score'])}"
+    text += f"; mean test {summary.get('metric', CORRELATION)} {r3(summary['mean_score'])}"
     if summary["n_constant"]:
         text += f" ({r3(summary['mean_defined_score'])} over the {n_def} with a defined score)"
     if summary.get("n_copied") or summary.get("n_copies_replaced"):
@@ -381,7 +387,7 @@ def outcome(summary: dict[str, Any]) -> str:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    check_config(cfg)   # types and ranges: before anything is written or loaded
+    check(cfg)   # types and ranges: before anything is written or loaded
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -394,17 +400,17 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     check_resumable(cfg, run_dir)
     subject = instantiate(cfg.subject)
-    instantiate(cfg.corpus)        # a missing or unreadable corpus file fails now, in one line,
-    subject.check(cfg.neurons)     # and so does a layer the model lacks (from its config.json)
+    corpus = instantiate(cfg.corpus)   # a missing or unreadable corpus file fails now, in one line,
+    subject.check(cfg.neurons)         # and so does a layer the model lacks (from its config.json)
     # the roles before the subject model: a missing key, an unreachable server or a strategy the
     # backend cannot run fails now, not after a model has loaded and the corpus been recorded
     explainer, simulator, judges = build_roles(cfg)
     neurons = shard(subject.select(cfg.neurons, cfg.seed), cfg.neurons.get("shard"),
                     cfg.neurons.get("n_shards", 1))
-    records = subject.records(cfg, neurons, run_dir)
+    records = subject.records(neurons, corpus, cfg.recording, cfg.seed, run_dir, cfg.progress)
     scheme = cfg.scoring.get("splits", "auto")
     for record in records:   # OpenAI's records come in their order: their splits by default
-        record.split_scheme = getattr(subject, "default_splits", "hash") if scheme == "auto" else scheme
+        record.split_scheme = subject.default_splits if scheme == "auto" else scheme
     prepare_explainer(explainer, records, cfg)
     out = run_dir / "neurons.jsonl"
     done = resume(out, {(r.neuron_id.layer, r.neuron_id.index) for r in records})
@@ -444,7 +450,9 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                   f"{stats['retries']} retries, {stats['prompt_tokens']}+"
                   f"{stats['completion_tokens']} tokens, cost {cost}")
     r3 = lambda x: None if x is None else round(x, 3)   # noqa: E731
-    judged = "".join(f", {name} judge {r3(j['mean_score'])}" for name, j in summary["judges"].items())
+    judged = "".join(f", {name} judge {r3(j['mean_score'])}"
+                     + ("" if j.get("metric", CORRELATION) == CORRELATION else f" ({j['metric']})")
+                     for name, j in summary["judges"].items())
     if summary["failures_by_kind"]:
         print(f"failures: {summary['n_failed_excerpts']} excerpts, {summary['n_failed_explanations']} "
               "explanations, by kind: " + ", ".join(f"{k} {n}" for k, n in summary["failures_by_kind"].items()))

@@ -6,6 +6,9 @@ predicted the same value everywhere, so correlation is undefined) scores 0 there
 flag. The mean over defined scores alone is given beside it, with the counts of scored, constant
 and failed neurons, so that neither can hide the other.
 
+Every score is its judge's declared metric (``scorers.base.Metric``), named by the ``metric`` of
+its row or judge entry; rows written before judges declared one are correlations.
+
 Digit mass: the probability the simulator put on "0".."10" at a placeholder before renormalising.
 Where it is small, the simulator mostly wanted to say something else, and the renormalised
 expected value is close to a guess (see `LOW_MASS`).
@@ -18,19 +21,27 @@ from collections import Counter
 from typing import Any
 
 CONSTANT = "constant simulation"
+CORRELATION = "correlation"   # the simulators' metric, and that of rows without a ``metric``
 # Below this mean mass on the digits over an explanation's test tokens, at least 95% of the
 # simulator's probability went to answers outside the asked format: the score is flagged.
 LOW_MASS = 0.05
 
 
-def headline(score: dict | None) -> float | None:
-    """The number a neuron contributes to the headline mean: the correlation, 0 for a constant
-    simulation, None when undefined for another reason (no tokens, constant true activations)."""
+def headline(score: dict | None, metric: str = CORRELATION) -> float | None:
+    """The number a neuron contributes to the headline mean, from one split's scores: the value of
+    ``metric``, 0 for a constant simulation, None when undefined for another reason (no tokens,
+    constant true activations). Every reader of a score reads it here."""
     if not score:
         return None
-    if score.get("correlation") is None and score.get("flag") == CONSTANT:
+    if score.get(metric) is None and score.get("flag") == CONSTANT:
         return 0.0
-    return score.get("correlation")
+    return score.get(metric)
+
+
+def metric_of(entry: dict) -> str:
+    """The metric of a row's or a judge entry's ``score`` (rows from before judges declared their
+    metric are correlations)."""
+    return entry.get("metric") or CORRELATION
 
 
 def mass_stats(excerpts: list[dict], key: str = "mass") -> dict[str, float] | None:
@@ -42,25 +53,27 @@ def mass_stats(excerpts: list[dict], key: str = "mass") -> dict[str, float] | No
 
 
 def judge_rows(rows: list[dict], name: str | None) -> list[dict]:
-    """What ``name`` (None: the main simulator) made of each row: its score, flag and mass."""
+    """What ``name`` (None: the main simulator) made of each row: its score, metric, flag and mass."""
     out = []
     for r in rows:
         if name is None:
-            out.append({"score": r.get("score"), "flag": r.get("score_flag"), "mass": r.get("mass"),
-                        "failed": bool(r.get("error"))})
+            out.append({"score": r.get("score"), "metric": metric_of(r), "flag": r.get("score_flag"),
+                        "mass": r.get("mass"), "failed": bool(r.get("error"))})
         elif name in (r.get("judges") or {}):
             j = r["judges"][name]
-            out.append({"score": j.get("score"), "flag": j.get("score_flag"), "mass": j.get("mass"),
-                        "failed": False})
+            out.append({"score": j.get("score"), "metric": metric_of(j), "flag": j.get("score_flag"),
+                        "mass": j.get("mass"), "failed": False})
     return out
 
 
 def scores_summary(judged: list[dict]) -> dict[str, Any]:
-    """Headline mean, mean over defined scores, counts and digit mass of one judge's rows."""
+    """Headline mean, mean over defined scores, counts and digit mass of one judge's rows, and the
+    metric they are."""
     scored = [j["score"] for j in judged if j["score"] is not None]
     defined = [j["score"] for j in judged if j["score"] is not None and j["flag"] != CONSTANT]
     means = [j["mass"]["mean"] for j in judged if j.get("mass")]
     return {
+        "metric": judged[0]["metric"] if judged else CORRELATION,
         "mean_score": sum(scored) / len(scored) if scored else None,
         "mean_defined_score": sum(defined) / len(defined) if defined else None,
         "n": len(scored),
@@ -87,6 +100,7 @@ def summarise_rows(rows: list[dict]) -> dict[str, Any]:
         "n_scored": main["n"],
         "n_constant": main["n_constant"],
         "n_undefined": main["n_undefined"],
+        "metric": main["metric"],
         "mean_score": main["mean_score"],
         "mean_defined_score": main["mean_defined_score"],
         "mass": main["mass"],

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from neuronlens.help import groups
+from neuronlens.cli.help import groups
 
 COMMANDS = {"neuronlens": "neuronlens.cli", "neuronlens-probe": "neuronlens.probe.cli",
-            "neuronlens-serve": "neuronlens.serve"}
+            "neuronlens-serve": "neuronlens.serve.command"}
 
 
 def run(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from neuronlens.judge_power import RULES, auc, control_neurons, power, verdict
+from neuronlens.scorers.judge_power import RULES, auc, control_neurons, power, verdict
 from neuronlens.scorers.base import SimulationResult
 from neuronlens.subject.synthetic import make_rule
 

@@ -12,14 +12,14 @@ ROOT = Path(neuronlens.__file__).parent
 
 # Each layer, and what it may import besides itself. Top-level modules not named are the run's
 # own (pipeline, cli, ...) and may import anything.
-BASE = {"errors", "secrets", "files", "records", "prompt_format", "stats", "conf"}
+BASE = {"errors", "secrets", "files", "records", "prompt_format", "stats", "conf", "lazy"}
 LAYERS = {
     "base": set(),
     "models": {"base"},
     "corpus": {"base"},
     "backends": {"base", "models"},
     "explainers": {"base", "backends"},
-    "scorers": {"base", "backends", "models"},
+    "scorers": {"base", "backends", "models", "summary"},   # judge power reads the headline rule
     "subject": {"base", "models", "corpus", "summary"},
     "summary": {"base"},
 }

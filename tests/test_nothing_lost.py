@@ -40,7 +40,7 @@ def overrides(model_dir: Path, corpus: Path, cache: Path, *extra: str) -> list[s
     return [f"subject.model={model_dir}", "subject.device=cpu", "corpus=files",
             f"corpus.paths=[{corpus}]", "neurons.layers=[1]", "neurons.per_layer=3",
             "recording.top_k=10", "recording.n_random=10", "recording.window=12",
-            "explain.max_tokens=6", "simulation.fewshot=false", "progress=false", "~judges",
+            "explain.max_tokens=6", "simulation.fewshot=false", "progress=false", "judges=null",
             "judge_power.enabled=false",
             f"remote.cache_dir={cache}", f"explainer.model={model_dir}",
             f"simulator.model={model_dir}", *extra]
@@ -206,7 +206,7 @@ def test_a_server_echoing_the_key_never_makes_neuronlens_print_it(role, echo_ser
     run_dir = tmp_path / "run"
     args = [f"subject.model={tiny_llama_dir}", "subject.device=cpu", "neurons.layers=[1]",
             "neurons.per_layer=2", "recording.top_k=6", "recording.n_random=4", "recording.window=8",
-            "recording.max_windows=40", "progress=false", "~judges", "remote.max_retries=3",
+            "recording.max_windows=40", "progress=false", "judges=null", "remote.max_retries=3",
             "judge_power.enabled=false",
             f"remote.cache_dir={tmp_path / 'cache'}", f"simulator.model={tiny_llama_dir}",
             f"explainer={role}", f"explainer.model={model}", f"explainer.base_url={echo_server}",
@@ -261,9 +261,11 @@ def test_a_closed_port_stops_the_run_with_one_line(tiny_llama_dir, corpus, tmp_p
     ("neurons.which=some", "neurons.which must be one of first, random, list"),
 ])
 def test_bad_settings_are_one_line_before_anything_loads(bad, says, tmp_path):
-    cfg = compose_cfg(["subject.model=/no/such/model", bad])   # a load would fail otherwise
+    from neuronlens.cli.checks import compose
+
     with pytest.raises(UserError, match=says.replace("(", r"\(").replace(")", r"\)")):
-        pipeline.run(cfg, tmp_path / "run")
+        # a load would fail otherwise; a wrong type fails as Hydra composes, a range in pipeline.run
+        pipeline.run(compose("config", ["subject.model=/no/such/model", bad]), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 

@@ -241,11 +241,11 @@ def test_clear_errors(tmp_path):
     (folder / "2" / "6.json").write_text(json.dumps(openai_neuron(2, 3)))  # wrong neuron inside
     assert subject.select(neurons, 0) == [NeuronId(2, i) for i in (3, 4, 5, 6)]
     with pytest.raises(UserError, match=r"4\.json is not an OpenAI-format NeuronRecord"):
-        subject.records(None, [NeuronId(2, 4)], tmp_path)
+        subject.records([NeuronId(2, 4)], run_dir=tmp_path)
     with pytest.raises(UserError, match=r"5\.json is not an OpenAI-format NeuronRecord"):
-        subject.records(None, [NeuronId(2, 5)], tmp_path)
+        subject.records([NeuronId(2, 5)], run_dir=tmp_path)
     with pytest.raises(UserError, match="holds the record of L2/N3, not of L2/N6"):
-        subject.records(None, [NeuronId(2, 6)], tmp_path)
+        subject.records([NeuronId(2, 6)], run_dir=tmp_path)
 
     url = OpenAIRecordsSubject("http://127.0.0.1:9/collated-activations/")  # nothing listens there
     with pytest.raises(UserError, match="cannot be listed"):
@@ -253,7 +253,7 @@ def test_clear_errors(tmp_path):
     listed = OmegaConf.merge(neurons, {"layers": [5], "which": "list", "indices": [131]})
     assert url.select(listed, 0) == [NeuronId(5, 131)]
     with pytest.raises(UserError, match=r"^Could not download the record of L5/N131 from http.*without network"):
-        url.records(None, [NeuronId(5, 131)], tmp_path)
+        url.records([NeuronId(5, 131)], run_dir=tmp_path)
 
     with pytest.raises(UserError, match="does not exist"):
         LoadedExplainer(str(tmp_path / "nope.csv"))

@@ -55,7 +55,7 @@ def hard_corpus(tmp_path_factory) -> Path:
 def run(run_dir: Path, corpus: Path, extra: list[str]) -> tuple[dict, dict]:
     overrides = ["subject.device=cpu", "corpus=files", f"corpus.paths=[{corpus}]",
                  "neurons.layers=[15]", "neurons.per_layer=2", "recording.top_k=12",
-                 "recording.n_random=12", "recording.window=24", "~judges", "progress=false",
+                 "recording.n_random=12", "recording.window=24", "judges=null", "progress=false",
                  "judge_power.enabled=false",   # ~50 more requests per run; see tests/test_controls.py
                  f"remote.cache_dir={run_dir.parent / 'responses'}", *extra]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
@@ -113,7 +113,7 @@ def test_explainer_and_simulator_on_vllm_score_every_neuron(real_vllm, hard_corp
 
 
 def test_in_process_engine_from_its_conf_file_matches_local(real_vllm, hard_corpus, tmp_path):
-    """`VLLMEngineBackend` (neuronlens/conf/simulator/vllm_engine.yaml) in the vLLM venv, on the hard text."""
+    """`VLLMEngineBackend` (conf/simulator/vllm_engine.yaml) in the vLLM venv, on the hard text."""
     from real_vllm import venv_python
 
     from neuronlens.backends.local import LocalBackend

@@ -16,12 +16,12 @@ from omegaconf import OmegaConf
 from scipy import stats as sps
 
 import neuronlens.subject.transformer as transformer
-from neuronlens.pipeline import recording_for, select_neurons
 from neuronlens.records import NeuronId, NeuronRecord
 from neuronlens.subject.hooks import neuron_hooks
 from neuronlens.models import load_model
 from neuronlens.models import raw_bytes
 from neuronlens.subject.recording import Recording, RecordingConfig, record
+from neuronlens.subject.transformer import recording_for, select_neurons
 
 ARCHS = ["gpt2", "llama"]
 LAYERS = [0, 2]
@@ -312,31 +312,28 @@ def test_export_openai_writes_loadable_files(recorded, tmp_path):
 # The recording cache used by the pipeline
 
 
-def _cfg(model_dir, corpus_file, cache: bool = True):
-    return OmegaConf.create({
-        "subject": {"model": str(model_dir), "device": "cpu", "dtype": "float32"},
-        "corpus": {"_target_": "neuronlens.corpus.FilesCorpus", "paths": [str(corpus_file)],
-                   "column": "text", "max_texts": None},
-        "recording": {"window": 16, "max_windows": 30, "top_k": 4, "n_random": 5,
-                      "batch_size": 8, "cache": cache},
-        "seed": 0,
-        "progress": False,
-    })
+def _settings(cache: bool = True):
+    """The run's ``recording`` block."""
+    return OmegaConf.create({"window": 16, "max_windows": 30, "top_k": 4, "n_random": 5,
+                             "batch_size": 8, "cache": cache})
 
 
 def test_recording_cache_is_reused_across_run_dirs(tiny_llama_dir, tmp_path, monkeypatch):
-    from neuronlens.corpus import BuiltinCorpus
+    from neuronlens.corpus import BuiltinCorpus, FilesCorpus
 
     text = tmp_path / "corpus.txt"
     text.write_text("\n".join(list(BuiltinCorpus(max_texts=15).texts())))
     model, tokenizer = load_model(str(tiny_llama_dir), "cpu", "float32")
     neurons = [NeuronId(1, 0), NeuronId(1, 7), NeuronId(2, 3)]
-    cfg = _cfg(tiny_llama_dir, text)
+
+    def record_into(run: str, cache: bool = True):
+        return recording_for(str(tiny_llama_dir), model, tokenizer, neurons, FilesCorpus([str(text)]),
+                             _settings(cache), 0, tmp_path / run)
 
     calls = []
     real_record = transformer.record
     monkeypatch.setattr(transformer, "record", lambda *a, **kw: calls.append(1) or real_record(*a, **kw))
-    first = recording_for(cfg, model, tokenizer, neurons, tmp_path / "run1")
+    first = record_into("run1")
     assert calls == [1]
     assert (tmp_path / "run1" / "recording" / "manifest.json").exists()
     assert first.n_tokens == 30 * 16
@@ -345,7 +342,7 @@ def test_recording_cache_is_reused_across_run_dirs(tiny_llama_dir, tmp_path, mon
         raise AssertionError("recorded again instead of using the cache")
 
     monkeypatch.setattr(transformer, "record", no_record)
-    second = recording_for(cfg, model, tokenizer, neurons, tmp_path / "run2")
+    second = record_into("run2")
     assert (tmp_path / "run2" / "recording" / "manifest.json").exists()
     for name in ("top_tokens", "top_acts", "top_max", "random_tokens", "random_acts", "moments"):
         assert torch.equal(getattr(first, name).cpu(), getattr(second, name)), name
@@ -354,9 +351,8 @@ def test_recording_cache_is_reused_across_run_dirs(tiny_llama_dir, tmp_path, mon
     # a changed corpus file, or cache=false, must record again
     monkeypatch.setattr(transformer, "record", lambda *a, **kw: calls.append(2) or real_record(*a, **kw))
     text.write_text(text.read_text() + "\nOne more sentence about the weather in spring.")
-    recording_for(cfg, model, tokenizer, neurons, tmp_path / "run3")
-    recording_for(_cfg(tiny_llama_dir, text, cache=False), model, tokenizer, neurons,
-                  tmp_path / "run4")
+    record_into("run3")
+    record_into("run4", cache=False)
     assert calls == [1, 2, 2]
 
 

@@ -141,7 +141,7 @@ def test_published_explanations_rescored_with_the_references_prompt(exported_run
     tmp = exported_run.parent
     overrides = ["subject=openai_records", f"subject.path={tmp / 'records'}", "subject.device=cpu",
                  "explainer=load", f"explainer.path={tmp / 'explanations.csv'}",
-                 f"simulator.model={tiny_llama_dir}", "simulation.prompt=openai", "~judges",
+                 f"simulator.model={tiny_llama_dir}", "simulation.prompt=openai", "judges=null",
                  "judge_power.enabled=false",
                  f"neurons.layers=[{','.join(str(n.layer) for n in NEURONS)}]", "progress=false"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):

@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import neuronlens.pipeline as pipeline
@@ -52,7 +53,7 @@ def test_recorded_synthetic_neurons_are_their_rules(tiny_llama_dir, corpus, tmp_
     subject = SyntheticSubject(cfg.subject.neurons, str(tiny_llama_dir))
     neurons = subject.select(cfg.neurons, 0)
     assert neurons == [NeuronId(0, i) for i in range(len(RULES))]
-    records = subject.records(cfg, neurons, tmp_path)
+    records = subject.records(neurons, instantiate(cfg.corpus), cfg.recording, cfg.seed, tmp_path)
     for record in records:
         spec = RULES[record.neuron_id.index]
         excerpts = record.most_positive_activation_records + record.random_sample
@@ -65,7 +66,7 @@ def test_recorded_synthetic_neurons_are_their_rules(tiny_llama_dir, corpus, tmp_
     # filtered by neurons.indices, and reloaded from the run dir on resume
     cfg.neurons.which, cfg.neurons.indices = "list", [1, 4]
     assert subject.select(cfg.neurons, 0) == [NeuronId(0, 1), NeuronId(0, 4)]
-    again = subject.records(cfg, neurons, tmp_path)
+    again = subject.records(neurons, instantiate(cfg.corpus), cfg.recording, cfg.seed, tmp_path)
     assert [r.to_json() for r in again] == [r.to_json() for r in records]
 
 

@@ -227,7 +227,7 @@ def unicode_run(tiny_llama_dir, tmp_path_factory) -> Path:
             f"subject.model={tiny_llama_dir}", "subject.device=cpu", "corpus=files",
             f"corpus.paths=[{corpus}]", f"explainer.model={tiny_llama_dir}",
             f"simulator.model={tiny_llama_dir}", "neurons.layers=[1]", "neurons.per_layer=2",
-            "recording.top_k=12", "recording.n_random=12", "recording.window=48", "~judges",
+            "recording.top_k=12", "recording.n_random=12", "recording.window=48", "judges=null",
             "judge_power.enabled=false", "recording.cache=false", "explain.max_tokens=8",
             "progress=false"])
     pipeline.run(cfg, tmp / "run")

@@ -1,27 +1,24 @@
-"""The `neuronlens-probe` command: a Hydra app over neuronlens/conf/probe.yaml, which composes the same
+"""The `neuronlens-probe` command: a Hydra app over conf/probe.yaml (its settings: probe/settings.py), which composes the same
 subject, corpus, explainer and simulator groups as `neuronlens`."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from neuronlens.conf import CONF_DIR
-from neuronlens.cli import check_output_dir, fail_cleanly, quiet_http_logs
+from neuronlens.cli import Command, fail_cleanly, run_command
 
 
-@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="probe")
-def app(cfg: DictConfig) -> None:
+def task(cfg: DictConfig, run_dir: Path) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from neuronlens.cli.main import quiet_http_logs
     from neuronlens.probe.run import run
 
     quiet_http_logs()
-    hc = HydraConfig.get()
-    command = " ".join(["neuronlens-probe", *hc.overrides.task])
-    fail_cleanly(lambda: run(cfg, Path(hc.runtime.output_dir), command))
+    command = " ".join(["neuronlens-probe", *HydraConfig.get().overrides.task])
+    fail_cleanly(lambda: run(cfg, run_dir, command))
 
 
 ABOUT = """concept neurons. Fits a sparse (L1) logistic probe from every MLP neuron's
@@ -41,12 +38,9 @@ EXAMPLES = [
 ]
 
 
-def main() -> None:
-    from neuronlens.help import help_text, wants_help
+PROBE = Command("neuronlens-probe", "probe", ABOUT, EXAMPLES, ("subject", "corpus", "explainer", "simulator"),
+                task)
 
-    if wants_help(sys.argv[1:]):
-        print(help_text("neuronlens-probe", "probe", ABOUT, EXAMPLES,
-                        ("subject", "corpus", "explainer", "simulator")))
-        return
-    check_output_dir(sys.argv[1:], "neuronlens-probe")
-    app()
+
+def main() -> None:
+    run_command(PROBE)

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from neuronlens.files import dumps, write_atomic, write_json
-from neuronlens.pipeline import build_roles, prepare_explainer, process, recording_for, table
+from neuronlens.pipeline import build_roles, prepare_explainer, process, table
 from neuronlens.probe import report, trace
 from neuronlens.probe.activations import columns, pooled_activations, token_activations
 from neuronlens.probe.data import Dataset, load
@@ -23,6 +24,7 @@ from neuronlens.probe.fit import (L1Probe, Threshold, best_single, curve_sizes, 
 from neuronlens.probe.steer import parse_neurons, steering_effect
 from neuronlens.records import NeuronId
 from neuronlens.subject.hooks import check_neuron, hook_point, n_layers
+from neuronlens.subject.transformer import recording_for
 from neuronlens.models import load_model
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,9 @@ def explain_top(cfg, model, tokenizer, top: list[dict], built, run_dir: Path) ->
     chosen = top[:cfg.probe.explain]
     neurons = [NeuronId(t["layer"], t["index"]) for t in chosen]
     explainer, simulator, judges = built
-    records = list(recording_for(cfg, model, tokenizer, neurons, run_dir).neuron_records())
+    recording = recording_for(cfg.subject.model, model, tokenizer, neurons, instantiate(cfg.corpus),
+                              cfg.recording, cfg.seed, run_dir, cfg.progress)
+    records = list(recording.neuron_records())
     prepare_explainer(explainer, records, cfg)
     rows = [process(r, explainer, simulator, cfg, judges) for r in records]
     write_atomic(run_dir / "neurons.jsonl", "".join(dumps(r) + "\n" for r in rows))

@@ -8,7 +8,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from neuronlens.cli import fail_cleanly
+from neuronlens.cli.main import fail_cleanly
 from neuronlens.errors import UserError
 
 log = logging.getLogger("neuronlens.report")

@@ -2,7 +2,8 @@
 
 Two results pair only within one group (same subject, corpus, recording and split), on the neurons
 both scored whose test excerpts are identical (their tokens hashed). Shown pairs differ in exactly
-one factor — the explainer, the judge, or another setting — so that every difference has one cause.
+one factor — the explainer, the judge, or another setting — so that every difference has one cause,
+and have one metric (a correlation minus an accuracy means nothing; their ranks still agree or not).
 """
 
 from __future__ import annotations
@@ -80,12 +81,13 @@ def groups(results: list[Result]) -> dict[str, list[Result]]:
 
 
 def one_factor_pairs(results: list[Result]) -> list[Pair]:
-    """Every pair in one group that differs in exactly one factor (some may have no neuron)."""
+    """Every pair in one group that differs in exactly one factor and has one metric (some may have
+    no neuron)."""
     pairs = []
     for members in groups(results).values():
         for a, b in combinations(members, 2):
             diff = differing(a, b)
-            if len(diff) == 1:
+            if len(diff) == 1 and a.metric == b.metric:
                 a, b = _ordered(a, b)
                 pairs.append(match(a, b, diff[0]))
     return pairs

@@ -29,6 +29,12 @@ def _name(results: list[Result], r: Result, width: int = 48) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
+def _metric(results: list[Result]) -> str:
+    """What the scores plotted are: the results' one metric, or a word for several."""
+    metrics = {r.metric for r in results}
+    return metrics.pop() if len(metrics) == 1 else "score (each judge's metric)"
+
+
 def _colours(results: list[Result]) -> dict[str, tuple]:
     subjects = list(dict.fromkeys(r.subject for r in results))
     cmap = plt.get_cmap("tab10")
@@ -48,10 +54,11 @@ def means(results: list[Result]) -> Figure:
     ax.set_yticks(range(len(results)), [_name(results, r) for r in results], fontsize=8)
     ax.invert_yaxis()
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("mean test correlation (95% bootstrap CI)")
+    ax.set_xlabel(f"mean test {_metric(results)} (95% bootstrap CI)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
     ax.legend(handles, list(colours), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.6 / len(results) - 0.08))
-    return Figure("means.png", "Mean test correlation per result, with 95% bootstrap intervals (hatched: baselines).",
+    return Figure("means.png", f"Mean test {_metric(results)} per result, with 95% bootstrap intervals "
+                  "(hatched: baselines).",
                   _png(fig))
 
 
@@ -80,11 +87,11 @@ def by_layer(results: list[Result]) -> Figure:
         ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
         ax.set_xlim(-0.5, len(layers) - 0.5)
         ax.set_xlabel("layer")
-        ax.set_ylabel("mean test correlation")
+        ax.set_ylabel(f"mean test {_metric(members)}")
         ax.set_title(subject, fontsize=9)
         ax.axhline(0, color="black", linewidth=0.8)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 if len(members) <= 14 else 2)
-    return Figure("by_layer.png", "Mean test correlation by layer, per subject and result (95% bootstrap "
+    return Figure("by_layer.png", f"Mean test {_metric(results)} by layer, per subject and result (95% bootstrap "
                   "intervals).", _png(fig))
 
 
@@ -104,6 +111,7 @@ def histograms(results: list[Result]) -> Figure:
     for ax in list(axes.flat)[len(results):]:
         ax.axis("off")
     for ax in axes.flat[max(0, len(results) - cols):len(results)]:
-        ax.set_xlabel("test correlation", fontsize=7)
+        ax.set_xlabel(f"test {_metric(results)}", fontsize=7)
     fig.tight_layout()
-    return Figure("histograms.png", "Distribution of per-neuron test correlations per result (line: mean).", _png(fig))
+    return Figure("histograms.png", f"Distribution of per-neuron test {_metric(results)} per result (line: mean).",
+                  _png(fig))

@@ -1,4 +1,5 @@
-"""Results: one (subject, explainer, judge) triple each, with a score per neuron.
+"""Results: one (subject, explainer, judge) triple each, with a score per neuron in the judge's
+metric.
 
 Each experiment gives one result for its main simulator and one per judge found in its rows'
 ``judges``. A result is named from the run's config-group choices and model names
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from neuronlens.report.runs import SHARD_KEYS, Experiment, Run
-from neuronlens.summary import CONSTANT, LOW_MASS
+from neuronlens.summary import CONSTANT, CORRELATION, LOW_MASS, summarise_rows
 
 BASELINES = ("top_tokens", "shuffled", "shuffled_truth")
 TRUTH = "truth"
@@ -50,6 +51,7 @@ class Result:
     tokens: int | None
     cost_usd: float | None
     remote: bool
+    metric: str = CORRELATION  # what the judge's scores are (its declared metric)
     label: str = ""
     viewers: list[str] = field(default_factory=list)
 
@@ -175,6 +177,7 @@ def results_of(experiments: list[Experiment], runs: list[Run]) -> tuple[list[Res
         exp_cost = exp.remote_cost("explainer")
         sim_cost = exp.remote_cost("simulator")
         rows = exp.rows.values()
+        counted = summarise_rows(list(rows))   # the metric of each judge
         common = dict(subject=subject, explainer=explainer, setting=setting, group=group, experiment=exp,
                       explainer_choice=ch.get("explainer") or "", subject_choice=ch.get("subject") or "")
         main = {k: Neuron(k[0], k[1], r.get("score"), r.get("explanation"), excerpt_hash(r),
@@ -184,7 +187,7 @@ def results_of(experiments: list[Experiment], runs: list[Run]) -> tuple[list[Res
                      for role in ("explainer", "simulator"))
         out.append(Result(**common, judge=join(named(ch.get("simulator"), summary.get("simulator")), "simulator"),
                           judge_name=None, neurons=main, failed_excerpts=exp.total("n_failed_excerpts"),
-                          tokens=tokens, **_cost(exp_cost, sim_cost)))
+                          tokens=tokens, metric=counted["metric"], **_cost(exp_cost, sim_cost)))
         names = sorted({name for r in rows for name in (r.get("judges") or {})})
         for name in names:
             setup_judge = ((run.setup or {}).get("judges") or {}).get(name) or {}
@@ -202,6 +205,7 @@ def results_of(experiments: list[Experiment], runs: list[Run]) -> tuple[list[Res
             expl_tokens = sum(sum((r.get("usage") or {}).get("explainer") or [0, 0]) for r in rows)
             out.append(Result(**common, judge=judge, judge_name=name, neurons=neurons,
                               failed_excerpts=sum(failed) if failed else None, tokens=expl_tokens + judge_tokens,
+                              metric=counted["judges"][name]["metric"],
                               **_cost(exp_cost, exp.remote_cost(f"judge:{name}"))))
     out.sort(key=lambda r: (r.subject, r.group, r.kind != "truth", r.kind == "baseline", r.explainer,
                             r.setting, r.judge))

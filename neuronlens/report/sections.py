@@ -33,10 +33,12 @@ def method() -> Section:
         "A *result* is one (subject, explainer, judge) triple. The judge is the simulator whose "
         "predicted activations were scored; a run gives one result for its main simulator and one per "
         "extra judge (`judges` in its rows). Every number names its judge.",
-        "Scores are Pearson correlations between simulated and true activations on each neuron's held-out "
-        "`test` excerpts (top and random together). A constant simulation (the same prediction at "
-        "every token: correlation undefined) scores 0 and is counted in the `constant` column; a failed "
-        "neuron has no score and is counted, not averaged in as 0. `low mass`: neurons where the judge "
+        "Scores are each judge's declared metric (the `metric` column) on each neuron's held-out `test` "
+        "excerpts (top and random together): for a simulator, the Pearson correlation between simulated "
+        "and true activations. Only results with one metric are compared by differences. A constant "
+        "simulation (the same prediction at every token: correlation undefined) scores 0 and is counted in "
+        "the `constant` column; a failed neuron has no score and is counted, not averaged in as 0. "
+        "`low mass`: neurons where the judge "
         f"put less than {LOW_MASS} of its probability on the digits 0-10 on average (its score is close "
         "to a guess).",
         f"95% intervals: percentile bootstrap (`scipy.stats.bootstrap`, {stats.N_RESAMPLES:,} resamples, "
@@ -47,7 +49,7 @@ def method() -> Section:
 
 
 def results_section(results: list[Result], viewers: dict[str, Link]) -> Section:
-    main = Table(["id", "subject", "explainer", "judge", "setting", "n", "failed", "constant",
+    main = Table(["id", "subject", "explainer", "judge", "metric", "setting", "n", "failed", "constant",
                   "low mass", "mean [95% CI]", "median [95% CI]"], [])
     cost = Table(["id", "failed neurons", "failed explanations", "failed excerpts", "tokens / neuron",
                   "$ / neuron", "wall s / neuron", "viewer"], [])
@@ -55,7 +57,7 @@ def results_section(results: list[Result], viewers: dict[str, Link]) -> Section:
         s = stats.summarise(r.scores())
         n = len(r.neurons)
         kind = {"baseline": " (baseline)", "truth": " (true explanation)"}.get(r.kind, "")
-        main.rows.append([rid(results, r), r.subject, r.explainer + kind, r.judge, r.setting or "",
+        main.rows.append([rid(results, r), r.subject, r.explainer + kind, r.judge, r.metric, r.setting or "",
                           str(n), str(r.n_failed), str(r.n_constant),
                           "—" if r.n_low_mass is None else str(r.n_low_mass), f"{num(s.mean)} {ci(s.mean_ci)}",
                           f"{num(s.median)} {ci(s.median_ci)}"])
@@ -140,10 +142,11 @@ def baseline_section(results: list[Result], pairs: list[pairing.Pair]) -> Sectio
     baselines = [r for r in results if r.kind == "baseline"]
     if not baselines:
         return None
-    table = Table(["id", "subject", "baseline", "judge", "n scored", "mean [95% CI]"], [])
+    table = Table(["id", "subject", "baseline", "judge", "metric", "n scored", "mean [95% CI]"], [])
     for r in baselines:
         s = stats.summarise(r.scores())
-        table.rows.append([rid(results, r), r.subject, r.explainer, r.judge, str(s.n), f"{num(s.mean)} {ci(s.mean_ci)}"])
+        table.rows.append([rid(results, r), r.subject, r.explainer, r.judge, r.metric, str(s.n),
+                           f"{num(s.mean)} {ci(s.mean_ci)}"])
     versus = [p for p in pairs if p.keys and p.factor == "explainer" and p.a.kind == "explainer"
               and p.b.kind == "baseline"]
     blocks = ["`top_tokens` lists the tokens with the highest mean activation (the floor); `shuffled` gives "
@@ -159,10 +162,10 @@ def synthetic_section(results: list[Result], pairs: list[pairing.Pair]) -> Secti
     truths = [r for r in results if r.synthetic and r.kind == "truth"]
     if not truths:
         return None
-    table_a = Table(["id", "subject", "judge", "n scored", "mean [95% CI]", "median [95% CI]"], [])
+    table_a = Table(["id", "subject", "judge", "metric", "n scored", "mean [95% CI]", "median [95% CI]"], [])
     for r in truths:
         s = stats.summarise(r.scores())
-        table_a.rows.append([rid(results, r), r.subject, r.judge, str(s.n), f"{num(s.mean)} {ci(s.mean_ci)}",
+        table_a.rows.append([rid(results, r), r.subject, r.judge, r.metric, str(s.n), f"{num(s.mean)} {ci(s.mean_ci)}",
                              f"{num(s.median)} {ci(s.median_ci)}"])
     table_b = Table(["subject", "explainer", "judge", "n paired", "mean (explainer − truth) [95% CI]",
                      "ratio of means (explainer / truth)"], [])
@@ -197,19 +200,20 @@ def agreement_section(results: list[Result]) -> Section:
 def judge_power_section(results: list[Result]) -> Section:
     """Each judge's power on the control neurons, as its run measured it (``judge_power`` in the
     first shard's summary; every shard measures the same controls)."""
-    table = Table(["id", "judge", "n", "true", "shuffled", "difference [95% CI]", "AUC", "verdict"], [])
+    table = Table(["id", "judge", "metric", "n", "true", "shuffled", "difference [95% CI]", "AUC", "verdict"], [])
     for r in results:
         power = ((r.experiment.first.summary or {}).get("judge_power") or {}).get(r.judge_name or "simulator")
         if not power:
             continue
         ci_ = power.get("difference_ci")
         verdict = "tells them apart" if power.get("tells_apart") else "cannot tell them apart: noise"
-        table.rows.append([rid(results, r), r.judge, str(power.get("n")), num(power.get("mean_true")),
+        table.rows.append([rid(results, r), r.judge, power.get("metric") or r.metric, str(power.get("n")),
+                           num(power.get("mean_true")),
                            num(power.get("mean_shuffled")),
                            f"{num(power.get('difference'))} {ci(stats.Interval(*ci_)) if ci_ else '[—]'}",
                            num(power.get("auc")), verdict])
     blocks: list = ["Can each judge tell a true explanation from a shuffled one? Every run scores 8 control "
-                    "neurons with known explanations (the rules of `neuronlens/conf/subject/synthetic.yaml`) with each "
+                    "neurons with known explanations (the rules of `conf/subject/synthetic.yaml`) with each "
                     "judge, once with the true explanation and once with another rule's. A judge whose "
                     "interval is not above 0 cannot rank explanations: read its scores as noise."]
     blocks.append(table if table.rows else "No run measured judge power (`judge_power.enabled=false`, "

@@ -21,7 +21,7 @@ from jinja2 import Environment, FileSystemLoader
 
 from neuronlens.files import write_atomic
 from neuronlens.report.runs import rows_of_run
-from neuronlens.summary import LOW_MASS, summarise_rows
+from neuronlens.summary import LOW_MASS, headline, metric_of, summarise_rows
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 SIMULATED_SCALE = 10.0  # the simulator predicts on 0-10, 10 meaning the neuron's max activation
@@ -134,15 +134,14 @@ def histogram(excerpts: list[dict[str, Any]], bins: int = HISTOGRAM_BINS) -> dic
 
 
 def judge_table(row: dict[str, Any], simulator: str | None) -> list[dict[str, Any]]:
-    """One line per judge of the kept explanation, the run's simulator first: its correlation on
-    all, top and random test excerpts, digit mass, failed excerpts and flag."""
+    """One line per judge of the kept explanation, the run's simulator first: its metric, its score
+    on all, top and random test excerpts, digit mass, failed excerpts and flag."""
     def line(name: str, entry: dict[str, Any], failed: Any) -> dict[str, Any]:
-        test = ((entry.get("scores") or {}).get("test") or {})
-        def corr(split: str) -> Any:
-            return (test.get(split) or {}).get("correlation")
-        return {"name": name, "score": entry.get("score"), "all": corr("all"), "top": corr("top"),
-                "random": corr("random"), "mass": (entry.get("mass") or {}).get("mean"),
-                "failed": failed, "flag": entry.get("score_flag")}
+        test, metric = ((entry.get("scores") or {}).get("test") or {}), metric_of(entry)
+        on = {split: headline(test.get(split), metric) for split in ("all", "top", "random")}
+        return {"name": name, "metric": metric, "score": entry.get("score"), **on,
+                "mass": (entry.get("mass") or {}).get("mean"), "failed": failed,
+                "flag": entry.get("score_flag")}
 
     if row.get("score") is None and not row.get("judges"):
         return []
@@ -174,7 +173,7 @@ def neuron_view(row: dict[str, Any], simulator: str | None = None) -> dict[str, 
     calibrated = (row.get("scores") or {}).get("test_calibrated")
     if calibrated:
         score_rows.append({"name": "test all, calibrated", **calibrated, "calibrated": True})
-    return {"row": row, "excerpts": views, "scale": scale, "score_rows": score_rows,
+    return {"row": row, "metric": metric_of(row), "excerpts": views, "scale": scale, "score_rows": score_rows,
             "calibration": (row.get("scores") or {}).get("calibration"), "judges": judges,
             "judge_table": judge_table(row, simulator), "histogram": histogram(excerpts),
             "candidates": row.get("explanations") or []}
@@ -218,9 +217,10 @@ def write_site(run_dir: Path, out_dir: Path | None = None) -> Path:
               "explainer": role_name(run_dir, summary, "explainer"),
               "simulator": role_name(run_dir, summary, "simulator"),
               "n_neurons": len(rows), "n_failed": counts["n_failed"],
-              "n_constant": counts["n_constant"], "mean_score": counts["mean_score"],
+              "n_constant": counts["n_constant"], "metric": counts["metric"],
+              "mean_score": counts["mean_score"],
               "mean_defined_score": counts["mean_defined_score"], "mass": counts["mass"]}
-    judge_names = sorted({name for r in rows for name in (r.get("judges") or {})})
+    judge_names = sorted(counts["judges"])
     env = environment()
     (out_dir / "neurons").mkdir(parents=True, exist_ok=True)
     page = env.get_template("viewer_neuron.html")
@@ -233,5 +233,6 @@ def write_site(run_dir: Path, out_dir: Path | None = None) -> Path:
     index = out_dir / "index.html"
     write_atomic(index, env.get_template("viewer_index.html").render(header=header, rows=rows,
                                                                      judge_names=judge_names,
+                                                                     judges=counts["judges"],
                                                                      low_mass=LOW_MASS))
     return index

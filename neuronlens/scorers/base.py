@@ -1,22 +1,47 @@
-"""What every scorer is: an explanation and excerpts in, per-token predictions and a score out.
+"""What every scorer is: an explanation and excerpts in, predictions and a score out.
 
 A scorer predicts a neuron's activation at every token of some excerpts from an explanation
-alone (``simulate``), and ``score`` correlates those predictions with the true activations, over
-a neuron's top excerpts, its random ones, and both together (Bills et al. 2023). Two kinds live
-here: the simulation engine (``Simulator``: an LLM reads the explanation and predicts 0-10 per
-token, on any backend and strategy) and the similarity judge (an embedding model, no LLM). A
-scorer with another metric (detection, fuzzing) overrides ``score`` and keeps the same result.
+alone (``simulate``), and ``score`` measures those predictions against the true activations over
+a neuron's top excerpts, its random ones, and both together (Bills et al. 2023). Each scorer
+declares its ``metric`` (name, range, which way is better): the simulators' is the correlation.
+Two kinds live here: the simulation engine (``Simulator``: an LLM reads the explanation and
+predicts 0-10 per token, on any backend and strategy) and the similarity judge (an embedding
+model, no LLM). A scorer with another metric (detection, fuzzing) declares it and overrides
+``measure``; ``score`` and everything that reads a score (``value``) stay the same.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from neuronlens.backends.base import Usage
 from neuronlens.records import ActivationRecord
-from neuronlens.scorers.correlation import score_splits
+from neuronlens.scorers.correlation import correlate
+from neuronlens.summary import CORRELATION, headline
+
+@dataclass(frozen=True)
+class Metric:
+    """What a scorer's number is: its ``name`` (the key of its value in each split's scores, and
+    the ``metric`` of a row), its range, and which way is better."""
+
+    name: str
+    low: float
+    high: float
+    higher_is_better: bool = True
+
+    def rank(self, value: float | None) -> float:
+        """A key that sorts better values higher, and None lowest (for picking the best)."""
+        if value is None:
+            return float("-inf")
+        return value if self.higher_is_better else -value
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PEARSON = Metric(CORRELATION, -1.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -57,25 +82,48 @@ class SimulationResult:
         return tuple(str(f) for f in self.failures)
 
 
+class Predicted(NamedTuple):
+    """An excerpt that was predicted: its index in ``top + random``, its record, its predictions."""
+
+    index: int
+    record: ActivationRecord
+    predicted: list[float]
+
+
+def split_predictions(top: Sequence[ActivationRecord], random: Sequence[ActivationRecord],
+                      expected: Sequence[Sequence[float] | None]) -> dict[str, list[Predicted]]:
+    """The excerpts of ``top + random`` that were predicted (``expected`` is aligned with them,
+    None where one failed) as ``top``, ``random`` and ``all`` (tops first): the one place that
+    splits results into top and random."""
+    kept = [Predicted(i, r, list(e)) for i, (r, e) in enumerate(zip([*top, *random], expected))
+            if e is not None]
+    tops = [p for p in kept if p.index < len(top)]
+    return {"top": tops, "random": kept[len(tops):], "all": kept}
+
+
 @dataclass(frozen=True)
 class Scored:
     """One explanation scored on a neuron's top and random excerpts: the predictions (aligned
     with ``top + random``, None where an excerpt failed) and the scores on ``top``, ``random``
-    and ``all`` (``ScoredSimulation.to_json()`` each) over the excerpts that did not fail."""
+    and ``all`` (``Scorer.measure`` each: the metric's value under its name, and a ``flag``) over
+    the excerpts that did not fail."""
 
     result: SimulationResult
     scores: dict[str, dict[str, Any]]
+    metric: Metric = PEARSON
 
-    def kept(self) -> list[int]:
-        """Indices into ``top + random`` of the excerpts that were predicted."""
-        return [i for i, e in enumerate(self.result.expected) if e is not None]
+    def value(self, split: str = "all") -> float | None:
+        """The metric's value on ``split``, as the headline counts it (``summary.headline``)."""
+        return headline(self.scores.get(split), self.metric.name)
 
 
 @runtime_checkable
 class Scorer(Protocol):
-    """Subclass it (or match it): ``simulate`` is the one method to write."""
+    """Subclass it (or match it): ``simulate`` is the one method to write; a scorer whose metric
+    is not the correlation declares ``metric`` and writes ``measure`` too."""
 
     backend = None   # the LLM backend behind it, if any: the run reports its requests and cost
+    metric: Metric = PEARSON
 
     def check(self) -> None:
         """Fail at start-up, before anything slow, when this scorer cannot run as configured."""
@@ -84,15 +132,18 @@ class Scorer(Protocol):
         """Predicted activations of every token of ``records`` from ``explanation`` alone."""
         ...
 
+    def measure(self, true: list[list[float]], predicted: list[list[float]]) -> dict[str, Any]:
+        """The scores of predictions against the true activations of some excerpts (all tokens
+        concatenated): the metric's value under ``metric.name`` (None where undefined) and a
+        ``flag`` saying why it is undefined; other figures may come along."""
+        return correlate(true, predicted).to_json()
+
     def score(self, explanation: str, top: Sequence[ActivationRecord],
               random: Sequence[ActivationRecord]) -> Scored:
         """``explanation`` scored on ``top`` and ``random`` excerpts, simulated together (one
         shared prompt prefix)."""
-        records = [*top, *random]
-        result = self.simulate(explanation, records)
-        kept = [(r, list(e), i < len(top)) for i, (r, e) in enumerate(zip(records, result.expected))
-                if e is not None]
-        pick = lambda is_top: ([r.activations for r, _, t in kept if t == is_top],   # noqa: E731
-                               [e for _, e, t in kept if t == is_top])
-        scores = score_splits(*pick(True), *pick(False))
-        return Scored(result, {name: s.to_json() for name, s in scores.items()})
+        result = self.simulate(explanation, [*top, *random])
+        splits = split_predictions(top, random, result.expected)
+        scores = {name: self.measure([p.record.activations for p in kept], [p.predicted for p in kept])
+                  for name, kept in splits.items()}
+        return Scored(result, scores, self.metric)

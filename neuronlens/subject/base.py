@@ -1,10 +1,12 @@
 """What a subject is: whatever yields the records of the neurons to explain.
 
-A subject config (``neuronlens/conf/subject/*.yaml``) instantiates a ``Subject``: a transformers
+A subject config (``conf/subject/*.yaml``) instantiates a ``Subject``: a transformers
 model that is recorded over the corpus (``ModelSubject``), rule-defined synthetic neurons with
-known answers (``SyntheticSubject``), or records read from files. The pipeline asks it three
+known answers (``SyntheticSubject``), or records read from files. The pipeline asks it four
 things: whether the ``neurons`` settings can work (``check``, from files alone, before anything
-loads), which neurons they pick (``select``), and their records (``records``).
+loads), which neurons they pick (``select``), their records (``records``: recorded over a corpus
+with the run's ``recording`` settings, or read), and how its records are split by default
+(``default_splits``).
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ from typing import Any, Protocol
 
 from omegaconf import DictConfig
 
+from neuronlens.corpus import Corpus
 from neuronlens.errors import UserError
 from neuronlens.records import NeuronId, NeuronRecord
 
 
 class Subject(Protocol):
     name: str  # what the summary and the report call it
+    # how ``scoring.splits=auto`` splits its records: ``hash`` (by each excerpt's tokens) or
+    # ``openai`` (the reference's interleaved slices, for records from OpenAI's dataset)
+    default_splits: str = "hash"
 
     def check(self, neurons: DictConfig) -> None:
         """Fail in one line, before anything loads, when the settings cannot work (a layer the
@@ -27,8 +33,12 @@ class Subject(Protocol):
 
     def select(self, neurons: DictConfig, seed: int) -> list[NeuronId]: ...
 
-    def records(self, cfg: DictConfig, neurons: list[NeuronId],
-                run_dir: Path) -> list[NeuronRecord]: ...
+    def records(self, neurons: list[NeuronId], corpus: Corpus, recording: DictConfig, seed: int,
+                run_dir: Path, progress: bool = False) -> list[NeuronRecord]:
+        """The records of ``neurons``, kept in ``run_dir``: recorded over ``corpus`` with the
+        ``recording`` settings (``window``, ``max_windows``, ``top_k``, ``n_random``,
+        ``batch_size``, ``cache``) and ``seed`` (the random excerpts), or read from elsewhere."""
+        ...
 
 
 def pick(available: list[NeuronId], neurons: DictConfig | dict[str, Any]) -> list[NeuronId]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from neuronlens.corpus import Corpus
 from neuronlens.errors import UserError
 from neuronlens.files import write_atomic
 from neuronlens.records import NeuronId, NeuronRecord
@@ -77,7 +78,11 @@ class OpenAIRecordsSubject(Subject):
         return [NeuronId(int(l), int(i)) for l in dict.fromkeys(layers)
                 for i in dict.fromkeys(indices)]
 
-    def records(self, cfg: DictConfig, neurons: list[NeuronId], run_dir: Path) -> list[NeuronRecord]:
+    def records(self, neurons: list[NeuronId], corpus: Corpus | None = None,
+                recording: DictConfig | None = None, seed: int = 0, run_dir: Path | None = None,
+                progress: bool = False) -> list[NeuronRecord]:
+        """The records read from ``path`` (a URL's downloaded into ``run_dir/records``); nothing
+        is recorded, so the corpus and the recording settings are not used."""
         return [self.load(n, run_dir) for n in neurons]
 
     def load(self, neuron: NeuronId, run_dir: Path | None = None) -> NeuronRecord:

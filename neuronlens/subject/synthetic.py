@@ -3,7 +3,7 @@
 A rule neuron fires 1.0 on the tokens its rule picks and 0.0 elsewhere, over the same corpus
 windows a model would see. Its answer is known, so it tests the judges (a simulator that cannot
 score the true explanation cannot judge anyone) and the explainers (how close they get to the
-truth's score). Rules are data in ``neuronlens/conf/subject/synthetic.yaml``; each kind below is one small
+truth's score). Rules are data in ``conf/subject/synthetic.yaml``; each kind below is one small
 function of the window's token strings, so a new kind is a few lines.
 """
 
@@ -15,10 +15,9 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from neuronlens.corpus import token_windows
+from neuronlens.corpus import Corpus, token_windows
 from neuronlens.errors import UserError
 from neuronlens.records import NeuronId, NeuronRecord
 from neuronlens.subject.base import Subject, pick
@@ -103,22 +102,22 @@ class SyntheticSubject(Subject):
     def select(self, neurons: DictConfig, seed: int) -> list[NeuronId]:
         return pick([NeuronId(0, i) for i in range(len(self.rules))], neurons)
 
-    def records(self, cfg: DictConfig, neurons: list[NeuronId], run_dir: Path
-                ) -> list[NeuronRecord]:
+    def records(self, neurons: list[NeuronId], corpus: Corpus, recording: DictConfig, seed: int,
+                run_dir: Path, progress: bool = False) -> list[NeuronRecord]:
         target = run_dir / "recording"
         if (saved := Recording.saved(target)) is not None:
             return list(saved.neuron_records())
         tokenizer = load_tokenizer(self.tokenizer_name)
-        rc = cfg.recording
-        windows = token_windows(instantiate(cfg.corpus), tokenizer, rc.window, rc.max_windows)
-        recorder = Recorder(neurons, RecordingConfig(rc.top_k, rc.n_random, rc.batch_size, cfg.seed))
+        windows = token_windows(corpus, tokenizer, recording.window, recording.max_windows)
+        recorder = Recorder(neurons, RecordingConfig(recording.top_k, recording.n_random,
+                                                     recording.batch_size, seed))
         strings: dict[int, str] = {}
         text = lambda i: strings.setdefault(i, tokenizer.decode([i]))
         rows = [n.index for n in neurons]
         windows = iter(windows)
-        while batch := list(islice(windows, rc.batch_size)):
+        while batch := list(islice(windows, recording.batch_size)):
             acts = torch.stack([self.activations([text(i) for i in w])[rows] for w in batch], dim=1)
             recorder.add(torch.tensor(batch), acts)
-        recording = recorder.finish(text, {"subject": "synthetic", "rules": self.specs})
-        recording.save(target)
-        return list(recording.neuron_records())
+        rec = recorder.finish(text, {"subject": "synthetic", "rules": self.specs})
+        rec.save(target)
+        return list(rec.neuron_records())

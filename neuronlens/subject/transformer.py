@@ -11,10 +11,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from neuronlens.corpus import token_windows
+from neuronlens.corpus import Corpus, token_windows
 from neuronlens.errors import UserError
 from neuronlens.files import write_atomic
 from neuronlens.records import NeuronId, NeuronRecord
@@ -56,10 +55,11 @@ class ModelSubject(Subject):
         return select_neurons(model, neurons.layers, neurons.per_layer, neurons.which,
                               neurons.indices, seed)
 
-    def records(self, cfg: DictConfig, neurons: list[NeuronId], run_dir: Path
-                ) -> list[NeuronRecord]:
+    def records(self, neurons: list[NeuronId], corpus: Corpus, recording: DictConfig, seed: int,
+                run_dir: Path, progress: bool = False) -> list[NeuronRecord]:
         model, tokenizer = self.load()
-        return list(recording_for(cfg, model, tokenizer, neurons, run_dir).neuron_records())
+        return list(recording_for(self.model, model, tokenizer, neurons, corpus, recording, seed,
+                                  run_dir, progress).neuron_records())
 
 
 def select_neurons(model, layers, per_layer: int, which: str, indices, seed: int) -> list[NeuronId]:
@@ -86,15 +86,17 @@ def select_neurons(model, layers, per_layer: int, which: str, indices, seed: int
     raise UserError(f"neurons.which must be first, random or list, not {which!r}.")
 
 
-def recording_for(cfg: DictConfig, model, tokenizer, neurons: list[NeuronId], run_dir: Path
+def recording_for(model_name: str, model, tokenizer, neurons: list[NeuronId], corpus: Corpus,
+                  recording: DictConfig, seed: int, run_dir: Path, progress: bool = False
                   ) -> Recording:
-    """Record, or reuse an identical earlier recording from the cache."""
-    corpus = instantiate(cfg.corpus)
-    rc = cfg.recording
-    rconf = RecordingConfig(top_k=rc.top_k, n_random=rc.n_random, batch_size=rc.batch_size,
-                            seed=cfg.seed)
-    identity = {"model": cfg.subject.model, "dtype": str(next(model.parameters()).dtype),
-                "corpus": corpus.describe(), "window": rc.window, "max_windows": rc.max_windows,
+    """Record ``neurons`` of ``model`` (``model_name``: its ``subject.model``) over ``corpus`` with
+    the ``recording`` settings into ``run_dir``, or reuse an identical earlier recording from the
+    cache."""
+    rconf = RecordingConfig(top_k=recording.top_k, n_random=recording.n_random,
+                            batch_size=recording.batch_size, seed=seed)
+    identity = {"model": model_name, "dtype": str(next(model.parameters()).dtype),
+                "corpus": corpus.describe(), "window": recording.window,
+                "max_windows": recording.max_windows,
                 "neurons": [[n.layer, n.index] for n in neurons], "recording": vars(rconf) | {},
                 "version": 2}   # 2: token_bytes, for split characters
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -102,17 +104,17 @@ def recording_for(cfg: DictConfig, model, tokenizer, neurons: list[NeuronId], ru
     target = run_dir / "recording"
     if (saved := Recording.saved(target)) is not None:
         return saved
-    if rc.cache and Recording.saved(cached) is not None:
+    if recording.cache and Recording.saved(cached) is not None:
         log.info("Reusing the cached recording %s", cached)
         for name in ("arrays.safetensors", "manifest.json"):   # the manifest last
             write_atomic(target / name, (cached / name).read_bytes())
         if (saved := Recording.saved(target)) is not None:
             return saved
-    windows = token_windows(corpus, tokenizer, rc.window, rc.max_windows)
-    rec = record(model, tokenizer, windows, neurons, rconf, progress=cfg.progress,
+    windows = token_windows(corpus, tokenizer, recording.window, recording.max_windows)
+    rec = record(model, tokenizer, windows, neurons, rconf, progress=progress,
                  meta={"identity": identity, "key": key})
     rec.save(target)
-    if rc.cache:
+    if recording.cache:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{key}-"))
         rec.save(tmp)

@@ -1,4 +1,6 @@
-"""The `neuronlens` command (also `python -m neuronlens`): a Hydra app over the pipeline."""
+"""What every Hydra command of neuronlens shares: one ``main`` (``--help``, the output folder,
+the config composed and checked, the task run), and the plumbing around it: a user's mistake is one
+line and exit status 2, never a traceback, and a failed start leaves no folder behind."""
 
 from __future__ import annotations
 
@@ -6,21 +8,66 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
-
 from tqdm.auto import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from neuronlens.conf import CONF_DIR
 from neuronlens.errors import UserError
 from neuronlens.secrets import install_log_redaction
 
 log = logging.getLogger("neuronlens")
+
+
+@dataclass(frozen=True)
+class Command:
+    """A Hydra command: its name, primary config, the words of its ``--help``, the config groups
+    that help lists, and its task (the composed, checked config and the run folder in)."""
+
+    name: str
+    config_name: str
+    about: str
+    examples: list[tuple[str, str]]
+    groups: tuple[str, ...]
+    task: Callable[[DictConfig, Path], None]
+
+
+def main(command: Command, argv: list[str] | None = None) -> None:
+    """Run ``command`` on the command line ``argv`` (default: ``sys.argv[1:]``)."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from neuronlens.cli.checks import composition_error, schema_of, with_deletions
+    from neuronlens.cli.help import help_text, wants_help
+    from neuronlens.settings import check
+
+    argv = sys.argv[1:] if argv is None else argv
+    schema = schema_of(command.config_name)
+    if wants_help(argv):
+        print(help_text(command, schema))
+        return
+    check_output_dir(argv, command.name)
+
+    def task(cfg: DictConfig) -> None:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        fail_cleanly(lambda: check(cfg, schema), run_dir)   # unknown keys, ranges
+        command.task(cfg, run_dir)
+
+    app = hydra.main(version_base=None, config_path=str(CONF_DIR), config_name=command.config_name)(task)
+    sys.argv = [sys.argv[0], *with_deletions(argv, schema)]
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")   # composition errors reach us, not Hydra's page
+    try:
+        app()
+    except Exception as e:  # noqa: BLE001 - only a bad command line is swallowed, the rest re-raised
+        err = composition_error(e, command.config_name)
+        if err is None:
+            raise
+        print(f"neuronlens: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def user_error(e: BaseException) -> UserError | None:
@@ -95,24 +142,6 @@ def quiet_console() -> None:
     disable_progress_bars()   # the hub's download bars
 
 
-@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
-def app(cfg: DictConfig) -> None:
-    from neuronlens.pipeline import run
-
-    quiet_http_logs()
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    with logging_redirect_tqdm():   # log lines above the progress bars, never glued to them
-        if cfg.get("progress") is False:
-            quiet_console()
-        summary = fail_cleanly(lambda: run(cfg, run_dir), run_dir)
-    if summary["n_neurons"] and summary["n_failed"] == summary["n_neurons"]:
-        kinds = ", ".join(f"{k} {n}" for k, n in summary["failures_by_kind"].items())
-        print(f"neuronlens: error: all {summary['n_neurons']} neurons failed ({kinds}); the reasons are "
-              f"in {run_dir / 'neurons.jsonl'}, and the same command redoes the transient ones.",
-              file=sys.stderr)
-        sys.exit(1)
-
-
 def check_output_dir(argv: list[str], command: str = "neuronlens") -> None:
     """Exit with one line when the run's output folder cannot be written (Hydra creates it, with
     a traceback, before any of our code runs). Checked: a literal ``hydra.run.dir`` /
@@ -132,31 +161,3 @@ def check_output_dir(argv: list[str], command: str = "neuronlens") -> None:
                  "writable folder); choose one with hydra.run.dir=...")
 
 
-ABOUT = """automated neuron interpretability. Records the text excerpts that make each MLP neuron
-of a language model fire, has an LLM explain each neuron in words, has an LLM simulate the neuron
-from that explanation alone, and scores the explanation by how well the simulation correlates with
-the real activations (Bills et al. 2023). Writes <run dir>/neurons.jsonl and summary.json and
-prints a table; `neuronlens-report <run dir>` makes the report and the neuron viewer."""
-
-EXAMPLES = [
-    ("neuronlens", "8 neurons of the embedded SmolLM2-135M-Instruct, offline, no key"),
-    ("neuronlens subject.model=gpt2 neurons.layers=[5] neurons.per_layer=16", "any HF causal LM"),
-    ("neuronlens corpus=files corpus.paths=[notes.txt,more.jsonl]", "excerpts from your own text"),
-    ("neuronlens explainer=openai explainer.model=gpt-4o", "reads OPENAI_API_KEY"),
-    ("neuronlens simulator=vllm simulator.base_url=http://HOST:8000/v1 simulator.model=NAME",
-     "a vLLM server you run"),
-    ("neuronlens explainer=top_tokens ~judges", "the baseline, no second judge"),
-    ("neuronlens hydra.run.dir=runs/a", "rerun it to resume: finished neurons are kept"),
-    ("neuronlens -m +experiment=backend_grid", "a sweep; then neuronlens-report multirun/..."),
-]
-
-
-def main() -> None:
-    from neuronlens.help import help_text, wants_help
-
-    if wants_help(sys.argv[1:]):
-        print(help_text("neuronlens", "config", ABOUT, EXAMPLES,
-                        ("subject", "corpus", "explainer", "simulator", "experiment")))
-        return
-    check_output_dir(sys.argv[1:])
-    app()

@@ -1,0 +1,5 @@
+"""``python -m neuronlens.serve``: the `neuronlens-serve` command."""
+
+from neuronlens.serve.command import main
+
+main()
