@@ -96,5 +96,5 @@ def test_progress_false_prints_the_results_only(tiny_llama_dir, corpus40, tmp_pa
     lines = done.stdout.strip().splitlines()
     assert lines[0].split()[:2] == ["neuron", "score"] and len(lines) == 4   # table + outcome
     assert len(lines) == len(set(lines))           # no line twice
-    log = (tmp_path / "run" / "cli.log").read_text()
+    log = (tmp_path / "run" / "neuronlens.log").read_text()
     assert "Recording" in log or "L1/N" in log     # the log file keeps everything

@@ -119,3 +119,18 @@ def test_no_second_table_of_types():
         text = path.read_text(encoding="utf-8")
         for key in ("recording.batch_size", "neurons.per_layer", "remote.max_retries"):
             assert f'"{key}"' not in text, f"{path.relative_to(ROOT)} names {key}"
+
+
+def test_your_own_configs_by_config_dir_or_searchpath(tmp_path):
+    mine = tmp_path / "mine"
+    (mine / "explainer").mkdir(parents=True)
+    (mine / "explainer" / "mine.yaml").write_text(
+        "# My explainer: the top-tokens baseline, three tokens.\n"
+        "_target_: neuronlens.explainers.baselines.TopTokens\nmax_tokens: 3\n")
+    for how in (["--config-dir", str(mine)], [f"hydra.searchpath=[file://{mine}]"]):
+        done = neuronlens([*how, "explainer=mine", "--cfg", "job", "--package", "explainer"], tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert "TopTokens" in done.stdout and "max_tokens: 3" in done.stdout
+    done = neuronlens(["--config-dir", str(mine), "explainer=minee"], tmp_path)
+    assert done.returncode == 2 and "no explainer 'minee'; the options are " in done.stderr
+    assert "mine," in done.stderr   # the user's own option among them
