@@ -47,7 +47,8 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from neuronlens.backends.local import LocalBackend
-    from neuronlens.scorers.judge_power import control_neurons, power
+    from neuronlens.scorers.judge_power import power
+    from neuronlens.subject.synthetic import control_neurons
     from neuronlens.errors import UserError
     from neuronlens.scorers.simulation import Simulator
 

@@ -158,7 +158,8 @@ def main() -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from neuronlens.scorers.judge_power import control_neurons, power
+    from neuronlens.scorers.judge_power import power
+    from neuronlens.subject.synthetic import control_neurons
     from neuronlens.scorers.similarity import SimilarityJudge, load_encoder
 
     if args.threads:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Sequence
 
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -304,9 +304,14 @@ def summarise(rows: list[dict], wall: float, cfg: DictConfig, subject: str) -> d
 
 
 def model_name(cfg: DictConfig, role: str) -> str | None:
-    """The role's model as tables show it ("SmolLM2-135M-Instruct (embedded)"), or None."""
+    """The role's model as tables show it ("SmolLM2-135M-Instruct (embedded)"), or None. A part
+    whose ``model`` means something of its own (the similarity judge's sentence encoder) names it
+    with its class's ``display_model``."""
     model = OmegaConf.select(cfg, f"{role}.model", default=None)
-    return None if model is None else display_name(model)
+    if model is None:
+        return None
+    target = OmegaConf.select(cfg, f"{role}._target_", default=None)
+    return getattr(get_class(target) if target else None, "display_model", display_name)(model)
 
 
 def choices() -> dict[str, str]:
@@ -352,7 +357,7 @@ def table(rows: list[dict]) -> str:
                      + (f"  [{r['explanation_flag']}]" if r.get("explanation_flag") else ""))
     if other:
         lines.append("metric: " + ", ".join(f"{column} {m}" for column, m in other.items())
-                     + "; the other columns: correlation")
+                     + ("; the other columns: correlation" if len(other) < len(metrics) else ""))
     return "\n".join(lines)
 
 
@@ -437,7 +442,10 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     summary = summarise(rows, time.perf_counter() - start, cfg, subject.name)
     power = cfg.get("judge_power")
     if power is not None and power.enabled:
-        summary["judge_power"] = judge_power({"simulator": simulator, **judges}, power, run_dir)
+        from neuronlens.subject.synthetic import control_neurons   # torch: only when asked for
+
+        controls = control_neurons(power, run_dir / "controls")
+        summary["judge_power"] = judge_power({"simulator": simulator, **judges}, controls)
     summary["remote"] = {role: backend_stats(obj) for role, obj in
                          (("explainer", explainer), ("simulator", simulator),
                           *((f"judge:{name}", j) for name, j in judges.items()))}

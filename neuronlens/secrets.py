@@ -12,7 +12,8 @@ import re
 REDACTED = "[redacted]"
 # variables that hold secrets, by the end of their name (OPENAI_API_KEY, HF_TOKEN, ...)
 SECRET_NAME = re.compile(r"(API_KEY|_KEY|_TOKEN|_SECRET|PASSWORD)$", re.IGNORECASE)
-SHAPED = re.compile(r"\b(?:[Bb]earer|BEARER)\s+[^\s\"',;}\]]+"      # an Authorization header's value
+SHAPED = re.compile(r"\b(?:[Bb]earer|BEARER)\s+(?!\[redacted\])"     # an Authorization header's value
+                    r"[^\s\"',;}\]]+"                                  # (not one redacted already)
                     r"|\b(?:sk-|hf_|gsk_|xai-)[A-Za-z0-9_\-]{16,}")  # providers' key formats
 MIN_SECRET = 8   # shorter values (a "1" in some *_TOKEN variable) would redact ordinary text
 

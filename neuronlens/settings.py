@@ -220,6 +220,8 @@ def need(key: str, tp: Any, f: dataclasses.Field) -> str:
 def fits(value: Any, tp: Any, f: dataclasses.Field) -> bool:
     """Whether ``value`` has type ``tp`` and the field's range or choices."""
     tp, nullable = _inner(tp)
+    if tp is Any:
+        return True
     if value is None:
         return nullable
     low, choices = f.metadata.get("low"), f.metadata.get("choices")

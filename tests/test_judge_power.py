@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from neuronlens.scorers.judge_power import RULES, auc, control_neurons, power, verdict
-from neuronlens.scorers.base import SimulationResult
-from neuronlens.subject.synthetic import make_rule
+from neuronlens.scorers.base import Scorer, SimulationResult
+from neuronlens.scorers.judge_power import auc, power, verdict
+from neuronlens.subject.synthetic import RULES, control_neurons, make_rule
 
 SETTINGS = OmegaConf.create({"window": 16, "top_k": 3, "n_random": 3, "max_windows": 400})
 
 
-class Oracle:
+class Oracle(Scorer):
     """Simulates a control neuron exactly from its true explanation (and so a shuffled one as
     the other rule)."""
 
@@ -25,7 +25,7 @@ class Oracle:
         return SimulationResult(tuple(tuple(rule(r.tokens)) for r in records), ())
 
 
-class Deaf:
+class Deaf(Scorer):
     """Ignores the explanation: predicts from the tokens alone."""
 
     def simulate(self, explanation, records):

@@ -108,3 +108,32 @@ def test_the_explainers_and_scorers_see_only_their_protocols_inputs():
 
     assert list(Explainer.explain.__annotations__) == ["neuron", "train", "return"]
     assert list(Scorer.simulate.__annotations__) == ["explanation", "records", "return"]
+
+
+def test_a_subject_declares_what_the_pipeline_asks_of_it():
+    from neuronlens.subject.base import Subject
+    from neuronlens.subject.openai_records import OpenAIRecordsSubject
+    from neuronlens.subject.synthetic import SyntheticSubject
+
+    assert Subject.default_splits == SyntheticSubject.default_splits == "hash"
+    assert OpenAIRecordsSubject.default_splits == "openai"
+    assert list(Subject.records.__annotations__) == ["neurons", "corpus", "recording", "seed", "run_dir",
+                                                     "progress", "return"]
+
+
+PACKAGES = ("backends", "explainers", "probe", "report", "scorers", "subject")
+
+
+def test_every_package_names_its_public_classes_and_imports_them_on_first_use():
+    import importlib
+    import subprocess
+    import sys
+
+    for name in PACKAGES:
+        package = importlib.import_module(f"neuronlens.{name}")
+        assert package.__all__ and all(isinstance(getattr(package, n), type) for n in package.__all__), name
+    heavy = ("torch", "matplotlib", "scipy")
+    code = (f"import sys; import {', '.join(f'neuronlens.{p}' for p in PACKAGES)}; "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"

@@ -11,9 +11,10 @@ from neuronlens.scorers.correlation import (
     ScoredSimulation,
     correlate,
     fit_calibration,
-    score_splits,
 )
 from neuronlens.prompt_format import normalize_activations
+from neuronlens.records import ActivationRecord
+from neuronlens.scorers.base import Scorer, SimulationResult, split_predictions
 
 
 def _all_plain_floats(s: ScoredSimulation) -> bool:
@@ -122,25 +123,49 @@ def test_shape_mismatch_names_the_excerpt():
         correlate([[0], [1]], [[0]])
 
 
+class Fixed(Scorer):
+    """Predicts what it is given, excerpt by excerpt (None: a failed excerpt)."""
+
+    def __init__(self, predictions):
+        self.predictions = predictions
+
+    def simulate(self, explanation, records):
+        return SimulationResult(tuple(self.predictions), (None,) * len(records))
+
+
+def excerpts(*activations) -> list[ActivationRecord]:
+    return [ActivationRecord([f"t{i}" for i in range(len(a))], list(a)) for a in activations]
+
+
 def test_score_splits():
     # top: t = [0,1,2], s = [0,2,1]; dt = [-1,0,1], ds = [-1,1,0]; sum dt*ds = 1, sums sq 2 -> r = 0.5
     # random: one token -> constant activations
     # all: t = [0,1,2,3], s = [0,2,1,3] -> r = 0.8 (see test_hand_computed_example)
-    out = score_splits([[0, 1, 2]], [[0, 2, 1]], [[3]], [[3]])
-    assert set(out) == {"top", "random", "all"}
-    assert out["top"].correlation == pytest.approx(0.5)
-    assert out["random"].flag == "constant activations"
-    assert out["all"].correlation == pytest.approx(0.8)
-    assert (out["all"].n_tokens, out["all"].n_excerpts) == (4, 2)
+    scored = Fixed([(0, 2, 1), (3,)]).score("x", excerpts([0, 1, 2]), excerpts([3]))
+    out = scored.scores
+    assert set(out) == {"top", "random", "all"} and scored.metric.name == "correlation"
+    assert out["top"]["correlation"] == pytest.approx(0.5)
+    assert out["random"]["flag"] == "constant activations"
+    assert out["all"]["correlation"] == pytest.approx(0.8) and scored.value() == pytest.approx(0.8)
+    assert (out["all"]["n_tokens"], out["all"]["n_excerpts"]) == (4, 2)
 
 
 def test_score_splits_empty_group():
-    out = score_splits([[0, 1, 2]], [[0, 2, 1]], [], [])
-    assert out["random"].flag == "no tokens" and out["random"].correlation is None
+    out = Fixed([(0, 2, 1)]).score("x", excerpts([0, 1, 2]), []).scores
+    assert out["random"]["flag"] == "no tokens" and out["random"]["correlation"] is None
     assert out["all"] == out["top"]
-    out = score_splits([], [], [[0, 1, 2]], [[0, 2, 1]])
-    assert out["top"].flag == "no tokens"
-    assert out["all"].correlation == pytest.approx(0.5)
+    out = Fixed([(0, 2, 1)]).score("x", [], excerpts([0, 1, 2])).scores
+    assert out["top"]["flag"] == "no tokens"
+    assert out["all"]["correlation"] == pytest.approx(0.5)
+
+
+def test_failed_excerpts_are_left_out_of_every_split():
+    top, rnd = excerpts([0, 1], [5, 5]), excerpts([1, 0], [2, 3])
+    kept = split_predictions(top, rnd, [(0, 1), None, None, (2, 3)])
+    assert [p.index for p in kept["top"]] == [0] and [p.index for p in kept["random"]] == [3]
+    assert [p.index for p in kept["all"]] == [0, 3] and kept["all"][1].predicted == [2, 3]
+    scored = Fixed([(0, 1), None, None, (2, 3)]).score("x", top, rnd)
+    assert scored.scores["all"]["n_excerpts"] == 2 and scored.scores["top"]["n_excerpts"] == 1
 
 
 def test_calibration_recovers_exact_linear_relation():

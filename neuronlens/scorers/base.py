@@ -13,7 +13,7 @@ model, no LLM). A scorer with another metric (detection, fuzzing) declares it an
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from neuronlens.backends.base import Usage
@@ -36,9 +36,6 @@ class Metric:
         if value is None:
             return float("-inf")
         return value if self.higher_is_better else -value
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 PEARSON = Metric(CORRELATION, -1.0, 1.0)

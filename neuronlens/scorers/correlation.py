@@ -118,17 +118,6 @@ def openai_dispersion(true: Sequence[Sequence[float]], simulated: Sequence[Seque
             None if ab == 0 else float(1 - np.mean(np.abs(t - s)) / ab))
 
 
-def score_splits(true_top: Sequence[Sequence[float]], sim_top: Sequence[Sequence[float]],
-                 true_random: Sequence[Sequence[float]], sim_random: Sequence[Sequence[float]]
-                 ) -> dict[str, ScoredSimulation]:
-    """Scores on top excerpts only, random excerpts only, and both together."""
-    return {
-        "top": correlate(true_top, sim_top),
-        "random": correlate(true_random, sim_random),
-        "all": correlate(list(true_top) + list(true_random), list(sim_top) + list(sim_random)),
-    }
-
-
 def fit_calibration(true: Sequence[Sequence[float]],
                     simulated: Sequence[Sequence[float]]) -> Calibration:
     """Least-squares fit of `true ≈ slope * simulated + intercept` over all tokens.

@@ -116,6 +116,12 @@ class SimilarityJudge(Scorer):
 
     name = "similarity"
 
+    @staticmethod
+    def display_model(model: str) -> str:
+        """How tables and reports name the judge's encoder: its own name, never the embedded
+        LLM's (``model: embedded`` here means the packaged MiniLM)."""
+        return "all-MiniLM-L6-v2 (packaged)" if model == DEFAULT_ENCODER else str(model)
+
     def __init__(self, model: str = DEFAULT_ENCODER, window: int | Sequence[int] = 0,
                  context_weight: float = 0.5, floor: float = 0.2, device: str = "auto",
                  batch_size: int = 64, cache_size: int = 512):

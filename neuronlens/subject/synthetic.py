@@ -4,7 +4,8 @@ A rule neuron fires 1.0 on the tokens its rule picks and 0.0 elsewhere, over the
 windows a model would see. Its answer is known, so it tests the judges (a simulator that cannot
 score the true explanation cannot judge anyone) and the explainers (how close they get to the
 truth's score). Rules are data in ``conf/subject/synthetic.yaml``; each kind below is one small
-function of the window's token strings, so a new kind is a few lines.
+function of the window's token strings, so a new kind is a few lines. The same rules, recorded on
+the built-in corpus, are every run's control neurons (``control_neurons``) for judge power.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from neuronlens.corpus import Corpus, token_windows
+from neuronlens.conf import CONF_DIR
+from neuronlens.corpus import BuiltinCorpus, Corpus, token_windows
 from neuronlens.errors import UserError
 from neuronlens.records import NeuronId, NeuronRecord
 from neuronlens.subject.base import Subject, pick
@@ -25,6 +27,7 @@ from neuronlens.models import load_tokenizer
 from neuronlens.subject.recording import Recorder, Recording, RecordingConfig
 
 Rule = Callable[[Sequence[str]], list[float]]
+RULES = CONF_DIR / "subject" / "synthetic.yaml"
 
 
 def _words(words: Sequence[str]) -> Rule:
@@ -121,3 +124,15 @@ class SyntheticSubject(Subject):
         rec = recorder.finish(text, {"subject": "synthetic", "rules": self.specs})
         rec.save(target)
         return list(rec.neuron_records())
+
+
+def control_neurons(settings: DictConfig, directory: Path) -> list[tuple[NeuronRecord, str]]:
+    """The control neurons of judge power (``judge_power`` settings: ``window``, ``top_k``,
+    ``n_random``, ``max_windows``) with their true explanations, recorded once into ``directory``."""
+    subject = SyntheticSubject(OmegaConf.load(RULES).neurons)
+    recording = OmegaConf.create({"top_k": settings.top_k, "n_random": settings.n_random,
+                                  "batch_size": 32, "window": settings.window,
+                                  "max_windows": settings.max_windows, "cache": False})
+    neurons = [NeuronId(0, i) for i in range(len(subject.rules))]
+    records = subject.records(neurons, BuiltinCorpus(), recording, 0, directory)
+    return [(r, subject.explanation(r.neuron_id)) for r in records]
