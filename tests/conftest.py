@@ -4,6 +4,8 @@
   digits and keeps tabs as their own tokens), wrapped as a transformers fast tokenizer.
 - ``tiny_llama_dir`` / ``tiny_gpt2_dir``: random-initialised models built from configs and saved
   with that tokenizer, loadable by path like any HF model (``subject.model=<dir>``).
+- ``sharp_llama_dir``: the tiny Llama with large weights, a simulator whose predictions vary from
+  token to token (for checks that need a well-conditioned correlation).
 - ``bos_llama_dir``: a tiny Llama whose tokenizer starts every text with a ``<|bos|>`` token, as
   Llama's and Gemma's tokenizers do.
 - ``smollm2_tokenizer``: the embedded model's real tokenizer (skips if its package is missing).
@@ -81,6 +83,22 @@ def tiny_gpt2(tiny_tokenizer):
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tiny_llama, tiny_tokenizer, tmp_path_factory) -> Path:
     return _save(tiny_llama, tiny_tokenizer, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def sharp_llama_dir(tiny_tokenizer, tmp_path_factory) -> Path:
+    """The tiny Llama with large weights (initializer_range 0.5 against the default 0.02): its
+    next-token distributions change from token to token, so a simulator on it predicts
+    activations that vary (a standard deviation of ~2 on the 0-10 scale, where tiny_llama's
+    vary by ~5e-4) and a correlation with them is well conditioned (see tests/agreement.py)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, eos_token_id=tiny_tokenizer.eos_token_id,
+                         initializer_range=0.5)
+    return _save(LlamaForCausalLM(config).eval(), tiny_tokenizer, tmp_path_factory.mktemp("sharp-llama"))
 
 
 @pytest.fixture(scope="session")

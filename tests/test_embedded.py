@@ -38,7 +38,7 @@ def test_default_run_end_to_end_and_resume(tmp_path):
 
 def test_embedded_subject_records_and_exports(tmp_path):
     from neuronlens.corpus import BuiltinCorpus, token_windows
-    from neuronlens.pipeline import select_neurons
+    from neuronlens.subject.transformer import select_neurons
     from neuronlens.records import NeuronRecord
     from neuronlens.models import load_model
     from neuronlens.subject.recording import RecordingConfig, record

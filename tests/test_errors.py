@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from neuronlens.cli import fail_cleanly, user_error
 from neuronlens.corpus import CorpusError, FilesCorpus, token_windows
 from neuronlens.errors import UserError
-from neuronlens.pipeline import select_neurons
+from neuronlens.subject.transformer import select_neurons
 from neuronlens.records import NeuronId
 from neuronlens.subject.hooks import check_neuron, hook_point, neuron_hooks
 from neuronlens.models import SubjectError, load_model

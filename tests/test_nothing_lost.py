@@ -236,6 +236,21 @@ def test_redact_removes_env_keys_and_bearer_tokens(monkeypatch):
     assert redact("a basic keyboard_shortcut_for_the_win") == "a basic keyboard_shortcut_for_the_win"
 
 
+def test_a_key_redacted_from_the_environment_keeps_its_brackets_balanced(monkeypatch):
+    """A server's 401 echoing the Authorization header with the environment's key: the key goes
+    first (environment values), then the bearer shape must not take the redaction for a token
+    and redact it again (``Bearer [redacted]]``)."""
+    from neuronlens.secrets import redact
+
+    key = "sk-" + "k" * 40
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    for body in (f"401 Unauthorized: invalid header Authorization: Bearer {key}",
+                 f'{{"error": "bad token Bearer {key}"}}', f"(Bearer {key})"):
+        text = redact(body)
+        assert text == body.replace(key, "[redacted]") and text.count("[") == text.count("]")
+        assert redact(text) == text   # redacting twice changes nothing
+
+
 # ---- 6, 7: a server that never answers stops the run, non-zero ---------------------------------
 def test_a_closed_port_stops_the_run_with_one_line(tiny_llama_dir, corpus, tmp_path):
     url = f"http://127.0.0.1:{free_port()}/v1"

@@ -14,6 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import neuronlens.pipeline as pipeline
+from agreement import assert_rows_agree
 from neuronlens.conf import CONF_DIR
 from neuronlens.serve import start_server
 
@@ -63,21 +64,17 @@ def scores(result: dict) -> dict:
     return {k: (r.get("explanation"), r.get("score")) for k, r in result["rows"].items()}
 
 
-def test_http_backends_reproduce_the_local_run(tiny_llama_dir, corpus, tmp_path):
-    reference = run(tmp_path, tiny_llama_dir, corpus, "local", local(tiny_llama_dir))
-    with start_server(str(tiny_llama_dir), device="cpu", max_logprobs=None) as server:
+def test_http_backends_reproduce_the_local_run(tiny_llama_dir, sharp_llama_dir, corpus, tmp_path):
+    """Explainer and simulator on a model whose predictions vary (so that scores are well
+    conditioned), locally and through the server: the same rows up to float32 rounding, within
+    bounds derived from the values (tests/agreement.py)."""
+    reference = run(tmp_path, tiny_llama_dir, corpus, "local", local(sharp_llama_dir))
+    with start_server(str(sharp_llama_dir), device="cpu", max_logprobs=None) as server:
         for simulator, extra in (("vllm", []), ("openai", ["simulator.prompt_scoring=echo",
                                                            "simulator.completion=true"])):
             got = run(tmp_path / simulator, tiny_llama_dir, corpus, "run",
-                      http(server, tiny_llama_dir, simulator) + extra)
-            assert got["rows"].keys() == reference["rows"].keys()
-            for key, (explanation, score) in scores(reference).items():
-                other_explanation, other_score = scores(got)[key]
-                assert other_explanation == explanation
-                if score is None:
-                    assert other_score is None
-                else:
-                    assert other_score == pytest.approx(score, abs=1e-3), (simulator, key)
+                      http(server, sharp_llama_dir, simulator) + extra)
+            assert_rows_agree(got["rows"], reference["rows"])
             stats = got["summary"]["remote"]["simulator"]
             assert stats["requests"] > 0  # (repeats within a run, e.g. shared random excerpts, may hit)
 
@@ -130,7 +127,8 @@ def test_chat_only_backends_run_the_whole_pipeline_like_local(chat_model_dir, co
                      f"explainer.base_url={server.base_url}", f"simulator={backend}",
                      f"simulator.model={model}", f"simulator.base_url={server.base_url}"]
             got = run(tmp_path / backend, chat_model_dir, corpus, "run", extra + strategy)
-            assert scores(got) == scores(reference), backend
+            # the tiny model's simulations barely vary: the bounds are loose, the failures exact
+            assert_rows_agree(got["rows"], reference["rows"], require_conditioned=False)
             for key in ("n_failed", "n_failed_excerpts", "n_failed_explanations"):
                 assert got["summary"][key] == reference["summary"][key], (backend, key)
             assert got["summary"]["remote"]["simulator"]["requests"] > 0

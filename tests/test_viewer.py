@@ -285,7 +285,7 @@ def test_split_characters_words_histogram_and_legend(browser, unicode_run, tmp_p
           return [item.firstElementChild === sw, sw.getBoundingClientRect().right <= item.getBoundingClientRect().right - 4];
         }).filter(x => x !== null);""")
     assert len(order) >= 4 and all(first and left for first, left in order)
-    shot = tmp_path / "unicode-neuron.png"
+    shot = tmp_path / "viewer_neuron.png"   # the README's picture: NEURONLENS_SCREENSHOTS=benchmarks/results
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     if os.environ.get("NEURONLENS_SCREENSHOTS"):   # to look at: NEURONLENS_SCREENSHOTS=<folder>
         Path(os.environ["NEURONLENS_SCREENSHOTS"]).mkdir(parents=True, exist_ok=True)
