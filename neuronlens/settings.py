@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union, get_args, get_origin, get_type_hints
 
@@ -261,6 +263,13 @@ def check(cfg: DictConfig, schema: type = RunSettings) -> None:
                and k.split(".")[0] != "hydra" and k not in blocks(schema)]
     if unknown:
         raise UserError(no_setting(unknown[0], schema))
+    for group in FREE_FORM:
+        node = OmegaConf.select(cfg, group, throw_on_missing=False)
+        if group == "judges":
+            for name, judge in (node or {}).items():
+                check_target(judge, f"judges.{name}")
+        else:
+            check_target(node, group)
     shard, n = OmegaConf.select(cfg, "neurons.shard"), OmegaConf.select(cfg, "neurons.n_shards")
     if shard is not None and n is not None and shard >= n:
         raise UserError(f"neurons.shard must be below neurons.n_shards (got shard={shard}, n_shards={n}).")
@@ -284,3 +293,44 @@ def no_setting(key: str, schema: type, others: list[str] | None = None) -> str:
     near = difflib.get_close_matches(key, others or list(leaves(schema)), n=1, cutoff=0.6)
     return f"no setting {key}" + (f"; did you mean {near[0]}?" if near else
                                   "; `--help` lists the settings, `--cfg job` the whole config.")
+
+
+HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_", "defaults")
+SIMPLE = (bool, int, float)   # a str parameter takes any scalar, as Hydra's own str fields do
+
+
+def check_target(node: Any, prefix: str) -> None:
+    """A group's settings (``simulator.batch_size``) against the class its ``_target_`` names:
+    that class's constructor is the group's schema (a backend is a YAML file plus a class, with
+    no third list of its settings). Every key must be one of its parameters, and a value whose
+    parameter is annotated bool, int or float (or Optional of one) must have that type.
+    Roles nested in a role (``explainer.inner``) are checked the same way."""
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return
+    module, _, name = str(node._target_).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise UserError(f"{prefix}._target_ is {node._target_!r}, which cannot be imported ({e}); "
+                        "check its spelling.") from None
+    init = cls.__init__ if inspect.isclass(cls) else cls
+    params = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    try:
+        hints = get_type_hints(init)
+    except Exception:   # noqa: BLE001 - annotations that need optional packages: keys only
+        hints = {}
+    for key in node.keys():
+        if key in HYDRA_KEYS:
+            continue
+        if key not in params:
+            near = difflib.get_close_matches(key, [p for p in params if p not in ("self", "inner")], n=1)
+            raise UserError(f"no setting {prefix}.{key} ({cls.__name__} takes no {key})"
+                            + (f"; did you mean {prefix}.{near[0]}?" if near else "."))
+        value = OmegaConf.select(node, key, default="<absent>", throw_on_missing=False)
+        tp, nullable = _inner(hints.get(key, Any))
+        if isinstance(value, DictConfig) and "_target_" in value:
+            check_target(value, f"{prefix}.{key}")
+        elif tp in SIMPLE and value not in ("<absent>", "???") and not fits(value, hints[key], field()):
+            raise UserError(f"{prefix}.{key} must be {need(key, hints[key], field())} (got {value!r}).")

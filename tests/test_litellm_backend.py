@@ -152,7 +152,7 @@ def test_configs_build_the_backend():
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    conf = Path(__file__).resolve().parents[1] / "neuronlens" / "conf"
+    conf = Path(__file__).resolve().parents[1] / "conf"
     for role, model in (("explainer", "anthropic/claude-sonnet-4-5"),
                         ("simulator", "openrouter/meta-llama/llama-3.1-8b-instruct")):
         node = OmegaConf.load(conf / role / "litellm.yaml")

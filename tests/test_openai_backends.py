@@ -46,7 +46,7 @@ from neuronlens.backends.vllm import (
 from neuronlens.errors import UserError
 
 L = math.log
-CONF = __import__("pathlib").Path(__file__).resolve().parents[1] / "neuronlens" / "conf"
+CONF = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf"
 
 
 # ---- parsing recorded answers -----------------------------------------------------------------

@@ -42,16 +42,24 @@ def neuronlens(args: list[str], cwd: Path, module: str = "neuronlens.cli") -> su
     ("explain.temperature=-1", "explain.temperature must be a number of at least 0 or null (got -1.0)."),
     ("remote.max_retries=-1", "remote.max_retries must be a whole number of at least 0 (got -1)."),
     ("neurons.shard=3", "neurons.shard must be below neurons.n_shards (got shard=3, n_shards=1)."),
+    ("+simulator.batchsize=4", "no setting simulator.batchsize (LocalBackend takes no batchsize); did you "
+                               "mean simulator.batch_size?"),
+    ("simulator.batch_size=x", "simulator.batch_size must be a whole number (got 'x')."),
+    ("judges.similarity.floor=abc", "judges.similarity.floor must be a number (got 'abc')."),
+    ("explainer=shuffled +explainer.inner.seed=1", "no setting explainer.inner.seed (LocalBackend takes no seed)."),
+    ("explainer._target_=neuronlens.backends.nope.Backend",
+     "explainer._target_ is 'neuronlens.backends.nope.Backend', which cannot be imported (No module named "
+     "'neuronlens.backends.nope'); check its spelling."),
     ("neurons.layers=[1,", "cannot read the command line: no viable alternative at input '[1,'"),
 ])
 def test_a_bad_command_line_is_one_line_and_leaves_nothing(bad, says, tmp_path):
-    done = neuronlens(["subject.model=/no/such/model", bad], tmp_path)
+    done = neuronlens(["subject.model=/no/such/model", *bad.split()], tmp_path)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [f"neuronlens: error: {says}"]
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(UserError, match="^" + says.replace("(", r"\(").replace(")", r"\)")
                        .replace("[", r"\[").replace("?", r"\?").replace("+", r"\+")):
-        compose("config", ["subject.model=/no/such/model", bad])   # the same line for the API
+        compose("config", ["subject.model=/no/such/model", *bad.split()])   # the same line for the API
 
 
 def test_the_probe_and_serve_commands_check_their_own_settings(tmp_path):
@@ -69,7 +77,8 @@ def test_the_probe_and_serve_commands_check_their_own_settings(tmp_path):
 def test_judges_can_be_dropped_and_free_form_groups_take_new_keys():
     assert compose("config", ["~judges"]).judges is None
     assert list(compose("config", []).judges) == ["similarity"]
-    assert compose("config", ["+explainer.extra=1"]).explainer.extra == 1   # a backend's own argument
+    # a group's settings are its class's arguments, listed in its YAML or not
+    assert compose("config", ["+explainer.prefix_reuse=false"]).explainer.prefix_reuse is False
 
 
 NEW_SETTING = """

@@ -18,7 +18,7 @@ from neuronlens.backends.base import GenerateRequest, Message
 from neuronlens.records import ActivationRecord
 from neuronlens.scorers.simulation import Simulator
 
-CONF = Path(__file__).resolve().parents[1] / "neuronlens" / "conf" / "simulator" / "vllm_engine.yaml"
+CONF = Path(__file__).resolve().parents[1] / "conf" / "simulator" / "vllm_engine.yaml"
 
 
 def main(src: str, dst: str) -> None:
