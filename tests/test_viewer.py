@@ -61,7 +61,7 @@ def real_run(tiny_llama_dir, tmp_path_factory) -> Path:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose(config_name="config", overrides=[
             f"subject.model={tiny_llama_dir}", "subject.device=cpu", "corpus=files",
-            f"corpus.paths=[{corpus}]", f"explainer.model={tiny_llama_dir}",
+            f"corpus.paths=[{corpus}]", "explainer=top_tokens",   # an explanation that reads
             f"simulator.model={tiny_llama_dir}", "neurons.layers=[0,1]", "neurons.per_layer=3",
             "recording.top_k=12", "recording.n_random=12", "recording.window=16",
             "explain.max_tokens=8", "progress=false"])
@@ -225,11 +225,10 @@ def unicode_run(tiny_llama_dir, tmp_path_factory) -> Path:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose(config_name="config", overrides=[
             f"subject.model={tiny_llama_dir}", "subject.device=cpu", "corpus=files",
-            f"corpus.paths=[{corpus}]", f"explainer.model={tiny_llama_dir}",
+            f"corpus.paths=[{corpus}]", "explainer=top_tokens",   # an explanation that reads
             f"simulator.model={tiny_llama_dir}", "neurons.layers=[1]", "neurons.per_layer=2",
             "recording.top_k=12", "recording.n_random=12", "recording.window=48", "judges=null",
-            "judge_power.enabled=false", "recording.cache=false", "explain.max_tokens=8",
-            "progress=false"])
+            "judge_power.enabled=false", "recording.cache=false", "progress=false"])
     pipeline.run(cfg, tmp / "run")
     return tmp / "run"
 
