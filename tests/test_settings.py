@@ -46,7 +46,8 @@ def neuronlens(args: list[str], cwd: Path, module: str = "neuronlens.cli") -> su
                                "mean simulator.batch_size?"),
     ("simulator.batch_size=x", "simulator.batch_size must be a whole number (got 'x')."),
     ("judges.similarity.floor=abc", "judges.similarity.floor must be a number (got 'abc')."),
-    ("explainer=shuffled +explainer.inner.seed=1", "no setting explainer.inner.seed (LocalBackend takes no seed)."),
+    ("explainer=shuffled +explainer.inner.seed=1", "no setting explainer.inner.seed (LocalBackend takes no seed); "
+     "`--help` lists the settings, `--cfg job` the whole config."),
     ("explainer._target_=neuronlens.backends.nope.Backend",
      "explainer._target_ is 'neuronlens.backends.nope.Backend', which cannot be imported (No module named "
      "'neuronlens.backends.nope'); check its spelling."),

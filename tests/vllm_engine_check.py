@@ -24,7 +24,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "simulator" / "vllm_engine
 def main(src: str, dst: str) -> None:
     job = json.loads(Path(src).read_text())
     cfg = OmegaConf.load(CONF)
-    cfg.model, cfg.dtype, cfg.max_model_len = job["model"], "bfloat16", 4096
+    cfg.model, cfg.dtype, cfg.max_model_len = job["model"], "float32", 4096
     cfg.engine_args = {"enforce_eager": True}
     backend = instantiate(cfg)
     records = [ActivationRecord(t, [0.0] * len(t)) for t in job["tokens"]]

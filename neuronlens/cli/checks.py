@@ -61,7 +61,7 @@ def composition_error(e: BaseException, config_name: str) -> UserError | None:
         return UserError(f"cannot read the command line: {text.splitlines()[0]}")
     if m := re.search(r"Could not (?:override|append to|delete(?: from config)?) '([^']+)'", text):
         key = m.group(1).lstrip("+~")
-        return UserError(no_setting(key, schema, [*leaves(schema), *group_keys(config_name)]))
+        return UserError(no_setting(key, [*leaves(schema), *group_keys(config_name)]))
     if (m := re.match(r"Error merging override \+*([\w.]+)=(.*)", text)) and m.group(1) in leaves(schema):
         return UserError(wrong(schema, m.group(1), m.group(2)))
     return UserError(" ".join(text.split()))
