@@ -172,6 +172,38 @@ def resolve(model: str) -> str:
     return _hub_model(model)
 
 
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def _stamp(path: Path) -> list:
+    """A file's identity without reading it: name, size, modification time."""
+    stat = path.stat()
+    return [path.name, stat.st_size, stat.st_mtime_ns]
+
+
+def weights_identity(model: str) -> dict:
+    """What identifies ``model``'s weights without reading them, so that a cache keyed on it
+    goes stale when they change: an embedded model's or a .gguf file's stamp (name, size,
+    mtime: a new package version is a new file); else the hash of its ``config.json`` and the
+    stamps of its weight files (a hub snapshot's folder name is its revision, kept too)."""
+    if ALIASES.get(model, model) in EMBEDDED:
+        return {"gguf": _stamp(embedded_gguf(model))}
+    if model.endswith(".gguf"):
+        return {"gguf": _stamp(Path(model).expanduser())}
+    path = Path(resolve(model)).expanduser()
+    if not path.is_dir():   # a hub name, the hub reachable: the snapshot transformers loads
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(path), "config.json")
+        if not isinstance(cached, str):
+            return {"model": model}
+        path = Path(cached).parent
+    config = path / "config.json"
+    return {"config": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None,
+            "weights": [_stamp(f) for f in sorted(path.iterdir()) if f.name.endswith(WEIGHT_FILES)],
+            "revision": path.name if path.parent.name == "snapshots" else None}
+
+
 @lru_cache(maxsize=1)
 def hub_reachable() -> bool:
     """Whether the Hugging Face hub answers a TCP connection within 3 s (False in offline mode)."""

@@ -1,9 +1,12 @@
 """Recording: one pass over the corpus with hooks on the chosen layers.
 
-Per neuron it keeps a running top-k of excerpts ranked by their max activation, a fixed reservoir
-of random excerpts (shared by all neurons), and running moments for summary statistics. All of it
-lives on the model's device, with shapes [neurons, k, window]: memory grows with neurons x k, not
-with the length of the corpus.
+Per unit it keeps a running top-k of excerpts ranked by their max activation, a fixed reservoir
+of random excerpts (shared by all units), and running moments for summary statistics. Excerpts
+are kept as window ids into one table of the windows still referenced, so token ids are stored
+once per window, not once per unit that ranks it. All of it lives on the model's device. Memory,
+in float32 activations: units x (k + n_random) x window x 4 bytes (a 1536-unit layer with the
+defaults k = n_random = 32, window 64: 25 MB; 14336 units: 235 MB), plus at most
+units x k + n_random windows of token ids, never more than the corpus has.
 """
 
 from __future__ import annotations
@@ -39,13 +42,15 @@ class RecordingConfig:
 
 @dataclass
 class Recording:
-    """The recorded arrays of a set of neurons; ``token_strings`` maps token ids to their text."""
+    """The recorded arrays of a set of units; ``token_strings`` maps token ids to their text.
+    Excerpts are rows of ``windows``: ``top_windows`` and ``random_windows`` index them."""
 
     neurons: list[NeuronId]
-    top_tokens: torch.Tensor       # [N, k, T] int
+    windows: torch.Tensor          # [W, T] int: the token ids of every window referenced below
+    top_windows: torch.Tensor      # [N, k] int: rows of ``windows``, by activation
     top_acts: torch.Tensor         # [N, k, T] float
     top_max: torch.Tensor          # [N, k] float, -inf where fewer than k windows were seen
-    random_tokens: torch.Tensor    # [R, T] int
+    random_windows: torch.Tensor   # [R] int: rows of ``windows``, shared by all units
     random_acts: torch.Tensor      # [N, R, T] float
     moments: torch.Tensor          # [N, 4] float64: sums of a, a^2, a^3, a^4
     n_tokens: int
@@ -53,6 +58,16 @@ class Recording:
     meta: dict
     token_bytes: dict[int, str] = field(default_factory=dict)   # hex bytes of the ids that decode
                                                                  # alone to U+FFFD (split characters)
+
+    @property
+    def top_tokens(self) -> torch.Tensor:
+        """[N, k, T] token ids of each unit's top excerpts."""
+        return self.windows[self.top_windows.long()]
+
+    @property
+    def random_tokens(self) -> torch.Tensor:
+        """[R, T] token ids of the random excerpts."""
+        return self.windows[self.random_windows.long()]
 
     def stats(self, i: int) -> dict[str, float]:
         """Mean, variance, skewness and (excess) kurtosis of neuron i over every corpus token."""
@@ -99,13 +114,12 @@ class Recording:
     def neuron_records(self) -> Iterator[NeuronRecord]:
         return (self.neuron_record(i) for i in range(len(self.neurons)))
 
+    ARRAYS = ("windows", "top_windows", "top_acts", "top_max", "random_windows", "random_acts", "moments")
+
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        arrays = {"top_tokens": self.top_tokens, "top_acts": self.top_acts, "top_max": self.top_max,
-                  "random_tokens": self.random_tokens, "random_acts": self.random_acts,
-                  "moments": self.moments}
-        tensors = {k: v.detach().cpu().contiguous() for k, v in arrays.items()}
+        tensors = {k: getattr(self, k).detach().cpu().contiguous() for k in self.ARRAYS}
         write_atomic(directory / "arrays.safetensors", save(tensors))
         manifest = {"neurons": [[n.layer, n.index] for n in self.neurons],
                     "n_tokens": self.n_tokens, "meta": self.meta,
@@ -133,7 +147,14 @@ class Recording:
         directory = Path(directory)
         manifest = json.loads((directory / "manifest.json").read_text())
         arrays = load_file(directory / "arrays.safetensors")
-        return cls(neurons=[NeuronId(l, i) for l, i in manifest["neurons"]], **arrays,
+        if "top_tokens" in arrays:   # written before window ids: one window per excerpt
+            top, rnd = arrays.pop("top_tokens"), arrays.pop("random_tokens")
+            n, k, width = top.shape
+            arrays |= {"windows": torch.cat([top.reshape(n * k, width), rnd]),
+                       "top_windows": torch.arange(n * k).reshape(n, k),
+                       "random_windows": torch.arange(n * k, n * k + len(rnd))}
+        return cls(neurons=[NeuronId(l, i) for l, i in manifest["neurons"]],
+                   **{k: arrays[k] for k in cls.ARRAYS},
                    n_tokens=manifest["n_tokens"], meta=manifest["meta"],
                    token_strings={int(k): v for k, v in manifest["token_strings"].items()},
                    token_bytes={int(k): v for k, v in manifest.get("token_bytes", {}).items()})
@@ -154,12 +175,45 @@ def _batches(windows: Iterable[list[int]], size: int) -> Iterator[list[list[int]
         yield batch
 
 
+def select(parts: Sequence[Recording], neurons: Sequence[NeuronId], meta: dict | None = None) -> Recording:
+    """The rows of ``neurons`` from recordings of the same windows (one per layer, say), as one
+    recording that keeps only the windows and token strings those rows use."""
+    first = parts[0]
+    where = {n: (j, i) for j, part in enumerate(parts) for i, n in enumerate(part.neurons)}
+    if missing := [str(n) for n in neurons if n not in where]:
+        raise ValueError(f"no recording of {', '.join(missing)}")
+    for part in parts[1:]:
+        if part.n_tokens != first.n_tokens or not torch.equal(part.random_tokens, first.random_tokens):
+            raise ValueError("the recordings to select from were not made over the same windows")
+    offsets = [0]
+    for part in parts[:-1]:
+        offsets.append(offsets[-1] + len(part.windows))
+    rows = [where[n] for n in neurons]
+
+    def stack(name: str, shift: bool = False) -> torch.Tensor:
+        return torch.stack([getattr(parts[j], name)[i] + (offsets[j] if shift else 0) for j, i in rows])
+
+    top_windows, random_windows = stack("top_windows", shift=True), first.random_windows
+    used, remap = torch.unique(torch.cat([top_windows.flatten(), random_windows]), return_inverse=True)
+    windows = torch.cat([part.windows for part in parts])[used]
+    ids = set(windows.unique().tolist())
+    strings = {i: s for part in parts for i, s in part.token_strings.items() if i in ids}
+    raw = {i: b for part in parts for i, b in part.token_bytes.items() if i in ids}
+    return Recording(neurons=list(neurons), windows=windows,
+                     top_windows=remap[:top_windows.numel()].reshape(top_windows.shape),
+                     top_acts=stack("top_acts"), top_max=stack("top_max"),
+                     random_windows=remap[top_windows.numel():], random_acts=stack("random_acts"),
+                     moments=stack("moments"), n_tokens=first.n_tokens, token_strings=strings,
+                     meta=first.meta if meta is None else meta, token_bytes=raw)
+
+
 class Recorder:
     """The running state of a recording, fed one batch of windows at a time.
 
-    ``add(ids [B, T], acts [N, B, T])`` keeps, per neuron, a running top-k of windows ranked by their
-    max activation, a reservoir sample of windows shared by all neurons (Algorithm R, deterministic
-    in the seed), and the running moments; ``finish`` turns it into a ``Recording``. The model
+    ``add(ids [B, T], acts [N, B, T])`` keeps, per unit, a running top-k of windows ranked by their
+    max activation, a reservoir sample of windows shared by all units (Algorithm R, deterministic
+    in the seed), and the running moments; ``finish`` turns it into a ``Recording``. Windows are
+    numbered as they come; a table keeps the token ids of those still referenced. The model
     recorder feeds it hook outputs; synthetic neurons feed it their rules' activations.
     """
 
@@ -169,6 +223,9 @@ class Recorder:
         self.rng = np.random.default_rng(config.seed)
         self.seen = 0
         self.n_tokens = 0
+        self.table: list[torch.Tensor] = []      # batches of windows [B, T]
+        self.table_ids: list[torch.Tensor] = []  # their window numbers [B]
+        self.kept = 0                            # windows in the table
 
     def add(self, ids: torch.Tensor, acts: torch.Tensor) -> None:
         N, k, R = len(self.neurons), self.config.top_k, self.config.n_random
@@ -176,29 +233,40 @@ class Recorder:
         state = self.state
         if not state:
             state.update({"vals": torch.full((N, k), -math.inf, device=self.device),
-                          "tok": torch.zeros((N, k, T), dtype=torch.int32, device=self.device),
+                          "win": torch.full((N, k), -1, dtype=torch.long, device=self.device),
                           "act": torch.zeros((N, k, T), device=self.device),
-                          "rtok": torch.zeros((R, T), dtype=torch.int32, device=self.device),
+                          "rwin": torch.full((R,), -1, dtype=torch.long, device=self.device),
                           "ract": torch.zeros((N, R, T), device=self.device),
                           "mom": torch.zeros((N, 4), dtype=torch.float64, device=self.device)})
+        numbers = torch.arange(self.seen, self.seen + B, device=self.device)
         # running top-k by each excerpt's max activation
         vals = torch.cat([state["vals"], acts.amax(dim=2)], dim=1)               # [N, k+B]
         top = vals.topk(k, dim=1).indices                                         # [N, k]
-        pool_tok = torch.cat([state["tok"], ids.int().expand(N, B, T)], dim=1)
-        pool_act = torch.cat([state["act"], acts], dim=1)
-        pick = top[..., None].expand(N, k, T)
         state["vals"] = vals.gather(1, top)
-        state["tok"] = pool_tok.gather(1, pick)
-        state["act"] = pool_act.gather(1, pick)
+        state["win"] = torch.cat([state["win"], numbers.expand(N, B)], dim=1).gather(1, top)
+        state["act"] = torch.cat([state["act"], acts], dim=1).gather(1, top[..., None].expand(N, k, T))
         for b in range(B):  # reservoir sample of windows
             slot = self.seen if self.seen < R else int(self.rng.integers(0, self.seen + 1))
             if slot < R:
-                state["rtok"][slot] = ids[b]
+                state["rwin"][slot] = self.seen
                 state["ract"][:, slot] = acts[:, b]
             self.seen += 1
         a = acts.double().reshape(N, -1)
         state["mom"] += torch.stack([a.sum(1), (a**2).sum(1), (a**3).sum(1), (a**4).sum(1)], 1)
         self.n_tokens += B * T
+        self.table.append(ids.to(self.device, torch.int32))
+        self.table_ids.append(numbers)
+        self.kept += B
+        if self.kept > 2 * (N * k + R) + 1024:   # drop the windows nothing refers to any more
+            self._compact()
+
+    def _compact(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep only the referenced windows; give back the table and its window numbers."""
+        table, numbers = torch.cat(self.table), torch.cat(self.table_ids)
+        keep = torch.isin(numbers, torch.cat([self.state["win"].flatten(), self.state["rwin"]]))
+        table, numbers = table[keep], numbers[keep]
+        self.table, self.table_ids, self.kept = [table], [numbers], len(numbers)
+        return table, numbers
 
     def finish(self, token_string, meta: dict | None = None, token_bytes=None) -> Recording:
         """The recording; ``token_string(id)`` gives a token's text, and ``token_bytes(id)`` the
@@ -206,13 +274,15 @@ class Recorder:
         state = self.state
         if not state:
             raise ValueError("The corpus gave no windows to record.")
+        rwin, ract = state["rwin"], state["ract"]
         if self.seen < self.config.n_random:  # fewer windows than asked for: keep those there are
-            state["rtok"], state["ract"] = state["rtok"][:self.seen], state["ract"][:, :self.seen]
-        seen_ids = torch.cat([state["tok"].flatten(), state["rtok"].flatten()]).long()
-        used = torch.bincount(seen_ids).nonzero().flatten().tolist()  # cheaper than a sort
-        return Recording(neurons=self.neurons, top_tokens=state["tok"], top_acts=state["act"],
-                         top_max=state["vals"], random_tokens=state["rtok"],
-                         random_acts=state["ract"], moments=state["mom"], n_tokens=self.n_tokens,
+            rwin, ract = rwin[:self.seen], ract[:, :self.seen]
+        table, numbers = self._compact()      # numbers ascend: a window's row is a search away
+        row = lambda w: torch.searchsorted(numbers, w.clamp(min=0)).clamp(max=len(numbers) - 1)
+        used = torch.bincount(table.flatten().long()).nonzero().flatten().tolist()  # cheaper than a sort
+        return Recording(neurons=self.neurons, windows=table, top_windows=row(state["win"]),
+                         top_acts=state["act"], top_max=state["vals"], random_windows=row(rwin),
+                         random_acts=ract, moments=state["mom"], n_tokens=self.n_tokens,
                          token_strings=(strings := {i: token_string(i) for i in used}),
                          token_bytes={i: raw.hex() for i, s in strings.items()
                                       if token_bytes and "\ufffd" in s and (raw := token_bytes(i))},

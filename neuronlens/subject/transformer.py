@@ -15,12 +15,11 @@ from omegaconf import DictConfig
 
 from neuronlens.corpus import Corpus, token_windows
 from neuronlens.errors import UserError
-from neuronlens.files import write_atomic
 from neuronlens.records import NeuronId, NeuronRecord
 from neuronlens.subject.base import Subject
 from neuronlens.subject.hooks import check_layer, check_neuron, hook_point, n_layers, n_neurons
-from neuronlens.models import cache_dir, display_name, load_model, resolve
-from neuronlens.subject.recording import Recording, RecordingConfig, record
+from neuronlens.models import cache_dir, display_name, load_model, resolve, weights_identity
+from neuronlens.subject.recording import Recording, RecordingConfig, record, select
 
 log = logging.getLogger(__name__)
 
@@ -89,37 +88,61 @@ def select_neurons(model, layers, per_layer: int, which: str, indices, seed: int
 def recording_for(model_name: str, model, tokenizer, neurons: list[NeuronId], corpus: Corpus,
                   recording: DictConfig, seed: int, run_dir: Path, progress: bool = False
                   ) -> Recording:
-    """Record ``neurons`` of ``model`` (``model_name``: its ``subject.model``) over ``corpus`` with
-    the ``recording`` settings into ``run_dir``, or reuse an identical earlier recording from the
-    cache."""
-    rconf = RecordingConfig(top_k=recording.top_k, n_random=recording.n_random,
-                            batch_size=recording.batch_size, seed=seed)
-    identity = {"model": model_name, "dtype": str(next(model.parameters()).dtype),
-                "corpus": corpus.describe(), "window": recording.window,
-                "max_windows": recording.max_windows,
-                "neurons": [[n.layer, n.index] for n in neurons], "recording": vars(rconf) | {},
-                "version": 2}   # 2: token_bytes, for split characters
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    cached = Path(os.environ.get("NEURONLENS_RECORDING_CACHE") or cache_dir() / "recordings") / key
+    """The recording of ``neurons`` of ``model`` (``model_name``: its ``subject.model``) over
+    ``corpus`` with the ``recording`` settings, kept in ``run_dir``. With ``recording.cache``,
+    each layer is recorded once, every unit of it, and cached under a key of the weights, the
+    corpus and the settings, not of the neurons: any later run or shard on any units of that
+    layer selects its rows from the cache and runs no forward pass."""
     target = run_dir / "recording"
     if (saved := Recording.saved(target)) is not None:
         return saved
-    if recording.cache and Recording.saved(cached) is not None:
-        log.info("Reusing the cached recording %s", cached)
-        for name in ("arrays.safetensors", "manifest.json"):   # the manifest last
-            write_atomic(target / name, (cached / name).read_bytes())
-        if (saved := Recording.saved(target)) is not None:
-            return saved
-    windows = token_windows(corpus, tokenizer, recording.window, recording.max_windows)
-    rec = record(model, tokenizer, windows, neurons, rconf, progress=progress,
-                 meta={"identity": identity, "key": key})
-    rec.save(target)
+    rconf = RecordingConfig(top_k=recording.top_k, n_random=recording.n_random,
+                            batch_size=recording.batch_size, seed=seed)
+    identity = {"weights": weights_identity(model_name), "dtype": str(next(model.parameters()).dtype),
+                "corpus": corpus.describe(), "window": recording.window,
+                "max_windows": recording.max_windows, "recording": vars(rconf) | {},
+                "version": 3}   # 3: whole layers, window ids
+    windows = lambda: token_windows(corpus, tokenizer, recording.window, recording.max_windows)
     if recording.cache:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{key}-"))
-        rec.save(tmp)
-        try:
-            tmp.rename(cached)  # atomic; a parallel job that finished first keeps its copy
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        layers = sorted({n.layer for n in neurons})
+        rec = select(layer_recordings(model, tokenizer, layers, windows, rconf, identity, progress),
+                     neurons, meta={"identity": identity, "config": vars(rconf) | {}})
+    else:
+        rec = record(model, tokenizer, windows(), neurons, rconf, progress=progress,
+                     meta={"identity": identity})
+    rec.save(target)
     return rec
+
+
+def layer_recordings(model, tokenizer, layers: list[int], windows, rconf: RecordingConfig,
+                     identity: dict, progress: bool) -> list[Recording]:
+    """Every unit of each of ``layers``, from the cache (``NEURONLENS_RECORDING_CACHE``, else
+    the user cache) or recorded in one pass over ``windows()`` and cached."""
+    root = Path(os.environ.get("NEURONLENS_RECORDING_CACHE") or cache_dir() / "recordings")
+    keys = {l: hashlib.sha256(json.dumps(identity | {"layer": l}, sort_keys=True, default=str)
+                              .encode()).hexdigest()[:20] for l in layers}
+    found = {l: Recording.saved(root / keys[l]) for l in layers}
+    if missing := [l for l in layers if found[l] is None]:
+        width = n_neurons(model)
+        log.info("Recording all %d units of layer %s once (cached for any of its units)",
+                 width, ", ".join(map(str, missing)))
+        whole = record(model, tokenizer, windows(), [NeuronId(l, i) for l in missing for i in range(width)],
+                       rconf, progress=progress)
+        for l in missing:
+            found[l] = select([whole], [NeuronId(l, i) for i in range(width)],
+                              meta={"identity": identity | {"layer": l}, "config": vars(rconf) | {}})
+            save_cached(found[l], root / keys[l])
+    if hits := [l for l in layers if l not in missing]:
+        log.info("Reusing the cached recording of layer %s", ", ".join(map(str, hits)))
+    return [found[l] for l in layers]
+
+
+def save_cached(rec: Recording, cached: Path) -> None:
+    """Save into the cache atomically: a parallel job that finished first keeps its copy."""
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{cached.name}-"))
+    rec.save(tmp)
+    try:
+        tmp.rename(cached)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
