@@ -7,7 +7,9 @@ the hooks or the running top-k under test.
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -326,7 +328,9 @@ def _settings(cache: bool = True):
                              "batch_size": 8, "cache": cache})
 
 
-def test_recording_cache_is_reused_across_run_dirs(tiny_llama_dir, tmp_path, monkeypatch):
+def test_each_layer_is_recorded_once_for_any_of_its_units(tiny_llama_dir, tmp_path, monkeypatch):
+    """A layer is recorded once, every unit of it: a later run on other units of that layer, or
+    a shard of a sharded run, selects its rows from the cache and runs no forward pass."""
     from neuronlens.corpus import BuiltinCorpus, FilesCorpus
 
     text = tmp_path / "corpus.txt"
@@ -334,34 +338,62 @@ def test_recording_cache_is_reused_across_run_dirs(tiny_llama_dir, tmp_path, mon
     model, tokenizer = load_model(str(tiny_llama_dir), "cpu", "float32")
     neurons = [NeuronId(1, 0), NeuronId(1, 7), NeuronId(2, 3)]
 
-    def record_into(run: str, cache: bool = True):
-        return recording_for(str(tiny_llama_dir), model, tokenizer, neurons, FilesCorpus([str(text)]),
+    def record_into(run: str, units=neurons, cache: bool = True):
+        return recording_for(str(tiny_llama_dir), model, tokenizer, units, FilesCorpus([str(text)]),
                              _settings(cache), 0, tmp_path / run)
 
     calls = []
     real_record = transformer.record
-    monkeypatch.setattr(transformer, "record", lambda *a, **kw: calls.append(1) or real_record(*a, **kw))
+
+    def counted(*a, **kw):
+        calls.append(len(a[3]))   # the units recorded
+        return real_record(*a, **kw)
+
+    monkeypatch.setattr(transformer, "record", counted)
     first = record_into("run1")
-    assert calls == [1]
+    assert calls == [2 * 64]   # both layers whole, in one pass over the corpus
     assert (tmp_path / "run1" / "recording" / "manifest.json").exists()
-    assert first.n_tokens == 30 * 16
+    assert first.n_tokens == 30 * 16 and first.neurons == neurons
 
     def no_record(*_a, **_kw):
         raise AssertionError("recorded again instead of using the cache")
 
     monkeypatch.setattr(transformer, "record", no_record)
     second = record_into("run2")
-    assert (tmp_path / "run2" / "recording" / "manifest.json").exists()
     for name in ("top_tokens", "top_acts", "top_max", "random_tokens", "random_acts", "moments"):
         assert torch.equal(getattr(first, name).cpu(), getattr(second, name)), name
     assert second.neurons == neurons and second.token_strings == first.token_strings
 
-    # a changed corpus file, or cache=false, must record again
-    monkeypatch.setattr(transformer, "record", lambda *a, **kw: calls.append(2) or real_record(*a, **kw))
+    others = [NeuronId(2, 3), NeuronId(1, 40), NeuronId(1, 7)]   # other units, another order
+    picked = record_into("run3", others)
+    assert picked.neurons == others
+    # each unit's rows are what recording that unit alone gives
+    monkeypatch.setattr(transformer, "record", real_record)
+    alone = record_into("run4", others, cache=False)
+    for name in ("top_tokens", "top_acts", "top_max", "random_tokens", "random_acts"):
+        assert torch.equal(getattr(picked, name), getattr(alone, name)), name
+    # float64 sums over a whole layer's rows or over three: the same terms, another reduction order
+    assert torch.allclose(picked.moments, alone.moments, rtol=1e-12, atol=0)
+
+    # a changed corpus file records again
+    monkeypatch.setattr(transformer, "record", counted)
     text.write_text(text.read_text() + "\nOne more sentence about the weather in spring.")
-    record_into("run3")
-    record_into("run4", cache=False)
-    assert calls == [1, 2, 2]
+    record_into("run5")
+    assert calls == [2 * 64, 2 * 64]
+
+
+def test_the_cache_key_follows_the_weights(tiny_llama_dir, tmp_path):
+    """A checkpoint rewritten at the same path is a new identity (its weight files' stamps)."""
+    from neuronlens.models import weights_identity
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, copy)
+    before = weights_identity(str(copy))
+    assert before == weights_identity(str(copy))
+    weights = next(f for f in copy.iterdir() if f.name.endswith(".safetensors"))
+    weights.write_bytes(weights.read_bytes())   # the same bytes, written again a second later
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert weights_identity(str(copy)) != before
 
 
 # ---------------------------------------------------------------------------------------------
