@@ -111,6 +111,7 @@ def process(neuron: NeuronRecord, explainer: Explainer, simulator: Scorer, cfg: 
     row: dict[str, Any] = {"layer": neuron.neuron_id.layer, "index": neuron.neuron_id.index,
                            "max_activation": neuron.max_activation}
     usage = {"explainer": [0, 0], "simulator": [0, 0]}
+    phases = {"explain": 0.0, "simulate": 0.0, "judges": 0.0}   # seconds of this neuron in each
     by_kind: Counter[str] = Counter()
     failures: dict[str, Any] = {"explanations": 0, "excerpts": 0, "by_kind": by_kind}
     failed_excerpts: list[dict] = []   # each with its stage, index, kind and message
@@ -119,7 +120,8 @@ def process(neuron: NeuronRecord, explainer: Explainer, simulator: Scorer, cfg: 
         by_kind[kind] += 1
         return row | {"explanation": None, "score": None, "metric": metric.name, "scores": {"test": None},
                       "error": reason, "error_kind": kind, "usage": usage, "failures": failures,
-                      "failed_excerpts": failed_excerpts, "seconds": time.perf_counter() - start}
+                      "failed_excerpts": failed_excerpts, "seconds": time.perf_counter() - start,
+                      "phase_seconds": phases}
 
     shown = neuron.shown(sc.split_seed)
     if not shown:
@@ -129,6 +131,9 @@ def process(neuron: NeuronRecord, explainer: Explainer, simulator: Scorer, cfg: 
     except TransientError as e:  # still failing after the policy's retries
         failures["explanations"] += 1
         return failed(f"the explainer failed: {e}", failure_kind(e))
+    finally:
+        phases["explain"] = time.perf_counter() - start
+    simulating = time.perf_counter()
     usage["explainer"] = [result.prompt_tokens, result.completion_tokens]
     failures["explanations"] = result.n_failed
     if result.n_failed:
@@ -158,6 +163,7 @@ def process(neuron: NeuronRecord, explainer: Explainer, simulator: Scorer, cfg: 
             entry["valid"] = scored.scores["all"]
         candidates.append(entry)
     if not candidates:
+        phases["simulate"] = time.perf_counter() - simulating
         return failed("the explainer gave no usable explanation", "no_explanation")
 
     # the headline rule (a constant simulation scores 0), the better end of the metric first
@@ -188,16 +194,19 @@ def process(neuron: NeuronRecord, explainer: Explainer, simulator: Scorer, cfg: 
             if p.index < len(sim.distributions) and sim.distributions[p.index]:
                 excerpt["distribution"] = [per_mille(d) for d in sim.distributions[p.index]]
             excerpts.append(excerpt)
+    phases["simulate"] = time.perf_counter() - simulating
     if judges:
+        judging = time.perf_counter()
         row["judges"] = judge(judges, best["text"], [p.record for p in kept["top"]],
                               [p.record for p in kept["random"]])
+        phases["judges"] = time.perf_counter() - judging
     row["explanation_flag"] = copy_flag(best["text"])   # a copy of the prompt says nothing
     row["copies_replaced"] = getattr(result, "n_copies_replaced", 0)
     return row | {"explanation": best["text"], "explanations": candidates,
                   "score": scored.value(), "metric": metric.name, "score_flag": scores["all"].get("flag"),
                   "mass": mass_stats(excerpts), "test_excerpts": excerpts,
                   "usage": usage, "failures": failures, "failed_excerpts": failed_excerpts,
-                  "seconds": time.perf_counter() - start}
+                  "seconds": time.perf_counter() - start, "phase_seconds": phases}
 
 
 def per_mille(probs: Sequence[float]) -> list[int]:
@@ -293,6 +302,7 @@ def resume(path: Path, keys: set[tuple[int, int]]) -> dict[tuple[int, int], dict
 def summarise(rows: list[dict], wall: float, cfg: DictConfig, subject: str) -> dict[str, Any]:
     return summarise_rows(rows) | {
         "wall_seconds": wall,
+        "seconds": phase_seconds(rows),
         "subject": subject,
         "explainer": model_name(cfg, "explainer"),
         "simulator": model_name(cfg, "simulator"),
@@ -301,6 +311,15 @@ def summarise(rows: list[dict], wall: float, cfg: DictConfig, subject: str) -> d
         "shard": (None if cfg.neurons.get("shard") is None
                   else [cfg.neurons.shard, cfg.neurons.get("n_shards", 1)]),
     }
+
+
+def phase_seconds(rows: list[dict]) -> dict[str, float]:
+    """Seconds per phase of the neurons' work, summed over the neurons done in this run (with
+    ``concurrency`` > 1 they overlap, so the sums can exceed the wall time); rows resumed from an
+    earlier run count with the time they took then."""
+    phases = [r.get("phase_seconds") or {} for r in rows]
+    return {name: round(sum(p.get(name, 0.0) for p in phases), 2)
+            for name in ("explain", "simulate", "judges")}
 
 
 def model_name(cfg: DictConfig, role: str) -> str | None:
@@ -410,9 +429,13 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     # the roles before the subject model: a missing key, an unreachable server or a strategy the
     # backend cannot run fails now, not after a model has loaded and the corpus been recorded
     explainer, simulator, judges = build_roles(cfg)
+    clock = {"load": time.perf_counter() - start}
     neurons = shard(subject.select(cfg.neurons, cfg.seed), cfg.neurons.get("shard"),
                     cfg.neurons.get("n_shards", 1))
+    recording = time.perf_counter()
     records = subject.records(neurons, corpus, cfg.recording, cfg.seed, run_dir, cfg.progress)
+    clock["record"] = time.perf_counter() - recording   # the subject model's loading included
+    working = time.perf_counter()
     scheme = cfg.scoring.get("splits", "auto")
     for record in records:   # OpenAI's records come in their order: their splits by default
         record.split_scheme = subject.default_splits if scheme == "auto" else scheme
@@ -439,13 +462,19 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
     rows = [done[(nid.layer, nid.index)] for nid in neurons if (nid.layer, nid.index) in done]
-    summary = summarise(rows, time.perf_counter() - start, cfg, subject.name)
+    clock["neurons"] = time.perf_counter() - working
     power = cfg.get("judge_power")
     if power is not None and power.enabled:
         from neuronlens.subject.synthetic import control_neurons   # torch: only when asked for
 
+        powering = time.perf_counter()
         controls = control_neurons(power, run_dir / "controls")
-        summary["judge_power"] = judge_power({"simulator": simulator, **judges}, controls)
+        power_of = judge_power({"simulator": simulator, **judges}, controls)
+        clock["judge_power"] = time.perf_counter() - powering
+    summary = summarise(rows, time.perf_counter() - start, cfg, subject.name)
+    summary["seconds"] = {k: round(v, 2) for k, v in clock.items()} | summary["seconds"]
+    if power is not None and power.enabled:
+        summary["judge_power"] = power_of
     summary["remote"] = {role: backend_stats(obj) for role, obj in
                          (("explainer", explainer), ("simulator", simulator),
                           *((f"judge:{name}", j) for name, j in judges.items()))}

@@ -16,6 +16,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -345,6 +346,54 @@ def test_serve_on_a_taken_port_fails_in_one_line_without_announcing(tmp_path):
     assert "at http://" not in done.stdout
     assert done.stderr.strip().splitlines()[-1].startswith(f"neuronlens: error: Cannot listen on "
                                                            f"127.0.0.1:{port}")
+
+
+def test_serve_beyond_loopback_without_a_key_is_refused_before_the_model_loads(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "NEURONLENS_SERVE_API_KEY"}
+    done = subprocess.run([sys.executable, "-m", "neuronlens.serve", "host=0.0.0.0", "port=0",
+                           "model=/nonexistent/model"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env=env)
+    assert done.returncode == 2 and "at http://" not in done.stdout
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("neuronlens: error: neuronlens-serve will not listen on 0.0.0.0 without "
+                           "an API key: set NEURONLENS_SERVE_API_KEY"), done.stderr[-2000:]
+    assert "nonexistent" not in done.stderr   # refused before the model was looked for
+
+
+def test_a_served_key_is_required_compared_whole_and_never_echoed(tiny_llama_dir, corpus, tmp_path):
+    """A server started with the canary key: requests without it, with a wrong one or with a
+    prefix of it get a 401 that echoes nothing sent; a neuronlens run whose simulator sends it
+    through the vllm backend (VLLM_API_KEY) scores, and the key is in none of the run's output or files."""
+    from neuronlens.serve.app import authorised
+
+    assert authorised(f"Bearer {CANARY}", CANARY) and not authorised(f"Bearer {CANARY[:-1]}", CANARY)
+    assert not authorised(CANARY, CANARY) and not authorised("", CANARY)
+    with start_server(str(tiny_llama_dir), device="cpu", api_key=CANARY) as server:
+        wrong = "sk-wrong-guess-" + "z" * 20
+        for headers in ({}, {"Authorization": f"Bearer {wrong}"},
+                        {"Authorization": f"Bearer {CANARY[:20]}"}, {"Authorization": CANARY}):
+            answer = httpx.post(f"{server.base_url}/completions", headers=headers, timeout=30,
+                                json={"model": server.model, "prompt": "a", "max_tokens": 1})
+            assert answer.status_code == 401, headers
+            assert answer.json()["error"]["code"] == "invalid_api_key"
+            assert wrong not in answer.text and CANARY[:20] not in answer.text
+        assert httpx.get(f"{server.base_url}/models", timeout=30).status_code == 401
+        run_dir = tmp_path / "run"
+        args = [f"subject.model={tiny_llama_dir}", "subject.device=cpu", "neurons.layers=[1]",
+                "neurons.per_layer=1", "recording.top_k=6", "recording.n_random=4",
+                "recording.window=8", "recording.max_windows=40", "progress=false", "judges=null",
+                "judge_power.enabled=false", "remote.cache=false", f"explainer.model={tiny_llama_dir}",
+                "simulator=vllm", f"simulator.model={server.model}",
+                f"simulator.base_url={server.base_url}", f"hydra.run.dir={run_dir}"]
+        env = {k: v for k, v in os.environ.items() if not k.endswith("API_KEY")} | {"VLLM_API_KEY": CANARY}
+        done = subprocess.run([sys.executable, "-m", "neuronlens", *args], capture_output=True,
+                              text=True, timeout=300, env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert server.requests["/v1/completions"] >= 3   # the simulator's, with the key
+    everything = done.stdout + done.stderr + "".join(
+        p.read_text(errors="replace") for p in run_dir.rglob("*") if p.is_file())
+    assert "1 neurons of" in everything
+    assert CANARY not in everything and CANARY[:20] not in everything
 
 
 # ---- 11: the smaller items ---------------------------------------------------------------------

@@ -372,8 +372,9 @@ def test_each_layer_is_recorded_once_for_any_of_its_units(tiny_llama_dir, tmp_pa
     alone = record_into("run4", others, cache=False)
     for name in ("top_tokens", "top_acts", "top_max", "random_tokens", "random_acts"):
         assert torch.equal(getattr(picked, name), getattr(alone, name)), name
-    # float64 sums over a whole layer's rows or over three: the same terms, another reduction order
-    assert torch.allclose(picked.moments, alone.moments, rtol=1e-12, atol=0)
+    # float32 sums per batch over a whole layer's rows or over three: the same terms, another
+    # reduction order
+    assert torch.allclose(picked.moments, alone.moments, rtol=1e-6, atol=0)
 
     # a changed corpus file records again
     monkeypatch.setattr(transformer, "record", counted)

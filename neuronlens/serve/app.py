@@ -4,6 +4,7 @@ request, OpenAI-shaped error bodies for every failure, and one request at a time
 
 from __future__ import annotations
 
+import hmac
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -20,12 +21,22 @@ from neuronlens.serve.schemas import (ApiError, ChatBody, CompletionBody, Reques
                                       error_response)
 
 
+def authorised(header: str, key: str) -> bool:
+    """Whether an Authorization header carries ``key`` as its bearer token, compared in constant
+    time (the time taken says nothing about how much of a guess was right)."""
+    return hmac.compare_digest(header.encode(), f"Bearer {key}".encode())
+
+
 def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="neuronlens-serve")
 
     @app.middleware("http")
     async def count_and_inject(request: Request, call_next):
         state.requests[request.url.path] += 1
+        if state.api_key and not authorised(request.headers.get("authorization", ""), state.api_key):
+            # as OpenAI and vLLM answer, and nothing of what was sent is echoed
+            return error_response(401, "Missing or incorrect API key: send it as the bearer token "
+                                       "(Authorization: Bearer ...).", "invalid_api_key")
         fault = state.next_fault() if request.method == "POST" else "none"
         request.state.fault = fault
         return await inject(fault, request, call_next, state.retry_after, state.slow_seconds)

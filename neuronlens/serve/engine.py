@@ -106,6 +106,7 @@ class ServerState:
     fault_counts: Counter = field(default_factory=Counter)   # by fault name, POST requests only
     lock: threading.Lock = field(default_factory=threading.Lock)
     prefix: PrefixCache | None = None  # the last prompt's KV cache (see PrefixCache)
+    api_key: str | None = field(default=None, repr=False)   # the bearer token requests must send
 
     def __post_init__(self) -> None:
         if self.prefix is None:
@@ -141,9 +142,10 @@ def greedy_tokens(state: ServerState, ids: list[list[int]], k: int) -> list[Comp
 
 def make_state(model: str, device: str = "auto", dtype: str = "auto", strict_model: bool = True,
                faults: Any = (), retry_after: float = 0.1, slow_seconds: float = 5.0,
-               max_logprobs: int | None = 20) -> ServerState:
+               max_logprobs: int | None = 20, api_key: str | None = None) -> ServerState:
     """Validate the options and load the model (once)."""
     names = fault_names(faults)
     backend = LocalBackend(model=model, device=device, dtype=dtype)
     backend.load()
-    return ServerState(backend, model, strict_model, names, retry_after, slow_seconds, max_logprobs)
+    return ServerState(backend, model, strict_model, names, retry_after, slow_seconds, max_logprobs,
+                       api_key=api_key or None)

@@ -17,6 +17,11 @@ class ServeSettings:
 
     model: str = setting("embedded", "HF name, local directory, .gguf file, or an embedded model name")
     host: str = setting("127.0.0.1", "the address it listens on (0.0.0.0: every interface)")
+    api_key_env: str = setting("NEURONLENS_SERVE_API_KEY",
+                               "the environment variable holding the key every request must send as "
+                               "its bearer token, as vllm serve --api-key (unset or empty: no key)")
+    allow_without_key: bool = setting(False, "listen beyond loopback without a key (anyone who can "
+                                             "reach the port can use the server)")
     port: int = setting(8000, "the port (a taken one is one line, exit 2)", low=0)
     device: str = setting("auto", "where the model runs", choices=("auto", "cpu", "cuda"))
     dtype: str = setting("auto", "auto: float32 on CPU, bfloat16 on GPU",

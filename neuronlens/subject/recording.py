@@ -213,8 +213,10 @@ class Recorder:
     ``add(ids [B, T], acts [N, B, T])`` keeps, per unit, a running top-k of windows ranked by their
     max activation, a reservoir sample of windows shared by all units (Algorithm R, deterministic
     in the seed), and the running moments; ``finish`` turns it into a ``Recording``. Windows are
-    numbered as they come; a table keeps the token ids of those still referenced. The model
-    recorder feeds it hook outputs; synthetic neurons feed it their rules' activations.
+    numbered as they come; a table of ``units x k + n_random`` rows (the most that can be
+    referenced at once) keeps the token ids of those still referenced, so what it holds is fixed
+    from the first batch on. The model recorder feeds it hook outputs; synthetic neurons feed it
+    their rules' activations.
     """
 
     def __init__(self, neurons: Sequence[NeuronId], config: RecordingConfig, device="cpu"):
@@ -223,50 +225,61 @@ class Recorder:
         self.rng = np.random.default_rng(config.seed)
         self.seen = 0
         self.n_tokens = 0
-        self.table: list[torch.Tensor] = []      # batches of windows [B, T]
-        self.table_ids: list[torch.Tensor] = []  # their window numbers [B]
-        self.kept = 0                            # windows in the table
+
+    def _start(self, T: int) -> None:
+        N, k, R, dev = len(self.neurons), self.config.top_k, self.config.n_random, self.device
+        self.state.update({
+            "vals": torch.full((N, k), -math.inf, device=dev),
+            "win": torch.full((N, k), -1, dtype=torch.long, device=dev),
+            "act": torch.zeros((N, k, T), device=dev),
+            "rwin": torch.full((R,), -1, dtype=torch.long, device=dev),
+            "ract": torch.zeros((N, R, T), device=dev),
+            "mom": torch.zeros((N, 4), dtype=torch.float64, device=dev),
+            "table": torch.zeros((N * k + R, T), dtype=torch.int32, device=dev),   # token ids
+            "numbers": torch.full((N * k + R,), -1, dtype=torch.long, device=dev)})  # their windows
 
     def add(self, ids: torch.Tensor, acts: torch.Tensor) -> None:
-        N, k, R = len(self.neurons), self.config.top_k, self.config.n_random
+        k, R = self.config.top_k, self.config.n_random
         B, T = ids.shape
+        if not self.state:
+            self._start(T)
         state = self.state
-        if not state:
-            state.update({"vals": torch.full((N, k), -math.inf, device=self.device),
-                          "win": torch.full((N, k), -1, dtype=torch.long, device=self.device),
-                          "act": torch.zeros((N, k, T), device=self.device),
-                          "rwin": torch.full((R,), -1, dtype=torch.long, device=self.device),
-                          "ract": torch.zeros((N, R, T), device=self.device),
-                          "mom": torch.zeros((N, 4), dtype=torch.float64, device=self.device)})
         numbers = torch.arange(self.seen, self.seen + B, device=self.device)
-        # running top-k by each excerpt's max activation
+        # running top-k by each excerpt's max activation; only the entries that change are copied
         vals = torch.cat([state["vals"], acts.amax(dim=2)], dim=1)               # [N, k+B]
         top = vals.topk(k, dim=1).indices                                         # [N, k]
-        state["vals"] = vals.gather(1, top)
-        state["win"] = torch.cat([state["win"], numbers.expand(N, B)], dim=1).gather(1, top)
-        state["act"] = torch.cat([state["act"], acts], dim=1).gather(1, top[..., None].expand(N, k, T))
-        for b in range(B):  # reservoir sample of windows
-            slot = self.seen if self.seen < R else int(self.rng.integers(0, self.seen + 1))
-            if slot < R:
-                state["rwin"][slot] = self.seen
-                state["ract"][:, slot] = acts[:, b]
-            self.seen += 1
-        a = acts.double().reshape(N, -1)
-        state["mom"] += torch.stack([a.sum(1), (a**2).sum(1), (a**3).sum(1), (a**4).sum(1)], 1)
+        entering = torch.zeros_like(vals, dtype=torch.bool).scatter_(1, top, True)
+        leaving = ~entering[:, :k]                                                # slots freed
+        rows_out, slots = leaving.nonzero(as_tuple=True)   # row-major: both pair up row by row,
+        rows_in, new = entering[:, k:].nonzero(as_tuple=True)   # a row frees what enters it
+        state["vals"][rows_out, slots] = vals[rows_in, k + new]
+        state["win"][rows_out, slots] = numbers[new]
+        state["act"][rows_out, slots] = acts[rows_in, new]
+        # reservoir sample of windows (Algorithm R): window w takes slot w while w < R, else a
+        # uniform draw from [0, w]; within a batch a later window overwrites an earlier one
+        taken = numbers.cpu().numpy().copy()
+        late = taken >= R
+        taken[late] = self.rng.integers(0, taken[late] + 1)
+        chosen = np.flatnonzero(taken < R)
+        last = {int(taken[b]): b for b in chosen}           # the last window to take each slot
+        if last:
+            slot = torch.tensor(list(last), device=self.device)
+            which = torch.tensor(list(last.values()), device=self.device)
+            state["rwin"][slot] = numbers[which]
+            state["ract"][:, slot] = acts[:, which]
+        self.seen += B
+        a = acts.reshape(len(self.neurons), -1).float()
+        a2 = a * a   # powers in float32 per batch, summed across batches in float64
+        state["mom"] += torch.stack([a.sum(1), a2.sum(1), (a2 * a).sum(1), (a2 * a2).sum(1)], 1).double()
         self.n_tokens += B * T
-        self.table.append(ids.to(self.device, torch.int32))
-        self.table_ids.append(numbers)
-        self.kept += B
-        if self.kept > 2 * (N * k + R) + 1024:   # drop the windows nothing refers to any more
-            self._compact()
-
-    def _compact(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keep only the referenced windows; give back the table and its window numbers."""
-        table, numbers = torch.cat(self.table), torch.cat(self.table_ids)
-        keep = torch.isin(numbers, torch.cat([self.state["win"].flatten(), self.state["rwin"]]))
-        table, numbers = table[keep], numbers[keep]
-        self.table, self.table_ids, self.kept = [table], [numbers], len(numbers)
-        return table, numbers
+        # the windows of this batch now referenced take the table rows nothing refers to any more
+        referenced = torch.cat([state["win"].flatten(), state["rwin"]])
+        kept = torch.isin(numbers, referenced)
+        if kept.any():
+            unused = (state["numbers"] < 0) | ~torch.isin(state["numbers"], referenced)
+            free = unused.nonzero().flatten()[:int(kept.sum())]
+            state["numbers"][free] = numbers[kept]
+            state["table"][free] = ids[kept].to(self.device, torch.int32)
 
     def finish(self, token_string, meta: dict | None = None, token_bytes=None) -> Recording:
         """The recording; ``token_string(id)`` gives a token's text, and ``token_bytes(id)`` the
@@ -277,11 +290,17 @@ class Recorder:
         rwin, ract = state["rwin"], state["ract"]
         if self.seen < self.config.n_random:  # fewer windows than asked for: keep those there are
             rwin, ract = rwin[:self.seen], ract[:, :self.seen]
-        table, numbers = self._compact()      # numbers ascend: a window's row is a search away
+        referenced = torch.cat([state["win"].flatten(), rwin])
+        keep = (state["numbers"] >= 0) & torch.isin(state["numbers"], referenced)
+        numbers, order = state["numbers"][keep].sort()   # ascending: a window's row is a search away
+        table = state["table"][keep][order]
         row = lambda w: torch.searchsorted(numbers, w.clamp(min=0)).clamp(max=len(numbers) - 1)
+        by_value = state["vals"].argsort(dim=1, descending=True, stable=True)   # slots hold no order
+        top_max, top_win = state["vals"].gather(1, by_value), state["win"].gather(1, by_value)
+        top_acts = state["act"].gather(1, by_value[..., None].expand_as(state["act"]))
         used = torch.bincount(table.flatten().long()).nonzero().flatten().tolist()  # cheaper than a sort
-        return Recording(neurons=self.neurons, windows=table, top_windows=row(state["win"]),
-                         top_acts=state["act"], top_max=state["vals"], random_windows=row(rwin),
+        return Recording(neurons=self.neurons, windows=table, top_windows=row(top_win),
+                         top_acts=top_acts, top_max=top_max, random_windows=row(rwin),
                          random_acts=ract, moments=state["mom"], n_tokens=self.n_tokens,
                          token_strings=(strings := {i: token_string(i) for i in used}),
                          token_bytes={i: raw.hex() for i, s in strings.items()
@@ -304,7 +323,8 @@ def record(model, tokenizer, windows: Iterable[list[int]], neurons: Sequence[Neu
     index = {l: torch.tensor([n.index for n in neurons if n.layer == l], device=device)
              for l in layers}
     order = [n for l in layers for n in neurons if n.layer == l]
-    restore = torch.tensor([order.index(n) for n in neurons], device=device)
+    position = {n: j for j, n in enumerate(order)}
+    restore = torch.tensor([position[n] for n in neurons], device=device)
     recorder = Recorder(neurons, config, device)
     captured: dict[int, torch.Tensor] = {}
 
