@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from neuronlens.backends.base import Backend, TransientError, failure_kind
-from neuronlens.backends.policy import Policy
+from neuronlens.backends.policy import Gate, Policy, gate_for
 from neuronlens.settings import check
 from neuronlens.errors import UserError
 from neuronlens.explainers.base import Explainer
@@ -37,12 +37,15 @@ from neuronlens.summary import CONSTANT, CORRELATION, LOW_MASS, headline, mass_s
 log = logging.getLogger(__name__)
 
 
-def build_role(node: DictConfig, wrap, options: DictConfig, remote: DictConfig):
+def build_role(node: DictConfig, wrap, options: DictConfig, remote: DictConfig,
+               gates: dict[str, Gate] | None = None):
     """A role's config builds either a backend (wrapped in the engine) or a ready object. Remote
-    backends go through the policy layer: response cache, retries, bounded concurrency, cost.
-    A role with an ``inner`` role (``explainer=shuffled``) gets that role built the same way."""
+    backends go through the policy layer: response cache, retries, bounded concurrency (one
+    budget per server address in ``gates``), cost. A role with an ``inner`` role
+    (``explainer=shuffled``) gets that role built the same way."""
+    gates = {} if gates is None else gates
     if "inner" in node:
-        obj = instantiate(node, inner=build_role(node.inner, wrap, options, remote))
+        obj = instantiate(node, inner=build_role(node.inner, wrap, options, remote, gates))
     else:
         obj = instantiate(node)
     if not isinstance(obj, Backend):
@@ -50,16 +53,18 @@ def build_role(node: DictConfig, wrap, options: DictConfig, remote: DictConfig):
     if obj.remote:
         cache = (remote.cache_dir or cache_dir() / "responses") if remote.cache else None
         obj = Policy(obj, cache_dir=cache, max_retries=remote.max_retries,
-                     concurrency=remote.concurrency, retry_budget=remote.get("retry_budget", 0.2))
+                     concurrency=remote.concurrency, retry_budget=remote.get("retry_budget", 0.2),
+                     gate=gate_for(obj, remote.concurrency, gates))
     return wrap(obj, **options)
 
 
 def build_roles(cfg: DictConfig) -> tuple[Explainer, Scorer, dict[str, Scorer]]:
     """The explainer, the simulator and the second judges, loaded and checked: a missing key or
     a strategy a backend cannot run fails here, before anything slow."""
-    explainer = build_role(cfg.explainer, LLMExplainer, cfg.explain, cfg.remote)
-    simulator = build_role(cfg.simulator, Simulator, cfg.simulation, cfg.remote)
-    judges = {name: build_role(node, Simulator, cfg.simulation, cfg.remote)
+    gates: dict[str, Gate] = {}   # the roles on one server share its concurrency budget
+    explainer = build_role(cfg.explainer, LLMExplainer, cfg.explain, cfg.remote, gates)
+    simulator = build_role(cfg.simulator, Simulator, cfg.simulation, cfg.remote, gates)
+    judges = {name: build_role(node, Simulator, cfg.simulation, cfg.remote, gates)
               for name, node in (cfg.get("judges") or {}).items() if node != cfg.simulator}
     for role in (explainer, simulator, *judges.values()):
         if isinstance(getattr(role, "backend", None), Backend):

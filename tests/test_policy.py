@@ -302,6 +302,42 @@ def test_concurrency_is_bounded():
     assert fake.max_active == 3 and len(fake.calls) == 24
 
 
+def test_roles_on_one_server_share_its_concurrency(monkeypatch):
+    """An explainer and a simulator on one address send at most ``concurrency`` requests between
+    them (the pipeline's gates), while a role on another server keeps a budget of its own."""
+    from neuronlens.backends.policy import gate_for
+
+    active = {"n": 0, "max": 0}
+    lock = threading.Lock()
+
+    class OnServer(Fake):
+        def __init__(self, url: str):
+            super().__init__(delay=0.02)
+            self.url = url
+
+        def identity(self) -> dict:
+            return super().identity() | {"base_url": self.url}
+
+        def _enter(self, what) -> None:
+            if self.url.startswith("http://shared"):
+                with lock:
+                    active["n"] += 1
+                    active["max"] = max(active["max"], active["n"])
+            super()._enter(what)
+            if self.url.startswith("http://shared"):
+                with lock:
+                    active["n"] -= 1
+
+    gates: dict = {}
+    roles = [OnServer(u) for u in ("http://shared:8000/v1", "http://shared:8000/v1/", "http://other/v1")]
+    policies = [Policy(b, concurrency=3, gate=gate_for(b, 3, gates)) for b in roles]
+    assert policies[0].gate is policies[1].gate is not policies[2].gate
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        list(pool.map(lambda i: policies[i % 3].generate(chat(str(i))), range(48)))
+    assert active["max"] == 3   # not 6: the two roles on the shared server split its budget
+    assert roles[2].max_active == 3 and all(len(b.calls) == 16 for b in roles)
+
+
 def test_a_busy_server_gets_fewer_requests_in_flight_then_more_again(sleeps):
     """Timeouts and 429/503 halve the requests in flight; each success adds back 1/limit."""
     fake = Fake(fail=3, error=TransientError("timed out", kind="timeout"))

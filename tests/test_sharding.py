@@ -5,6 +5,7 @@ and its bounds: tests/agreement.py)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from neuronlens.pipeline import shard
 from neuronlens.errors import UserError
 from neuronlens.records import NeuronId
+from neuronlens.report.cli import main as report_main
 from agreement import assert_rows_agree, extra_overrides
 
 
@@ -32,7 +34,8 @@ def app(tmp_path: Path, model_dir: Path, corpus: Path, *overrides: str, multirun
            "corpus=files", f"corpus.paths=[{corpus}]", "explainer=truth",
            f"simulator.model={model_dir}", "simulator.device=cpu", "recording.window=16",
            "recording.top_k=8", "recording.n_random=8", "progress=false", *extra_overrides(), *overrides]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}   # Ray phones home unless told not to
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -44,16 +47,35 @@ def rows(run_dir: Path) -> dict[tuple[int, int], dict]:
     return out
 
 
-def test_joblib_shards_merge_to_the_unsharded_run(sharp_llama_dir, tmp_path):
+LAUNCHERS = {
+    "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+    # the SLURM code path of hydra-submitit-launcher, run as local processes
+    "submitit_local": ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                       "hydra.launcher.cpus_per_task=1"],
+    # a Ray started by the launcher for the sweep, on loopback only, without its dashboard
+    "ray": ["hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2",
+            "+hydra.launcher.ray.init.include_dashboard=false",
+            "+hydra.launcher.ray.init._node_ip_address=127.0.0.1",
+            "+hydra.launcher.ray.remote.num_cpus=1"],
+}
+
+
+@pytest.mark.parametrize("launcher", [
+    "joblib", *(pytest.param(name, marks=pytest.mark.scale) for name in ("submitit_local", "ray"))])
+def test_shards_merge_to_the_unsharded_run(launcher, sharp_llama_dir, tmp_path):
     """Rule neurons (exact true activations) simulated by a model whose predictions vary: the
-    scores are well conditioned, so the shards' and the whole run's can be compared."""
+    scores are well conditioned, so the shards' and the whole run's can be compared. Each
+    launcher runs the shards as its jobs; the report's merge gives the whole run's rows."""
     from itertools import islice
 
     from neuronlens.corpus import BuiltinCorpus
 
+    if launcher != "joblib":
+        pytest.importorskip(f"hydra_plugins.hydra_{launcher.split('_')[0]}_launcher",
+                            reason=f"the {launcher} launcher is in the `scale` extra")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(islice(BuiltinCorpus().texts(), 40)))
-    app(tmp_path, sharp_llama_dir, corpus, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+    app(tmp_path, sharp_llama_dir, corpus, *LAUNCHERS[launcher],
         "neurons.shard=0,1", "neurons.n_shards=2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
         multirun=True)
     app(tmp_path, sharp_llama_dir, corpus, f"hydra.run.dir={tmp_path / 'whole'}")
@@ -64,5 +86,8 @@ def test_joblib_shards_merge_to_the_unsharded_run(sharp_llama_dir, tmp_path):
     parts = [rows(d) for d in shards]
     assert not set(parts[0]) & set(parts[1])
     whole = rows(tmp_path / "whole")
-    merged = parts[0] | parts[1]
-    assert_rows_agree(merged, whole)
+    assert_rows_agree(parts[0] | parts[1], whole)
+    report_main([str(tmp_path / "sweep"), "--merge", str(tmp_path / "merged")])
+    (merged,) = (tmp_path / "merged").iterdir()
+    assert json.loads((merged / "summary.json").read_text())["n_neurons"] == len(whole)
+    assert_rows_agree(rows(merged), whole)

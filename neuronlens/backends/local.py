@@ -171,24 +171,31 @@ class LocalBackend(Backend):
         for r in requests:
             enc = self.tokenizer(r.prompt, return_offsets_mapping=True)
             encoded.append((enc["input_ids"], self._queries(r, enc["input_ids"], enc["offset_mapping"])))
-        P = _shared_prefix([ids for ids, _ in encoded]) if self.prefix_reuse and len(requests) > 1 else 0
+        if not self.prefix_reuse:
+            P = 0
+        elif len(requests) > 1:   # the prompts' common prefix, computed once
+            P = _shared_prefix([ids for ids, _ in encoded])
+        else:                     # one prompt: only what it shares with the kept prefix
+            P = _shared_prefix([list(self._kept[0]) if self._kept else [], encoded[0][0]])
         P = min([P] + [q.j - 1 for _, qs in encoded for q in qs] + [len(ids) - 1 for ids, _ in encoded])
         device = next(self.model.parameters()).device
-        cache = self._prefix_cache(encoded[0][0][:P], device) if P > 0 else None
+        cache, computed = self._prefix_cache(encoded[0][0][:P], device) if P > 0 else (None, 0)
         results: list[TokenDistributions | None] = [None] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: -len(encoded[i][0]))  # batch by length
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
             dists = self._score_batch([encoded[i] for i in chunk], P, cache, device)
             for i, (probs, mass, n_tok) in zip(chunk, dists):
-                results[i] = TokenDistributions(probs, mass, Usage(n_tok + (P if i == order[0] else 0), 0))
+                # the tokens run: each prompt's own, and the part of the prefix not kept before
+                results[i] = TokenDistributions(probs, mass, Usage(n_tok + (computed if i == order[0] else 0), 0))
         return results
 
-    def _prefix_cache(self, ids: list[int], device) -> DynamicCache:
-        """The KV cache of the prompt prefix ``ids``. The part it shares with the previous call's
-        prefix (a simulator's instructions and examples, up to the explanation) is not computed
-        again, as vLLM's prefix caching does. A plain cache keeps every prefix token, also for
-        sliding-window layers."""
+    def _prefix_cache(self, ids: list[int], device) -> tuple[DynamicCache, int]:
+        """The KV cache of the prompt prefix ``ids``, and how many of its tokens were computed.
+        The part it shares with the previous call's prefix (a simulator's instructions and
+        examples, up to the explanation) is not computed again, as vLLM's prefix caching does;
+        a prefix that adds nothing to the kept one leaves it kept. A plain cache keeps every
+        prefix token, also for sliding-window layers."""
         with self._kept_lock:
             kept_ids, kept = self._kept or ((), None)
             start = min(_shared_prefix([list(kept_ids), ids]), len(ids)) if kept is not None else 0
@@ -202,8 +209,9 @@ class LocalBackend(Backend):
                     input_ids=torch.tensor([ids[start:]], device=device),
                     position_ids=torch.arange(start, len(ids), device=device)[None],
                     use_cache=True, **{name: cache})[name]
-            self._kept = (tuple(ids), copy.deepcopy(cache))
-            return cache
+            if start < len(ids) or kept is None:
+                self._kept = (tuple(ids), copy.deepcopy(cache))
+            return cache, len(ids) - start
 
     def _score_batch(self, items, P: int, cache, device):
         """One forward pass over a batch of prompt suffixes plus their trie query tokens."""
@@ -303,7 +311,7 @@ class LocalBackend(Backend):
             raise ValueError("next_token_logprobs needs non-empty prompts.")
         device = next(self.model.parameters()).device
         P = min(_shared_prefix(prompts), min(len(p) for p in prompts) - 1)
-        cache = self._prefix_cache(prompts[0][:P], device) if P > 0 else None
+        cache = self._prefix_cache(prompts[0][:P], device)[0] if P > 0 else None
         out: list[torch.Tensor | None] = [None] * len(prompts)
         node: dict[tuple[int, ...], int] = {}      # token path after the prefix -> tree slot
         tokens: list[int] = []

@@ -10,7 +10,8 @@ Sampled outputs are cached too: the seed is a field of the request, hence of the
 
 No retry storms: a self-hosted server (vLLM) queues what it cannot compute yet, so a timeout or
 a 429/503 means it is busy, and sending more would only lengthen its queue. The policy then
-halves the requests it keeps in flight (down to 1) and raises the limit back by one each time
+halves the requests kept in flight to that server, by every role of the run that uses it (down to
+1), and raises the limit back by one each time
 ``limit`` requests have come back well (AIMD, as TCP does). Retries have a budget per run: at most
 ``retry_budget`` times the requests made so far (plus a floor of 10); past it a transient
 failure fails its request at once, counted under its kind, instead of being sent again.
@@ -159,14 +160,66 @@ class ResponseCache:
             self._db.close()
 
 
+# ---- requests in flight to one server ---------------------------------------------------------
+class Gate:
+    """The requests in flight to one server, and how many it may have (AIMD, see the module doc).
+    The roles of a run that talk to one address share its gate (`gate_for`): an explainer and a
+    simulator on one vLLM send at most ``remote.concurrency`` requests between them."""
+
+    def __init__(self, concurrency: int, name: str = "the server"):
+        self.concurrency, self.name = concurrency, name
+        self.limit = float(concurrency)   # requests allowed in flight now
+        self.in_flight = 0
+        self.last_news = time.monotonic()   # when a request last came back (or the first went out)
+        self.free = threading.Condition()
+
+    def acquire(self) -> None:
+        with self.free:
+            while self.in_flight >= max(1, int(self.limit)):
+                self.free.wait()
+            self.in_flight += 1
+            if self.in_flight == 1:
+                self.last_news = time.monotonic()
+
+    def release(self, busy: bool, ok: bool) -> None:
+        with self.free:
+            self.in_flight -= 1
+            self.last_news = time.monotonic()
+            if busy and self.limit > 1:
+                self.limit = max(1.0, self.limit / 2)
+                log.warning("%s is busy: at most %d requests in flight from now on.", self.name,
+                            int(self.limit))
+            if ok and not busy and self.limit < self.concurrency:
+                self.limit = min(float(self.concurrency), self.limit + 1 / self.limit)
+            self.free.notify_all()
+
+
+def gate_for(backend: Backend, concurrency: int, gates: dict[str, Gate]) -> Gate:
+    """The gate in ``gates`` (one run's) of the server ``backend`` talks to, keyed by its address
+    (``base_url`` or ``api_base``; a backend without one gets a gate of its own). Roles sharing an
+    address share the smaller of their budgets."""
+    identity = backend.identity()
+    address = identity.get("base_url") or identity.get("api_base")
+    if not address:
+        return Gate(concurrency, backend.name)
+    key = str(address).rstrip("/")
+    gate = gates.get(key)
+    if gate is None:
+        gate = gates[key] = Gate(concurrency, key)
+    elif concurrency < gate.concurrency:
+        gate.concurrency, gate.limit = concurrency, min(gate.limit, float(concurrency))
+    return gate
+
+
 # ---- the policy -------------------------------------------------------------------------------
 class Policy(Backend):
-    """Wraps ``backend``: cache first, then the backend under a bounded semaphore, retrying
-    `TransientError` up to ``max_retries`` times; `BackendError` passes through at once."""
+    """Wraps ``backend``: cache first, then the backend under a bounded semaphore (``gate``, which
+    roles on one server share), retrying `TransientError` up to ``max_retries`` times;
+    `BackendError` passes through at once."""
 
     def __init__(self, backend: Backend, cache_dir: str | Path | None = None, max_retries: int = 6,
                  base_delay: float = 0.5, max_delay: float = 30.0, concurrency: int = 8,
-                 retry_budget: float = 0.2):
+                 retry_budget: float = 0.2, gate: Gate | None = None):
         if max_retries < 0 or concurrency < 1 or base_delay < 0 or max_delay < 0 or retry_budget < 0:
             raise ValueError("max_retries, base_delay, max_delay and retry_budget must be 0 or more "
                              "and concurrency at least 1.")
@@ -175,14 +228,12 @@ class Policy(Backend):
         self.retry_budget = retry_budget
         self.cache = ResponseCache(cache_dir) if cache_dir is not None else None
         self.concurrency = concurrency
-        self.limit = float(concurrency)   # requests allowed in flight now (see the module doc)
-        self._in_flight = 0
+        self.gate = gate or Gate(concurrency, backend.name)   # shared by the roles on one server
+        self._in_flight = 0      # this role's requests in flight
         self._answered = 0       # requests answered well, ever
-        self._last_news = time.monotonic()   # when a request last came back (or the first went out)
         self._watch: threading.Thread | None = None
         self._down_streak = 0    # requests given up on in a row because the server did not answer
         self._lock = threading.Lock()
-        self._slot_free = threading.Condition(self._lock)
         self._counts = dict.fromkeys(("requests", "cache_hits", "evicted", "retries", "transient_errors",
                                       "prompt_tokens", "completion_tokens"), 0)
         self._failures: Counter[str] = Counter()   # requests given up on, by kind
@@ -294,7 +345,7 @@ class Policy(Backend):
                 wait = backoff(attempt, self.base_delay, self.max_delay, e.retry_after)
                 log.warning("%s: %s; retry %d of %d in %.1f s (%d retries in this run, at most %d "
                             "requests in flight now).", self.name, str(e).rstrip("."), attempt + 1,
-                            self.max_retries, wait, retries, int(self.limit))
+                            self.max_retries, wait, retries, int(self.gate.limit))
                 sleep(wait)
             except BaseException:
                 self._release(busy=False)
@@ -305,14 +356,16 @@ class Policy(Backend):
         raise AssertionError("unreachable")
 
     # ---- adaptive concurrency -----------------------------------------------------------------
+    @property
+    def limit(self) -> float:
+        """Requests allowed in flight now, to this role's server (by every role on it)."""
+        return self.gate.limit
+
     def _acquire(self) -> None:
-        with self._slot_free:
-            while self._in_flight >= max(1, int(self.limit)):
-                self._slot_free.wait()
+        self.gate.acquire()
+        with self._lock:
             self._in_flight += 1
             self._counts["requests"] += 1
-            if self._in_flight == 1:
-                self._last_news = time.monotonic()
             if self._watch is None:
                 self._watch = threading.Thread(target=self._heartbeat, daemon=True,
                                                name=f"heartbeat:{self.name}")
@@ -324,25 +377,18 @@ class Policy(Backend):
         while True:
             time.sleep(HEARTBEAT)
             with self._lock:
-                waiting, quiet = self._in_flight, time.monotonic() - self._last_news
+                waiting, quiet = self._in_flight, time.monotonic() - self.gate.last_news
             if waiting and quiet >= HEARTBEAT:
                 log.warning("%s: waiting for %d requests, none answered for %.0f s.", self.name,
                             waiting, quiet)
 
     def _release(self, busy: bool, ok: bool = False) -> None:
-        with self._slot_free:
+        with self._lock:
             self._in_flight -= 1
-            self._last_news = time.monotonic()
-            if busy and self.limit > 1:
-                self.limit = max(1.0, self.limit / 2)
-                log.warning("%s is busy: at most %d requests in flight from now on.", self.name,
-                            int(self.limit))
             if ok:
                 self._answered += 1
                 self._down_streak = 0
-            if ok and not busy and self.limit < self.concurrency:
-                self.limit = min(float(self.concurrency), self.limit + 1 / self.limit)
-            self._slot_free.notify_all()
+        self.gate.release(busy, ok)
 
     # ---- accounting ---------------------------------------------------------------------------
     def _fail(self, e: TransientError | Unscorable) -> None:
