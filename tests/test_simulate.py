@@ -629,7 +629,19 @@ def test_simulator_on_local_backend_end_to_end(tab_tokenizer):
     for exp, d in zip(res.expected, direct):
         assert exp == pytest.approx(tuple(sum(k * p for k, p in enumerate(row)) for row in d.probs))
         assert all(0.0 <= e <= 10.0 for e in exp)
-    assert res.usage.prompt_tokens == sum(d.usage.prompt_tokens for d in direct)
+    # usage counts the tokens run: the same prompts again run without their kept shared prefix
+    requests = [build_request("words about the sea", r.tokens) for r in records]
+    fresh = _backend(model, tab_tokenizer).prompt_logprobs(requests)   # nothing kept yet
+    assert res.usage.prompt_tokens == sum(d.usage.prompt_tokens for d in fresh)
+    ids = [tab_tokenizer(r.prompt)["input_ids"] for r in requests]
+    shared = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)
+    saved = res.usage.prompt_tokens - sum(d.usage.prompt_tokens for d in direct)
+    assert 0 < saved <= shared
+    # one excerpt alone reuses the kept prefix too, with the distributions of a fresh forward
+    (alone,) = be.prompt_logprobs(requests[:1])
+    assert alone.usage.prompt_tokens < len(ids[0])
+    for got, want in zip(alone.probs, fresh[0].probs):
+        assert got == pytest.approx(want, abs=1e-5)
 
 
 def test_our_calls_raise_no_deprecation_warning(tiny_llama_dir, capfd):
