@@ -9,6 +9,9 @@ explanation and ``--excerpts`` windows of the built-in corpus, simulated three w
   requests for the two-token "10") through the policy layer at its default concurrency (8) and
   the vllm backend's default timeout, as a run would; no response cache.
 - ``local``: the same simulator on the local backend (float32, exact softmax, prefix reuse).
+- ``vllm_skipping`` (with ``--follow-up-bound B`` > 0): the same, but a "10" follow-up is skipped
+  where it can move the expected value by at most B (``simulator.follow_up_bound``); its
+  largest difference from ``vllm`` on any token is measured, against the bound it reported.
 - ``openai_pattern``: the reference's pattern through the same server: one full-prompt request per
   excerpt (prompt logprobs, no follow-ups), at the same concurrency.
 
@@ -67,15 +70,25 @@ def excerpts(n: int, window: int) -> list:
 
 def simulate_all(simulator, records_per_neuron) -> dict:
     start = time.perf_counter()
-    failed, kinds, prompt_tokens = 0, {}, 0
+    failed, kinds, prompt_tokens, expected, bound = 0, {}, 0, [], 0.0
     for explanation, records in zip(EXPLANATIONS, records_per_neuron):
         sim = simulator.simulate(explanation, records)
         failed += sim.n_failed
         prompt_tokens += sim.usage.prompt_tokens
+        expected.append(sim.expected)
+        bound = max([bound, *(b for b in sim.bound if b)])
         for f in sim.failures:
             kinds[f.kind] = kinds.get(f.kind, 0) + 1
     return {"seconds": time.perf_counter() - start, "failed_excerpts": failed,
-            "failures_by_kind": kinds, "prompt_tokens_needed": prompt_tokens}
+            "failures_by_kind": kinds, "prompt_tokens_needed": prompt_tokens,
+            "expected": expected, "largest_bound": bound}
+
+
+def largest_difference(a: list, b: list) -> float | None:
+    """The largest difference between two runs' expected values on any token both scored."""
+    diffs = [abs(x - y) for na, nb in zip(a, b) for ea, eb in zip(na, nb) if ea and eb
+             for x, y in zip(ea, eb)]
+    return max(diffs) if diffs else None
 
 
 def openai_pattern(backend, records_per_neuron, concurrency: int) -> dict:
@@ -117,6 +130,8 @@ def main() -> None:
     parser.add_argument("--base-url", default=None, help="a vLLM server you started (model 'smol')")
     parser.add_argument("--concurrency", type=int, default=None, help="default: the run's (8)")
     parser.add_argument("--timeout", type=float, default=None, help="default: the vllm backend's")
+    parser.add_argument("--follow-up-bound", type=float, default=0.0,
+                        help="also run with simulator.follow_up_bound=B (skipped follow-ups)")
     parser.add_argument("--name", default="real_vllm")
     args = parser.parse_args()
 
@@ -170,6 +185,22 @@ def main() -> None:
                 res["vllm"] |= cache_figures(d)
                 server.reset_prefix_cache()
                 before = server_counts(server)
+            if args.follow_up_bound > 0:
+                skipping = Policy(VLLMBackend(model="smol", base_url=base_url, timeout=timeout,
+                                              follow_up_bound=args.follow_up_bound),
+                                  cache_dir=None, max_retries=remote_cfg.max_retries,
+                                  concurrency=concurrency, retry_budget=remote_cfg.retry_budget)
+                skipping.load()
+                res["vllm_skipping"] = (simulate_all(Simulator(skipping), per_neuron)
+                                        | {"policy": skipping.stats(), "bound": args.follow_up_bound})
+                res["vllm_skipping"]["largest_difference"] = largest_difference(
+                    res["vllm_skipping"]["expected"], res["vllm"]["expected"])
+                if server:
+                    d = delta(before, server_counts(server))
+                    res["vllm_skipping"]["prompt_tokens_sent"] = d["sent"]
+                    res["vllm_skipping"] |= cache_figures(d)
+                    server.reset_prefix_cache()
+                    before = server_counts(server)
             res["openai_pattern"] = openai_pattern(backend, per_neuron, concurrency)
             if server:
                 d = delta(before, server_counts(server))
@@ -200,8 +231,23 @@ def main() -> None:
             summary["vllm_prompt_tokens_computed_per_neuron"] = v["prompt_tokens_computed"] / args.neurons
             summary["openai_pattern_prompt_tokens_computed_per_neuron"] = o["prompt_tokens_computed"] / args.neurons
         summary["vllm_vs_local_time"] = v["seconds"] / res["local"]["seconds"]
+        summary["vllm_vs_openai_pattern_time"] = o["seconds"] / v["seconds"]
+        if "vllm_skipping" in res:
+            k = res["vllm_skipping"]
+            summary |= {"follow_up_bound": k["bound"],
+                        "skipping_seconds_per_neuron": k["seconds"] / args.neurons,
+                        "skipping_prompt_tokens_per_neuron": k["prompt_tokens_needed"] / args.neurons,
+                        "skipping_failed_excerpts": k["failed_excerpts"],
+                        "skipping_largest_difference": k["largest_difference"],
+                        "skipping_largest_bound": k["largest_bound"],
+                        "skipping_vs_openai_pattern_time": o["seconds"] / k["seconds"],
+                        "skipping_vs_exact_time": v["seconds"] / k["seconds"]}
+            if "prompt_tokens_sent" in k:
+                summary["skipping_prompt_tokens_computed_per_neuron"] = k["prompt_tokens_computed"] / args.neurons
         summary["vllm_vs_openai_pattern_tokens"] = v["prompt_tokens_needed"] / o["prompt_tokens_needed"]
     res["summary"] = summary
+    for variant in ("local", "vllm", "vllm_skipping"):
+        res.get(variant, {}).pop("expected", None)   # compared above; too long to keep
     save(args.name, res, markdown(res))
 
 
@@ -222,9 +268,19 @@ def markdown(res: dict) -> str:
         lines += [f"| neuronlens via vLLM (fp32) | {s['vllm_seconds_per_neuron']:.1f} | "
                   f"{s['vllm_prompt_tokens_per_neuron']:.0f} | {computed('vllm_prompt_tokens_computed_per_neuron')} "
                   f"| {s['vllm_failed_excerpts']} |",
+                  *([f"| neuronlens via vLLM, follow-ups skipped within {s['follow_up_bound']} | "
+                     f"{s['skipping_seconds_per_neuron']:.1f} | {s['skipping_prompt_tokens_per_neuron']:.0f} | "
+                     f"{computed('skipping_prompt_tokens_computed_per_neuron')} | {s['skipping_failed_excerpts']} |"]
+                    if "follow_up_bound" in s else []),
                   f"| OpenAI's pattern via vLLM (no \"10\" follow-ups) | {s['openai_pattern_seconds_per_neuron']:.1f} | "
                   f"{s['openai_pattern_prompt_tokens_per_neuron']:.0f} | "
                   f"{computed('openai_pattern_prompt_tokens_computed_per_neuron')} | - |", ""]
+        if "follow_up_bound" in s:
+            lines += [f"Skipping follow-ups within {s['follow_up_bound']} (0-10 scale): the largest bound "
+                      f"reported was {s['skipping_largest_bound']:.4f}, the largest difference from the exact "
+                      f"run on any token {s['skipping_largest_difference']:.4f}; "
+                      f"{s['skipping_vs_exact_time']:.2f}x the exact run's speed, "
+                      f"{s['skipping_vs_openai_pattern_time']:.2f}x the pattern's.", ""]
         if "ratio" in s:
             lines += [f"Prompt tokens the server received / tokens the answered requests needed: "
                       f"**{s['ratio']:.3f}** ({s['retries']} retries); the server's prefix cache served "

@@ -196,10 +196,14 @@ def process(neuron: NeuronRecord, explainer: Explainer, simulator: Scorer, cfg: 
                 excerpt["text"] = list(p.record.text)
             if p.index < len(sim.mass) and sim.mass[p.index]:   # the probability on "0".."10"
                 excerpt["mass"] = [round(m, 4) for m in sim.mass[p.index]]   # before renormalising
+            if p.index < len(sim.bound) and sim.bound[p.index]:   # skipped follow-ups (opt-in)
+                excerpt["follow_up_bound"] = round(sim.bound[p.index], 4)
             if p.index < len(sim.distributions) and sim.distributions[p.index]:
                 excerpt["distribution"] = [per_mille(d) for d in sim.distributions[p.index]]
             excerpts.append(excerpt)
     phases["simulate"] = time.perf_counter() - simulating
+    if skipped := [e["follow_up_bound"] for e in excerpts if "follow_up_bound" in e]:
+        row["follow_up_bound"] = max(skipped)   # the most any simulated value here can be off
     if judges:
         judging = time.perf_counter()
         row["judges"] = judge(judges, best["text"], [p.record for p in kept["top"]],
@@ -308,6 +312,8 @@ def summarise(rows: list[dict], wall: float, cfg: DictConfig, subject: str) -> d
     return summarise_rows(rows) | {
         "wall_seconds": wall,
         "seconds": phase_seconds(rows),
+        **({"follow_up_bound": max(bounds)} if (bounds := [r["follow_up_bound"] for r in rows
+                                                            if "follow_up_bound" in r]) else {}),
         "subject": subject,
         "explainer": model_name(cfg, "explainer"),
         "simulator": model_name(cfg, "simulator"),

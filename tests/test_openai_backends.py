@@ -210,7 +210,7 @@ class Recorder:
 def test_ten_is_one_then_zero_with_one_follow_up():
     follow = Recorder({"ab\t1": {"0": L(0.25), "\n": L(0.5)}})
     request = PromptLogprobRequest(PROMPT, (3,), ("0", "1", "5", "10", "7"))
-    probs, mass = score_prompt(request, TOKENS, follow)
+    probs, mass, _ = score_prompt(request, TOKENS, follow)
     # P(0)=.5, P(1)=.2*(1-.25)=.15, P(5)=.1, P(10)=.2*.25=.05, P(7)=0 (not in the top-k)
     assert follow.calls == [["ab\t1"]]
     assert mass[0] == pytest.approx(0.8)
@@ -221,7 +221,7 @@ def test_merged_lead_needs_two_rounds():
     tokens = [PromptToken(0, {}), PromptToken(2, {"\t": L(0.6), "\tunknown": L(0.3), "\t5": L(0.05)}),
               PromptToken(10, {"\n": L(0.7)})]
     follow = Recorder({"ab\t": {"1": L(0.5), "x": L(0.1)}, "ab\t1": {"0": L(0.4)}})
-    probs, mass = score_prompt(PromptLogprobRequest("ab\tunknown\n", (3,), ("5", "1", "10")), tokens, follow)
+    probs, mass, _ = score_prompt(PromptLogprobRequest("ab\tunknown\n", (3,), ("5", "1", "10")), tokens, follow)
     # "\t5" is one token: .05; "\t"+"1": .6*.5*(1-.4) = .18; "\t"+"1"+"0": .6*.5*.4 = .12
     assert follow.calls == [["ab\t"], ["ab\t1"]]
     assert mass[0] == pytest.approx(0.35)
@@ -234,7 +234,7 @@ def test_one_follow_up_request_for_all_placeholders():
     tokens = [PromptToken(0, {}), PromptToken(2, {}), PromptToken(3, top), PromptToken(10, {}),
               PromptToken(11, {}), PromptToken(12, {}), PromptToken(13, top), PromptToken(20, {})]
     follow = Recorder({"ab\t1": {"0": L(0.5)}, "ab\tunknown\nc\t1": {"0": L(0.1)}})
-    probs, mass = score_prompt(PromptLogprobRequest(prompt, (3, 13), ("0", "1", "10")), tokens, follow)
+    probs, mass, _ = score_prompt(PromptLogprobRequest(prompt, (3, 13), ("0", "1", "10")), tokens, follow)
     assert follow.calls == [["ab\t1", "ab\tunknown\nc\t1"]]
     assert probs[0] == pytest.approx((0.5, 0.25, 0.25))
     assert probs[1] == pytest.approx((0.5, 0.45, 0.05))
@@ -244,21 +244,46 @@ def test_one_follow_up_request_for_all_placeholders():
 def test_truncated_candidates_get_zero_and_mass_shows_it():
     tokens = TOKENS[:2] + [PromptToken(3, {"0": L(0.3), "unknown": L(0.6)})] + TOKENS[3:]
     follow = Recorder({})
-    probs, mass = score_prompt(PromptLogprobRequest(PROMPT, (3,), ("0", "1", "10")), tokens, follow)
+    probs, mass, _ = score_prompt(PromptLogprobRequest(PROMPT, (3,), ("0", "1", "10")), tokens, follow)
     assert follow.calls == []                        # "1" is missing, so "10" has no first token
     assert probs[0] == pytest.approx((1.0, 0.0, 0.0)) and mass[0] == pytest.approx(0.3)
     # the follow-up's top-k lacks "0": P(10) = 0 and P(1) keeps all of P("1")
-    probs, mass = score_prompt(PromptLogprobRequest(PROMPT, (3,), ("0", "1", "10")), TOKENS,
+    probs, mass, _ = score_prompt(PromptLogprobRequest(PROMPT, (3,), ("0", "1", "10")), TOKENS,
                         Recorder({"ab\t1": {"\n": L(0.9)}}))
     assert probs[0] == pytest.approx((0.5 / 0.7, 0.2 / 0.7, 0.0)) and mass[0] == pytest.approx(0.7)
     # nothing at all: zeros, mass 0 (the engine counts it as a failure)
-    probs, mass = score_prompt(PromptLogprobRequest(PROMPT, (3,), ("7",)), TOKENS, Recorder({}))
+    probs, mass, _ = score_prompt(PromptLogprobRequest(PROMPT, (3,), ("7",)), TOKENS, Recorder({}))
     assert probs == ((0.0,),) and mass == (0.0,)
+
+
+def test_a_follow_up_that_cannot_move_the_value_past_the_bound_is_skipped():
+    """Opt-in: where P("1") is so small that "1" vs "10" moves the expected value by at most the
+    bound, no follow-up is asked, and the bound that applies is reported; elsewhere it is exact."""
+    prompt = "ab\tunknown\nc\tunknown\n"
+    rare = {"0": L(0.9), "1": L(0.004), "5": L(0.05)}     # 9 x .004 / .954 = 0.0377
+    common = {"0": L(0.5), "1": L(0.5)}
+    tokens = [PromptToken(0, {}), PromptToken(2, {}), PromptToken(3, rare), PromptToken(10, {}),
+              PromptToken(11, {}), PromptToken(12, {}), PromptToken(13, common), PromptToken(20, {})]
+    answers = {"ab\t1": {"0": L(0.7)}, "ab\tunknown\nc\t1": {"0": L(0.1)}}
+    request = PromptLogprobRequest(prompt, (3, 13), ("0", "1", "5", "10"))
+    exact = score_prompt(request, tokens, Recorder(answers))
+    follow = Recorder(answers)
+    skipped = score_prompt(request, tokens, follow, bound=0.05)
+    assert follow.calls == [["ab\tunknown\nc\t1"]]            # only the placeholder that matters
+    assert skipped.bound[0] == pytest.approx(9 * 0.004 / 0.954) and skipped.bound[1] == 0
+    assert skipped.probs[1] == exact.probs[1] and skipped.mass == pytest.approx(exact.mass)
+    ev = lambda p: sum(v * q for v, q in zip((0, 1, 5, 10), p))   # noqa: E731
+    assert 0 < ev(exact.probs[0]) - ev(skipped.probs[0]) <= skipped.bound[0]
+    # a tighter bound, or none, asks every follow-up and reports nothing skipped
+    for bound in (0.01, 0.0):
+        follow = Recorder(answers)
+        assert score_prompt(request, tokens, follow, bound=bound).bound == (0.0, 0.0)
+        assert len(follow.calls[0]) == 2
 
 
 def test_rounds_are_bounded():
     follow = Recorder({"ab\t1": {"0": L(0.25)}})
-    probs, mass = score_prompt(PromptLogprobRequest(PROMPT, (3,), ("1", "10")), TOKENS, follow, max_rounds=0)
+    probs, mass, _ = score_prompt(PromptLogprobRequest(PROMPT, (3,), ("1", "10")), TOKENS, follow, max_rounds=0)
     assert follow.calls == [] and probs[0] == pytest.approx((1.0, 0.0)) and mass[0] == pytest.approx(0.2)
 
 
@@ -486,6 +511,26 @@ def test_top20_scoring_equals_local_on_a_digit_model(digit_model_dir):
         echo = OpenAIBackend(model=handle.model, base_url=handle.base_url, prompt_scoring="echo",
                              top_logprobs=20, completion=True)
         _assert_same(echo.prompt_logprobs(requests), expected)
+
+
+def test_skipped_follow_ups_send_fewer_requests_within_their_bound(digit_model_dir):
+    """Through a server: with a bound of 10 (the whole scale) no follow-up is asked, and every
+    expected value is within the bound reported for its placeholder of the exact one."""
+    requests = _requests([["The", " cat"], ["1", "0", "."]])
+    with _serve(digit_model_dir, max_logprobs=20) as handle:
+        exact = VLLMBackend(model=handle.model, base_url=handle.base_url).prompt_logprobs(requests)
+        asked = handle.requests["/v1/completions"]
+        skipping = VLLMBackend(model=handle.model, base_url=handle.base_url, follow_up_bound=10)
+        assert skipping.identity() != VLLMBackend(model=handle.model, base_url=handle.base_url).identity()
+        got = skipping.prompt_logprobs(requests)
+        assert handle.requests["/v1/completions"] - asked == len(requests) < asked   # no follow-ups
+    ev = lambda p: sum(int(c) * q for c, q in zip(requests[0].candidates, p))   # noqa: E731
+    for g, e in zip(got, exact):
+        assert all(b > 0 for b in g.bound) and not any(e.bound)
+        for p, q, b in zip(g.probs, e.probs, g.bound):
+            assert abs(ev(p) - ev(q)) <= b + 1e-6
+    with pytest.raises(UserError, match="follow_up_bound"):
+        VLLMBackend(model="m", base_url="http://localhost:1/v1", follow_up_bound=-1)
 
 
 EXCERPTS = [["The", " cat", " sat"], ["1", "0", " dogs", "."]]

@@ -79,6 +79,29 @@ def test_http_backends_reproduce_the_local_run(tiny_llama_dir, sharp_llama_dir, 
             assert stats["requests"] > 0  # (repeats within a run, e.g. shared random excerpts, may hit)
 
 
+def test_skipped_follow_ups_stay_within_the_bound_each_excerpt_stores(tiny_llama_dir, sharp_llama_dir,
+                                                                      corpus, tmp_path):
+    """simulator.follow_up_bound (opt-in) skips the "10" follow-ups that can move an expected value
+    by at most the bound: fewer prompt tokens sent, every simulated value within the bound its
+    excerpt stores of the exact run, and the run's largest bound in summary.json."""
+    with start_server(str(sharp_llama_dir), device="cpu", max_logprobs=None) as server:
+        exact = run(tmp_path, tiny_llama_dir, corpus, "exact", http(server, sharp_llama_dir))
+        skipped = run(tmp_path, tiny_llama_dir, corpus, "skipped",
+                      http(server, sharp_llama_dir) + ["simulator.follow_up_bound=10"])
+    assert "follow_up_bound" not in exact["summary"]
+    assert 0 < skipped["summary"]["follow_up_bound"] <= 10
+    sent = lambda r: sum(row["usage"]["simulator"][0] for row in r["rows"].values())  # noqa: E731
+    assert sent(skipped) < sent(exact)
+    n_bounded = 0
+    for key, row in skipped["rows"].items():
+        assert row["explanation"] == exact["rows"][key]["explanation"]   # one cached explanation
+        for got, want in zip(row["test_excerpts"], exact["rows"][key]["test_excerpts"], strict=True):
+            bound = got.get("follow_up_bound", 0.0)
+            n_bounded += bound > 0
+            assert max(abs(a - b) for a, b in zip(got["simulated"], want["simulated"])) <= bound + 1e-4
+    assert n_bounded > 0
+
+
 def test_faults_lose_no_neuron_and_a_rerun_is_served_from_the_cache(tiny_llama_dir, corpus, tmp_path):
     faults = ["none", "none", "429", "none", "none", "500", "none", "none", "truncated", "none",
               "none", "wrong_length"]

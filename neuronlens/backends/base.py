@@ -104,6 +104,8 @@ class TokenDistributions:
     usage: Usage = field(default_factory=Usage)
     error: str | None = None   # set when this prompt could not be scored (after any retries)
     kind: str | None = None    # the error's kind (see `failure_kind`)
+    bound: tuple[float, ...] = ()   # per position, how far skipped follow-ups can move the
+                                    # expected value (remote backends' opt-in; empty: exact)
 
 
 class BackendError(UserError):

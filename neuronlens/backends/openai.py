@@ -38,7 +38,7 @@ from neuronlens.backends.base import (
     Unscorable,
     Usage,
 )
-from neuronlens.backends.remote_scoring import PromptToken, score_prompt
+from neuronlens.backends.remote_scoring import PromptToken, bound_identity, check_bound, score_prompt
 from neuronlens.errors import UserError
 
 OPENAI_URL = "https://api.openai.com/v1"
@@ -268,11 +268,13 @@ class OpenAIBackend(Backend):
 
     def __init__(self, model: str = "gpt-4o", base_url: str | None = None, timeout: float = 60.0,
                  top_logprobs: int = 20, prompt_scoring: str = "none",
-                 context_length: int = 128000, chat: bool = True, completion: bool | None = False):
+                 context_length: int = 128000, chat: bool = True, completion: bool | None = False,
+                 follow_up_bound: float = 0.0):
         if prompt_scoring not in ("none", "echo"):
             raise UserError(f"prompt_scoring must be 'none' or 'echo', got {prompt_scoring!r}.")
         if top_logprobs < 0 or timeout <= 0 or context_length < 1:
             raise UserError("top_logprobs must be >= 0, timeout and context_length positive.")
+        self.follow_up_bound = check_bound(follow_up_bound)
         self.model, self.base_url, self.timeout = model, base_url, timeout
         self.top_logprobs, self.prompt_scoring = top_logprobs, prompt_scoring
         if completion is None:   # auto: self-hosted servers (vLLM, neuronlens-serve, ...) offer it
@@ -296,7 +298,7 @@ class OpenAIBackend(Backend):
 
     def identity(self) -> dict:
         return {"backend": self.kind, "model": self.model, "base_url": self.url,
-                "top_logprobs": self.top_logprobs}
+                "top_logprobs": self.top_logprobs} | bound_identity(self.follow_up_bound)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -383,5 +385,5 @@ class OpenAIBackend(Backend):
             usage = usage + more
             return tops
 
-        probs, mass = score_prompt(request, tokens, follow_up)
-        return TokenDistributions(probs, mass, usage)
+        scored = score_prompt(request, tokens, follow_up, bound=self.follow_up_bound)
+        return TokenDistributions(scored.probs, scored.mass, usage, bound=scored.bound)

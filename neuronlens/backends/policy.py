@@ -87,7 +87,8 @@ def distributions_to_json(t: TokenDistributions) -> dict:
 
 def distributions_from_json(d: dict) -> TokenDistributions:
     return TokenDistributions(tuple(tuple(float(p) for p in row) for row in d["probs"]),
-                              tuple(float(m) for m in d["mass"]), Usage(**d["usage"]))
+                              tuple(float(m) for m in d["mass"]), Usage(**d["usage"]),
+                              bound=tuple(float(b) for b in d.get("bound", ())))
 
 
 def shape_error(d: TokenDistributions, request: PromptLogprobRequest) -> str | None:

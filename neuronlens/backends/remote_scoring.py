@@ -16,6 +16,12 @@ The token paths then go into the same trie as the local backend (``candidates.py
 candidate that is a prefix of another keeps only the mass that does not continue:
 P(1) = P("1") * (1 - P("0" | "1")), P(10) = P("1") * P("0" | "1").
 
+Skipping follow-ups (opt-in, ``bound`` > 0): a follow-up only splits the mass of its path
+between the candidate that ends there ("1") and the longer ones ("10"). Where that mass is so
+small that giving all of it to the shorter candidate moves the expected value by at most
+``bound`` (P(path) x the largest value gap / the placeholder's total mass), the follow-up is not
+asked and that bound is reported for the placeholder; 0 means exact.
+
 Truncation: a token missing from a top-k list has probability 0 (the server did not report it),
 so a candidate whose tokens fall outside the top-k gets 0. ``mass`` (the total over candidates
 before renormalising) shows how much was seen; ask for k >= the candidates' plausible ranks.
@@ -33,6 +39,7 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 
 from neuronlens.backends.base import PromptLogprobRequest, Unscorable
 from neuronlens.backends.candidates import build_trie, candidate_probs
+from neuronlens.errors import UserError
 
 TokenPath = tuple[str, ...]   # token strings from the placeholder's token onwards
 FollowUp = Callable[[list[str]], list[Mapping[str, float]]]   # prefix texts -> top-k logprobs
@@ -93,6 +100,35 @@ class Placeholder:
                 self.rest[k] = self.rest[k][len(tok):]
         return needed
 
+    def path_prob(self, path: TokenPath) -> float:
+        """The probability of the tokens ``path`` at this placeholder."""
+        p = 1.0
+        for d in range(len(path)):
+            p *= self.dists[path[:d]].get(path[d], 0.0)
+        return p
+
+    def skip_bound(self, path: TokenPath, values: Sequence[float]) -> float | None:
+        """How far the expected value can move if ``path``'s follow-up is skipped, its whole mass
+        given to the candidate that ends at ``path``; None when no candidate ends there."""
+        live = [k for k in range(len(self.rest)) if not self.dead[k]]
+        ending = [k for k in live if self.paths[k] == path and not self.rest[k]]
+        waiting = [k for k in live if self.paths[k] == path and self.rest[k]]
+        if not ending or not waiting:
+            return None
+        total = sum(self.dists[()].get(t, 0.0) for t in {self.paths[k][0] if self.paths[k]
+                    else None for k in live} - {None})
+        if total <= 0:
+            return None
+        gap = max(abs(values[k] - values[ending[0]]) for k in waiting)
+        return self.path_prob(path) * gap / total
+
+    def skip(self, path: TokenPath) -> None:
+        """Give up the candidates that continue past ``path`` (their mass stays with the one
+        that ends there)."""
+        for k in range(len(self.rest)):
+            if self.paths[k] == path and self.rest[k]:
+                self.dead[k] = True
+
     def probs(self) -> list[float]:
         """Unnormalised candidate probabilities (0 for dead or unfinished candidates)."""
         live = [k for k in range(len(self.rest)) if not self.dead[k] and not self.rest[k]]
@@ -118,16 +154,52 @@ def normalise(p: Sequence[float]) -> tuple[tuple[float, ...], float]:
     return (tuple(x / total for x in p) if total > 0 else tuple(p)), total
 
 
+class Scored(NamedTuple):
+    probs: tuple[tuple[float, ...], ...]   # per placeholder, over the candidates, renormalised
+    mass: tuple[float, ...]                # per placeholder, before renormalising
+    bound: tuple[float, ...]               # per placeholder, the skipped follow-ups' bound (0: exact)
+
+
+def check_bound(bound: float) -> float:
+    if not 0 <= bound <= 10:
+        raise UserError(f"follow_up_bound is a shift of the expected value on the 0-10 scale: 0 "
+                        f"(exact) up to 10, got {bound}.")
+    return float(bound)
+
+
+def bound_identity(bound: float) -> dict:
+    """The bound in a backend's identity (the response cache's key), only when it skips."""
+    return {"follow_up_bound": bound} if bound > 0 else {}
+
+
+def candidate_values(candidates: Sequence[str]) -> list[float] | None:
+    try:
+        return [float(c) for c in candidates]
+    except ValueError:
+        return None
+
+
 def score_prompt(request: PromptLogprobRequest, tokens: Sequence[PromptToken], follow_up: FollowUp,
-          max_rounds: int = 3) -> tuple[tuple[tuple[float, ...], ...], tuple[float, ...]]:
-    """Distributions over ``request.candidates`` at each of ``request.positions``: (probs, mass).
+                 max_rounds: int = 3, bound: float = 0.0) -> Scored:
+    """Distributions over ``request.candidates`` at each of ``request.positions``.
 
     ``follow_up`` is called once per round (at most ``max_rounds``; one round for "10" = "1"+"0")
     with the distinct prefix texts whose next-token distribution is needed; candidates still
-    unfinished after the last round get 0."""
+    unfinished after the last round get 0. ``bound`` > 0 (numeric candidates only) skips the
+    follow-ups that can move a placeholder's expected value by at most that much."""
     states = [placeholder(request.prompt, tokens, c, request.candidates) for c in request.positions]
+    values = candidate_values(request.candidates) if bound > 0 else None
+    skipped = [0.0] * len(states)
     for _ in range(max_rounds):
-        wanted = [(s, path) for s in states for path in s.advance()]
+        wanted = []
+        for i, s in enumerate(states):
+            for path in s.advance():
+                shift = s.skip_bound(path, values) if values else None
+                if shift is not None and shift <= bound:
+                    s.skip(path)
+                    skipped[i] = max(skipped[i], shift)
+                else:
+                    wanted.append((s, path))
         if not wanted:
             break
         texts = list(dict.fromkeys(s.context + "".join(path) for s, path in wanted))
@@ -141,4 +213,4 @@ def score_prompt(request: PromptLogprobRequest, tokens: Sequence[PromptToken], f
         for s in states:
             s.advance()
     probs, mass = zip(*(normalise(s.probs()) for s in states)) if states else ((), ())
-    return tuple(probs), tuple(mass)
+    return Scored(tuple(probs), tuple(mass), tuple(skipped))

@@ -42,7 +42,7 @@ from neuronlens.backends.base import (
     Usage,
 )
 from neuronlens.backends.openai import OpenAIBackend
-from neuronlens.backends.remote_scoring import PromptToken, score_prompt
+from neuronlens.backends.remote_scoring import PromptToken, bound_identity, check_bound, score_prompt
 from neuronlens.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -143,12 +143,13 @@ class VLLMBackend(OpenAIBackend):
 
     def __init__(self, model: str = "meta-llama/Llama-3.1-8B-Instruct", base_url: str | None = None,
                  timeout: float = 600.0, top_logprobs: int = 20, context_length: int = 8192,
-                 chat: bool = True, completion: bool = True, tokenizer: str | None = None):
+                 chat: bool = True, completion: bool = True, tokenizer: str | None = None,
+                 follow_up_bound: float = 0.0):
         if not base_url:
             raise UserError("The vllm backend needs base_url, the address of `vllm serve` "
                             "(e.g. http://localhost:8000/v1).")
         super().__init__(model, base_url, timeout, top_logprobs, "none", context_length, chat,
-                         completion)
+                         completion, follow_up_bound)
         self.tokenizer_name = tokenizer
         self.tokenizer: Any = None
         self.server: dict[str, Any] | None = None   # version and root, asked once at load
@@ -250,8 +251,9 @@ class VLLMEngineBackend(Backend):
     def __init__(self, model: str = "meta-llama/Llama-3.1-8B-Instruct", top_logprobs: int = 20,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
                  max_model_len: int | None = None, dtype: str = "auto",
-                 engine_args: dict | None = None):
+                 engine_args: dict | None = None, follow_up_bound: float = 0.0):
         self.model, self.top_logprobs, self.dtype = model, top_logprobs, dtype
+        self.follow_up_bound = check_bound(follow_up_bound)
         self.tensor_parallel_size, self.gpu_memory_utilization = tensor_parallel_size, gpu_memory_utilization
         self.max_model_len, self.engine_args = max_model_len, dict(engine_args or {})
         self.llm = self._params = self.tokenizer = None
@@ -262,7 +264,7 @@ class VLLMEngineBackend(Backend):
 
     def identity(self) -> dict:
         return {"backend": "vllm-engine", "model": self.model, "dtype": self.dtype,
-                "top_logprobs": self.top_logprobs}
+                "top_logprobs": self.top_logprobs} | bound_identity(self.follow_up_bound)
 
     def load(self) -> None:
         if self.llm is not None:
@@ -329,10 +331,10 @@ class VLLMEngineBackend(Backend):
                                  "prompt_token_ids": list(out.prompt_token_ids)}]}
             usage = Usage(len(out.prompt_token_ids), 1)
             try:
-                probs, mass = score_prompt(r, vllm_prompt_tokens(data, r.prompt, self.tokenizer),
-                                    self._first_tops)
+                scored = score_prompt(r, vllm_prompt_tokens(data, r.prompt, self.tokenizer),
+                                      self._first_tops, bound=self.follow_up_bound)
             except (Unscorable, TransientError) as e:   # this prompt alone fails
                 results.append(TokenDistributions((), (), usage, error=str(e)))
                 continue
-            results.append(TokenDistributions(probs, mass, usage))
+            results.append(TokenDistributions(scored.probs, scored.mass, usage, bound=scored.bound))
         return results

@@ -69,6 +69,8 @@ class SimulationResult:
     failures: tuple[Failure, ...] = ()
     usage: Usage = field(default_factory=Usage)
     mass: tuple[tuple[float, ...] | None, ...] = ()
+    bound: tuple[float | None, ...] = ()   # per excerpt, how far follow-ups a remote backend
+                                           # skipped (opt-in) can move any expected value
 
     @property
     def n_failed(self) -> int:

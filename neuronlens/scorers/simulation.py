@@ -313,7 +313,7 @@ class Simulator(Scorer):
             log.warning("simulation failed for %d excerpts: %s", len(records), e)
             return SimulationResult((None,) * len(records), (None,) * len(records),
                                     tuple(Failure(i, failure_kind(e), str(e)) for i in range(len(records))))
-        expected, distributions, errors, mass, usage = [], [], [], [], Usage()
+        expected, distributions, errors, mass, bound, usage = [], [], [], [], [], Usage()
         for i, d in enumerate(dists):
             usage = usage + d.usage
             failure = None
@@ -326,13 +326,15 @@ class Simulator(Scorer):
                 expected.append(None)
                 distributions.append(None)
                 mass.append(None)
+                bound.append(None)
                 errors.append(failure)
                 continue
             expected.append(tuple(expected_value(p) for p in d.probs))
             distributions.append(d.probs)
             mass.append(d.mass)
+            bound.append(max(d.bound, default=0.0))
         if errors:
             log.warning("simulation failed for %d of %d excerpts; first: %s", len(errors),
                         len(records), errors[0])
         return SimulationResult(tuple(expected), tuple(distributions), tuple(errors), usage,
-                                tuple(mass))
+                                tuple(mass), tuple(bound))
