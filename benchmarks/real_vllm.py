@@ -141,10 +141,11 @@ def main() -> None:
     from neuronlens.backends.policy import Policy
     from neuronlens.backends.vllm import VLLMBackend
     from neuronlens.conf import CONF_DIR
+    from neuronlens.settings import Remote
     from neuronlens.scorers.simulation import Simulator
     from real_vllm import RealVLLM, installed
 
-    remote_cfg = OmegaConf.load(CONF_DIR / "config.yaml").remote
+    remote_cfg = Remote()   # the run's defaults (neuronlens/settings.py)
     vllm_cfg = OmegaConf.load(CONF_DIR / "simulator" / "vllm.yaml")
     concurrency = args.concurrency or remote_cfg.concurrency
     timeout = args.timeout or vllm_cfg.timeout

@@ -13,6 +13,14 @@ Reported: excerpts/s of both, the speedup (headline ``ratio``, median of the per
 ratios), the forward tokens each processes (sum of ``usage.prompt_tokens``), the prefix and
 per-excerpt suffix lengths, and the max |difference| between the two engines' expected values.
 
+``--neurons N`` (N > 1) measures something else, saved as ``results/simulation_neurons.*``: N
+neurons in a row, as a run simulates them, each with its own explanation and ``--excerpts``
+windows, on one prefix-reusing backend. Its headline ``ratio`` is the forward tokens run (sum
+of ``usage.prompt_tokens``) over the floor: the distinct token prefixes of all N x excerpts
+prompts (what any prefix-caching engine must compute at least once: the instructions and
+examples once per run, each explanation once per neuron, each excerpt once) plus the
+candidate-trie tokens for a two-token "10". Target: <= 1.1.
+
 ``--long-prefix`` adds a separate, clearly labelled figure with a longer prefix: the same engine
 and format with three more few-shot example neurons, each a full 64-token corpus excerpt (the
 built-in examples are shorter hand-written ones). It is never the headline.
@@ -63,6 +71,81 @@ def long_prefix_requests(explanation: str, records, example_windows, tokenizer):
     return requests, prefix, len(saved) + len(extra)
 
 
+NEURON_EXPLANATIONS = (
+    "words about food, cooking and recipes", "numbers and dates", "the end of a sentence",
+    "names of people", "words about the weather", "verbs in the past tense", "opening quotation marks",
+    "place names and countries", "words about money and prices", "the word 'the' and other articles",
+    "plural nouns", "words about sport and games", "question words", "colours", "units of measure",
+    "words about health and medicine")
+
+
+def distinct_prefixes(prompts: list[list[int]]) -> int:
+    """How many distinct token prefixes the prompts have (the nodes of their token trie)."""
+    ordered = sorted(prompts)
+    shared = 0
+    for a, b in zip(ordered, ordered[1:]):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        shared += n
+    return sum(map(len, prompts)) - shared
+
+
+def many_neurons(args, backend, tokenizer, windows, device: str, info: dict, wall: float) -> None:
+    """``--neurons N``: N neurons in a row on one backend, forward tokens against the floor."""
+    from neuronlens.records import ActivationRecord
+    from neuronlens.scorers.simulation import Simulator, build_request
+
+    names = [NEURON_EXPLANATIONS[i % len(NEURON_EXPLANATIONS)] + ("" if i < len(NEURON_EXPLANATIONS)
+             else f" (variant {i // len(NEURON_EXPLANATIONS)})") for i in range(args.neurons)]
+    records = [ActivationRecord([tokenizer.decode([i]) for i in w], [0.0] * len(w)) for w in windows]
+    per_neuron = [records[k * args.excerpts:(k + 1) * args.excerpts] for k in range(args.neurons)]
+    sim = Simulator(backend)
+    start, run, failed = time.perf_counter(), 0, 0
+    for explanation, recs in zip(names, per_neuron):
+        result = sim.simulate(explanation, recs)
+        run += result.usage.prompt_tokens
+        failed += result.n_failed
+    seconds = time.perf_counter() - start
+    prompts, extras = [], 0
+    for explanation, recs in zip(names, per_neuron):
+        for r in recs:
+            request = build_request(explanation, r.tokens)
+            enc = tokenizer(request.prompt, return_offsets_mapping=True)
+            prompts.append(list(enc["input_ids"]))
+            extras += sum(len(q.paths) for q in backend._queries(request, enc["input_ids"],
+                                                                   enc["offset_mapping"]))
+    floor = distinct_prefixes(prompts) + extras
+    naive = sum(map(len, prompts)) + extras
+    res = {"benchmark": args.name, "model": args.model, "machine": info,
+           "neurons": args.neurons, "excerpts_per_neuron": args.excerpts, "window": args.window,
+           "batch_size": args.batch_size, "forward_tokens": run, "floor_tokens": floor,
+           "trie_tokens": extras, "full_prompt_tokens": naive, "seconds": seconds,
+           "forward_tokens_per_s": run / seconds, "failed_excerpts": failed,
+           "wall_seconds": time.perf_counter() - wall}
+    res["machine"]["load_average_at_end"] = list(os.getloadavg())
+    res["summary"] = {"benchmark": args.name, "ratio": round(run / floor, 4),
+                      "forward_tokens": run, "floor_tokens": floor, "full_prompt_tokens": naive,
+                      "seconds_per_neuron": round(seconds / args.neurons, 2),
+                      "forward_tokens_per_s": round(run / seconds, 1), "failed_excerpts": failed,
+                      "device": device, "model": args.model, "wall_seconds": round(res["wall_seconds"], 1)}
+    m = res["machine"]
+    save(args.name, res, "\n".join([
+        f"# Simulation of {args.neurons} neurons in a row (`python benchmarks/simulation.py "
+        f"--neurons {args.neurons}`)", "", machine_line(m),
+        f"Simulator model: `{args.model}`, local backend (batch {args.batch_size}, prefix reuse), "
+        f"{args.excerpts} excerpts of {args.window} tokens per neuron, each neuron its own "
+        "explanation and excerpts.", "",
+        "| | tokens |", "|---|---:|",
+        f"| forward tokens run (sum of usage.prompt_tokens) | {run} |",
+        f"| floor: distinct prompt-token prefixes + candidate-trie tokens | {floor} |",
+        f"| every prompt whole (no reuse) | {naive} |", "",
+        f"Forward tokens / floor: **{run / floor:.3f}** (target <= 1.1); "
+        f"{seconds / args.neurons:.1f} s per neuron, {run / seconds:.0f} forward tokens/s; "
+        f"{failed} failed excerpts. The shared instructions and examples are computed once for "
+        "the run (the backend keeps the previous call's prefix), each explanation once per neuron.", ""]))
+
+
 def usage_tokens(result) -> int:
     return sum(d.usage.prompt_tokens for d in result) if isinstance(result, list) \
         else result.usage.prompt_tokens
@@ -82,11 +165,15 @@ def main() -> None:
                         "(for --long-prefix: of its own section)")
     p.add_argument("--long-prefix", action="store_true",
                    help="also measure a longer, more realistic prefix (3 extra few-shot neurons)")
-    p.add_argument("--name", default="simulation", help="results file stem under results/")
+    p.add_argument("--neurons", type=int, default=1,
+                   help="N > 1: simulate N neurons in a row and compare forward tokens with the floor")
+    p.add_argument("--name", default=None, help="results file stem under results/ (default: "
+                   "simulation, or simulation_neurons with --neurons)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (0: torch's default, one per core)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
+    args.name = args.name or ("simulation_neurons" if args.neurons > 1 else "simulation")
 
     wall = time.perf_counter()
     import torch
@@ -102,6 +189,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     info = machine(device)
+    if args.neurons > 1:
+        backend = LocalBackend(args.model, device, batch_size=args.batch_size, prefix_reuse=True)
+        backend.load()
+        windows = list(token_windows(BuiltinCorpus(), backend.tokenizer, window=args.window,
+                                     max_windows=args.neurons * args.excerpts))
+        return many_neurons(args, backend, backend.tokenizer, windows, device, info, wall)
     backends = {"prefix_reuse": LocalBackend(args.model, device, batch_size=args.batch_size,
                                              prefix_reuse=True),
                 "naive": LocalBackend(args.model, device, batch_size=args.batch_size,

@@ -35,15 +35,15 @@ def test_error_types_are_user_errors():
 
 
 def test_unsupported_architecture():
-    from transformers import OPTConfig, OPTForCausalLM
+    """A state-space model (Mamba) has no MLP: one line naming it and what is supported."""
+    from transformers import MambaConfig, MambaForCausalLM
 
-    model = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
-                                     ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16,
-                                     max_position_embeddings=32))
+    model = MambaForCausalLM(MambaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                         state_size=4))
     with pytest.raises(SubjectError) as info:
         hook_point(model, 0)
     msg = _one_line(info.value)
-    assert "'opt'" in msg and "supported" in msg and "llama" in msg and "gpt2" in msg
+    assert "'mamba'" in msg and "supported" in msg and "Llama" in msg and "GPT-2" in msg
     with pytest.raises(SubjectError):  # and before any hook is attached
         with neuron_hooks(model, [0], lambda _l, _a: None):
             pass

@@ -1,7 +1,12 @@
 """Where the MLP neurons of each architecture live, and hooks that read (or overwrite) them.
 
-GPT-2: the output of ``mlp.act`` (after the GELU). Llama family (SmolLM2, Llama, Mistral, Qwen,
-Gemma, ...): the input of ``mlp.down_proj`` (after gate * up).
+One rule for every architecture: a layer's neurons are the input of its MLP's output projection
+(``down_proj`` in the Llama family, Phi-3, Gemma 1-3; ``c_proj`` in GPT-2 and Starcoder2;
+``dense_4h_to_h`` in GPT-NeoX/Pythia; ``fc2`` in Phi-1/2 and OPT; ``fc_out`` in GPT-J), that is
+the activation after the nonlinearity (times the up projection where the MLP is gated). The
+layers are found through the model's decoder (``get_decoder()``), so a text model inside a
+multimodal one (Gemma 3 4B and up) is found too. Mixture-of-experts models are refused from their
+config: their neurons belong to experts.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ from torch import nn
 
 from neuronlens.models import SubjectError
 
-GPT2_TYPES = {"gpt2"}
-LLAMA_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3",
-               "gemma3_text", "olmo", "olmo2", "granite", "smollm3", "phi3", "cohere", "starcoder2"}
+# A layer's MLP output projection, by its name under the decoder layer; the first found is used.
+OUTPUT_PROJECTIONS = ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "mlp.fc2", "mlp.fc_out",
+                      "fc2")
+WIDTH_KEYS = ("intermediate_size", "ffn_dim", "n_inner")      # the MLP's width in config.json
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 @dataclass(frozen=True)
@@ -38,28 +45,61 @@ def n_layers(model: nn.Module) -> int:
 
 def n_neurons(model: nn.Module) -> int:
     config = _text_config(model)
-    if config.model_type in GPT2_TYPES:
-        return int(config.n_inner or 4 * config.n_embd)
-    return int(config.intermediate_size)
+    width = next((getattr(config, key) for key in WIDTH_KEYS if getattr(config, key, None)), None)
+    return int(width or 4 * config.hidden_size)   # GPT-2 and GPT-J: n_inner null means 4 x width
+
+
+def check_dense(model: nn.Module) -> None:
+    """A mixture-of-experts model, refused in one line (from its config alone)."""
+    config = _text_config(model)
+    for key in EXPERT_KEYS:
+        n = getattr(config, key, None)
+        if isinstance(n, int) and n > 1:
+            raise SubjectError(f"Model type {config.model_type!r} is a mixture of experts ({n} experts "
+                               f"per layer, {key} in its config): neuronlens records the neurons of "
+                               "dense MLPs only; choose a dense model.")
+
+
+def decoder_layers(model: nn.Module) -> str:
+    """The dotted path of the model's list of decoder layers."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for attr in ("layers", "h"):
+        if isinstance(getattr(decoder, attr, None), nn.ModuleList):
+            prefix = next(name for name, m in model.named_modules() if m is decoder)
+            return f"{prefix}.{attr}" if prefix else attr
+    raise SubjectError(f"neuronlens cannot find the decoder layers of model type "
+                       f"{_text_config(model).model_type!r} (no `layers` or `h` list in its decoder).")
 
 
 def hook_point(model: nn.Module, layer: int) -> HookPoint:
-    model_type = _text_config(model).model_type
-    if model_type in GPT2_TYPES:
-        point = HookPoint(f"transformer.h.{layer}.mlp.act", "output")
-    elif model_type in LLAMA_TYPES:
-        point = HookPoint(f"model.layers.{layer}.mlp.down_proj", "input")
-    else:
-        raise SubjectError(
-            f"neuronlens does not know where the MLP neurons of model type {model_type!r} are; "
-            f"supported: {', '.join(sorted(GPT2_TYPES | LLAMA_TYPES))}.")
+    check_dense(model)
     check_layer(model, layer)
+    block = f"{decoder_layers(model)}.{layer}"
+    for name in OUTPUT_PROJECTIONS:
+        try:
+            model.get_submodule(f"{block}.{name}")
+        except AttributeError:
+            continue
+        return HookPoint(f"{block}.{name}", "input")
+    raise SubjectError(f"neuronlens does not know where the MLP neurons of model type "
+                       f"{_text_config(model).model_type!r} are: its layer {block} has none of the "
+                       f"output projections {', '.join(OUTPUT_PROJECTIONS)} (supported: GPT-2, the "
+                       "Llama family, Phi, Gemma 1-3, GPT-NeoX, OPT, GPT-J, Starcoder2).")
+
+
+def hook_point_from_config(config, layer: int) -> HookPoint | None:
+    """``hook_point`` of a model built from ``config`` on the meta device (no weights, no memory),
+    so that an unsupported model is refused before it loads; None if it cannot be built so."""
+    from transformers import AutoModelForCausalLM
+
+    check_dense(config)
+    check_layer(config, layer)
     try:
-        model.get_submodule(point.module)
-    except AttributeError as e:
-        raise SubjectError(f"Model type {model_type!r} has no module {point.module}; "
-                           "its layout differs from the standard one.") from e
-    return point
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - custom code and the like: the loaded model is checked later
+        return None
+    return hook_point(model, layer)
 
 
 def check_layer(model: nn.Module, layer: int) -> None:

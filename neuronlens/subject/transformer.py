@@ -17,7 +17,8 @@ from neuronlens.corpus import Corpus, token_windows
 from neuronlens.errors import UserError
 from neuronlens.records import NeuronId, NeuronRecord
 from neuronlens.subject.base import Subject
-from neuronlens.subject.hooks import check_layer, check_neuron, hook_point, n_layers, n_neurons
+from neuronlens.subject.hooks import (check_neuron, hook_point, hook_point_from_config, n_layers,
+                                      n_neurons)
 from neuronlens.models import cache_dir, display_name, load_model, resolve, weights_identity
 from neuronlens.subject.recording import Recording, RecordingConfig, record, select
 
@@ -40,8 +41,9 @@ class ModelSubject(Subject):
             config = AutoConfig.from_pretrained(path)
         except (OSError, ValueError):
             return   # loading the model says what is wrong, in its own words
-        for layer in neurons.get("layers") or ():
-            check_layer(config, layer)
+        layers = neurons.get("layers")
+        for layer in layers if layers is not None else [n_layers(config) // 2]:
+            hook_point_from_config(config, layer)   # architecture, experts, layer: before loading
         if neurons.get("which") == "list":
             for index in neurons.get("indices") or ():
                 check_neuron(config, index)
