@@ -115,6 +115,10 @@ def process(neuron: NeuronRecord, explainer: Explainer, simulator: Scorer, cfg: 
     split = lambda name: neuron.split(name, sc.split_seed)  # noqa: E731
     row: dict[str, Any] = {"layer": neuron.neuron_id.layer, "index": neuron.neuron_id.index,
                            "max_activation": neuron.max_activation}
+    if neuron.logits:   # what the neuron's output promotes and suppresses (direct path)
+        row["logits"] = neuron.logits
+    if neuron.density is not None:   # the fraction of corpus tokens on which it is above 0
+        row["density"] = neuron.density
     usage = {"explainer": [0, 0], "simulator": [0, 0]}
     phases = {"explain": 0.0, "simulate": 0.0, "judges": 0.0}   # seconds of this neuron in each
     by_kind: Counter[str] = Counter()

@@ -128,6 +128,9 @@ class NeuronRecord:
     # "hash": each excerpt's split from a hash of its tokens (any source, robust to reordering);
     # "openai": the reference's interleaved slices, top and random 1:1 (records in OpenAI's order)
     split_scheme: str = field(default="hash", compare=False)
+    # the tokens the neuron's output promotes and suppresses (``subject/logits.py``), if known
+    logits: dict | None = field(default=None, compare=False)
+    density: float | None = field(default=None, compare=False)   # fraction of tokens with a > 0
 
     @property
     def max_activation(self) -> float:

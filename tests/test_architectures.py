@@ -118,3 +118,36 @@ def test_mixture_of_experts_is_refused_from_the_config(model_type, kwargs, monke
     with pytest.raises(SubjectError, match=r"mixture of experts \(4 experts per layer") as info:
         hook_point_from_config(config, 0)
     assert "\n" not in str(info.value)
+
+
+FINAL_NORM = {"gpt2": "transformer.ln_f", "gptj": "transformer.ln_f", "opt": "model.decoder.final_layer_norm",
+              "gpt_neox": "gpt_neox.final_layer_norm", "phi": "model.final_layernorm"}
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHS))
+def test_output_logits_are_the_direction_through_norm_and_unembedding(model_type, tiny_tokenizer):
+    """Each neuron's promoted and suppressed tokens: its output direction (read here by running
+    the projection on a one-hot input, whatever the weight's layout), scaled by the final norm's
+    weight (randomised here, 1 + weight for Gemma), through the unembedding."""
+    from neuronlens.subject.logits import neuron_logits
+
+    _, model = _tiny(model_type)
+    norm = model.get_submodule(FINAL_NORM.get(model_type, "model.norm"))
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(norm.weight.shape, generator=torch.Generator().manual_seed(2)) + 0.5)
+    scale = norm.weight + 1 if model_type.startswith("gemma") else norm.weight
+    point = hook_point(model, 1).module
+    proj = model.get_submodule(point)
+    width = n_neurons(model)
+    got = neuron_logits(model, tiny_tokenizer, point, [0, 5, width - 1])
+    with torch.no_grad():
+        for i in (0, 5, width - 1):
+            one_hot = torch.zeros(1, width)
+            one_hot[0, i] = 1.0
+            direction = (proj(one_hot) - proj(torch.zeros(1, width)))[0]
+            logits = model.get_output_embeddings().weight @ (scale * direction)
+            top = logits.topk(10)
+            assert [t for t, _ in got[i]["promoted"]] == [tiny_tokenizer.decode([int(t)]) for t in top.indices]
+            assert [v for _, v in got[i]["promoted"]] == pytest.approx(top.values.tolist(), abs=1e-3)
+            low = (-logits).topk(10)
+            assert [v for _, v in got[i]["suppressed"]] == pytest.approx((-low.values).tolist(), abs=1e-3)

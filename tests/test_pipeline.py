@@ -68,6 +68,9 @@ def test_run_writes_contract_files(tiny_llama_dir, corpus, tmp_path):
     assert explained, "no neuron was explained: the test would check nothing"
     for row in out:
         assert {"layer", "index", "explanation"} <= set(row)
+        assert len(row["logits"]["promoted"]) == len(row["logits"]["suppressed"]) == 10
+        assert row["logits"]["promoted"][0][1] > 0 > row["logits"]["suppressed"][0][1]
+        assert 0 < row["density"] < 1
         if row["explanation"] is None:   # a failure says why
             assert row["error"] and row["error_kind"]
     for row in explained:

@@ -144,6 +144,10 @@ def test_moments_match_numpy_and_scipy(recorded):
         assert got["skewness"] == pytest.approx(sps.skew(a, bias=True), rel=1e-3, abs=1e-4)
         assert got["kurtosis"] == pytest.approx(sps.kurtosis(a, fisher=True, bias=True),
                                                 rel=1e-3, abs=1e-4)
+        # the density: the fraction of tokens above 0 (a token within float noise of 0 may differ)
+        near = np.abs(a) <= tol(a)
+        assert (a > 0)[~near].sum() <= rec.density(i) * a.size <= (a > 0).sum() + near.sum()
+        assert rec.neuron_record(i).density == rec.density(i)
 
 
 def test_random_sample_holds_real_windows_with_their_activations(recorded):

@@ -276,6 +276,11 @@ def test_split_characters_words_histogram_and_legend(browser, unicode_run, tmp_p
               for b in bars]
     assert len(bars) == 48 and sum(counts) == sum(len(e["true"]) for e in row["test_excerpts"])
 
+    # the output side: the promoted and suppressed tokens, as the row holds them
+    cells = [c.get_attribute("textContent") for c in browser.find_elements(By.CSS_SELECTOR, "#logits td.out code")]
+    assert cells[:2] == [row["logits"]["promoted"][0][0], row["logits"]["suppressed"][0][0]]
+    assert len(cells) == 20
+
     # the legends: a swatch, then its label, for every item that has one
     order = browser.execute_script("""
         return Array.from(document.querySelectorAll('.legend .item'), item => {

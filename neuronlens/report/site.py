@@ -185,6 +185,7 @@ def environment() -> Environment:
     env.filters["fmt"] = fmt
     env.filters["exact"] = lambda v: "–" if v is None else repr(float(v))
     env.globals["page_name"] = page_name
+    env.globals["zip"] = zip
     return env
 
 

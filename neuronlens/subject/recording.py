@@ -54,7 +54,8 @@ class Recording:
     top_max: torch.Tensor          # [N, k] float, -inf where fewer than k windows were seen
     random_windows: torch.Tensor   # [R] int: rows of ``windows``, shared by all units
     random_acts: torch.Tensor      # [N, R, T] float
-    moments: torch.Tensor          # [N, 4] float64: sums of a, a^2, a^3, a^4
+    moments: torch.Tensor          # [N, 5] float64: sums of a, a^2, a^3, a^4, and the count of
+                                   # a > 0 (recordings before it have [N, 4])
     n_tokens: int
     token_strings: dict[int, str]
     meta: dict
@@ -73,7 +74,7 @@ class Recording:
 
     def stats(self, i: int) -> dict[str, float]:
         """Mean, variance, skewness and (excess) kurtosis of neuron i over every corpus token."""
-        s1, s2, s3, s4 = (float(x) / self.n_tokens for x in self.moments[i])
+        s1, s2, s3, s4 = (float(x) / self.n_tokens for x in self.moments[i, :4])
         var = max(s2 - s1**2, 0.0)
         if var == 0.0:
             return {"mean": s1, "variance": 0.0, "skewness": math.nan, "kurtosis": math.nan}
@@ -111,7 +112,11 @@ class Recording:
                zip(self.top_tokens[i], self.top_acts[i], valid) if ok]
         rnd = [self._record(t, a) for t, a in zip(self.random_tokens, self.random_acts[i])]
         return NeuronRecord(self.neurons[i], most_positive_activation_records=top,
-                            random_sample=rnd, **self.stats(i))
+                            random_sample=rnd, density=self.density(i), **self.stats(i))
+
+    def density(self, i: int) -> float | None:
+        """The fraction of corpus tokens on which unit i is above 0 (None if not recorded)."""
+        return float(self.moments[i, 4]) / self.n_tokens if self.moments.shape[1] > 4 else None
 
     def neuron_records(self) -> Iterator[NeuronRecord]:
         return (self.neuron_record(i) for i in range(len(self.neurons)))
@@ -236,7 +241,7 @@ class Recorder:
             "act": torch.zeros((N, k, T), device=dev),
             "rwin": torch.full((R,), -1, dtype=torch.long, device=dev),
             "ract": torch.zeros((N, R, T), device=dev),
-            "mom": torch.zeros((N, 4), dtype=torch.float64, device=dev),
+            "mom": torch.zeros((N, 5), dtype=torch.float64, device=dev),
             "table": torch.zeros((N * k + R, T), dtype=torch.int32, device=dev),   # token ids
             "numbers": torch.full((N * k + R,), -1, dtype=torch.long, device=dev)})  # their windows
 
@@ -272,7 +277,8 @@ class Recorder:
         self.seen += B
         a = acts.reshape(len(self.neurons), -1).float()
         a2 = a * a   # powers in float32 per batch, summed across batches in float64
-        state["mom"] += torch.stack([a.sum(1), a2.sum(1), (a2 * a).sum(1), (a2 * a2).sum(1)], 1).double()
+        state["mom"] += torch.stack([a.sum(1), a2.sum(1), (a2 * a).sum(1), (a2 * a2).sum(1),
+                                     (a > 0).sum(1)], 1).double()
         self.n_tokens += B * T
         # the windows of this batch now referenced take the table rows nothing refers to any more
         referenced = torch.cat([state["win"].flatten(), state["rwin"]])

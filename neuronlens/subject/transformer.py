@@ -19,6 +19,7 @@ from neuronlens.records import NeuronId, NeuronRecord
 from neuronlens.subject.base import Subject
 from neuronlens.subject.hooks import (check_neuron, hook_point, hook_point_from_config, n_layers,
                                       n_neurons)
+from neuronlens.subject.logits import neuron_logits
 from neuronlens.models import cache_dir, display_name, load_model, resolve, weights_identity
 from neuronlens.subject.recording import Recording, RecordingConfig, record, select
 
@@ -59,8 +60,15 @@ class ModelSubject(Subject):
     def records(self, neurons: list[NeuronId], corpus: Corpus, recording: DictConfig, seed: int,
                 run_dir: Path, progress: bool = False) -> list[NeuronRecord]:
         model, tokenizer = self.load()
-        return list(recording_for(self.model, model, tokenizer, neurons, corpus, recording, seed,
-                                  run_dir, progress).neuron_records())
+        records = list(recording_for(self.model, model, tokenizer, neurons, corpus, recording, seed,
+                                     run_dir, progress).neuron_records())
+        for layer in sorted({n.layer for n in neurons}):
+            mine = [r for r in records if r.neuron_id.layer == layer]
+            logits = neuron_logits(model, tokenizer, hook_point(model, layer).module,
+                                   [r.neuron_id.index for r in mine])
+            for r in mine:
+                r.logits = logits[r.neuron_id.index]
+        return records
 
 
 def select_neurons(model, layers, per_layer: int, which: str, indices, seed: int) -> list[NeuronId]:
@@ -103,7 +111,7 @@ def recording_for(model_name: str, model, tokenizer, neurons: list[NeuronId], co
     identity = {"weights": weights_identity(model_name), "dtype": str(next(model.parameters()).dtype),
                 "corpus": corpus.describe(), "window": recording.window,
                 "max_windows": recording.max_windows, "recording": vars(rconf) | {},
-                "version": 3}   # 3: whole layers, window ids
+                "version": 4}   # 3: whole layers, window ids; 4: density
     windows = lambda: token_windows(corpus, tokenizer, recording.window, recording.max_windows)
     if recording.cache:
         layers = sorted({n.layer for n in neurons})
