@@ -121,6 +121,18 @@ def cache_figures(d: dict) -> dict:
             "prompt_tokens_computed": d["sent"] - d["hits"]}
 
 
+def count_since(server, before: dict | None, variant: dict) -> dict | None:
+    """Put the tokens the server received since ``before`` and its cache figures into
+    ``variant``, and start the next variant from a cold prefix cache; the new counts."""
+    if server is None:
+        return None
+    d = delta(before, server_counts(server))
+    variant["prompt_tokens_sent"] = d["sent"]
+    variant |= cache_figures(d)
+    server.reset_prefix_cache()
+    return server_counts(server)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--neurons", type=int, default=2)
@@ -180,12 +192,7 @@ def main() -> None:
                 server.reset_prefix_cache()
             before = server_counts(server) if server else None
             res["vllm"] = simulate_all(Simulator(policy), per_neuron) | {"policy": policy.stats()}
-            if server:
-                d = delta(before, server_counts(server))
-                res["vllm"]["prompt_tokens_sent"] = d["sent"]
-                res["vllm"] |= cache_figures(d)
-                server.reset_prefix_cache()
-                before = server_counts(server)
+            before = count_since(server, before, res["vllm"])
             if args.follow_up_bound > 0:
                 skipping = Policy(VLLMBackend(model="smol", base_url=base_url, timeout=timeout,
                                               follow_up_bound=args.follow_up_bound),
@@ -196,17 +203,9 @@ def main() -> None:
                                         | {"policy": skipping.stats(), "bound": args.follow_up_bound})
                 res["vllm_skipping"]["largest_difference"] = largest_difference(
                     res["vllm_skipping"]["expected"], res["vllm"]["expected"])
-                if server:
-                    d = delta(before, server_counts(server))
-                    res["vllm_skipping"]["prompt_tokens_sent"] = d["sent"]
-                    res["vllm_skipping"] |= cache_figures(d)
-                    server.reset_prefix_cache()
-                    before = server_counts(server)
+                before = count_since(server, before, res["vllm_skipping"])
             res["openai_pattern"] = openai_pattern(backend, per_neuron, concurrency)
-            if server:
-                d = delta(before, server_counts(server))
-                res["openai_pattern"]["prompt_tokens_sent"] = d["sent"]
-                res["openai_pattern"] |= cache_figures(d)
+            count_since(server, before, res["openai_pattern"])
     finally:
         stop.set()
         for p in burners:
