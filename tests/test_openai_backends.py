@@ -279,6 +279,11 @@ def test_a_follow_up_that_cannot_move_the_value_past_the_bound_is_skipped():
         follow = Recorder(answers)
         assert score_prompt(request, tokens, follow, bound=bound).bound == (0.0, 0.0)
         assert len(follow.calls[0]) == 2
+    # a lead merged with the tab: the total is unknown at the first token, so nothing is skipped
+    merged = [PromptToken(0, {}), PromptToken(2, {"\t": L(0.6), "\t5": L(0.05)}), PromptToken(10, {})]
+    follow = Recorder({"ab\t": {"1": L(0.001), "5": L(0.5)}, "ab\t1": {"0": L(0.4)}})
+    got = score_prompt(PromptLogprobRequest("ab\tunknown\n", (3,), ("5", "1", "10")), merged, follow, bound=10)
+    assert follow.calls == [["ab\t"], ["ab\t1"]] and got.bound == (0.0,)
 
 
 def test_rounds_are_bounded():

@@ -109,15 +109,19 @@ class Placeholder:
 
     def skip_bound(self, path: TokenPath, values: Sequence[float]) -> float | None:
         """How far the expected value can move if ``path``'s follow-up is skipped, its whole mass
-        given to the candidate that ends at ``path``; None when no candidate ends there."""
+        given to the candidate that ends at ``path``. Only where every live candidate is one
+        token so far and each of those tokens ends a candidate ("1" of "10"), so that the
+        placeholder's total mass is known already; None elsewhere (a merged lead, say)."""
         live = [k for k in range(len(self.rest)) if not self.dead[k]]
+        if any(len(self.paths[k]) != 1 for k in live):
+            return None
+        firsts = {self.paths[k] for k in live}
+        if firsts != {self.paths[k] for k in live if not self.rest[k]}:
+            return None
         ending = [k for k in live if self.paths[k] == path and not self.rest[k]]
         waiting = [k for k in live if self.paths[k] == path and self.rest[k]]
-        if not ending or not waiting:
-            return None
-        total = sum(self.dists[()].get(t, 0.0) for t in {self.paths[k][0] if self.paths[k]
-                    else None for k in live} - {None})
-        if total <= 0:
+        total = sum(self.path_prob(first) for first in firsts)
+        if not waiting or total <= 0:
             return None
         gap = max(abs(values[k] - values[ending[0]]) for k in waiting)
         return self.path_prob(path) * gap / total
@@ -195,9 +199,9 @@ def score_prompt(request: PromptLogprobRequest, tokens: Sequence[PromptToken], f
         for i, s in enumerate(states):
             for path in s.advance():
                 shift = s.skip_bound(path, values) if values else None
-                if shift is not None and shift <= bound:
+                if shift is not None and skipped[i] + shift <= bound:   # the shifts add up
                     s.skip(path)
-                    skipped[i] = max(skipped[i], shift)
+                    skipped[i] += shift
                 else:
                     wanted.append((s, path))
         if not wanted:
