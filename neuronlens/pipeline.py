@@ -78,6 +78,12 @@ def prepare_explainer(explainer: Explainer, records: list[NeuronRecord], cfg: Di
     """Give the explainer every neuron's train excerpts (the shuffled baseline swaps between
     them); nothing else of a record ever reaches an explainer."""
     explainer.prepare({r.neuron_id: r.shown(cfg.scoring.split_seed) for r in records})
+    if getattr(explainer, "show_logits", False):   # from the weights: no excerpt of any split
+        explainer.outputs = {r.neuron_id: r.logits for r in records if r.logits}
+        if len(explainer.outputs) < len(records):
+            log.warning("explain.show_logits: %d of %d neurons have no output logits (only model "
+                        "subjects have them); they are explained from their excerpts alone.",
+                        len(records) - len(explainer.outputs), len(records))
 
 
 def backend_stats(role) -> dict[str, Any] | None:

@@ -71,6 +71,8 @@ class Explain:
     temperature: Optional[float] = setting(None, "sampling temperature; null: 0 for n=1, 1.0 for n>1", low=0)
     prompt_format: str = setting("auto", "how the prompt is sent", choices=("auto", "chat", "completion"))
     seed: int = setting("${seed}", "the explainer's sampling seed")
+    show_logits: bool = setting(False, "also show the tokens each neuron's output promotes and suppresses "
+                                       "(model subjects; `logits` in neurons.jsonl)")
 
 
 @dataclass

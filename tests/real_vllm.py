@@ -52,9 +52,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def links_this_checkout() -> bool:
-    """Whether the venv's neuronlens is this checkout's (the venv outlives the clone that made it)."""
-    done = subprocess.run([venv_python(), "-c", "import neuronlens; print(neuronlens.__file__)"],
-                          capture_output=True, text=True)
+    """Whether the venv's neuronlens is this checkout's (the venv outlives the clone that made it).
+    Asked outside the checkout (``-P``, from the venv's folder), or the checkout's own folder on
+    ``sys.path`` would answer yes for a venv that has no neuronlens at all."""
+    done = subprocess.run([venv_python(), "-P", "-c", "import neuronlens; print(neuronlens.__file__)"],
+                          capture_output=True, text=True, cwd=venv_dir())
     return done.returncode == 0 and Path(done.stdout.strip()) == ROOT / "neuronlens" / "__init__.py"
 
 

@@ -385,3 +385,24 @@ def test_an_answer_copying_a_few_shot_answer_is_asked_again_without_that_example
     assert result.n_copies_replaced == len(FEWSHOT) and len(backend.requests) == len(FEWSHOT) + 1
     assert (result.prompt_tokens, result.completion_tokens) == (10 * (len(FEWSHOT) + 1), 2 * (len(FEWSHOT) + 1))
     assert result.n_fewshot_used == 0
+
+
+LOGITS = {"promoted": [[" cat", 2.5], ["\n", 1.0]], "suppressed": [[" dog", -2.0], ["\t", -0.5]]}
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_show_logits_adds_the_output_line_to_the_target_neuron_only(chat: bool) -> None:
+    """explain.show_logits: the tokens the neuron's output promotes and suppresses, one line after
+    its excerpts (tabs and newlines escaped); never for the examples, never without the option."""
+    other = NeuronId(ID.layer, ID.index + 1)
+    for show in (False, True):
+        backend = FakeBackend(completion=not chat)
+        explainer = LLMExplainer(backend, show_logits=show)
+        explainer.outputs = {ID: LOGITS}
+        explainer.explain(ID, NEURON)
+        explainer.explain(other, NEURON)          # a neuron without logits
+        texts = [r.prompt or "\n".join(m.content for m in r.messages) for r in backend.requests]
+        line = '"\\n"; it lowers those of " dog", "\\t".'
+        assert texts[0].count("Its output raises the next-token logits of") == int(show)
+        assert (f'of " cat", {line}' in texts[0]) == show
+        assert "Its output raises" not in texts[1]

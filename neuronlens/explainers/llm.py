@@ -36,6 +36,8 @@ CHAT_RULES = (f'Reply with only the words that complete "{PHRASE} ...": one shor
               "no preamble, without repeating the start of the sentence.")
 CHAT_ASK = f"Complete the sentence: {PHRASE}"
 NONZERO_HEADING = "Non-zero activations in the excerpt above:"
+OUTPUT_HEADING = "Its output raises the next-token logits of"
+N_OUTPUT_TOKENS = 10
 CHAT_MESSAGE_TOKENS = 4     # allowance per chat message for role and separators
 SPARSE_FRACTION = 0.2       # below this fraction of non-zero tokens, repeat the non-zero ones
 
@@ -75,34 +77,43 @@ def format_record(record: ActivationRecord, max_activation: float) -> str:
     return text
 
 
-def format_neuron(label: int, records: Sequence[ActivationRecord], max_activation: float) -> str:
+def format_output(logits: dict) -> str:
+    """The tokens a neuron's output promotes and suppresses, as one line."""
+    quoted = lambda side: ", ".join(f'"{format_token(t)}"' for t, _ in logits[side][:N_OUTPUT_TOKENS])  # noqa: E731
+    return f"{OUTPUT_HEADING} {quoted('promoted')}; it lowers those of {quoted('suppressed')}."
+
+
+def format_neuron(label: int, records: Sequence[ActivationRecord], max_activation: float,
+                  logits: dict | None = None) -> str:
     body = "\n".join(format_record(r, max_activation) for r in records)
-    return f"Neuron {label}\nActivations:\n{body}"
+    output = f"\n{format_output(logits)}" if logits else ""
+    return f"Neuron {label}\nActivations:\n{body}{output}"
 
 
 def completion_prompt(fewshot: Sequence[tuple[Sequence[ActivationRecord], str]],
-                      records: Sequence[ActivationRecord], max_activation: float) -> str:
+                      records: Sequence[ActivationRecord], max_activation: float,
+                      logits: dict | None = None) -> str:
     """One text ending in "... the main thing this neuron does is find"."""
     parts = [INSTRUCTIONS]
     for i, (excerpts, explanation) in enumerate(fewshot, start=1):
         parts.append(f"{format_neuron(i, excerpts, 10.0)}\n"
                      f"Explanation of neuron {i}: {PHRASE} {explanation}.")
     label = len(fewshot) + 1
-    parts.append(f"{format_neuron(label, records, max_activation)}\n"
+    parts.append(f"{format_neuron(label, records, max_activation, logits)}\n"
                  f"Explanation of neuron {label}: {PHRASE}")
     return "\n\n".join(parts)
 
 
 def chat_messages(fewshot: Sequence[tuple[Sequence[ActivationRecord], str]],
                   records: Sequence[ActivationRecord],
-                  max_activation: float) -> tuple[Message, ...]:
+                  max_activation: float, logits: dict | None = None) -> tuple[Message, ...]:
     """System instructions, each example as a user/assistant pair, then the target neuron."""
     messages = [Message("system", f"{INSTRUCTIONS}\n\n{CHAT_RULES}")]
     for i, (excerpts, explanation) in enumerate(fewshot, start=1):
         messages.append(Message("user", f"{format_neuron(i, excerpts, 10.0)}\n\n{CHAT_ASK}"))
         messages.append(Message("assistant", explanation))
     label = len(fewshot) + 1
-    target = format_neuron(label, records, max_activation)
+    target = format_neuron(label, records, max_activation, logits)
     messages.append(Message("user", f"{target}\n\n{CHAT_ASK}"))
     return tuple(messages)
 
@@ -138,7 +149,7 @@ class LLMExplainer(Explainer):
 
     def __init__(self, backend: Backend, n: int = 1, max_records: int = 10, max_tokens: int = 60,
                  temperature: float | None = None, prompt_format: str = "auto",
-                 seed: int = 0) -> None:
+                 seed: int = 0, show_logits: bool = False) -> None:
         if not isinstance(backend, Backend):
             raise UserError(f"The explainer needs a Backend, not {type(backend).__name__}.")
         if n < 1 or max_records < 1 or max_tokens < 1:
@@ -153,6 +164,8 @@ class LLMExplainer(Explainer):
         self.max_records, self.max_tokens = max_records, max_tokens
         self.temperature = temperature if temperature is not None else (1.0 if n > 1 else 0.0)
         self.prompt_format, self.seed = prompt_format, seed
+        self.show_logits = show_logits
+        self.outputs: dict[NeuronId, dict] = {}   # per neuron, its logits (``show_logits``)
         self.resolve_format()  # a format the backend lacks fails now, not at the first neuron
 
     def resolve_format(self) -> str:
@@ -171,19 +184,20 @@ class LLMExplainer(Explainer):
         return self.prompt_format
 
     def _request(self, fewshot: Sequence[tuple[Sequence[ActivationRecord], str]],
-                 records: Sequence[ActivationRecord],
-                 max_activation: float) -> tuple[GenerateRequest, int]:
+                 records: Sequence[ActivationRecord], max_activation: float,
+                 logits: dict | None = None) -> tuple[GenerateRequest, int]:
         """The request and its prompt's token count."""
         chat = self.resolve_format() == "chat"
-        messages = chat_messages(fewshot, records, max_activation) if chat else ()
-        prompt = None if chat else completion_prompt(fewshot, records, max_activation)
+        messages = chat_messages(fewshot, records, max_activation, logits) if chat else ()
+        prompt = None if chat else completion_prompt(fewshot, records, max_activation, logits)
         tokens = (sum(self.backend.count_tokens(m.content) + CHAT_MESSAGE_TOKENS for m in messages)
                   if chat else self.backend.count_tokens(prompt or ""))
         return GenerateRequest(messages=messages, prompt=prompt, max_tokens=self.max_tokens,
                                temperature=self.temperature, n=self.n, seed=self.seed,
                                stop=() if chat else ("\n",)), tokens
 
-    def _fit(self, records: Sequence[ActivationRecord], fewshot: Sequence[Example] = FEWSHOT) -> _Fitted:
+    def _fit(self, records: Sequence[ActivationRecord], fewshot: Sequence[Example] = FEWSHOT,
+             logits: dict | None = None) -> _Fitted:
         if not records:
             raise UserError("A neuron needs at least one activation record to be explained.")
         shown = list(records[: self.max_records])
@@ -192,7 +206,7 @@ class LLMExplainer(Explainer):
         n_fewshot = len(fewshot)
 
         def attempt() -> tuple[GenerateRequest, bool]:
-            request, tokens = self._request(fewshot[:n_fewshot], shown, max_activation)
+            request, tokens = self._request(fewshot[:n_fewshot], shown, max_activation, logits)
             return request, tokens <= budget
 
         request, fits = attempt()
@@ -234,7 +248,7 @@ class LLMExplainer(Explainer):
         fewshot, replaced = list(FEWSHOT), 0
         prompt_tokens = completion_tokens = 0
         while True:
-            fitted = self._fit(records, fewshot)
+            fitted = self._fit(records, fewshot, self.outputs.get(neuron) if self.show_logits else None)
             generation = self.backend.generate_usable(fitted.request, usable_explanations)
             prompt_tokens += generation.usage.prompt_tokens
             completion_tokens += generation.usage.completion_tokens
