@@ -60,12 +60,17 @@ def check_dense(model: nn.Module) -> None:
                                "dense MLPs only; choose a dense model.")
 
 
+def decoder(model: nn.Module) -> nn.Module:
+    """The text decoder: its layers and final norm (the model itself for a bare one)."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else model
+
+
 def decoder_layers(model: nn.Module) -> str:
     """The dotted path of the model's list of decoder layers."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    text = decoder(model)
     for attr in ("layers", "h"):
-        if isinstance(getattr(decoder, attr, None), nn.ModuleList):
-            prefix = next(name for name, m in model.named_modules() if m is decoder)
+        if isinstance(getattr(text, attr, None), nn.ModuleList):
+            prefix = next(name for name, m in model.named_modules() if m is text)
             return f"{prefix}.{attr}" if prefix else attr
     raise SubjectError(f"neuronlens cannot find the decoder layers of model type "
                        f"{_text_config(model).model_type!r} (no `layers` or `h` list in its decoder).")

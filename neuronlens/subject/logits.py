@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from neuronlens.subject.hooks import decoder
+
 N_LOGITS = 10
 FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
 
@@ -27,8 +29,8 @@ def output_direction_weights(model: nn.Module, point: str) -> torch.Tensor:
 
 
 def final_norm_scale(model: nn.Module) -> torch.Tensor | None:
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    norm = next((getattr(decoder, n) for n in FINAL_NORMS if isinstance(getattr(decoder, n, None), nn.Module)),
+    text = decoder(model)
+    norm = next((getattr(text, n) for n in FINAL_NORMS if isinstance(getattr(text, n, None), nn.Module)),
                 None)
     weight = getattr(norm, "weight", None)
     if weight is None:
