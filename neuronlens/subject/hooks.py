@@ -7,12 +7,17 @@ the activation after the nonlinearity (times the up projection where the MLP is 
 layers are found through the model's decoder (``get_decoder()``), so a text model inside a
 multimodal one (Gemma 3 4B and up) is found too. Mixture-of-experts models are refused from their
 config: their neurons belong to experts.
+
+Other units (SAE latents, transcoder latents) are read at a hook point named by module
+(``module_point``: sparsify's hookpoints) or by TransformerLens hook name (``lens_point``:
+sae_lens's), and pass through the point's ``encode`` (the SAE's encoder) before anyone sees them.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -31,6 +36,10 @@ EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_
 class HookPoint:
     module: str    # dotted path of the module, e.g. "model.layers.3.mlp.down_proj"
     kind: str      # "output" (read the module's output) or "input" (read its first input)
+    width: int | None = None   # how many units are read there (None: not known yet)
+    # the units from what is read ([..., d_in] -> [..., width]: an SAE's encoder); None: what is
+    # read are the units. A point with an encoder is read-only.
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, compare=False)
 
 
 def _text_config(model: nn.Module):
@@ -85,7 +94,7 @@ def hook_point(model: nn.Module, layer: int) -> HookPoint:
             model.get_submodule(f"{block}.{name}")
         except AttributeError:
             continue
-        return HookPoint(f"{block}.{name}", "input")
+        return HookPoint(f"{block}.{name}", "input", n_neurons(model))
     raise SubjectError(f"neuronlens does not know where the MLP neurons of model type "
                        f"{_text_config(model).model_type!r} are: its layer {block} has none of the "
                        f"output projections {', '.join(OUTPUT_PROJECTIONS)} (supported: GPT-2, the "
@@ -107,6 +116,57 @@ def hook_point_from_config(config, layer: int) -> HookPoint | None:
     return hook_point(model, layer)
 
 
+def module_point(model: nn.Module, name: str, kind: str) -> HookPoint:
+    """The module ``name`` as named under the base model (as sparsify names its hookpoints:
+    ``layers.3``, ``h.3.mlp``) or under the whole model."""
+    base = next((n for n, m in model.named_modules() if m is model.base_model), "") \
+        if hasattr(model, "base_model") else ""
+    for full in dict.fromkeys([f"{base}.{name}" if base else name, name]):
+        try:
+            model.get_submodule(full)
+        except AttributeError:
+            continue
+        return HookPoint(full, kind)
+    raise SubjectError(f"This model ({_text_config(model).model_type!r}) has no module {name!r} "
+                       "to hook; name a module of its base model, as model.base_model.named_modules() "
+                       "lists them (for example layers.3 or layers.3.mlp).")
+
+
+# TransformerLens hook names that map onto the modules of an HF model: blocks.L.<what>
+LENS_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_mlp_in",
+              "ln2.hook_normalized", "hook_mlp_out", "mlp.hook_post")
+MLP_NORMS = ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2")   # the norm before the MLP
+
+
+def lens_point(model: nn.Module, hook_name: str) -> HookPoint:
+    """The HF module read for a TransformerLens hook name (as sae_lens names where an SAE reads):
+    the residual stream before, between and after a layer's blocks, and the MLP's input, output
+    and neurons."""
+    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", hook_name)
+    if not match or match[2] not in LENS_HOOKS:
+        raise SubjectError(f"neuronlens cannot read the TransformerLens hook {hook_name!r}; it reads "
+                           f"blocks.L.{{{', '.join(LENS_HOOKS)}}} (attention heads' hook_z are not read).")
+    layer, what = int(match[1]), match[2]
+    check_layer(model, layer)
+    block = f"{decoder_layers(model)}.{layer}"
+    if what == "mlp.hook_post":
+        return hook_point(model, layer)
+    if what in ("hook_resid_pre", "hook_resid_post"):
+        return HookPoint(block, "input" if what == "hook_resid_pre" else "output")
+    if what == "hook_resid_mid":
+        norm = next((n for n in MLP_NORMS if hasattr(model.get_submodule(block), n)), None)
+        if norm is None:
+            raise SubjectError(f"Model type {_text_config(model).model_type!r} has no norm before its "
+                               f"MLP ({', '.join(MLP_NORMS)}), so {hook_name} cannot be read.")
+        return HookPoint(f"{block}.{norm}", "input")
+    try:
+        model.get_submodule(f"{block}.mlp")
+    except AttributeError:
+        raise SubjectError(f"Model type {_text_config(model).model_type!r} has no `mlp` module in its "
+                           f"layers, so {hook_name} cannot be read.") from None
+    return HookPoint(f"{block}.mlp", "output" if what == "hook_mlp_out" else "input")
+
+
 def check_layer(model: nn.Module, layer: int) -> None:
     total = n_layers(model)
     if not 0 <= layer < total:
@@ -115,10 +175,18 @@ def check_layer(model: nn.Module, layer: int) -> None:
 
 
 def check_neuron(model: nn.Module, index: int) -> None:
-    total = n_neurons(model)
-    if not 0 <= index < total:
-        raise SubjectError(f"Neuron index {index} is out of range: this model has {total} MLP "
-                           f"neurons per layer (0-{total - 1}).")
+    check_unit(n_neurons(model), 0, index)
+
+
+def check_unit(width: int, layer: int, index: int, latents: bool = False) -> None:
+    """A unit's index against the width of its layer (of MLP neurons, or of an SAE's latents)."""
+    if 0 <= index < width:
+        return
+    if not latents:
+        raise SubjectError(f"Neuron index {index} is out of range: this model has {width} MLP "
+                           f"neurons per layer (0-{width - 1}).")
+    raise SubjectError(f"Latent index {index} is out of range: the SAE at layer {layer} has "
+                       f"{width} latents (0-{width - 1}).")
 
 
 class StopForward(Exception):
@@ -130,27 +198,44 @@ class StopForward(Exception):
 HookFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
 
 
+def _call(fn: HookFn, layer: int, point: HookPoint, acts: torch.Tensor) -> torch.Tensor | None:
+    if point.encode is None:
+        return fn(layer, acts)
+    if fn(layer, point.encode(acts)) is not None:
+        raise ValueError(f"The units at {point.module} are encoded from what is read there; they can "
+                         "be read, not overwritten.")
+    return None
+
+
 @contextmanager
-def neuron_hooks(model: nn.Module, layers: list[int], fn: HookFn) -> Iterator[None]:
-    """Call ``fn(layer, activations)`` on every forward pass, for each layer in ``layers``.
+def neuron_hooks(model: nn.Module, layers: list[int], fn: HookFn,
+                 points: dict[int, HookPoint] | None = None) -> Iterator[None]:
+    """Call ``fn(layer, activations)`` on every forward pass, for each layer in ``layers``, with
+    the activations read at ``points[layer]`` (by default, the layer's MLP neurons).
 
     All module paths are resolved before any hook is attached, and the hooks are removed on exit
     even if the body raises.
     """
-    points = {layer: hook_point(model, layer) for layer in layers}
+    points = {layer: (points or {}).get(layer) or hook_point(model, layer) for layer in layers}
     handles = []
     try:
         for layer, point in points.items():
             module = model.get_submodule(point.module)
             if point.kind == "output":
-                def hook(_m, _inp, out, layer=layer):
-                    return fn(layer, out)
+                def hook(_m, _inp, out, layer=layer, point=point):
+                    # a decoder layer may return (hidden states, ...): the first is what is read
+                    new = _call(fn, layer, point, out[0] if isinstance(out, tuple) else out)
+                    return None if new is None else (new, *out[1:]) if isinstance(out, tuple) else new
                 handles.append(module.register_forward_hook(hook))
             else:
-                def pre_hook(_m, args, layer=layer):
-                    new = fn(layer, args[0])
-                    return None if new is None else (new, *args[1:])
-                handles.append(module.register_forward_pre_hook(pre_hook))
+                def pre_hook(_m, args, kwargs, layer=layer, point=point):
+                    # the first input, given by position or (a decoder layer's) as hidden_states=
+                    if args:
+                        new = _call(fn, layer, point, args[0])
+                        return None if new is None else ((new, *args[1:]), kwargs)
+                    new = _call(fn, layer, point, kwargs["hidden_states"])
+                    return None if new is None else (args, kwargs | {"hidden_states": new})
+                handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
         yield
     finally:
         for h in handles:

@@ -1,7 +1,7 @@
-"""The output side of a neuron: the tokens its output direction promotes and suppresses.
+"""The output side of a unit: the tokens its output direction promotes and suppresses.
 
-A neuron writes ``activation x w`` into the residual stream, where ``w`` is its column of the
-MLP's output projection. Read straight through the final norm's weight and the unembedding,
+A unit writes ``activation x w`` into the residual stream, where ``w`` is its column of the
+MLP's output projection (a neuron) or its row of the decoder (an SAE or transcoder latent). Read straight through the final norm's weight and the unembedding,
 ``w`` gives a logit change per token: ``W_U (g * w)``. This is the direct path only, as
 Neuronpedia's top logits are: it ignores the norm's division by the residual's scale (the same
 for every token, so the order is kept), the norm's bias where it has one, and every later layer.
@@ -42,9 +42,17 @@ def final_norm_scale(model: nn.Module) -> torch.Tensor | None:
 @torch.no_grad()
 def neuron_logits(model: nn.Module, tokenizer, point: str, indices: list[int],
                   k: int = N_LOGITS) -> dict[int, dict[str, list]]:
-    """Per neuron index: ``{"promoted": [[token, logit], ...], "suppressed": [...]}``, ``k`` each,
-    the direct-path logit change per unit of activation (see the module's docstring)."""
-    directions = output_direction_weights(model, point)[indices].float()      # [n, hidden]
+    """``direction_logits`` of the neurons ``indices`` read at the output projection ``point``."""
+    return direction_logits(model, tokenizer, output_direction_weights(model, point)[indices], indices, k)
+
+
+@torch.no_grad()
+def direction_logits(model: nn.Module, tokenizer, directions: torch.Tensor, indices: list[int],
+                     k: int = N_LOGITS) -> dict[int, dict[str, list]]:
+    """Per unit index: ``{"promoted": [[token, logit], ...], "suppressed": [...]}``, ``k`` each,
+    the direct-path logit change per unit of activation (see the module's docstring) of the
+    residual-stream ``directions`` [units, hidden], one per index."""
+    directions = directions.to(model.get_output_embeddings().weight.device).float()
     scale = final_norm_scale(model)
     if scale is not None:
         directions = directions * scale.float()

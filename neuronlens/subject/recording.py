@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from neuronlens.files import write_atomic
 from neuronlens.models import raw_bytes
 from neuronlens.records import ActivationRecord, NeuronId, NeuronRecord
-from neuronlens.subject.hooks import StopForward, check_neuron, neuron_hooks
+from neuronlens.subject.hooks import HookPoint, StopForward, check_unit, hook_point, neuron_hooks
 
 log = logging.getLogger(__name__)
 
@@ -319,14 +319,16 @@ class Recorder:
 @torch.no_grad()
 def record(model, tokenizer, windows: Iterable[list[int]], neurons: Sequence[NeuronId],
            config: RecordingConfig = RecordingConfig(), progress: bool = True,
-           meta: dict | None = None) -> Recording:
-    """Run the model over ``windows`` and keep what each of ``neurons`` responds to."""
+           meta: dict | None = None, points: dict[int, HookPoint] | None = None) -> Recording:
+    """Run the model over ``windows`` and keep what each of ``neurons`` responds to: the units
+    read at ``points[layer]`` (by default each layer's MLP neurons; an SAE's latents, say)."""
     if not neurons:
         raise ValueError("No neurons to record; set neurons.layers and neurons.per_layer.")
-    for n in neurons:
-        check_neuron(model, n.index)
-    device = next(model.parameters()).device
     layers = sorted({n.layer for n in neurons})
+    points = points or {l: hook_point(model, l) for l in layers}
+    for n in neurons:
+        check_unit(points[n.layer].width, n.layer, n.index, points[n.layer].encode is not None)
+    device = next(model.parameters()).device
     # Columns of each layer's activations to keep, and where they go in the [.., N] matrix.
     index = {l: torch.tensor([n.index for n in neurons if n.layer == l], device=device)
              for l in layers}
@@ -341,7 +343,7 @@ def record(model, tokenizer, windows: Iterable[list[int]], neurons: Sequence[Neu
         if layer == layers[-1]:
             raise StopForward  # nothing after the deepest recorded layer is needed
 
-    with neuron_hooks(model, layers, grab):
+    with neuron_hooks(model, layers, grab, points):
         bar = tqdm(desc="recording", unit="tok", disable=not progress)
         for batch in _batches(windows, config.batch_size):
             ids = torch.tensor(batch, device=device)

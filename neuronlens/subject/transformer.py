@@ -17,9 +17,11 @@ from neuronlens.corpus import Corpus, token_windows
 from neuronlens.errors import UserError
 from neuronlens.records import NeuronId, NeuronRecord
 from neuronlens.subject.base import Subject
-from neuronlens.subject.hooks import (check_neuron, hook_point, hook_point_from_config, n_layers,
-                                      n_neurons)
-from neuronlens.subject.logits import neuron_logits
+import torch
+
+from neuronlens.subject.hooks import (HookPoint, check_neuron, check_unit, hook_point,
+                                      hook_point_from_config, n_layers, n_neurons)
+from neuronlens.subject.logits import direction_logits, output_direction_weights
 from neuronlens.models import cache_dir, display_name, load_model, resolve, weights_identity
 from neuronlens.subject.recording import Recording, RecordingConfig, record, select
 
@@ -60,46 +62,74 @@ class ModelSubject(Subject):
     def records(self, neurons: list[NeuronId], corpus: Corpus, recording: DictConfig, seed: int,
                 run_dir: Path, progress: bool = False) -> list[NeuronRecord]:
         model, tokenizer = self.load()
+        layers = sorted({n.layer for n in neurons})
         records = list(recording_for(self.model, model, tokenizer, neurons, corpus, recording, seed,
-                                     run_dir, progress).neuron_records())
-        for layer in sorted({n.layer for n in neurons}):
+                                     run_dir, progress, self.points(model, layers),
+                                     self.units()).neuron_records())
+        for layer in layers:
             mine = [r for r in records if r.neuron_id.layer == layer]
-            logits = neuron_logits(model, tokenizer, hook_point(model, layer).module,
-                                   [r.neuron_id.index for r in mine])
+            indices = [r.neuron_id.index for r in mine]
+            directions = self.directions(model, layer, indices)
+            if directions is None:
+                continue
+            logits = direction_logits(model, tokenizer, directions, indices)
             for r in mine:
                 r.logits = logits[r.neuron_id.index]
         return records
 
+    # What the units of a layer are. Here: its MLP neurons; an SAE subject reads its latents.
+    def points(self, model, layers: list[int]) -> dict[int, HookPoint]:
+        """Where each layer's units are read (and how they are encoded from what is read)."""
+        return {layer: hook_point(model, layer) for layer in layers}
+
+    def units(self) -> dict | None:
+        """What the units depend on besides the model (for the recording cache's key)."""
+        return None
+
+    def directions(self, model, layer: int, indices: list[int]) -> torch.Tensor | None:
+        """The units' output directions in the residual stream [units, hidden] (None: unknown)."""
+        return output_direction_weights(model, hook_point(model, layer).module)[indices]
+
 
 def select_neurons(model, layers, per_layer: int, which: str, indices, seed: int) -> list[NeuronId]:
     layers = list(dict.fromkeys(layers)) if layers is not None else [n_layers(model) // 2]
-    if not layers:
-        raise UserError("neurons.layers is empty; give at least one layer, or null for the middle one.")
     for layer in layers:
         hook_point(model, layer)  # a clear error for an unsupported model or a bad layer
-    width = n_neurons(model)
+    return select_units({l: n_neurons(model) for l in layers}, layers, per_layer, which, indices, seed)
+
+
+def select_units(widths: dict[int, int], layers: list[int], per_layer: int, which: str, indices,
+                 seed: int, kind: str = "neurons") -> list[NeuronId]:
+    """The units that ``neurons.*`` pick from ``layers``, each ``widths[layer]`` wide (``kind``:
+    "neurons" or "latents", for the errors)."""
+    if not layers:
+        raise UserError("neurons.layers is empty; give at least one layer, or null for the default.")
     if which == "list":
         if not indices:
             raise UserError("neurons.which=list needs neurons.indices=[...].")
-        for i in indices:
-            check_neuron(model, i)
+        for l in layers:
+            for i in indices:
+                check_unit(widths[l], l, i, kind == "latents")
         chosen = list(dict.fromkeys(int(i) for i in indices))
         return [NeuronId(l, i) for l in layers for i in chosen]
     if per_layer < 1:
         raise UserError(f"neurons.per_layer must be at least 1, got {per_layer}.")
     if which == "first":
-        return [NeuronId(l, i) for l in layers for i in range(min(per_layer, width))]
+        return [NeuronId(l, i) for l in layers for i in range(min(per_layer, widths[l]))]
     if which == "random":
         return [NeuronId(l, i) for l in layers
-                for i in sorted(random.Random(f"{seed}/{l}").sample(range(width), min(per_layer, width)))]
+                for i in sorted(random.Random(f"{seed}/{l}").sample(range(widths[l]),
+                                                                   min(per_layer, widths[l])))]
     raise UserError(f"neurons.which must be first, random or list, not {which!r}.")
 
 
 def recording_for(model_name: str, model, tokenizer, neurons: list[NeuronId], corpus: Corpus,
-                  recording: DictConfig, seed: int, run_dir: Path, progress: bool = False
-                  ) -> Recording:
+                  recording: DictConfig, seed: int, run_dir: Path, progress: bool = False,
+                  points: dict[int, HookPoint] | None = None, units: dict | None = None) -> Recording:
     """The recording of ``neurons`` of ``model`` (``model_name``: its ``subject.model``) over
-    ``corpus`` with the ``recording`` settings, kept in ``run_dir``. With ``recording.cache``,
+    ``corpus`` with the ``recording`` settings, kept in ``run_dir``: the units read at
+    ``points`` (default: the MLP neurons), which depend on ``units`` besides the model (an SAE's
+    files, say). With ``recording.cache``,
     each layer is recorded once, every unit of it, and cached under a key of the weights, the
     corpus and the settings, not of the neurons: any later run or shard on any units of that
     layer selects its rows from the cache and runs no forward pass."""
@@ -112,34 +142,38 @@ def recording_for(model_name: str, model, tokenizer, neurons: list[NeuronId], co
                 "corpus": corpus.describe(), "window": recording.window,
                 "max_windows": recording.max_windows, "recording": vars(rconf) | {},
                 "version": 4}   # 3: whole layers, window ids; 4: density
+    if units is not None:
+        identity["units"] = units
+    layers = sorted({n.layer for n in neurons})
+    points = points or {l: hook_point(model, l) for l in layers}
     windows = lambda: token_windows(corpus, tokenizer, recording.window, recording.max_windows)
     if recording.cache:
-        layers = sorted({n.layer for n in neurons})
-        rec = select(layer_recordings(model, tokenizer, layers, windows, rconf, identity, progress),
+        rec = select(layer_recordings(model, tokenizer, points, windows, rconf, identity, progress),
                      neurons, meta={"identity": identity, "config": vars(rconf) | {}})
     else:
         rec = record(model, tokenizer, windows(), neurons, rconf, progress=progress,
-                     meta={"identity": identity})
+                     meta={"identity": identity}, points=points)
     rec.save(target)
     return rec
 
 
-def layer_recordings(model, tokenizer, layers: list[int], windows, rconf: RecordingConfig,
+def layer_recordings(model, tokenizer, points: dict[int, HookPoint], windows, rconf: RecordingConfig,
                      identity: dict, progress: bool) -> list[Recording]:
-    """Every unit of each of ``layers``, from the cache (``NEURONLENS_RECORDING_CACHE``, else
+    """Every unit read at each of ``points`` (one per layer), from the cache (``NEURONLENS_RECORDING_CACHE``, else
     the user cache) or recorded in one pass over ``windows()`` and cached."""
+    layers = sorted(points)
     root = Path(os.environ.get("NEURONLENS_RECORDING_CACHE") or cache_dir() / "recordings")
     keys = {l: hashlib.sha256(json.dumps(identity | {"layer": l}, sort_keys=True, default=str)
                               .encode()).hexdigest()[:20] for l in layers}
     found = {l: Recording.saved(root / keys[l]) for l in layers}
     if missing := [l for l in layers if found[l] is None]:
-        width = n_neurons(model)
-        log.info("Recording all %d units of layer %s once (cached for any of its units)",
-                 width, ", ".join(map(str, missing)))
-        whole = record(model, tokenizer, windows(), [NeuronId(l, i) for l in missing for i in range(width)],
-                       rconf, progress=progress)
+        every = {l: [NeuronId(l, i) for i in range(points[l].width)] for l in missing}
+        log.info("Recording all %s units of layer %s once (cached for any of its units)",
+                 "/".join(str(len(every[l])) for l in missing), ", ".join(map(str, missing)))
+        whole = record(model, tokenizer, windows(), [n for l in missing for n in every[l]], rconf,
+                       progress=progress, points=points)
         for l in missing:
-            found[l] = select([whole], [NeuronId(l, i) for i in range(width)],
+            found[l] = select([whole], every[l],
                               meta={"identity": identity | {"layer": l}, "config": vars(rconf) | {}})
             save_cached(found[l], root / keys[l])
     if hits := [l for l in layers if l not in missing]:
