@@ -76,7 +76,8 @@ def build_roles(cfg: DictConfig) -> tuple[Explainer, Scorer, dict[str, Scorer]]:
 
 def prepare_explainer(explainer: Explainer, records: list[NeuronRecord], cfg: DictConfig) -> None:
     """Give the explainer every neuron's train excerpts (the shuffled baseline swaps between
-    them); nothing else of a record ever reaches an explainer."""
+    them) and, with ``explain.show_logits``, the output logits (from the weights, never from an
+    excerpt); nothing else of a record ever reaches an explainer."""
     explainer.prepare({r.neuron_id: r.shown(cfg.scoring.split_seed) for r in records})
     if getattr(explainer, "show_logits", False):   # from the weights: no excerpt of any split
         explainer.outputs = {r.neuron_id: r.logits for r in records if r.logits}
@@ -138,6 +139,9 @@ def process(neuron: NeuronRecord, explainer: Explainer, simulator: Scorer, cfg: 
                       "failed_excerpts": failed_excerpts, "seconds": time.perf_counter() - start,
                       "phase_seconds": phases}
 
+    if neuron.max_activation <= 0:   # an SAE's dead latent, say: no LLM call can explain it
+        return failed("it is never above 0 on the recorded corpus (a dead unit); there is nothing to "
+                      "explain", "dead_unit")
     shown = neuron.shown(sc.split_seed)
     if not shown:
         return failed("no excerpt of this neuron fell in the train split", "no_train_excerpts")
@@ -285,7 +289,7 @@ def finished(path: Path) -> dict[tuple[int, int], dict]:
 
 # Failures that a rerun cannot change: the neuron is kept as it is. Any other failure (server
 # down, timeout, rate limit, an answer that did not parse) is redone when the run is resumed.
-PERMANENT = frozenset({"no_train_excerpts", "unscorable", "misaligned"})
+PERMANENT = frozenset({"no_train_excerpts", "dead_unit", "unscorable", "misaligned"})
 
 
 def redo_kinds(row: dict) -> set[str]:

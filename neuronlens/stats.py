@@ -50,6 +50,17 @@ class Paired:
 
 
 @dataclass(frozen=True)
+class Difference:
+    """Mean of sample A minus mean of sample B, on different units (not paired)."""
+
+    n_a: int
+    n_b: int
+    mean_diff: float | None
+    ci: Interval | None
+    p: float | None   # Mann-Whitney U, two-sided
+
+
+@dataclass(frozen=True)
 class Agreement:
     n: int
     spearman: float | None
@@ -96,6 +107,21 @@ def paired(a: Sequence[float], b: Sequence[float]) -> Paired:
         if np.any(diff != diff[0]):
             ttest_p = _finite(stats.ttest_rel(x, y).pvalue)
     return Paired(int(diff.size), float(np.mean(diff)), bootstrap_ci(diff, np.mean), wilcoxon_p, ttest_p)
+
+
+def difference(a: Sequence[float], b: Sequence[float]) -> Difference:
+    """Mean of ``a`` minus mean of ``b`` for independent samples, with a bootstrap interval that
+    resamples each sample on its own, and the Mann-Whitney U p-value."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.size < 2 or y.size < 2:
+        return Difference(int(x.size), int(y.size), None, None, None)
+    res = stats.bootstrap((x, y), lambda u, v, axis: np.mean(u, axis=axis) - np.mean(v, axis=axis),
+                          n_resamples=N_RESAMPLES, confidence_level=LEVEL, method=METHOD,
+                          random_state=np.random.default_rng(SEED), vectorized=True)
+    low, high = _finite(res.confidence_interval.low), _finite(res.confidence_interval.high)
+    return Difference(int(x.size), int(y.size), float(x.mean() - y.mean()),
+                      None if low is None or high is None else Interval(low, high),
+                      _finite(stats.mannwhitneyu(x, y).pvalue))
 
 
 def agreement(a: Sequence[float], b: Sequence[float]) -> Agreement:

@@ -54,3 +54,34 @@ def test_embedded_subject_records_and_exports(tmp_path):
     assert len(loaded.most_positive_activation_records) == 8
     assert loaded.most_positive_activation_records[0].max_activation > 0
     assert "".join(loaded.random_sample[0].tokens).strip()
+
+
+def test_an_sae_trained_offline_is_interpreted_through_the_pipeline(tmp_path):
+    """`neuronlens-sae` trains a top-k SAE on the embedded model's middle layer with sparsify's own
+    trainer (two epochs here, to keep the suite short), states its fraction of variance explained
+    and its dead latents, and `neuronlens subject=sae` explains and scores its latents, each row
+    with the output side of its decoder row."""
+    pytest.importorskip("sparsify", reason="the sae extra")
+    sae_dir = tmp_path / "sae-run"
+    cmd = ["neuronlens-sae", "sae.epochs=2", f"hydra.run.dir={sae_dir}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trained = json.loads((sae_dir / "summary.json").read_text())
+    assert trained["hookpoint"] == "layers.15" and trained["latents"] == 576 * 8
+    assert 0.5 < trained["fraction_of_variance_explained"] <= 1
+    assert 0 <= trained["dead_latents"] < trained["latents"]
+    assert "subject.path=" in done.stdout
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "neuronlens", "subject=sae", f"subject.path={sae_dir / 'sae'}",
+           "neurons.per_layer=3", "judge_power.enabled=false", "~judges", f"hydra.run.dir={run_dir}",
+           "progress=false"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "neurons.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert len(rows) == 3 and {r["layer"] for r in rows} == {15}
+    assert "SAE" in summary["subject"]
+    for r in rows:
+        assert len(r["logits"]["promoted"]) == 10 and 0 <= r["density"] < 1
+    assert [r for r in rows if r.get("score") is not None], "no latent was scored"

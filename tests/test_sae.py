@@ -138,7 +138,8 @@ def test_both_formats_encode_as_their_libraries_define(tmp_path):
 def planted_sae(model, path: Path, token_ids: list[int]) -> tuple[Path, set[int], torch.Tensor, float]:
     """An SAE at the residual stream before layer 0 (the token embeddings) whose latent 0 fires
     on the tokens whose embedding leans furthest along a random direction: a latent wired to a
-    token set, with its exact activation known for every token. The other latents are random."""
+    token set, with its exact activation known for every token. Latent 5 never fires; the
+others are random."""
     W_enc, b_enc, W_dec, b_dec = random_weights(4)
     b_dec.zero_()
     embed = model.get_input_embeddings().weight.detach()
@@ -146,6 +147,7 @@ def planted_sae(model, path: Path, token_ids: list[int]) -> tuple[Path, set[int]
     lean = embed[token_ids] @ u
     tau = float(lean.quantile(0.9))
     W_enc[:, 0], b_enc[0] = u, -tau
+    b_enc[5] = -1e6   # latent 5 is dead
     wired = {t for t, v in zip(token_ids, lean.tolist()) if v > tau}
     sae_lens_files(path, "blocks.0.hook_resid_pre", W_enc, b_enc, W_dec, b_dec)
     return path, wired, u, tau
@@ -154,7 +156,8 @@ def planted_sae(model, path: Path, token_ids: list[int]) -> tuple[Path, set[int]
 def test_a_planted_latent_is_recovered_through_the_pipeline(tiny_llama, tiny_llama_dir, tiny_tokenizer,
                                                              tmp_path):
     """`neuronlens subject=sae`: the recorded latent fires exactly on its token set with its
-    known activation, the row carries its decoder row's logits and its density, and a second
+    known activation, the row carries its decoder row's logits and its density, a dead latent
+is a counted failure without a call to any LLM, and a second
     SAE file (other weights) is recorded anew, not read from the cache."""
     from itertools import islice
 
@@ -169,11 +172,13 @@ def test_a_planted_latent_is_recovered_through_the_pipeline(tiny_llama, tiny_lla
     cfg = config(["subject=sae", f"subject.model={tiny_llama_dir}", f"subject.path={sae}",
                   "subject.device=cpu", "corpus=files", f"corpus.paths=[{corpus}]",
                   f"explainer.model={tiny_llama_dir}", f"simulator.model={tiny_llama_dir}",
-                  "neurons.which=list", "neurons.indices=[0,3]", "recording.top_k=8",
+                  "neurons.which=list", "neurons.indices=[0,3,5]", "recording.top_k=8",
                   "recording.n_random=6", "recording.window=16", "explain.max_tokens=8", "progress=false"])
     summary = pipeline.run(cfg, tmp_path / "run")
     out = {r["index"]: r for r in rows(tmp_path / "run")}
-    assert sorted(out) == [0, 3] and {r["layer"] for r in out.values()} == {0}
+    assert sorted(out) == [0, 3, 5] and {r["layer"] for r in out.values()} == {0}
+    assert out[5]["error_kind"] == "dead_unit" and out[5]["density"] == 0   # no LLM call for it
+    assert out[5]["usage"] == {"explainer": [0, 0], "simulator": [0, 0]}
     assert "SAE sae" in summary["subject"]
     rec = Recording.load(tmp_path / "run" / "recording")
     embed = tiny_llama.get_input_embeddings().weight.detach()
@@ -197,7 +202,7 @@ def test_a_planted_latent_is_recovered_through_the_pipeline(tiny_llama, tiny_lla
     assert not torch.equal(again.top_acts, rec.top_acts)
 
 
-def test_sae_settings_are_refused_before_the_model_loads(tiny_llama_dir, tmp_path, monkeypatch):
+def test_sae_settings_are_refused_before_the_model_loads(tiny_llama_dir, tmp_path, monkeypatch, caplog):
     """Each unusable SAE or setting: one line, from the files alone."""
     from omegaconf import OmegaConf
 
@@ -228,6 +233,13 @@ def test_sae_settings_are_refused_before_the_model_loads(tiny_llama_dir, tmp_pat
     wide = random_weights(7, d_in=48)
     refused(sae_lens_files(tmp_path / "wide", "blocks.1.hook_resid_post", *wide),
             "reads vectors of width 48 .* the model's are 32 wide")
+    processed = sae_lens_files(tmp_path / "tl", "blocks.1.hook_resid_post", W_enc, b_enc, W_dec, b_dec)
+    cfg = json.loads((processed / "cfg.json").read_text())
+    cfg["metadata"]["model_from_pretrained_kwargs"] = {"center_writing_weights": True}
+    (processed / "cfg.json").write_text(json.dumps(cfg))
+    with caplog.at_level("WARNING"):
+        load_coder(processed)
+    assert "center_writing_weights=True" in caplog.text   # read as is, with a warning
     refused(tmp_path / "nothing", "not a folder")
     (tmp_path / "empty").mkdir()
     refused(tmp_path / "empty", "holds no SAE")
@@ -245,3 +257,36 @@ def test_sae_settings_are_refused_before_the_model_loads(tiny_llama_dir, tmp_pat
     assert sorted(load_coders(many)) == [0, 2]
     assert SAESubject(str(tiny_llama_dir), str(many)).select(neurons(), 0) == \
         SAESubject(str(tiny_llama_dir), str(many)).select(neurons(layers=[0, 2]), 0)
+
+
+@pytest.mark.peers
+def test_saes_written_by_sae_lens_and_sparsify_encode_as_they_do(tmp_path):
+    """Round trip through the libraries themselves (tests/sae_peers.py, a venv of their own): an
+    SAE of each architecture saved by sae-lens (standard, top-k with and without decoder-norm
+    rescaling, JumpReLU, the three transcoders) and by sparsify (SAE, transcoder), read by
+    neuronlens, encodes a batch as the library's own ``encode`` did."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import sae_peers
+
+    if not sae_peers.python().exists():
+        if os.environ.get("NEURONLENS_REQUIRE_PEERS"):
+            pytest.fail(f"no peers venv at {sae_peers.VENV}: run python tests/sae_peers.py install")
+        pytest.skip("no peers venv: python tests/sae_peers.py install")
+    subprocess.run([str(sae_peers.python()), str(Path(sae_peers.__file__)), "write", str(tmp_path)],
+                   check=True, env=os.environ | {"WANDB_MODE": "disabled"})
+    expected = load_file(tmp_path / "expected.safetensors")
+    x = expected.pop("x")
+    assert len(expected) == 9
+    for name, latents in expected.items():
+        path = tmp_path / name
+        coder = load_coder(path / "layers.1" if name.startswith("sparsify") else path)
+        assert coder.transcoder == ("transcoder" in name), name
+        assert coder.layer == 1
+        assert (latents > 0).any(), name   # a check of something
+        torch.testing.assert_close(coder.encode(x), latents, atol=1e-5, rtol=1e-5, msg=name)

@@ -89,3 +89,21 @@ def test_agreement_is_scipys_spearman(data):
     ref = sp.spearmanr(a, b)
     assert ag.n == 40 and ag.spearman == pytest.approx(ref.statistic) and ag.p == pytest.approx(ref.pvalue)
     assert stats.agreement([0.1, 0.1, 0.1], [0.1, 0.2, 0.3]).spearman is None
+
+
+def test_difference_of_independent_samples():
+    """Unpaired: each sample resampled on its own; swapping the samples negates everything, and
+    a clear shift is found while one inside the noise is not."""
+    from neuronlens.stats import difference
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(0.3, 0.1, 20), rng.normal(0.0, 0.1, 30)
+    d, back = difference(a, b), difference(b, a)
+    assert d.n_a == 20 and d.n_b == 30
+    assert d.mean_diff == pytest.approx(a.mean() - b.mean())
+    assert d.ci.low > 0.2 and d.ci.high < 0.4 and d.p < 1e-6
+    assert back.mean_diff == pytest.approx(-d.mean_diff)
+    assert back.ci.low == pytest.approx(-d.ci.high, abs=0.02) and back.p == pytest.approx(d.p)
+    same = difference(rng.normal(0, 1, 15), rng.normal(0, 1, 15))
+    assert same.ci.low < 0 < same.ci.high
+    assert difference([1.0], [0.0, 1.0]).mean_diff is None

@@ -15,7 +15,7 @@ from neuronlens.settings import SCHEMAS, FREE_FORM, leaves, no_setting, wrong
 
 # Each primary config's schema lives beside its command; importing that module registers it.
 SCHEMA_MODULES = {"config": "neuronlens.settings", "probe": "neuronlens.probe.settings",
-                  "serve": "neuronlens.serve.settings"}
+                  "serve": "neuronlens.serve.settings", "sae": "neuronlens.sae.settings"}
 
 
 def schema_of(config_name: str) -> type:

@@ -1,8 +1,10 @@
 """What every explainer is: a neuron's id and its train excerpts in, candidate explanations out.
 
 An explainer never sees a neuron's calibration, valid or test excerpts, nor anything else of its
-record: the id names the neuron (for explainers that look it up, such as loaded explanations or a
-synthetic rule's truth), the excerpts show what it responds to. ``prepare`` is called once per run
+record but one thing: the id names the neuron (for explainers that look it up, such as loaded
+explanations or a synthetic rule's truth), the excerpts show what it responds to, and, with
+``explain.show_logits``, ``LLMExplainer.outputs`` holds its output logits (from the weights,
+never from an excerpt). ``prepare`` is called once per run
 with every neuron's train excerpts, for explainers that work across neurons (the shuffled
 baseline gives each neuron another's explanation).
 """

@@ -11,8 +11,8 @@ per hook point, as sparsify saves a run):
   and before it (``hook_name``, ``activation_fn_str``, ``activation_fn_kwargs.k`` at the top
   level). Where it reads is a TransformerLens hook name, mapped onto the HF model's modules
   (``hooks.lens_point``). An SAE trained on a TransformerLens model loaded with its weight
-  processing (``center_writing_weights``, ``fold_ln``) saw a residual stream shifted from the HF
-  model's: neuronlens reads the HF model as it is.
+  processing (``center_writing_weights``, ``fold_ln``) saw activations shifted from the HF
+  model's: neuronlens reads the HF model as it is, and warns where the config says so.
 - **sparsify** (EleutherAI; ``cfg.json`` + ``sae.safetensors``): ``encoder.weight``
   [latents, d_in], ``encoder.bias``, ``W_dec`` [latents, d_out], ``b_dec``; the folder's name is
   the hook point, a module of the base model (``layers.3``: its output; a transcoder reads the
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -39,6 +40,8 @@ from neuronlens.models import SubjectError, display_name
 from neuronlens.records import NeuronId
 from neuronlens.subject.hooks import HookPoint, lens_point, module_point, n_layers, n_neurons
 from neuronlens.subject.transformer import ModelSubject, select_units
+
+log = logging.getLogger(__name__)
 
 SAE_LENS_ARCHITECTURES = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu",
                           "transcoder": "relu", "skip_transcoder": "relu",
@@ -151,6 +154,11 @@ def _sae_lens(path: Path, cfg: dict) -> SparseCoder:
     if not hook or hook.endswith("hook_z") or cfg.get("reshape_activations", "none") != "none":
         raise _refuse(path, f"reads {hook!r}; neuronlens reads the residual stream and the MLP, not "
                       "attention heads' hook_z")
+    processed = meta.get("model_from_pretrained_kwargs") or cfg.get("model_from_pretrained_kwargs") or {}
+    if changed := [k for k in ("center_writing_weights", "fold_ln") if processed.get(k)]:
+        log.warning("The SAE in %s was trained on a TransformerLens model loaded with %s, which changes "
+                    "the activations it reads; neuronlens reads the HF model as it is, so its latents "
+                    "fire somewhat differently here.", path, " and ".join(f"{k}=True" for k in changed))
     w = load_file(path / "sae_weights.safetensors")
     transcoder = "transcoder" in architecture
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
