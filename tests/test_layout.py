@@ -13,7 +13,7 @@ ROOT = Path(neuronlens.__file__).parent
 CONF = Path(neuronlens.conf.__file__).parent   # conf/ at the top, shipped as neuronlens.conf
 
 # Each layer, and what it may import besides itself: every module of the package has one, entry
-# points included (cli, and the commands of probe, report and serve above it).
+# points included (cli, and the commands of probe, report, serve and sae above it).
 BASE = {"errors", "secrets", "files", "records", "prompt_format", "stats", "conf", "settings", "lazy"}
 BELOW_PIPELINE = {"base", "models", "corpus", "summary", "backends", "explainers", "scorers", "subject"}
 LAYERS = {
@@ -30,6 +30,7 @@ LAYERS = {
     "report": BELOW_PIPELINE | {"cli"},
     "probe": BELOW_PIPELINE | {"pipeline", "cli"},
     "serve": BELOW_PIPELINE | {"cli"},
+    "sae": BELOW_PIPELINE | {"cli"},
     "__main__": {"cli"},
 }
 

@@ -23,7 +23,7 @@ def neuronlens(args: list[str], cwd: Path, module: str = "neuronlens.cli") -> su
 
 
 @pytest.mark.parametrize("bad, says", [
-    ("subject=sae", "no subject 'sae'; the options are gemma3, gpt2, openai_records, smollm2, synthetic"),
+    ("subject=sea", "no subject 'sea'; the options are gemma3, gpt2, openai_records, sae, smollm2, synthetic"),
     ("+simulator@judges.x=nope", "no simulator 'nope'; the options are gemma3, litellm, local, openai, "
                                  "similarity, vllm, vllm_engine"),
     ("neurons.per_layr=3", "no setting neurons.per_layr; did you mean neurons.per_layer?"),
