@@ -59,6 +59,10 @@ class Recording:
     n_random: int = setting(32, "random excerpts, shared by all neurons", low=0)
     batch_size: int = setting(16, "windows per forward pass", low=1)
     cache: bool = setting(True, "reuse an identical earlier recording from the cache folder")
+    quantiles: int = setting(0, "bins of random excerpts per unit by their max (random_sample_by_quantile, "
+                                "OpenAI's records have 5), split at evenly spaced quantiles; 0: none "
+                                "(each other value costs a second pass over the corpus)", low=0)
+    per_quantile: int = setting(20, "random excerpts kept per quantile bin", low=1)
 
 
 @dataclass

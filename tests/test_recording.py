@@ -7,6 +7,7 @@ the hooks or the running top-k under test.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
@@ -22,7 +23,7 @@ from neuronlens.records import NeuronId, NeuronRecord
 from neuronlens.subject.hooks import neuron_hooks
 from neuronlens.models import load_model
 from neuronlens.models import raw_bytes
-from neuronlens.subject.recording import Recording, RecordingConfig, record
+from neuronlens.subject.recording import Recording, RecordingConfig, record, select
 from neuronlens.subject.transformer import recording_for, select_neurons
 from agreement import REL
 
@@ -456,3 +457,62 @@ def test_a_recording_reads_split_characters_whole(tiny_llama, tiny_tokenizer, tm
     assert len(excerpt.text) == len(excerpt.tokens) and "".join(excerpt.text) == SPLIT_TEXT
     assert "" in excerpt.text                               # the later bytes of a split character
     assert "text" not in excerpt.to_json()                  # OpenAI's format has no such field
+
+
+def test_quantile_samples_bin_each_units_excerpts_by_their_max(tiny_llama, tiny_tokenizer, tmp_path):
+    """recording.quantiles: the boundaries are, per unit, the grid edges at which i/Q of its
+    excerpts have their max at or below (checked against every window's activations, computed
+    here); each bin holds min(per_quantile, its windows) distinct windows of that bin with their
+    true activations; the samples survive save, load, select and OpenAI's format, and the seed
+    decides them."""
+    from neuronlens.corpus import BuiltinCorpus, token_windows
+    from neuronlens.subject.recording import QUANTILE_EDGES
+
+    windows = list(token_windows(BuiltinCorpus(max_texts=40), tiny_tokenizer, 16, 120))
+    units = [NeuronId(1, i) for i in (0, 5, 9)]
+    config = RecordingConfig(top_k=4, n_random=5, batch_size=8, seed=3, quantiles=5, per_quantile=6)
+    rec = record(tiny_llama, tiny_tokenizer, lambda: iter(windows), units, config, progress=False)
+    every = []
+    with torch.no_grad(), neuron_hooks(tiny_llama, [1], lambda _l, a: every.append(a[..., [0, 5, 9]])):
+        for start in range(0, len(windows), 8):
+            tiny_llama(input_ids=torch.tensor(windows[start:start + 8]))
+    acts = torch.cat(every).permute(2, 0, 1)            # [units, windows, tokens]
+    maxes = acts.amax(2)
+    grid = QUANTILE_EDGES.tolist()
+    assert rec.quantile_boundaries.shape == (3, 4) and rec.quantile_windows.shape == (3, 5, 6)
+    for n in range(3):
+        bounds = rec.quantile_boundaries[n].tolist()
+        for i, b in enumerate(bounds, start=1):
+            below = lambda edge: float((maxes[n] <= edge).float().mean())
+            assert b in grid and below(b) >= i / 5
+            if grid.index(b) > 0:
+                assert below(grid[grid.index(b) - 1]) < i / 5
+        edges = [-math.inf, *bounds, math.inf]
+        for q in range(5):
+            members = [w for w in range(len(windows)) if edges[q] < maxes[n, w] <= edges[q + 1]]
+            rows = [int(r) for r in rec.quantile_windows[n, q] if r >= 0]
+            assert len(rows) == len(set(rows)) == min(6, len(members))
+            for r, a in zip(rows, rec.quantile_acts[n, q]):
+                tokens = rec.windows[r].tolist()
+                match = [w for w in members if windows[w] == tokens]
+                assert match and torch.allclose(a, acts[n, match[0]], atol=1e-5)
+    assert sum(len(b) for b in rec.neuron_record(0).random_sample_by_quantile) == \
+        int((rec.quantile_windows[0] >= 0).sum())
+
+    rec.save(tmp_path / "rec")
+    again = Recording.load(tmp_path / "rec")
+    part = select([again], [units[2], units[0]])
+    assert part.neuron_record(1).to_json() == rec.neuron_record(0).to_json()
+    assert part.neuron_record(0).to_json() == rec.neuron_record(2).to_json()
+    path = rec.export_openai(tmp_path / "openai")[1]
+    loaded = NeuronRecord.load(path)
+    assert loaded.quantile_boundaries == rec.quantile_boundaries[1].tolist()
+    assert [[r.tokens for r in b] for b in loaded.random_sample_by_quantile] == \
+        [[r.tokens for r in b] for b in rec.neuron_record(1).random_sample_by_quantile]
+    other = record(tiny_llama, tiny_tokenizer, lambda: iter(windows), units,
+                   RecordingConfig(top_k=4, n_random=5, batch_size=8, seed=4, quantiles=5, per_quantile=6),
+                   progress=False)
+    assert torch.equal(other.quantile_boundaries, rec.quantile_boundaries)
+    assert not torch.equal(other.quantile_acts, rec.quantile_acts)   # another seed, other samples
+    with pytest.raises(ValueError, match="two passes"):
+        record(tiny_llama, tiny_tokenizer, windows, units, config, progress=False)

@@ -290,3 +290,69 @@ def test_saes_written_by_sae_lens_and_sparsify_encode_as_they_do(tmp_path):
         assert coder.layer == 1
         assert (latents > 0).any(), name   # a check of something
         torch.testing.assert_close(coder.encode(x), latents, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_a_run_exports_as_neuronpedia_uploads_it(tiny_llama_dir, corpus40, tmp_path, monkeypatch):
+    """`neuronlens-report RUN --neuronpedia OUT` writes the request bodies Neuronpedia's upload
+    takes; the `neuronpedia` package, given the same features as its own objects, sends exactly
+    those bodies (to a local server here: nothing reaches Neuronpedia)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    pytest.importorskip("neuronpedia")
+    from neuronpedia.np_activation import Activation
+    from neuronpedia.np_explanation import Explanation
+    from neuronpedia.np_feature import Feature, Logit
+    from neuronpedia.requests.feature_request import FeatureRequest
+
+    from neuronlens.report.cli import main as report
+
+    W_enc, b_enc, W_dec, b_dec = random_weights(8)
+    sae = sae_lens_files(tmp_path / "sae", "blocks.1.hook_resid_post", W_enc, b_enc, W_dec, b_dec)
+    run = tmp_path / "run"
+    pipeline.run(config(["subject=sae", f"subject.model={tiny_llama_dir}", f"subject.path={sae}",
+                         "subject.device=cpu", "corpus=files", f"corpus.paths=[{corpus40}]",
+                         f"explainer.model={tiny_llama_dir}", f"simulator.model={tiny_llama_dir}",
+                         "neurons.per_layer=3", "recording.top_k=6", "recording.n_random=4",
+                         "recording.window=16", "explain.max_tokens=8", "judge_power.enabled=false",
+                         "~judges", "progress=false"]), run)
+    report([str(run), "--neuronpedia", str(tmp_path / "np"), "--neuronpedia-model", "tiny-llama",
+            "--source-set", "res-test"])
+    files = sorted((tmp_path / "np").rglob("*.json"))
+    assert [f.relative_to(tmp_path / "np").as_posix() for f in files] == ["1-res-test/batch-000.json"]
+    body = json.loads(files[0].read_text())
+    assert body["modelId"] == "tiny-llama" and body["source"] == "1-res-test" and len(body["features"]) == 3
+    for feature in body["features"]:
+        assert feature["activations"] and len(feature["topLogits"]) == 10
+        assert all(len(a["tokens"]) == len(a["values"]) == 16 for a in feature["activations"])
+
+    received = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):   # noqa: N802
+            received.append((self.path, self.headers["X-Api-Key"],
+                             json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *_):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(FeatureRequest, "BASE_URL", f"http://127.0.0.1:{server.server_port}/api")
+    try:
+        ours = [Feature(modelId=body["modelId"], source=body["source"], index=f["index"], density=f["density"],
+                        top_logits=[Logit(**l) for l in f["topLogits"]],
+                        bottom_logits=[Logit(**l) for l in f["bottomLogits"]],
+                        explanations=[Explanation(body["modelId"], body["source"], f["index"], e["text"],
+                                                  e["methodName"], e["modelName"]) for e in f["explanations"]],
+                        activations=[Activation(body["modelId"], body["source"], f["index"], a["tokens"],
+                                                a["values"]) for a in f["activations"]])
+                for f in body["features"]]
+        FeatureRequest(api_key="test-key").upload_batch(body["modelId"], body["source"], ours)
+    finally:
+        server.shutdown()
+    assert received == [("/api/feature/upload-batch", "test-key", body)]

@@ -1,10 +1,12 @@
-"""``neuronlens-report DIR [--out OUTDIR] [--merge OUT]``: compare the runs under DIR (one run or a
-whole Hydra multirun) in report.md and report.html, or join the shards of each experiment into one
-run directory each."""
+"""``neuronlens-report DIR [--out OUTDIR] [--merge OUT] [--neuronpedia OUT]``: compare the runs under
+DIR (one run or a whole Hydra multirun) in report.md and report.html, join the shards of each
+experiment into one run directory each, or write one run's units as Neuronpedia's upload takes
+them."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -25,12 +27,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "  neuronlens-report outputs/2026-12-01/10-00-00     one run: its report and neuron viewer\n"
         "  neuronlens-report multirun/2026-12-01/10-00-00    a sweep: every run compared\n"
         "  neuronlens-report runs --out reports/today        the report elsewhere\n"
-        "  neuronlens-report multirun/X --merge merged       join sharded runs, then report merged")
+        "  neuronlens-report multirun/X --merge merged       join sharded runs, then report merged\n"
+        "  neuronlens-report runs/sae --neuronpedia np --neuronpedia-model smollm2-135m --source-set res-sm")
     parser.add_argument("dir", type=Path, help="a run directory, or a folder of runs (e.g. a Hydra multirun)")
     parser.add_argument("--out", type=Path, default=None, help="where report.md/report.html go (default: DIR)")
     parser.add_argument("--merge", type=Path, default=None, metavar="OUT",
                         help="instead of a report, write one run directory per experiment under OUT, its "
                         "shards joined (then run neuronlens-report OUT)")
+    parser.add_argument("--neuronpedia", type=Path, default=None, metavar="OUT",
+                        help="instead of a report, write DIR's units (one run) as Neuronpedia's upload "
+                        "requests under OUT/<layer>-<source set>/ (nothing is uploaded)")
+    parser.add_argument("--neuronpedia-model", default=None, metavar="ID",
+                        help="the model's id on Neuronpedia (default: the run's subject name)")
+    parser.add_argument("--source-set", default="neuronlens",
+                        help="the Neuronpedia source set the units belong to (default: neuronlens)")
     parser.add_argument("--no-sites", action="store_true",
                         help="do not write each run's neuron viewer and OpenAI-format export")
     return parser.parse_args(argv)
@@ -58,6 +68,16 @@ def report(args: argparse.Namespace) -> None:
     if not args.dir.exists():
         raise UserError(f"{args.dir} does not exist; give a run or multirun directory.")
     root = args.dir.resolve()
+    if args.neuronpedia is not None:
+        from neuronlens.report.neuronpedia import export
+
+        summary = root / "summary.json"
+        if not summary.exists():
+            raise UserError(f"{root} is not a finished run (no summary.json); --neuronpedia exports one run.")
+        model = args.neuronpedia_model or json.loads(summary.read_text())["subject"]
+        written = export(root, args.neuronpedia, model, args.source_set)
+        print("Wrote (Neuronpedia upload requests, not sent):\n" + "\n".join(f"  {p}" for p in written))
+        return
     if args.merge is not None:
         for exp, target in merge(root, args.merge):
             print(f"{target}: {len(exp.rows)} neurons from {len(exp.runs)} run(s)")

@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +40,25 @@ class RecordingConfig:
     n_random: int = 48
     batch_size: int = 16
     seed: int = 0
+    quantiles: int = 0        # bins of random_sample_by_quantile (0: none; a second pass when on)
+    per_quantile: int = 20    # random excerpts kept per bin
+
+
+# Each unit's excerpt maxima are counted on one fixed grid, 0 and +-10^(i/16) for |i| <= 64 (1e-4 to
+# 1e4 in steps of 15%), while recording; its quantile boundaries are read from the counts.
+QUANTILE_EDGES = torch.cat([-(10 ** (torch.arange(64, -65, -1) / 16)), torch.zeros(1),
+                            10 ** (torch.arange(-64, 65) / 16)])
+
+
+def quantile_boundaries(counts: torch.Tensor, bins: int) -> torch.Tensor:
+    """[N, bins - 1] boundaries from per-unit counts over ``QUANTILE_EDGES``' buckets [N, H]: the
+    i-th is the smallest grid edge at or below which at least i/bins of the unit's excerpts have
+    their max (an edge above 1e4 is +inf)."""
+    cum = counts.double().cumsum(1)
+    levels = torch.arange(1, bins, dtype=torch.float64, device=counts.device) / bins
+    first = torch.searchsorted(cum, levels[None, :] * cum[:, -1:], side="left")
+    edges = torch.cat([QUANTILE_EDGES.double(), torch.tensor([math.inf], dtype=torch.float64)])
+    return edges.to(counts.device)[first].float()
 
 
 @dataclass
@@ -61,6 +80,11 @@ class Recording:
     meta: dict
     token_bytes: dict[int, str] = field(default_factory=dict)   # hex bytes of the ids that decode
                                                                  # alone to U+FFFD (split characters)
+    # with quantile samples (recording.quantiles): per unit, bins of random excerpts by their max
+    quantile_windows: torch.Tensor | None = None      # [N, Q, S] int: rows of ``windows``, -1: none
+    quantile_acts: torch.Tensor | None = None         # [N, Q, S, T] float
+    quantile_boundaries: torch.Tensor | None = None   # [N, Q - 1] float: bin q holds maxes in
+                                                      # (boundary q-1, boundary q]
 
     @property
     def top_tokens(self) -> torch.Tensor:
@@ -111,8 +135,14 @@ class Recording:
         top = [self._record(t, a) for t, a, ok in
                zip(self.top_tokens[i], self.top_acts[i], valid) if ok]
         rnd = [self._record(t, a) for t, a in zip(self.random_tokens, self.random_acts[i])]
+        by_quantile = boundaries = None
+        if self.quantile_windows is not None:
+            by_quantile = [[self._record(self.windows[w], a) for w, a in zip(rows, acts) if w >= 0]
+                           for rows, acts in zip(self.quantile_windows[i], self.quantile_acts[i])]
+            boundaries = [float(b) for b in self.quantile_boundaries[i]]
         return NeuronRecord(self.neurons[i], most_positive_activation_records=top,
-                            random_sample=rnd, density=self.density(i), **self.stats(i))
+                            random_sample=rnd, random_sample_by_quantile=by_quantile,
+                            quantile_boundaries=boundaries, density=self.density(i), **self.stats(i))
 
     def density(self, i: int) -> float | None:
         """The fraction of corpus tokens on which unit i is above 0 (None if not recorded)."""
@@ -122,11 +152,13 @@ class Recording:
         return (self.neuron_record(i) for i in range(len(self.neurons)))
 
     ARRAYS = ("windows", "top_windows", "top_acts", "top_max", "random_windows", "random_acts", "moments")
+    QUANTILE_ARRAYS = ("quantile_windows", "quantile_acts", "quantile_boundaries")   # when recorded
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: getattr(self, k).detach().cpu().contiguous() for k in self.ARRAYS}
+        tensors = {k: getattr(self, k).detach().cpu().contiguous() for k in self.ARRAYS + self.QUANTILE_ARRAYS
+                   if getattr(self, k) is not None}
         write_atomic(directory / "arrays.safetensors", save(tensors))
         manifest = {"neurons": [[n.layer, n.index] for n in self.neurons],
                     "n_tokens": self.n_tokens, "meta": self.meta,
@@ -161,7 +193,7 @@ class Recording:
                        "top_windows": torch.arange(n * k).reshape(n, k),
                        "random_windows": torch.arange(n * k, n * k + len(rnd))}
         return cls(neurons=[NeuronId(l, i) for l, i in manifest["neurons"]],
-                   **{k: arrays[k] for k in cls.ARRAYS},
+                   **{k: arrays[k] for k in cls.ARRAYS}, **{k: arrays.get(k) for k in cls.QUANTILE_ARRAYS},
                    n_tokens=manifest["n_tokens"], meta=manifest["meta"],
                    token_strings={int(k): v for k, v in manifest["token_strings"].items()},
                    token_bytes={int(k): v for k, v in manifest.get("token_bytes", {}).items()})
@@ -198,20 +230,33 @@ def select(parts: Sequence[Recording], neurons: Sequence[NeuronId], meta: dict |
     rows = [where[n] for n in neurons]
 
     def stack(name: str, shift: bool = False) -> torch.Tensor:
-        return torch.stack([getattr(parts[j], name)[i] + (offsets[j] if shift else 0) for j, i in rows])
+        rows_of = [getattr(parts[j], name)[i] for j, i in rows]
+        if shift:   # window rows move by their part's offset; -1 (no window) stays
+            rows_of = [torch.where(x >= 0, x + offsets[j], x) for x, (j, _) in zip(rows_of, rows)]
+        return torch.stack(rows_of)
 
     top_windows, random_windows = stack("top_windows", shift=True), first.random_windows
-    used, remap = torch.unique(torch.cat([top_windows.flatten(), random_windows]), return_inverse=True)
+    quantiles = first.quantile_windows is not None
+    q_windows = stack("quantile_windows", shift=True) if quantiles else torch.zeros(0, dtype=torch.long)
+    pieces = [top_windows.flatten(), random_windows, q_windows[q_windows >= 0]]
+    used, remap = torch.unique(torch.cat(pieces), return_inverse=True)
+    n_top, n_random = top_windows.numel(), len(random_windows)
+    if quantiles:
+        q_rows = torch.full_like(q_windows, -1)
+        q_rows[q_windows >= 0] = remap[n_top + n_random:]
     windows = torch.cat([part.windows for part in parts])[used]
     ids = set(windows.unique().tolist())
     strings = {i: s for part in parts for i, s in part.token_strings.items() if i in ids}
     raw = {i: b for part in parts for i, b in part.token_bytes.items() if i in ids}
     return Recording(neurons=list(neurons), windows=windows,
-                     top_windows=remap[:top_windows.numel()].reshape(top_windows.shape),
+                     top_windows=remap[:n_top].reshape(top_windows.shape),
                      top_acts=stack("top_acts"), top_max=stack("top_max"),
-                     random_windows=remap[top_windows.numel():], random_acts=stack("random_acts"),
+                     random_windows=remap[n_top:n_top + n_random], random_acts=stack("random_acts"),
                      moments=stack("moments"), n_tokens=first.n_tokens, token_strings=strings,
-                     meta=first.meta if meta is None else meta, token_bytes=raw)
+                     meta=first.meta if meta is None else meta, token_bytes=raw,
+                     quantile_windows=q_rows if quantiles else None,
+                     quantile_acts=stack("quantile_acts") if quantiles else None,
+                     quantile_boundaries=stack("quantile_boundaries") if quantiles else None)
 
 
 class Recorder:
@@ -244,6 +289,8 @@ class Recorder:
             "mom": torch.zeros((N, 5), dtype=torch.float64, device=dev),
             "table": torch.zeros((N * k + R, T), dtype=torch.int32, device=dev),   # token ids
             "numbers": torch.full((N * k + R,), -1, dtype=torch.long, device=dev)})  # their windows
+        if self.config.quantiles:   # excerpt maxima counted on the quantile grid
+            self.state["counts"] = torch.zeros((N, len(QUANTILE_EDGES) + 1), dtype=torch.int32, device=dev)
 
     def add(self, ids: torch.Tensor, acts: torch.Tensor) -> None:
         k, R = self.config.top_k, self.config.n_random
@@ -253,7 +300,11 @@ class Recorder:
         state = self.state
         numbers = torch.arange(self.seen, self.seen + B, device=self.device)
         # running top-k by each excerpt's max activation; only the entries that change are copied
-        vals = torch.cat([state["vals"], acts.amax(dim=2)], dim=1)               # [N, k+B]
+        maxes = acts.amax(dim=2)                                                  # [N, B]
+        if "counts" in state:
+            state["counts"].scatter_add_(1, torch.bucketize(maxes, QUANTILE_EDGES.to(maxes.device)),
+                                         torch.ones_like(maxes, dtype=torch.int32))
+        vals = torch.cat([state["vals"], maxes], dim=1)                           # [N, k+B]
         top = vals.topk(k, dim=1).indices                                         # [N, k]
         entering = torch.zeros_like(vals, dtype=torch.bool).scatter_(1, top, True)
         leaving = ~entering[:, :k]                                                # slots freed
@@ -316,14 +367,72 @@ class Recorder:
                          meta={**(meta or {}), "config": asdict(self.config)})
 
 
+class QuantileSampler:
+    """The second pass of quantile samples: per unit, a reservoir of ``per_quantile`` windows in
+    each bin between its ``boundaries`` [N, Q - 1] (Algorithm R per bin, deterministic in the
+    seed). It keeps the window numbers and their activations, [N, Q, S] and [N, Q, S, T]."""
+
+    def __init__(self, boundaries: torch.Tensor, config: RecordingConfig, device="cpu"):
+        self.bounds, self.size = boundaries.to(device), config.per_quantile
+        n, bins = boundaries.shape[0], boundaries.shape[1] + 1
+        self.counts = torch.zeros((n, bins), dtype=torch.long, device=device)
+        self.windows = torch.full((n, bins, self.size), -1, dtype=torch.long, device=device)
+        self.acts: torch.Tensor | None = None
+        self.rng = np.random.default_rng([config.seed, 1])
+        self.seen = 0
+
+    def add(self, ids: torch.Tensor, acts: torch.Tensor) -> None:
+        N, B, T = acts.shape
+        if self.acts is None:
+            self.acts = torch.zeros((*self.windows.shape, T), device=acts.device)
+        bins = (acts.amax(dim=2)[..., None] > self.bounds[:, None, :]).sum(-1)   # [N, B]
+        units = torch.arange(N, device=acts.device)
+        for b in range(B):
+            q = bins[:, b]
+            self.counts[units, q] += 1
+            seen = self.counts[units, q]                       # windows of that bin so far, this one included
+            drawn = torch.from_numpy(self.rng.integers(0, seen.cpu().numpy())).to(seen.device)
+            slot = torch.where(seen <= self.size, seen - 1, drawn)
+            keep = slot < self.size
+            self.windows[units[keep], q[keep], slot[keep]] = self.seen + b
+            self.acts[units[keep], q[keep], slot[keep]] = acts[keep, b]
+        self.seen += B
+
+    def into(self, rec: Recording, windows: Iterable[list[int]], boundaries: torch.Tensor,
+             token_string, token_bytes) -> Recording:
+        """``rec`` with the quantile samples: their windows' token ids read again from ``windows``
+        (the same windows, tokenised again: no forward pass)."""
+        wanted = self.windows[self.windows >= 0].unique()
+        where = {int(w): j for j, w in enumerate(wanted.tolist())}
+        rows = torch.zeros((len(wanted), rec.windows.shape[1]), dtype=rec.windows.dtype)
+        for number, window in enumerate(windows):
+            if number in where:
+                rows[where[number]] = torch.tensor(window, dtype=rec.windows.dtype)
+        q_rows = torch.full_like(self.windows, -1).cpu()
+        q_rows[self.windows.cpu() >= 0] = len(rec.windows) + torch.searchsorted(
+            wanted.cpu(), self.windows[self.windows >= 0].cpu())
+        new = set(rows.unique().tolist()) - set(rec.token_strings)
+        strings = {i: token_string(i) for i in new}
+        raw = {i: b.hex() for i, s in strings.items() if "\ufffd" in s and (b := token_bytes(i))}
+        return replace(rec, windows=torch.cat([rec.windows, rows.to(rec.windows.device)]),
+                       quantile_windows=q_rows, quantile_acts=self.acts, quantile_boundaries=boundaries,
+                       token_strings=rec.token_strings | strings, token_bytes=rec.token_bytes | raw)
+
+
 @torch.no_grad()
-def record(model, tokenizer, windows: Iterable[list[int]], neurons: Sequence[NeuronId],
-           config: RecordingConfig = RecordingConfig(), progress: bool = True,
+def record(model, tokenizer, windows: Iterable[list[int]] | Callable[[], Iterable[list[int]]],
+           neurons: Sequence[NeuronId], config: RecordingConfig = RecordingConfig(), progress: bool = True,
            meta: dict | None = None, points: dict[int, HookPoint] | None = None) -> Recording:
     """Run the model over ``windows`` and keep what each of ``neurons`` responds to: the units
-    read at ``points[layer]`` (by default each layer's MLP neurons; an SAE's latents, say)."""
+    read at ``points[layer]`` (by default each layer's MLP neurons; an SAE's latents, say). With
+    ``config.quantiles``, a second pass over the windows (then a callable that gives them anew)
+    samples each unit's excerpts by bins of their max; memory: units x quantiles x per_quantile x
+    window x 4 bytes more."""
     if not neurons:
         raise ValueError("No neurons to record; set neurons.layers and neurons.per_layer.")
+    if config.quantiles and not callable(windows):
+        raise ValueError("Quantile samples take two passes: give the windows as a callable.")
+    source = windows if callable(windows) else (lambda: windows)
     layers = sorted({n.layer for n in neurons})
     points = points or {l: hook_point(model, l) for l in layers}
     for n in neurons:
@@ -335,7 +444,6 @@ def record(model, tokenizer, windows: Iterable[list[int]], neurons: Sequence[Neu
     order = [n for l in layers for n in neurons if n.layer == l]
     position = {n: j for j, n in enumerate(order)}
     restore = torch.tensor([position[n] for n in neurons], device=device)
-    recorder = Recorder(neurons, config, device)
     captured: dict[int, torch.Tensor] = {}
 
     def grab(layer: int, acts: torch.Tensor) -> None:
@@ -343,16 +451,27 @@ def record(model, tokenizer, windows: Iterable[list[int]], neurons: Sequence[Neu
         if layer == layers[-1]:
             raise StopForward  # nothing after the deepest recorded layer is needed
 
-    with neuron_hooks(model, layers, grab, points):
-        bar = tqdm(desc="recording", unit="tok", disable=not progress)
-        for batch in _batches(windows, config.batch_size):
-            ids = torch.tensor(batch, device=device)
-            try:  # the base model: no LM head, and the forward stops at the last hooked layer
-                model.base_model(input_ids=ids, use_cache=False)
-            except StopForward:
-                pass
-            acts = torch.cat([captured[l] for l in layers], dim=-1)[..., restore]  # [B, T, N]
-            recorder.add(ids, acts.permute(2, 0, 1))                                # [N, B, T]
-            bar.update(ids.numel())
-        bar.close()
-    return recorder.finish(lambda i: tokenizer.decode([i]), meta, lambda i: raw_bytes(tokenizer, i))
+    def one_pass(sink: Callable[[torch.Tensor, torch.Tensor], None], desc: str) -> None:
+        with neuron_hooks(model, layers, grab, points):
+            bar = tqdm(desc=desc, unit="tok", disable=not progress)
+            for batch in _batches(source(), config.batch_size):
+                ids = torch.tensor(batch, device=device)
+                try:  # the base model: no LM head, and the forward stops at the last hooked layer
+                    model.base_model(input_ids=ids, use_cache=False)
+                except StopForward:
+                    pass
+                acts = torch.cat([captured[l] for l in layers], dim=-1)[..., restore]  # [B, T, N]
+                sink(ids, acts.permute(2, 0, 1))                                        # [N, B, T]
+                bar.update(ids.numel())
+            bar.close()
+
+    recorder = Recorder(neurons, config, device)
+    one_pass(recorder.add, "recording")
+    token_string, token_bytes = (lambda i: tokenizer.decode([i])), (lambda i: raw_bytes(tokenizer, i))
+    rec = recorder.finish(token_string, meta, token_bytes)
+    if config.quantiles:
+        boundaries = quantile_boundaries(recorder.state["counts"], config.quantiles)
+        sampler = QuantileSampler(boundaries, config, device)
+        one_pass(sampler.add, "quantile samples")
+        rec = sampler.into(rec, source(), boundaries, token_string, token_bytes)
+    return rec

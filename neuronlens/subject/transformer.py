@@ -137,10 +137,13 @@ def recording_for(model_name: str, model, tokenizer, neurons: list[NeuronId], co
     if (saved := Recording.saved(target)) is not None:
         return saved
     rconf = RecordingConfig(top_k=recording.top_k, n_random=recording.n_random,
-                            batch_size=recording.batch_size, seed=seed)
+                            batch_size=recording.batch_size, seed=seed,
+                            quantiles=recording.get("quantiles", 0), per_quantile=recording.get("per_quantile", 20))
+    settings = {k: v for k, v in vars(rconf).items()   # without quantiles, the keys of before
+                if rconf.quantiles or k not in ("quantiles", "per_quantile")}
     identity = {"weights": weights_identity(model_name), "dtype": str(next(model.parameters()).dtype),
                 "corpus": corpus.describe(), "window": recording.window,
-                "max_windows": recording.max_windows, "recording": vars(rconf) | {},
+                "max_windows": recording.max_windows, "recording": settings,
                 "version": 4}   # 3: whole layers, window ids; 4: density
     if units is not None:
         identity["units"] = units
@@ -149,9 +152,9 @@ def recording_for(model_name: str, model, tokenizer, neurons: list[NeuronId], co
     windows = lambda: token_windows(corpus, tokenizer, recording.window, recording.max_windows)
     if recording.cache:
         rec = select(layer_recordings(model, tokenizer, points, windows, rconf, identity, progress),
-                     neurons, meta={"identity": identity, "config": vars(rconf) | {}})
+                     neurons, meta={"identity": identity, "config": settings})
     else:
-        rec = record(model, tokenizer, windows(), neurons, rconf, progress=progress,
+        rec = record(model, tokenizer, windows, neurons, rconf, progress=progress,
                      meta={"identity": identity}, points=points)
     rec.save(target)
     return rec
@@ -170,11 +173,11 @@ def layer_recordings(model, tokenizer, points: dict[int, HookPoint], windows, rc
         every = {l: [NeuronId(l, i) for i in range(points[l].width)] for l in missing}
         log.info("Recording all %s units of layer %s once (cached for any of its units)",
                  "/".join(str(len(every[l])) for l in missing), ", ".join(map(str, missing)))
-        whole = record(model, tokenizer, windows(), [n for l in missing for n in every[l]], rconf,
+        whole = record(model, tokenizer, windows, [n for l in missing for n in every[l]], rconf,
                        progress=progress, points=points)
         for l in missing:
             found[l] = select([whole], every[l],
-                              meta={"identity": identity | {"layer": l}, "config": vars(rconf) | {}})
+                              meta={"identity": identity | {"layer": l}, "config": identity["recording"]})
             save_cached(found[l], root / keys[l])
     if hits := [l for l in layers if l not in missing]:
         log.info("Reusing the cached recording of layer %s", ", ".join(map(str, hits)))
