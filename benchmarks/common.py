@@ -91,3 +91,31 @@ def alternate(engines: dict, run, rounds: int, deadline: float = math.inf, devic
 def paired_ratio(times: dict, slow: str, fast: str) -> float:
     """The median over rounds of each round's time of ``slow`` over that of ``fast``."""
     return statistics.median(s / f for s, f in zip(times[slow], times[fast]))
+
+
+def run_pipeline(overrides: list[str], run_dir: Path) -> tuple[dict, dict]:
+    """The `neuronlens` run of ``overrides`` in ``run_dir``: its summary and its rows by (layer, index)."""
+    from hydra import compose, initialize_config_dir
+
+    import neuronlens.pipeline as pipeline
+    from neuronlens.conf import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    summary = pipeline.run(cfg, run_dir)
+    rows = [json.loads(line) for line in (run_dir / "neurons.jsonl").read_text().splitlines()]
+    return summary, {(r["layer"], r["index"]): r for r in rows}
+
+
+def judge_score(row: dict, judge: str) -> float | None:
+    """A row's test score by the simulator (``judge == "simulator"``) or by a second judge."""
+    return row.get("score") if judge == "simulator" else ((row.get("judges") or {}).get(judge) or {}).get("score")
+
+
+def power_cell(v: dict) -> str:
+    """A judge's power on the control neurons (``power_difference``, ``power_ci``, ``has_power``),
+    for a Markdown table."""
+    if v["power_difference"] is None:
+        return "–"
+    return (f"{v['power_difference']:+.3f} [{v['power_ci'][0]:+.3f}, {v['power_ci'][1]:+.3f}]"
+            + ("" if v["has_power"] else ": no power, its difference says nothing"))

@@ -10,56 +10,42 @@ many explanations changed. A difference whose interval holds 0, or from a judge 
 says nothing.
 
 Run with no arguments: 16 neurons, about 12 minutes on a 2-core CPU (the first run also records
-the layer once, if it is not cached). The last line printed is one JSON object.
+the layer once, if it is not cached). ``--sae DIR --name logits_sae``: the same on random latents
+of an SAE (their output side is their decoder row). The last line printed is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
-from common import machine, machine_line, save  # benchmarks/common.py, beside this script
-
-
-def run(overrides: list[str], run_dir: Path) -> tuple[dict, dict]:
-    from hydra import compose, initialize_config_dir
-
-    import neuronlens.pipeline as pipeline
-    from neuronlens.conf import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=overrides)
-    summary = pipeline.run(cfg, run_dir)
-    rows = [json.loads(line) for line in (run_dir / "neurons.jsonl").read_text().splitlines()]
-    return summary, {(r["layer"], r["index"]): r for r in rows}
-
-
-def score(row: dict, judge: str) -> float | None:
-    return row.get("score") if judge == "simulator" else ((row.get("judges") or {}).get(judge) or {}).get("score")
+from common import judge_score, machine, machine_line, power_cell, run_pipeline, save  # beside this script
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--neurons", type=int, default=16, help="random neurons of the middle layer")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sae", type=Path, default=None,
+                   help="random latents of this SAE (e.g. <neuronlens-sae run>/sae) instead of neurons")
     p.add_argument("--name", default="logits")
     args = p.parse_args()
 
     from neuronlens.stats import paired
 
     wall = time.perf_counter()
-    base = [f"neurons.per_layer={args.neurons}", f"seed={args.seed}", "progress=false"]
+    base = [f"neurons.per_layer={args.neurons}", f"seed={args.seed}", "progress=false",
+            *(["subject=sae", f"subject.path={args.sae}"] if args.sae else [])]
     with tempfile.TemporaryDirectory() as tmp:
-        off, rows_off = run(base, Path(tmp) / "off")
-        on, rows_on = run(base + ["explain.show_logits=true", "judge_power.enabled=false"], Path(tmp) / "on")
+        off, rows_off = run_pipeline(base, Path(tmp) / "off")
+        on, rows_on = run_pipeline(base + ["explain.show_logits=true", "judge_power.enabled=false"], Path(tmp) / "on")
     keys = sorted(rows_off.keys() & rows_on.keys())
     judges = ["simulator", *sorted(off.get("judges") or {})]
     per_judge = {}
     for judge in judges:
-        pairs = [(score(rows_on[k], judge), score(rows_off[k], judge)) for k in keys]
+        pairs = [(judge_score(rows_on[k], judge), judge_score(rows_off[k], judge)) for k in keys]
         pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
         d = paired([a for a, _ in pairs], [b for _, b in pairs])
         power = (off.get("judge_power") or {}).get(judge) or {}
@@ -70,6 +56,7 @@ def main() -> None:
                             "power_ci": power.get("difference_ci"), "has_power": power.get("tells_apart")}
     changed = sum(rows_on[k].get("explanation") != rows_off[k].get("explanation") for k in keys)
     res = {"machine": machine("cpu"), "neurons": args.neurons, "seed": args.seed, "n_paired": len(keys),
+           "units": f"latents of the SAE {args.sae}" if args.sae else "neurons",
            "explanations_changed": changed, "judges": per_judge,
            "explanations": {f"{l}/{i}": {"off": rows_off[(l, i)].get("explanation"),
                                          "on": rows_on[(l, i)].get("explanation")} for l, i in keys},
@@ -88,16 +75,14 @@ def markdown(res: dict) -> str:
     fmt = lambda x: "–" if x is None else f"{x:+.3f}"  # noqa: E731
     lines = ["# Showing the explainer the output side (`python benchmarks/logits.py`)", "",
              machine_line(res["machine"]), "",
-             f"{res['n_paired']} random neurons of the embedded SmolLM2-135M's middle layer (seed "
+             f"{res['n_paired']} random {res.get('units', 'neurons')} of the embedded SmolLM2-135M's middle layer (seed "
              f"{res['seed']}), explained by the same model with and without `explain.show_logits`; "
              f"{res['explanations_changed']} explanations changed.", "",
              "| judge | mean on | mean off | on - off [95% CI] | Wilcoxon p | judge power (true - shuffled) |",
              "|---|---:|---:|---|---:|---|"]
     for judge, v in res["judges"].items():
         ci = "" if v["ci"] is None else f" [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]"
-        power = ("–" if v["power_difference"] is None else
-                 f"{v['power_difference']:+.3f} [{v['power_ci'][0]:+.3f}, {v['power_ci'][1]:+.3f}]"
-                 + ("" if v["has_power"] else ": no power, its difference says nothing"))
+        power = power_cell(v)
         p = "–" if v["wilcoxon_p"] is None else f"{v['wilcoxon_p']:.3f}"
         lines.append(f"| {judge} | {v['mean_on']:.3f} | {v['mean_off']:.3f} | {fmt(v['difference'])}{ci} "
                      f"| {p} | {power} |")

@@ -292,10 +292,13 @@ def test_saes_written_by_sae_lens_and_sparsify_encode_as_they_do(tmp_path):
         torch.testing.assert_close(coder.encode(x), latents, atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_a_run_exports_as_neuronpedia_uploads_it(tiny_llama_dir, corpus40, tmp_path, monkeypatch):
-    """`neuronlens-report RUN --neuronpedia OUT` writes the request bodies Neuronpedia's upload
-    takes; the `neuronpedia` package, given the same features as its own objects, sends exactly
-    those bodies (to a local server here: nothing reaches Neuronpedia)."""
+def test_a_transcoder_run_exports_as_neuronpedia_uploads_it(tiny_llama, tiny_llama_dir, corpus40, tmp_path,
+                                                            monkeypatch):
+    """A sparsify transcoder (a folder of hookpoints, `layers.1.mlp`) through the pipeline: its
+    latents are its encoder on the MLP's input. `neuronlens-report RUN --neuronpedia OUT` then
+    writes the request bodies Neuronpedia's upload takes; the `neuronpedia` package, given the
+    same features as its own objects, sends exactly those bodies (to a local server here:
+    nothing reaches Neuronpedia)."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -308,7 +311,8 @@ def test_a_run_exports_as_neuronpedia_uploads_it(tiny_llama_dir, corpus40, tmp_p
     from neuronlens.report.cli import main as report
 
     W_enc, b_enc, W_dec, b_dec = random_weights(8)
-    sae = sae_lens_files(tmp_path / "sae", "blocks.1.hook_resid_post", W_enc, b_enc, W_dec, b_dec)
+    sae = tmp_path / "transcoders"
+    sparsify_files(sae / "layers.1.mlp", W_enc, b_enc, W_dec, b_dec, 5, transcode=True)
     run = tmp_path / "run"
     pipeline.run(config(["subject=sae", f"subject.model={tiny_llama_dir}", f"subject.path={sae}",
                          "subject.device=cpu", "corpus=files", f"corpus.paths=[{corpus40}]",
@@ -316,6 +320,14 @@ def test_a_run_exports_as_neuronpedia_uploads_it(tiny_llama_dir, corpus40, tmp_p
                          "neurons.per_layer=3", "recording.top_k=6", "recording.n_random=4",
                          "recording.window=16", "explain.max_tokens=8", "judge_power.enabled=false",
                          "~judges", "progress=false"]), run)
+    from neuronlens.subject.recording import Recording
+
+    rec = Recording.load(run / "recording")
+    coder, got = load_coders(sae)[1], []
+    with torch.no_grad(), neuron_hooks(tiny_llama, [1], lambda _l, a: got.append(coder.encode(a)),
+                                       {1: module_point(tiny_llama, "layers.1.mlp", "input")}):
+        tiny_llama(input_ids=rec.top_tokens[0, :2].long())
+    torch.testing.assert_close(rec.top_acts[0, :2], got[0][..., rec.neurons[0].index], atol=1e-5, rtol=1e-5)
     report([str(run), "--neuronpedia", str(tmp_path / "np"), "--neuronpedia-model", "tiny-llama",
             "--source-set", "res-test"])
     files = sorted((tmp_path / "np").rglob("*.json"))

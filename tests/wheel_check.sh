@@ -22,7 +22,7 @@ assert "site-packages" in str(where), f"neuronlens imported from {where}, not fr
 assert (where / "conf" / "config.yaml").is_file(), "the wheel has no configs"
 print("neuronlens from", where)
 PY
-for command in neuronlens neuronlens-serve neuronlens-report neuronlens-probe; do
+for command in neuronlens neuronlens-serve neuronlens-report neuronlens-probe neuronlens-sae; do
     "$command" --help | head -1
 done
 neuronlens neurons.per_layer=2 recording.max_windows=200 judge_power.enabled=false ~judges \

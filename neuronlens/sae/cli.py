@@ -32,6 +32,9 @@ EXAMPLES = [
     ("neuronlens-sae", "the embedded model's middle layer, on the built-in corpus (offline)"),
     ("neuronlens-sae sae.layer=20 sae.expansion_factor=16 sae.k=16", "another layer and width"),
     ("neuronlens-sae subject.model=gpt2 corpus=files corpus.paths=[text.jsonl]", "another model and text"),
+    ("neuronlens-sae sae.epochs=2 sae.max_windows=300", "a quick one, to try the path"),
+    ("neuronlens-sae hydra.run.dir=runs/sae && neuronlens subject=sae subject.path=runs/sae/sae",
+     "train, then interpret its latents"),
 ]
 
 SAE = Command("neuronlens-sae", "sae", ABOUT, EXAMPLES, ("subject", "corpus"), task)

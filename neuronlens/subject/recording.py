@@ -328,8 +328,9 @@ class Recorder:
         self.seen += B
         a = acts.reshape(len(self.neurons), -1).float()
         a2 = a * a   # powers in float32 per batch, summed across batches in float64
-        state["mom"] += torch.stack([a.sum(1), a2.sum(1), (a2 * a).sum(1), (a2 * a2).sum(1),
-                                     (a > 0).sum(1)], 1).double()
+        state["mom"] += torch.stack([a.sum(1), a2.sum(1), torch.linalg.vecdot(a2, a),
+                                     torch.linalg.vecdot(a2, a2), (a > 0).sum(1, dtype=torch.float32)],
+                                    1).double()
         self.n_tokens += B * T
         # the windows of this batch now referenced take the table rows nothing refers to any more
         referenced = torch.cat([state["win"].flatten(), state["rwin"]])
@@ -461,7 +462,7 @@ def record(model, tokenizer, windows: Iterable[list[int]] | Callable[[], Iterabl
                 except StopForward:
                     pass
                 acts = torch.cat([captured[l] for l in layers], dim=-1)[..., restore]  # [B, T, N]
-                sink(ids, acts.permute(2, 0, 1))                                        # [N, B, T]
+                sink(ids, acts.permute(2, 0, 1).contiguous())                           # [N, B, T]
                 bar.update(ids.numel())
             bar.close()
 

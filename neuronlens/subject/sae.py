@@ -109,10 +109,11 @@ class SparseCoder:
         return replace(at, width=self.width, encode=self.to(next(model.parameters()).device).encode)
 
     def identity(self) -> dict:
-        """What its latents depend on: its files' bytes, by their hashes."""
-        files = sorted(p for p in self.path.iterdir() if p.suffix in (".json", ".safetensors"))
-        return {"sae": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in files},
-                "hook": self.hook}
+        """What its latents depend on, as the model's weights are keyed: its config's hash and its
+        weight files' sizes and modification times."""
+        config = hashlib.sha256((self.path / "cfg.json").read_bytes()).hexdigest()[:16]
+        weights = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(self.path.glob("*.safetensors"))}
+        return {"config": config, "weights": weights, "hook": self.hook}
 
 
 def load_coder(path: str | Path, hook: str | None = None) -> SparseCoder:
