@@ -1,7 +1,8 @@
 """sae-lens and EleutherAI's sparsify as peers: SAEs written by the libraries themselves.
 
 sae-lens brings transformer-lens, wandb and dozens more, none of which neuronlens needs, so it
-lives in a venv of its own that sees this environment's packages (torch, transformers):
+lives in a venv of its own that sees this environment's packages (torch, transformers) through a
+.pth file, whether this environment is a venv or not:
 
     python tests/sae_peers.py install        # the venv (~/.cache/neuronlens/sae-peers-venv)
     python tests/sae_peers.py write OUT      # (run by the tests, with the venv's python)
@@ -29,8 +30,16 @@ def python() -> Path:
 
 
 def install() -> None:
+    import sysconfig
+
     if not python().exists():
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(VENV)], check=True)
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    # this environment's packages after the venv's own (a --system-site-packages venv would see
+    # the base interpreter's instead, when this one is itself a venv)
+    site = subprocess.run([str(python()), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    mine = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
+    (Path(site) / "neuronlens-parent.pth").write_text("\n".join(mine) + "\n")
     subprocess.run([str(python()), "-m", "pip", "install", "--quiet", *PINS], check=True)
 
 
