@@ -288,7 +288,10 @@ class Recorder:
             "ract": torch.zeros((N, R, T), device=dev),
             "mom": torch.zeros((N, 5), dtype=torch.float64, device=dev),
             "table": torch.zeros((N * k + R, T), dtype=torch.int32, device=dev),   # token ids
-            "numbers": torch.full((N * k + R,), -1, dtype=torch.long, device=dev)})  # their windows
+            "numbers": torch.full((N * k + R,), -1, dtype=torch.long, device=dev),   # their windows
+            "refs": torch.zeros((N * k + R,), dtype=torch.int32, device=dev),   # slots holding each
+            "wrow": torch.full((N, k), -1, dtype=torch.long, device=dev),   # each slot's table row
+            "rrow": torch.full((R,), -1, dtype=torch.long, device=dev)})
         if self.config.quantiles:   # excerpt maxima counted on the quantile grid
             self.state["counts"] = torch.zeros((N, len(QUANTILE_EDGES) + 1), dtype=torch.int32, device=dev)
 
@@ -313,6 +316,7 @@ class Recorder:
         state["vals"][rows_out, slots] = vals[rows_in, k + new]
         state["win"][rows_out, slots] = numbers[new]
         state["act"][rows_out, slots] = acts[rows_in, new]
+        released = [state["wrow"][rows_out, slots]]
         # reservoir sample of windows (Algorithm R): window w takes slot w while w < R, else a
         # uniform draw from [0, w]; within a batch a later window overwrites an earlier one
         taken = numbers.cpu().numpy().copy()
@@ -320,26 +324,37 @@ class Recorder:
         taken[late] = self.rng.integers(0, taken[late] + 1)
         chosen = np.flatnonzero(taken < R)
         last = {int(taken[b]): b for b in chosen}           # the last window to take each slot
+        slot = torch.tensor(list(last), dtype=torch.long, device=self.device)
+        which = torch.tensor(list(last.values()), dtype=torch.long, device=self.device)
         if last:
-            slot = torch.tensor(list(last), device=self.device)
-            which = torch.tensor(list(last.values()), device=self.device)
             state["rwin"][slot] = numbers[which]
             state["ract"][:, slot] = acts[:, which]
+            released.append(state["rrow"][slot])
         self.seen += B
-        a = acts.reshape(len(self.neurons), -1).float()
-        a2 = a * a   # powers in float32 per batch, summed across batches in float64
-        state["mom"] += torch.stack([a.sum(1), a2.sum(1), torch.linalg.vecdot(a2, a),
-                                     torch.linalg.vecdot(a2, a2), (a > 0).sum(1, dtype=torch.float32)],
-                                    1).double()
+        flat = acts.reshape(len(self.neurons), -1).float()
+        for rows, a in zip(torch.arange(len(flat)).split(max(1, 2 ** 19 // flat.shape[1])),
+                           flat.split(max(1, 2 ** 19 // flat.shape[1]))):   # blocks that stay in cache
+            a2 = a * a   # powers in float32 per batch, summed across batches in float64
+            state["mom"][rows] += torch.stack([a.sum(1), a2.sum(1), torch.linalg.vecdot(a2, a),
+                                               torch.linalg.vecdot(a2, a2),
+                                               (a > 0).sum(1, dtype=torch.float32)], 1).double()
         self.n_tokens += B * T
-        # the windows of this batch now referenced take the table rows nothing refers to any more
-        referenced = torch.cat([state["win"].flatten(), state["rwin"]])
-        kept = torch.isin(numbers, referenced)
+        # the windows of this batch now referenced take the table rows no slot refers to any more
+        # (each row counts the slots that hold its window)
+        released = torch.cat(released)
+        released = released[released >= 0]
+        state["refs"].scatter_add_(0, released, torch.full_like(released, -1, dtype=torch.int32))
+        holds = torch.bincount(torch.cat([new, which]), minlength=B)   # slots each window takes
+        kept = holds > 0
+        at = torch.full((B,), -1, dtype=torch.long, device=self.device)
         if kept.any():
-            unused = (state["numbers"] < 0) | ~torch.isin(state["numbers"], referenced)
-            free = unused.nonzero().flatten()[:int(kept.sum())]
+            free = (state["refs"] == 0).nonzero().flatten()[:int(kept.sum())]
+            at[kept] = free
+            state["refs"][free] = holds[kept].to(torch.int32)
             state["numbers"][free] = numbers[kept]
             state["table"][free] = ids[kept].to(self.device, torch.int32)
+        state["wrow"][rows_out, slots] = at[new]
+        state["rrow"][slot] = at[which]
 
     def finish(self, token_string, meta: dict | None = None, token_bytes=None) -> Recording:
         """The recording; ``token_string(id)`` gives a token's text, and ``token_bytes(id)`` the
@@ -350,8 +365,7 @@ class Recorder:
         rwin, ract = state["rwin"], state["ract"]
         if self.seen < self.config.n_random:  # fewer windows than asked for: keep those there are
             rwin, ract = rwin[:self.seen], ract[:, :self.seen]
-        referenced = torch.cat([state["win"].flatten(), rwin])
-        keep = (state["numbers"] >= 0) & torch.isin(state["numbers"], referenced)
+        keep = state["refs"] > 0
         numbers, order = state["numbers"][keep].sort()   # ascending: a window's row is a search away
         table = state["table"][keep][order]
         row = lambda w: torch.searchsorted(numbers, w.clamp(min=0)).clamp(max=len(numbers) - 1)
@@ -440,15 +454,17 @@ def record(model, tokenizer, windows: Iterable[list[int]] | Callable[[], Iterabl
         check_unit(points[n.layer].width, n.layer, n.index, points[n.layer].encode is not None)
     device = next(model.parameters()).device
     # Columns of each layer's activations to keep, and where they go in the [.., N] matrix.
-    index = {l: torch.tensor([n.index for n in neurons if n.layer == l], device=device)
-             for l in layers}
+    # (None where that is all of them in order: each gather is a copy of the batch's activations)
+    columns = lambda picked, width: (None if width is not None and picked == list(range(width))
+                                     else torch.tensor(picked, device=device))
+    index = {l: columns([n.index for n in neurons if n.layer == l], points[l].width) for l in layers}
     order = [n for l in layers for n in neurons if n.layer == l]
     position = {n: j for j, n in enumerate(order)}
-    restore = torch.tensor([position[n] for n in neurons], device=device)
+    restore = columns([position[n] for n in neurons], len(neurons))
     captured: dict[int, torch.Tensor] = {}
 
     def grab(layer: int, acts: torch.Tensor) -> None:
-        captured[layer] = acts[..., index[layer]].float()
+        captured[layer] = (acts if index[layer] is None else acts[..., index[layer]]).float()
         if layer == layers[-1]:
             raise StopForward  # nothing after the deepest recorded layer is needed
 
@@ -461,7 +477,8 @@ def record(model, tokenizer, windows: Iterable[list[int]] | Callable[[], Iterabl
                     model.base_model(input_ids=ids, use_cache=False)
                 except StopForward:
                     pass
-                acts = torch.cat([captured[l] for l in layers], dim=-1)[..., restore]  # [B, T, N]
+                acts = captured[layers[0]] if len(layers) == 1 else torch.cat([captured[l] for l in layers], -1)
+                acts = acts if restore is None else acts[..., restore]                 # [B, T, N]
                 sink(ids, acts.permute(2, 0, 1).contiguous())                           # [N, B, T]
                 bar.update(ids.numel())
             bar.close()

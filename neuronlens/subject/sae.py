@@ -91,12 +91,13 @@ class SparseCoder:
         x = x.to(self.W_enc.dtype)
         if self.b_in is not None:
             x = x - self.b_in
-        pre = x @ self.W_enc + self.b_enc
+        pre = torch.addmm(self.b_enc, x.reshape(-1, x.shape[-1]), self.W_enc).unflatten(0, x.shape[:-1])
         if self.scale is not None:
             pre = pre * self.scale
-        if self.activation == "topk":
+        if self.activation == "topk":   # laid out latent-major, as the recorder reads them
             values, indices = pre.topk(self.k, dim=-1)
-            return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+            out = pre.new_zeros(pre.shape[-1], *pre.shape[:-1]).movedim(0, -1)
+            return out.scatter_(-1, indices, values.relu())
         acts = pre.relu()
         return acts * (pre > self.threshold) if self.activation == "jumprelu" else acts
 
