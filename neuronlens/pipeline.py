@@ -42,10 +42,13 @@ def build_role(node: DictConfig, wrap, options: DictConfig, remote: DictConfig,
     """A role's config builds either a backend (wrapped in the engine) or a ready object. Remote
     backends go through the policy layer: response cache, retries, bounded concurrency (one
     budget per server address in ``gates``), cost. A role with an ``inner`` role
-    (``explainer=shuffled``) gets that role built the same way."""
+    (``explainer=shuffled``) gets that role built the same way; one with a ``backend`` (detection,
+    fuzzing) gets that backend, behind the policy layer too, and scores with it itself."""
     gates = {} if gates is None else gates
     if "inner" in node:
         obj = instantiate(node, inner=build_role(node.inner, wrap, options, remote, gates))
+    elif "backend" in node:   # a scorer on a backend of its own (detection, fuzzing): not wrapped
+        obj = instantiate(node, backend=build_role(node.backend, lambda b, **_: b, options, remote, gates))
     else:
         obj = instantiate(node)
     if not isinstance(obj, Backend):
@@ -95,8 +98,9 @@ def backend_stats(role) -> dict[str, Any] | None:
 
 def judge(judges: dict[str, Scorer], explanation: str, top, rnd) -> dict[str, Any]:
     """The kept explanation scored again by each second judge, on the very excerpts the main
-    simulator scored (so the two are paired), in the judge's own metric; ``test_simulated`` is
-    aligned with ``test_excerpts`` (None where this judge failed an excerpt)."""
+    simulator scored (so the two are paired), in the judge's own metric; ``test_simulated`` (per
+    token) or ``test_predictions`` (per item: detection, fuzzing) is aligned with ``test_excerpts``
+    (None where this judge failed an excerpt)."""
     out = {}
     for name, scorer in judges.items():
         scored = scorer.score(explanation, top, rnd)
@@ -104,11 +108,12 @@ def judge(judges: dict[str, Scorer], explanation: str, top, rnd) -> dict[str, An
         expected = [None if e is None else list(e) for e in sim.expected]
         masses = [{"mass": m} for e, m in zip(expected, sim.mass or [None] * len(expected))
                   if e is not None and m]
+        predicted = ({"test_simulated": expected} if getattr(scorer, "per_token", True) else   # per token, or per item
+                     {"test_predictions": [None if p is None else list(p) for p in scored.predictions]})
         out[name] = {"score": scored.value(), "metric": scored.metric.name,
                      "score_flag": scores["all"].get("flag"),
-                     "mass": mass_stats(masses), "scores": {"test": scores},
-                     "test_simulated": expected, "failed_excerpts": sim.n_failed,
-                     "failures": [f.to_json() for f in sim.failures],
+                     "mass": mass_stats(masses), "scores": {"test": scores}, **predicted,
+                     "failed_excerpts": sim.n_failed, "failures": [f.to_json() for f in sim.failures],
                      "usage": [sim.usage.prompt_tokens, sim.usage.completion_tokens]}
     return out
 

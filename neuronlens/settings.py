@@ -276,6 +276,11 @@ def check(cfg: DictConfig, schema: type = RunSettings) -> None:
                 check_target(judge, f"judges.{name}")
         else:
             check_target(node, group)
+    simulator = OmegaConf.select(cfg, "simulator", throw_on_missing=False)
+    if isinstance(simulator, DictConfig) and not getattr(target_class(simulator, "simulator"), "per_token", True):
+        raise UserError(f"simulator={str(simulator._target_).rpartition('.')[2].lower()} answers per excerpt, "
+                        "not per token, so it cannot be the run's simulator; add it as a judge beside one "
+                        "(+simulator@judges.NAME=OPTION).")
     shard, n = OmegaConf.select(cfg, "neurons.shard"), OmegaConf.select(cfg, "neurons.n_shards")
     if shard is not None and n is not None and shard >= n:
         raise UserError(f"neurons.shard must be below neurons.n_shards (got shard={shard}, n_shards={n}).")
@@ -312,20 +317,27 @@ HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_", "de
 SIMPLE = (bool, int, float)   # a str parameter takes any scalar, as Hydra's own str fields do
 
 
+def target_class(node: Any, prefix: str) -> Any:
+    """The class (or function) a group's ``_target_`` names; None where it names none."""
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return None
+    module, _, name = str(node._target_).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise UserError(f"{prefix}._target_ is {node._target_!r}, which cannot be imported ({e}); "
+                        "check its spelling.") from None
+
+
 def check_target(node: Any, prefix: str) -> None:
     """A group's settings (``simulator.batch_size``) against the class its ``_target_`` names:
     that class's constructor is the group's schema (a backend is a YAML file plus a class, with
     no third list of its settings). Every key must be one of its parameters, and a value whose
     parameter is annotated bool, int or float (or Optional of one) must have that type.
     Roles nested in a role (``explainer.inner``) are checked the same way."""
-    if not isinstance(node, DictConfig) or "_target_" not in node:
+    cls = target_class(node, prefix)
+    if cls is None:
         return
-    module, _, name = str(node._target_).rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise UserError(f"{prefix}._target_ is {node._target_!r}, which cannot be imported ({e}); "
-                        "check its spelling.") from None
     init = cls.__init__ if inspect.isclass(cls) else cls
     params = inspect.signature(cls).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):

@@ -65,6 +65,7 @@ class Agreement:
     n: int
     spearman: float | None
     p: float | None
+    ci: Interval | None = None   # paired bootstrap over neurons
 
 
 def _finite(x: float) -> float | None:
@@ -130,4 +131,20 @@ def agreement(a: Sequence[float], b: Sequence[float]) -> Agreement:
     if x.size < 3 or np.all(x == x[0]) or np.all(y == y[0]):
         return Agreement(int(x.size), None, None)
     res = stats.spearmanr(x, y)
-    return Agreement(int(x.size), _finite(res.statistic), _finite(res.pvalue))
+    return Agreement(int(x.size), _finite(res.statistic), _finite(res.pvalue), spearman_ci(x, y))
+
+
+def spearman_ci(x: np.ndarray, y: np.ndarray) -> Interval | None:
+    """Percentile bootstrap interval of Spearman's rho, resampling neurons (pairs); resamples in
+    which either side is constant (rho undefined) are left out, and with fewer than half of them
+    left there is no interval."""
+    rng = np.random.default_rng(SEED)
+    picks = rng.integers(0, x.size, size=(N_RESAMPLES, x.size))
+    rx, ry = stats.rankdata(x[picks], axis=1), stats.rankdata(y[picks], axis=1)
+    rx, ry = rx - rx.mean(1, keepdims=True), ry - ry.mean(1, keepdims=True)
+    norm = np.sqrt((rx * rx).sum(1) * (ry * ry).sum(1))
+    rho = (rx * ry).sum(1)[norm > 0] / norm[norm > 0]
+    if rho.size < N_RESAMPLES / 2:
+        return None
+    low, high = np.percentile(rho, [100 * (1 - LEVEL) / 2, 100 * (1 + LEVEL) / 2])
+    return Interval(float(low), float(high))

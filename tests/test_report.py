@@ -4,6 +4,7 @@ whose numbers are checked against scipy computed here."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from itertools import islice
@@ -233,7 +234,8 @@ def test_report_sections_and_numbers(bench):
 
     # agreement: the main simulator and the second judge on the same explanations
     rho = sp.spearmanr(rows_of(bench, "1"), rows_of(bench, "1", "similarity")).statistic
-    assert f"| same run | 12 | {rho:.3f} |" in md
+    cell = re.search(rf"\| same run \| 12 \| {rho:.3f} \[(-?[\d.]+), (-?[\d.]+)\] \|", md)
+    assert cell and float(cell[1]) <= rho <= float(cell[2])   # with its bootstrap interval
 
     # pairing rules: another subject is another group; other excerpts pair on no neuron
     assert "group 2:" in md and "**not pairable**" in md

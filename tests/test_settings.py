@@ -24,9 +24,12 @@ def neuronlens(args: list[str], cwd: Path, module: str = "neuronlens.cli") -> su
 
 @pytest.mark.parametrize("bad, says", [
     ("subject=sea", "no subject 'sea'; the options are gemma3, gpt2, openai_records, sae, smollm2, synthetic"),
-    ("+simulator@judges.x=nope", "no simulator 'nope'; the options are gemma3, litellm, local, openai, "
-                                 "similarity, vllm, vllm_engine"),
+    ("+simulator@judges.x=nope", "no simulator 'nope'; the options are detection, fuzzing, gemma3, litellm, "
+                                 "local, openai, similarity, vllm, vllm_engine"),
     ("neurons.per_layr=3", "no setting neurons.per_layr; did you mean neurons.per_layer?"),
+    ("simulator=fuzzing", "simulator=fuzzing answers per excerpt, not per token, so it cannot be the run's "
+                          "simulator; add it as a judge beside one (+simulator@judges.NAME=OPTION)."),
+    ("+simulator@judges.d=detection judges.d.threshold=high", "judges.d.threshold must be a number (got 'high')."),
     ("explainer.modle=x", "no setting explainer.modle; did you mean explainer.model?"),
     ("+foo=bar", "no setting foo; `--help` lists the settings, `--cfg job` the whole config."),
     ("+recording.windw=3", "no setting recording.windw; did you mean recording.window?"),

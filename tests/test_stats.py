@@ -91,6 +91,25 @@ def test_agreement_is_scipys_spearman(data):
     assert stats.agreement([0.1, 0.1, 0.1], [0.1, 0.2, 0.3]).spearman is None
 
 
+def test_agreement_interval_resamples_neurons_and_drops_undefined_resamples():
+    """The interval against scipy's Spearman on each resample of the same draws (pairs kept
+    together), skipping those where one side is constant; it holds 0 for unrelated scores and not
+    for related ones."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=12)
+    y = x + rng.normal(scale=0.5, size=12)
+    picks = np.random.default_rng(stats.SEED).integers(0, 12, size=(stats.N_RESAMPLES, 12))
+    rhos = [sp.spearmanr(x[p], y[p]).statistic for p in picks]
+    rhos = [r for r in rhos if np.isfinite(r)]
+    ci = stats.agreement(x, y).ci
+    assert ci.low == pytest.approx(np.percentile(rhos, 2.5)) and ci.high == pytest.approx(np.percentile(rhos, 97.5))
+    assert ci.low > 0
+    unrelated = stats.agreement(x, rng.normal(size=12)).ci
+    assert unrelated.low < 0 < unrelated.high
+    tied = stats.agreement([0.0] * 9 + [1.0], [0.0] * 8 + [1.0, 0.0])   # most resamples constant
+    assert tied.spearman is not None and tied.ci is None
+
+
 def test_difference_of_independent_samples():
     """Unpaired: each sample resampled on its own; swapping the samples negates everything, and
     a clear shift is found while one inside the noise is not."""

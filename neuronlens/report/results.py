@@ -197,7 +197,7 @@ def results_of(experiments: list[Experiment], runs: list[Run]) -> tuple[list[Res
             for k, r in exp.rows.items():
                 entry = (r.get("judges") or {}).get(name) or {}
                 neurons[k] = Neuron(k[0], k[1], entry.get("score"), r.get("explanation"),
-                                    excerpt_hash(r, entry.get("test_simulated")),
+                                    excerpt_hash(r, entry.get("test_simulated", entry.get("test_predictions"))),
                                     entry.get("score_flag"), (entry.get("mass") or {}).get("mean"))
                 if "failed_excerpts" in entry:
                     failed.append(entry["failed_excerpts"] or 0)

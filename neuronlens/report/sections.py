@@ -189,10 +189,12 @@ def agreement_section(results: list[Result]) -> Section:
         a = stats.agreement(p.a_scores, p.b_scores)
         source = "same run" if p.a.experiment is p.b.experiment else "across runs"
         table.rows.append([p.a.subject, p.a.explainer, f"{rid(results, p.a)} {p.a.judge}",
-                           f"{rid(results, p.b)} {p.b.judge}", source, str(a.n), num(a.spearman), pval(a.p)])
+                           f"{rid(results, p.b)} {p.b.judge}", source, str(a.n),
+                           f"{num(a.spearman)} {ci(a.ci)}", pval(a.p)])
     blocks: list = ["Rank correlation between two judges' scores of the very same explanations (same run, or "
-                    "runs whose explanations are textually identical). A low ρ means the ranking of neurons "
-                    "depends on the judge."]
+                    "runs whose explanations are textually identical), every pair of judges, whatever their metrics "
+                    "(simulation, detection, fuzzing). A low ρ means the ranking of neurons depends on the judge; "
+                    "the interval is a paired bootstrap over neurons."]
     blocks.append(table if table.rows else "No explanation was scored by two judges.")
     return Section("Simulator agreement", blocks)
 

@@ -152,14 +152,27 @@ def judge_table(row: dict[str, Any], simulator: str | None) -> list[dict[str, An
     return lines
 
 
+def answer_line(name: str, items: list[dict] | None) -> str | None:
+    """What a per-item judge (detection, fuzzing) answered about one excerpt, against the truth."""
+    if items is None:
+        return f"{name}: failed"
+    said = [f"{'right' if it['answer'] == it['label'] else 'wrong'}: answered {it['answer']}"
+            + ("" if it.get("p") is None else f" (P(1) {it['p']:.2f})") + f", truth {it['label']}"
+            for it in items]
+    return f"{name}: {'; '.join(said)}" if said else None
+
+
 def neuron_view(row: dict[str, Any], simulator: str | None = None) -> dict[str, Any]:
     """What the neuron page shows, computed here so the template only lays it out."""
     excerpts = row.get("test_excerpts") or []
     scale = row.get("max_activation") or 0.0
     if scale <= 0:
         scale = max((abs(a) for ex in excerpts for a in ex["true"]), default=0.0)
-    judges = []
+    judges, answering = [], []
     for name, judge in (row.get("judges") or {}).items():
+        if "test_predictions" in judge:   # detection, fuzzing: answers per excerpt, not per token
+            answering.append((name, judge["test_predictions"]))
+            continue
         sims = judge.get("test_simulated") or []
         finite = [abs(v) for s in sims if s for v in s if v is not None and math.isfinite(v)]
         judges.append({"name": name, "sims": sims, "scale": max(finite, default=0.0)})
@@ -168,6 +181,8 @@ def neuron_view(row: dict[str, Any], simulator: str | None = None) -> dict[str, 
         per_judge = [(j["name"], j["sims"][i] if i < len(j["sims"]) else None, j["scale"])
                      for j in judges]
         views.append(_excerpt(ex, i, scale, per_judge))
+        views[-1]["answers"] = [line for name, items in answering
+                                if (line := answer_line(name, items[i] if i < len(items) else ()))]
     test = (row.get("scores") or {}).get("test") or {}
     score_rows = [{"name": f"test {k}", **v} for k, v in test.items() if isinstance(v, dict)]
     calibrated = (row.get("scores") or {}).get("test_calibrated")

@@ -6,8 +6,9 @@ a neuron's top excerpts, its random ones, and both together (Bills et al. 2023).
 declares its ``metric`` (name, range, which way is better): the simulators' is the correlation.
 Two kinds live here: the simulation engine (``Simulator``: an LLM reads the explanation and
 predicts 0-10 per token, on any backend and strategy) and the similarity judge (an embedding
-model, no LLM). A scorer with another metric (detection, fuzzing) declares it and overrides
-``measure``; ``score`` and everything that reads a score (``value``) stay the same.
+model, no LLM). A scorer with another metric declares it and overrides ``measure``, or, where it
+does not predict per token (detection and fuzzing, ``classification``), ``score``: everything that
+reads a score (``value``, judge power, best-of-n, the summary) stays the same.
 """
 
 from __future__ import annotations
@@ -110,6 +111,10 @@ class Scored:
     result: SimulationResult
     scores: dict[str, dict[str, Any]]
     metric: Metric = PEARSON
+    # per excerpt of ``top + random``, for scorers that answer per item rather than per token
+    # (detection, fuzzing): each item's true ``label``, its ``answer`` and P("1") ``p``; () where
+    # none was asked, None where the excerpt failed
+    predictions: tuple[tuple[dict, ...] | None, ...] = ()
 
     def value(self, split: str = "all") -> float | None:
         """The metric's value on ``split``, as the headline counts it (``summary.headline``)."""
@@ -123,6 +128,7 @@ class Scorer(Protocol):
 
     backend = None   # the LLM backend behind it, if any: the run reports its requests and cost
     metric: Metric = PEARSON
+    per_token = True   # False: it answers per item (``Scored.predictions``), not per token
 
     def check(self) -> None:
         """Fail at start-up, before anything slow, when this scorer cannot run as configured."""

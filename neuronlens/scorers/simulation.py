@@ -59,6 +59,20 @@ Distributions = tuple[tuple[float, ...], ...]
 T = TypeVar("T")
 
 
+def generate_checked(backend: Backend, request: GenerateRequest,
+                     parse: Callable[[Completion], object]) -> Generation:
+    """The backend's generation, where an answer that does not parse (``Unreadable``) is never
+    cached; the caller counts its tokens, then parses it."""
+    def usable(generation: Generation) -> bool:
+        try:
+            parse(first(generation))
+        except Unreadable:
+            return False
+        return True
+
+    return backend.generate_usable(request, usable)
+
+
 def first(generation: Generation) -> Completion:
     if not generation.completions:
         raise Unreadable("the backend returned no completion")
@@ -273,16 +287,8 @@ class Simulator(Scorer):
         return SimulationResult(tuple(expected), tuple(distributions), tuple(errors), tally.usage)
 
     def _generate(self, request: GenerateRequest, tally: _Tally, parse: Callable[[Completion], T]) -> T:
-        """The parsed first completion; an answer that does not parse is never cached."""
-        def usable(generation: Generation) -> bool:
-            try:
-                parse(first(generation))
-            except Unreadable:
-                return False
-            return True
-
-        generation = self.backend.generate_usable(request, usable)
-        tally.usage = tally.usage + generation.usage
+        generation = generate_checked(self.backend, request, parse)
+        tally.usage = tally.usage + generation.usage   # a failed answer's tokens count too
         return parse(first(generation))
 
     def _one_at_a_time(self, shared: SharedPrompt, tokens: Sequence[str],
