@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -24,7 +25,7 @@ from neuronlens.backends.policy import Gate, Policy, gate_for
 from neuronlens.settings import check
 from neuronlens.errors import UserError
 from neuronlens.explainers.base import Explainer
-from neuronlens.explainers.llm import LLMExplainer, copy_flag
+from neuronlens.explainers.llm import LLMExplainer, copy_flag, words
 from neuronlens.files import RunLock, disk_error, dumps, read_rows, write_atomic, write_json
 from neuronlens.records import NeuronId, NeuronRecord
 from neuronlens.scorers.base import Scorer, split_predictions
@@ -32,6 +33,7 @@ from neuronlens.scorers.correlation import correlate, fit_calibration
 from neuronlens.scorers.judge_power import judge_power, verdict
 from neuronlens.scorers.simulation import Simulator
 from neuronlens.models import cache_dir, display_name
+from neuronlens.prompt_format import normalize_activations
 from neuronlens.summary import CONSTANT, CORRELATION, LOW_MASS, headline, mass_stats, summarise_rows
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,9 @@ def build_roles(cfg: DictConfig) -> tuple[Explainer, Scorer, dict[str, Scorer]]:
     simulator = build_role(cfg.simulator, Simulator, cfg.simulation, cfg.remote, gates)
     judges = {name: build_role(node, Simulator, cfg.simulation, cfg.remote, gates)
               for name, node in (cfg.get("judges") or {}).items() if node != cfg.simulator}
+    if cfg.explain.get("revisions", 0) and not hasattr(explainer, "revise"):
+        raise UserError(f"explain.revisions={cfg.explain.revisions} needs an explainer that writes explanations "
+                        f"(local, openai, vllm, litellm); {type(explainer).__name__} cannot revise one.")
     for role in (explainer, simulator, *judges.values()):
         if isinstance(getattr(role, "backend", None), Backend):
             role.backend.load()
@@ -191,7 +196,47 @@ def process(neuron: NeuronRecord, explainer: Explainer, simulator: Scorer, cfg: 
         return failed("the explainer gave no usable explanation", "no_explanation")
 
     # the headline rule (a constant simulation scores 0), the better end of the metric first
-    best = max(candidates, key=lambda c: metric.rank(headline(c.get("valid"), metric.name)))
+    rank = lambda c: metric.rank(headline(c.get("valid"), metric.name))   # noqa: E731
+    best = max(candidates, key=rank)
+    revisions = []
+    for _ in range(getattr(explainer, "revisions", 0)):   # explain.revisions
+        if "valid" not in best:
+            scored = simulator.score(best["text"], valid.top, valid.random)
+            account(scored.result, "valid")
+            best["valid"] = scored.scores["all"]
+        # what the explainer was shown, simulated from its explanation: the largest misses first
+        recs, sims = simulate(best["text"], shown, "revision")
+        if not recs:
+            break
+        scale = max(r.max_activation for r in recs)
+        miss = lambda pair: float(np.mean((np.asarray(normalize_activations(pair[0].activations, scale))   # noqa: E731
+                                           - np.asarray(pair[1])) ** 2))
+        try:
+            revised = explainer.revise(neuron.neuron_id, best["text"], sorted(zip(recs, sims), key=miss, reverse=True))
+        except TransientError as e:
+            failures["explanations"] += 1
+            by_kind[failure_kind(e)] += 1
+            break
+        usage["explainer"] = [usage["explainer"][0] + revised.prompt_tokens,
+                              usage["explainer"][1] + revised.completion_tokens]
+        if not revised.explanations:
+            failures["explanations"] += revised.n_failed
+            by_kind["unparsed_explanation"] += revised.n_failed
+            break
+        text = revised.explanations[0]
+        if words(text) == words(best["text"]):   # the same words again: nothing to score
+            revisions.append({"text": text, "valid": best["valid"], "revises": best["text"], "won": False,
+                              "unchanged": True})
+            continue
+        scored = simulator.score(text, valid.top, valid.random)
+        account(scored.result, "valid")
+        entry = {"text": text, "valid": scored.scores["all"], "revises": best["text"]}
+        entry["won"] = rank(entry) > rank(best)   # a tie keeps the explanation it revises
+        revisions.append(entry)
+        if entry["won"]:
+            best = {"text": entry["text"], "valid": entry["valid"]}
+    if revisions:
+        row["revisions"] = revisions
     test = split("test")
     scored = simulator.score(best["text"], test.top, test.random)   # one shared prefix
     account(scored.result, "test")

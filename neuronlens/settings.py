@@ -77,6 +77,9 @@ class Explain:
     seed: int = setting("${seed}", "the explainer's sampling seed")
     show_logits: bool = setting(False, "also show the tokens each neuron's output promotes and suppresses "
                                        "(model subjects; `logits` in neurons.jsonl)")
+    revisions: int = setting(0, "rounds of revision: the explainer sees its explanation simulated on the "
+                                "train excerpts it was shown, where it missed most, and writes a better one; "
+                                "the better of the two on `valid` is kept", low=0)
 
 
 @dataclass

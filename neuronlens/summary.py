@@ -110,6 +110,9 @@ def summarise_rows(rows: list[dict]) -> dict[str, Any]:
         "n_failed_explanations": sum((r.get("failures") or {}).get("explanations", 0) for r in rows),
         "n_copied": sum(1 for r in rows if r.get("explanation_flag")),
         "n_copies_replaced": sum(r.get("copies_replaced") or 0 for r in rows),
+        "revisions": {"n": sum(len(r.get("revisions") or ()) for r in rows),   # explain.revisions
+                      "won": sum(1 for r in rows for v in r.get("revisions") or () if v.get("won")),
+                      "unchanged": sum(1 for r in rows for v in r.get("revisions") or () if v.get("unchanged"))},
         "tokens": {role: {kind: sum(((r.get("usage") or {}).get(role) or [0, 0])[i] for r in rows)
                           for i, kind in enumerate(("prompt", "completion"))}
                    for role in ("explainer", "simulator")},

@@ -147,3 +147,59 @@ def test_the_explainer_never_sees_a_valid_or_test_excerpt(tiny_llama_dir, corpus
         assert held_out and shown
         assert not held_out & {r.key() for r in shown}
         assert {r.key() for r in shown} <= {r.key() for r in neuron.split("train").all}
+
+
+def test_revision_keeps_the_better_on_valid_and_shows_only_excerpts_the_explainer_saw(
+        tiny_llama_dir, corpus, tmp_path, monkeypatch):
+    """explain.revisions=2: the explainer gets its explanation simulated on the train excerpts it
+    was shown, worst first, and writes another; each revision is stored with its valid score, the
+    better one is kept (a tie keeps the older), the same words again are not scored twice, and the
+    summary counts how often revision won."""
+    from neuronlens.backends.base import Completion, Generation, Usage
+    from neuronlens.backends.local import LocalBackend
+    from neuronlens.explainers.llm import LLMExplainer
+
+    def scripted(self, request):   # the explainer's backend: a wrong first answer, then the rule
+        prompt = request.prompt or request.messages[-1].content
+        text = " digits and numbers" if "Current explanation:" in prompt else " the word right after the"
+        return Generation((Completion(text),), Usage(50, 5))
+
+    given, records, real_revise, real_process = [], {}, LLMExplainer.revise, pipeline.process
+
+    def spy(self, neuron, explanation, misses):
+        given.append((neuron, explanation, list(misses)))
+        return real_revise(self, neuron, explanation, misses)
+
+    def process(neuron, *args, **kwargs):
+        records[neuron.neuron_id] = neuron
+        return real_process(neuron, *args, **kwargs)
+
+    monkeypatch.setattr(LocalBackend, "generate", scripted)
+    monkeypatch.setattr(LLMExplainer, "revise", spy)
+    monkeypatch.setattr(pipeline, "process", process)
+    cfg = config(["subject=synthetic", f"subject.tokenizer={tiny_llama_dir}", "corpus=files",
+                  f"corpus.paths=[{corpus}]", f"explainer.model={tiny_llama_dir}", "simulator=similarity",
+                  "~judges", "judge_power.enabled=false", "neurons.which=list", "neurons.indices=[0,5]",
+                  "recording.window=16", "recording.top_k=12", "recording.n_random=12", "progress=false",
+                  "explain.revisions=2"])
+    summary = pipeline.run(cfg, tmp_path / "run")
+    out = rows(tmp_path / "run")
+    assert len(given) == 4 and all(len(r["revisions"]) == 2 for r in out)
+    for neuron_id, explanation, misses in given:
+        shown = {r.key() for r in records[neuron_id].shown(0)}
+        assert misses and {r.key() for r, _ in misses} <= shown   # only what it was shown
+        errors = [sum((min(10, max(0, int(10 * a / max(r.max_activation for r, _ in misses)))) - p) ** 2
+                      for a, p in zip(r.activations, sims)) / len(sims) for r, sims in misses]
+        assert errors == sorted(errors, reverse=True)   # the largest misses first
+    for row in out:
+        first, second = row["revisions"]
+        assert first["revises"] == "the word right after the" and first["text"] == "digits and numbers"
+        original = row["explanations"][0]["text"]
+        assert original == "the word right after the"
+        kept = first["text"] if first["won"] else original
+        if first["won"]:   # the same words again: not simulated again, and it cannot win
+            assert second["unchanged"] and not second["won"] and second["valid"] == first["valid"]
+        assert row["explanation"] == kept
+    assert summary["revisions"]["n"] == 4
+    assert summary["revisions"]["won"] == sum(r["revisions"][0]["won"] for r in out)
+    assert summary["revisions"]["won"] > 0, "revision never won: the test would not check the switch"

@@ -118,6 +118,35 @@ def chat_messages(fewshot: Sequence[tuple[Sequence[ActivationRecord], str]],
     return tuple(messages)
 
 
+REVISE_INSTRUCTIONS = f"""\
+We are studying the neurons of a language model. A neuron reads text one token at a time and \
+gives, at each token, an activation: how strongly it responds there.
+
+A neuron was given an explanation, and a reader then predicted the neuron's activations from that \
+explanation alone. Below are the excerpts where the prediction was furthest off. An excerpt begins \
+with a <start> line and ends with an <end> line; in between is one token per line: the token, a \
+tab, the neuron's true activation, a tab, then the predicted one, both on a scale from 0 (no \
+response) to 10 (its strongest response).
+
+Look at where the two disagree most: tokens the explanation missed, and tokens it wrongly covers. \
+Then say, in a short phrase that completes the sentence "{PHRASE} ...", a better explanation."""
+REVISION_EXCERPTS = 4   # the train excerpts with the largest misses shown to a revision
+
+
+def format_miss(record: ActivationRecord, predicted: Sequence[float], max_activation: float) -> str:
+    """One excerpt between <start>/<end>: each token with its true and its predicted activation."""
+    values = normalize_activations(record.activations, max_activation)
+    lines = [f"{format_token(t)}\t{v}\t{round(p)}" for t, v, p in zip(record.tokens, values, predicted)]
+    return "\n".join(["<start>", *lines, "<end>"])
+
+
+def revision_body(explanation: str, misses: Sequence[tuple[ActivationRecord, Sequence[float]]]) -> str:
+    top = max(r.max_activation for r, _ in misses)
+    shown = "\n".join(format_miss(r, p, top) for r, p in misses)
+    return (f"Current explanation: {PHRASE} {explanation}.\n"
+            f"Activations (token, true, predicted):\n{shown}")
+
+
 _RESTATED = re.compile(r"^\W*" + re.escape(PHRASE) + r"\W*?\s", re.IGNORECASE)
 
 
@@ -149,12 +178,12 @@ class LLMExplainer(Explainer):
 
     def __init__(self, backend: Backend, n: int = 1, max_records: int = 10, max_tokens: int = 60,
                  temperature: float | None = None, prompt_format: str = "auto",
-                 seed: int = 0, show_logits: bool = False) -> None:
+                 seed: int = 0, show_logits: bool = False, revisions: int = 0) -> None:
         if not isinstance(backend, Backend):
             raise UserError(f"The explainer needs a Backend, not {type(backend).__name__}.")
-        if n < 1 or max_records < 1 or max_tokens < 1:
-            raise UserError(f"n, max_records and max_tokens must be at least 1 "
-                             f"(got {n}, {max_records}, {max_tokens}).")
+        if n < 1 or max_records < 1 or max_tokens < 1 or revisions < 0:
+            raise UserError(f"n, max_records and max_tokens must be at least 1 and revisions 0 or more "
+                             f"(got {n}, {max_records}, {max_tokens}, {revisions}).")
         if temperature is not None and temperature < 0:
             raise UserError(f"temperature must be 0 or more (got {temperature}).")
         if prompt_format not in self.FORMATS:
@@ -164,7 +193,7 @@ class LLMExplainer(Explainer):
         self.max_records, self.max_tokens = max_records, max_tokens
         self.temperature = temperature if temperature is not None else (1.0 if n > 1 else 0.0)
         self.prompt_format, self.seed = prompt_format, seed
-        self.show_logits = show_logits
+        self.show_logits, self.revisions = show_logits, revisions
         self.outputs: dict[NeuronId, dict] = {}   # per neuron, its logits (``show_logits``)
         self.resolve_format()  # a format the backend lacks fails now, not at the first neuron
 
@@ -272,6 +301,36 @@ class LLMExplainer(Explainer):
             n_lines_truncated=fitted.n_lines_truncated,
             n_copies_replaced=replaced,
         )
+
+
+    def revise(self, neuron: NeuronId, explanation: str,
+               misses: Sequence[tuple[ActivationRecord, Sequence[float]]]) -> ExplanationResult:
+        """A revised explanation, from the current one and excerpts the explainer was already shown
+        (``misses``: each with the activations simulated from ``explanation``, 0-10), greedy."""
+        misses = list(misses[:REVISION_EXCERPTS])
+        budget = self.backend.capabilities.context_length - self.max_tokens
+        while True:   # the largest misses first; the smallest go first when the context is short
+            body = revision_body(explanation, misses)
+            if self.resolve_format() == "chat":
+                messages = (Message("system", f"{REVISE_INSTRUCTIONS}\n\n{CHAT_RULES}"),
+                            Message("user", f"{body}\n\n{CHAT_ASK}"))
+                request = GenerateRequest(messages=messages, max_tokens=self.max_tokens, seed=self.seed)
+                tokens = sum(self.backend.count_tokens(m.content) + CHAT_MESSAGE_TOKENS for m in messages)
+            else:
+                prompt = f"{REVISE_INSTRUCTIONS}\n\n{body}\nBetter explanation: {PHRASE}"
+                request = GenerateRequest(prompt=prompt, max_tokens=self.max_tokens, seed=self.seed,
+                                          stop=("\n",))
+                tokens = self.backend.count_tokens(prompt)
+            if tokens <= budget or len(misses) == 1:
+                break
+            misses.pop()
+        generation = self.backend.generate_usable(request, usable_explanations)
+        parsed = [parse_explanation(c.text) for c in generation.completions]
+        return ExplanationResult(explanations=tuple(dict.fromkeys(p for p in parsed if p)),
+                                 n_failed=sum(1 for p in parsed if not p),
+                                 prompt_tokens=generation.usage.prompt_tokens,
+                                 completion_tokens=generation.usage.completion_tokens,
+                                 n_records_shown=len(misses))
 
 
 def words(text: str) -> str:
