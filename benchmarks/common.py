@@ -119,3 +119,24 @@ def power_cell(v: dict) -> str:
         return "–"
     return (f"{v['power_difference']:+.3f} [{v['power_ci'][0]:+.3f}, {v['power_ci'][1]:+.3f}]"
             + ("" if v["has_power"] else ": no power, its difference says nothing"))
+
+
+def paired_by_judge(after: dict, before: dict, judges: list[str], power: dict) -> dict:
+    """Per judge, the paired difference of test scores ``after`` minus ``before`` (rows by
+    (layer, index)) over the neurons both scored, with its bootstrap interval and Wilcoxon p,
+    beside the judge's ``power`` on the control neurons (a run's ``judge_power``)."""
+    from neuronlens.stats import paired
+
+    keys = sorted(after.keys() & before.keys())
+    out = {}
+    for judge in judges:
+        pairs = [(judge_score(after[k], judge), judge_score(before[k], judge)) for k in keys]
+        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+        d = paired([a for a, _ in pairs], [b for _, b in pairs])
+        p = (power or {}).get(judge) or {}
+        out[judge] = {"n": d.n, "mean_after": sum(a for a, _ in pairs) / max(len(pairs), 1),
+                      "mean_before": sum(b for _, b in pairs) / max(len(pairs), 1),
+                      "difference": d.mean_diff, "ci": None if d.ci is None else [d.ci.low, d.ci.high],
+                      "wilcoxon_p": d.wilcoxon_p, "power_difference": p.get("difference"),
+                      "power_ci": p.get("difference_ci"), "has_power": p.get("tells_apart")}
+    return out

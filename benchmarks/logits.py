@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import judge_score, machine, machine_line, power_cell, run_pipeline, save  # beside this script
+from common import machine, machine_line, paired_by_judge, power_cell, run_pipeline, save  # beside this script
 
 
 def main() -> None:
@@ -33,8 +33,6 @@ def main() -> None:
     p.add_argument("--name", default="logits")
     args = p.parse_args()
 
-    from neuronlens.stats import paired
-
     wall = time.perf_counter()
     base = [f"neurons.per_layer={args.neurons}", f"seed={args.seed}", "progress=false",
             *(["subject=sae", f"subject.path={args.sae}"] if args.sae else [])]
@@ -43,17 +41,8 @@ def main() -> None:
         on, rows_on = run_pipeline(base + ["explain.show_logits=true", "judge_power.enabled=false"], Path(tmp) / "on")
     keys = sorted(rows_off.keys() & rows_on.keys())
     judges = ["simulator", *sorted(off.get("judges") or {})]
-    per_judge = {}
-    for judge in judges:
-        pairs = [(judge_score(rows_on[k], judge), judge_score(rows_off[k], judge)) for k in keys]
-        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
-        d = paired([a for a, _ in pairs], [b for _, b in pairs])
-        power = (off.get("judge_power") or {}).get(judge) or {}
-        per_judge[judge] = {"n": d.n, "mean_on": sum(a for a, _ in pairs) / max(len(pairs), 1),
-                            "mean_off": sum(b for _, b in pairs) / max(len(pairs), 1),
-                            "difference": d.mean_diff, "ci": None if d.ci is None else [d.ci.low, d.ci.high],
-                            "wilcoxon_p": d.wilcoxon_p, "power_difference": power.get("difference"),
-                            "power_ci": power.get("difference_ci"), "has_power": power.get("tells_apart")}
+    per_judge = {j: {k.replace("_after", "_on").replace("_before", "_off"): v for k, v in d.items()}
+                 for j, d in paired_by_judge(rows_on, rows_off, judges, off.get("judge_power")).items()}
     changed = sum(rows_on[k].get("explanation") != rows_off[k].get("explanation") for k in keys)
     res = {"machine": machine("cpu"), "neurons": args.neurons, "seed": args.seed, "n_paired": len(keys),
            "units": f"latents of the SAE {args.sae}" if args.sae else "neurons",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 
@@ -39,6 +40,7 @@ class Oracle(Backend):
 
     def __init__(self, says, capabilities=COMPLETION, broken: int = -1):
         self.says, self.capabilities, self.requests, self.broken = says, capabilities, [], broken
+        self.answers: list[Generation] = []
 
     def generate(self, request):
         self.requests.append(request)
@@ -48,8 +50,8 @@ class Oracle(Backend):
         if len(self.requests) - 1 == self.broken:
             answers = answers[:-1]   # one number short: unreadable
         tokens = []
-        for i, a in enumerate(answers):
-            p = 0.8 if a else 0.2
+        for i, (a, line) in enumerate(zip(answers, re.findall(r"^Excerpt \d+: (.*)$", target, re.M))):
+            p = (0.6 + len(line) % 4 / 10) if a else (0.4 - len(line) % 4 / 10)   # varied, on the answer's side
             tokens.append(TokenLogprob(str(a), math.log(p if a else 1 - p),
                                        (("1", math.log(p)), ("0", math.log(1 - p)))))
             if i < len(answers) - 1:
@@ -57,7 +59,8 @@ class Oracle(Backend):
         body = "".join(t.token for t in tokens)
         prefilled = request.prompt is not None
         logprobs = tuple(tokens) if request.top_logprobs else None
-        return Generation((Completion(body if prefilled else f"[{body}]", logprobs),), Usage(100, 10))
+        self.answers.append(Generation((Completion(body if prefilled else f"[{body}]", logprobs),), Usage(100, 10)))
+        return self.answers[-1]
 
 
 def test_detection_asks_about_top_excerpts_and_random_ones_below_the_threshold():
@@ -75,7 +78,11 @@ def test_detection_asks_about_top_excerpts_and_random_ones_below_the_threshold()
     s = scored.scores["all"]
     assert s["balanced_accuracy"] == pytest.approx((1 + 5 / 6) / 2)
     assert s["precision"] == pytest.approx(6 / 7) and s["recall"] == 1.0
-    assert s["auc"] == pytest.approx((1 + 5 / 6) / 2)   # probabilities 0.8 / 0.2 as answered
+    pos = [i["p"] for p in scored.predictions if p for i in p if i["label"]]
+    neg = [i["p"] for p in scored.predictions if p for i in p if not i["label"]]
+    assert all(p > 0.5 for p in pos) and len(pos) == len(neg) == 6   # P("1") as the oracle answered
+    wins = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
+    assert s["auc"] == pytest.approx(wins / 36)   # the Mann-Whitney AUC of P("1")
     assert scored.scores["top"]["flag"] == "one class" and scored.scores["top"]["accuracy"] == 1.0
     assert scored.value() == s["balanced_accuracy"] and scored.metric.name == "balanced_accuracy"
     assert len(judge.backend.requests) == 3   # 12 items, 4 to a prompt
@@ -247,3 +254,59 @@ def test_chat_only_backends_over_http_ask_and_count_what_fails(kind, chat_model_
     assert all(f.kind for f in scored.result.failures)
     answered = sum(len(p) for p in asked if p)
     assert scored.scores["all"]["n"] == answered and answered + 2 * len(failed) == 12
+
+
+@pytest.mark.peers
+def test_delphi_reads_the_same_answers_as_neuronlens(tmp_path):
+    """Cross-check against EleutherAI's delphi 0.1.3 (a venv of its own: tests/delphi_peer.py). The
+    prompts differ by design, so the same excerpts, labels and answers (text and logprobs) go through
+    delphi's own parsing, P("1") and metrics: every prediction, probability and the balanced
+    accuracy (delphi's "accuracy"), precision, recall, F1 and AUC must match neuronlens's."""
+    import os
+    import subprocess
+
+    import delphi_peer
+
+    if not delphi_peer.python().exists():
+        if os.environ.get("NEURONLENS_REQUIRE_PEERS"):
+            pytest.fail("the delphi venv is missing: python tests/delphi_peer.py install")
+        pytest.skip("no delphi venv (python tests/delphi_peer.py install)")
+    caps = Capabilities(chat=True, output_logprobs=True)   # whole "[...]" answers, as delphi reads them
+    varied = lambda says: lambda line: says(line)   # noqa: E731
+    cases, ours = [], []
+    sets = [(TOP, RANDOM), (TOP[:4], RANDOM[2:])]
+    for kind, says in ((Detection, lambda line: " cat" in line or len(line) % 5 == 0),
+                       (Fuzzing, lambda line: "<< cat>>" in line or len(line) % 4 == 0)):
+        for top, rnd in sets:
+            backend = Oracle(varied(says), capabilities=caps)
+            judge = kind(backend, examples_per_prompt=3)
+            scored = judge.score("the word cat", top, rnd)
+            answered, seen = {}, {}
+            for item in judge.items(top, rnd):   # each excerpt's answers in the order of its items
+                k = seen[item.excerpt] = seen.get(item.excerpt, -1) + 1
+                answered[item.shown] = (item.label, scored.predictions[item.excerpt][k])
+            prompts = []
+            for request, generation in zip(backend.requests, backend.answers):
+                shown = re.findall(r"^Excerpt \d+: (.*)$", request.messages[-1].content, re.M)
+                c = generation.completions[0]
+                prompts.append({"items": [{"shown": s, "label": answered[s][0], "tokens": [], "activations": []}
+                                          for s in shown],
+                                "completion": {"text": c.text, "logprobs": [
+                                    {"token": t.token, "logprob": t.logprob, "top": list(t.top)} for t in c.logprobs]}})
+                ours.append([answered[s][1] for s in shown])
+            cases.append({"scorer": kind.__name__.lower(), "explanation": "the word cat", "prompts": prompts,
+                          "scores": scored.scores["all"]})
+    (tmp_path / "in.json").write_text(json.dumps(cases))
+    subprocess.run([str(delphi_peer.python()), str(Path(delphi_peer.__file__)), "score", str(tmp_path / "in.json"),
+                    str(tmp_path / "out.json")], check=True, cwd=tmp_path)
+    theirs = json.loads((tmp_path / "out.json").read_text())
+    flat = iter([a for prompt in ours for a in prompt])
+    for case, got in zip(cases, theirs):
+        for prediction, probability in zip(got["predictions"], got["probabilities"]):
+            mine = next(flat)
+            assert prediction == bool(mine["answer"]) and probability == pytest.approx(mine["p"], abs=1e-4)
+        s = case["scores"]
+        assert got["accuracy"] == pytest.approx(s["balanced_accuracy"])
+        assert (got["precision"], got["recall"], got["f1_score"]) == pytest.approx((s["precision"], s["recall"], s["f1"]))
+        assert got["auc"] == pytest.approx(s["auc"])
+    assert len(theirs) == 4
