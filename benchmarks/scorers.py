@@ -6,7 +6,8 @@
    neuron, and its judge power on the control neurons (true minus shuffled explanations, in its
    own metric).
 2. **The same through neuronlens-serve's chat endpoint**: detection and fuzzing on the OpenAI
-   backend (chat only, so no logprobs and no AUC), against the embedded model served over HTTP.
+   backend (chat only; P("1") from the output logprobs the server returns), against the embedded
+   model served over HTTP, with the response cache off.
 3. **Agreement.** Spearman's rho between every pair of scorers across the neurons, with its
    paired bootstrap 95% interval, on the default neurons and on the synthetic rule neurons
    (``subject=synthetic``).
@@ -102,8 +103,8 @@ def main() -> None:
         with start_server("embedded", device="cpu") as server:
             chat = [f"simulator@judges.{j}.backend=openai" for j in ("detection", "fuzzing")]
             chat += [f"judges.{j}.backend.{k}={v}" for j in ("detection", "fuzzing")
-                     for k, v in (("model", server.model), ("base_url", server.base_url), ("top_logprobs", 0))]
-            served, served_rows = run_pipeline(base + chat + ["~judges.similarity", "remote.cache=false"],
+                     for k, v in (("model", server.model), ("base_url", server.base_url))]
+            served, served_rows = run_pipeline(base + chat + ["~simulator@judges.similarity", "remote.cache=false"],
                                                Path(tmp) / "served")
         res["phases"]["served"] = time.perf_counter() - clock
         res["served"] = side_by_side(served, served_rows, ["detection", "fuzzing"])

@@ -310,3 +310,20 @@ def test_delphi_reads_the_same_answers_as_neuronlens(tmp_path):
         assert (got["precision"], got["recall"], got["f1_score"]) == pytest.approx((s["precision"], s["recall"], s["f1"]))
         assert got["auc"] == pytest.approx(s["auc"])
     assert len(theirs) == 4
+
+
+def test_the_order_of_labels_differs_between_neurons_and_stays_for_one():
+    """A model that copies the example's answers must not score by the order alone: the items'
+    order is drawn from the seed and the excerpts, so it is the same for every call on one
+    neuron (true and shuffled explanations see one order) and differs between neurons."""
+    def order(top, rnd, explanation="cats"):
+        backend = Oracle(lambda line: False)
+        judge = Detection(backend, examples_per_prompt=12)
+        labels = {item.shown: item.label for item in judge.items(top, rnd)}
+        judge.score(explanation, top, rnd)
+        target = backend.requests[0].prompt[backend.requests[0].prompt.rindex("Description:"):]
+        return [labels[s] for s in re.findall(r"^Excerpt \d+: (.*)$", target, re.M)]
+
+    other = [rec([w.replace("The", "A") for w in r.tokens], r.activations) for r in TOP]
+    assert order(TOP, RANDOM) == order(TOP, RANDOM, "dogs")
+    assert order(TOP, RANDOM) != order(other, RANDOM)

@@ -3,7 +3,8 @@ answers 1 or 0 for each, as one JSON list; the answers are scored as a binary cl
 
 Each scorer (``detection``, ``fuzzing``) turns a neuron's top and random excerpts into items: an
 excerpt as shown (fuzzing marks some of its tokens) with its true label. Items are shuffled
-(seeded) and sent ``examples_per_prompt`` at a time, after the scorer's instructions and one
+(seeded by the seed and the excerpts, so the labels' order differs between neurons and never
+follows the example's) and sent ``examples_per_prompt`` at a time, after the scorer's instructions and one
 hand-written example with as many excerpts as the prompt asks about (small models copy its
 length). Where the backend gives output logprobs, each answer's P("1") is read at the
 token that writes it (P("1") / (P("0") + P("1")) over its top alternatives), which gives an AUC;
@@ -178,7 +179,10 @@ class ListClassifier(Scorer):
               random_: Sequence[ActivationRecord]) -> Scored:
         items = self.items(top, random_)
         order = list(range(len(items)))
-        random.Random(self.seed).shuffle(order)   # classes interleaved, the same for every call
+        # classes interleaved in an order drawn from the seed and the excerpts themselves: the same
+        # for every call on them, different between neurons, so that the labels' pattern is not the
+        # example's (a model that copies the example's answers scores chance on average)
+        random.Random(f"{self.seed}\n" + "\n".join(item.shown for item in items)).shuffle(order)
         answers: dict[int, tuple[int, float | None]] = {}
         failures: list[Failure] = []
         usage = Usage()
