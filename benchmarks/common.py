@@ -117,8 +117,8 @@ def power_cell(v: dict) -> str:
     for a Markdown table."""
     if v["power_difference"] is None:
         return "–"
-    return (f"{v['power_difference']:+.3f} [{v['power_ci'][0]:+.3f}, {v['power_ci'][1]:+.3f}]"
-            + ("" if v["has_power"] else ": no power, its difference says nothing"))
+    ci = "[–]" if v["power_ci"] is None else f"[{v['power_ci'][0]:+.3f}, {v['power_ci'][1]:+.3f}]"
+    return f"{v['power_difference']:+.3f} {ci}" + ("" if v["has_power"] else ": no power, its difference says nothing")
 
 
 def paired_by_judge(after: dict, before: dict, judges: list[str], power: dict) -> dict:
