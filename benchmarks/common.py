@@ -53,12 +53,13 @@ def machine_line(m: dict) -> str:
             f"{m['transformers']}, device `{m['device']}`{gpu}; load average at start {load}.")
 
 
-def save(name: str, result: dict, markdown: str) -> None:
-    """Write ``results/<name>.json`` and ``results/<name>.md``; print the headline JSON line
+def save(name: str, result: dict, markdown) -> None:
+    """Write ``results/<name>.json`` and ``results/<name>.md`` (``markdown``: the text, or a
+    function of ``result`` called once the JSON is safe on disk); print the headline JSON line
     (``result["summary"]``) last."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown)
+    (RESULTS / f"{name}.md").write_text(markdown(result) if callable(markdown) else markdown)
     print(json.dumps(result["summary"]))
 
 

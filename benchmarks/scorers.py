@@ -133,7 +133,7 @@ def main() -> None:
         **{f"revised_{j}_difference": r3(v["difference"]) for j, v in res["revision"]["default"]["judges"].items()},
         "revisions_won": res["revision"]["default"]["won"] + res["revision"]["synthetic"]["won"],
         "wall_seconds": round(res["wall_seconds"], 1)}
-    save(args.name, res, markdown(res))
+    save(args.name, res, markdown)
 
 
 def markdown(res: dict) -> str:

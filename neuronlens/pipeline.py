@@ -101,20 +101,23 @@ def backend_stats(role) -> dict[str, Any] | None:
     return backend.stats() if isinstance(backend, Policy) else None
 
 
-def judge(judges: dict[str, Scorer], explanation: str, top, rnd) -> dict[str, Any]:
+def judge(judges: dict[str, Scorer], explanation: str, top, rnd, quantile=()) -> dict[str, Any]:
     """The kept explanation scored again by each second judge, on the very excerpts the main
-    simulator scored (so the two are paired), in the judge's own metric; ``test_simulated`` (per
-    token) or ``test_predictions`` (per item: detection, fuzzing) is aligned with ``test_excerpts``
-    (None where this judge failed an excerpt)."""
+    simulator scored (so the two are paired), and on the split's ``quantile`` samples where the
+    judge reads them, in the judge's own metric; ``test_simulated`` (per token) or
+    ``test_predictions`` (per item: detection, fuzzing) is aligned with ``test_excerpts`` (None
+    where this judge failed an excerpt)."""
     out = {}
     for name, scorer in judges.items():
-        scored = scorer.score(explanation, top, rnd)
+        more = {"quantile": quantile} if quantile and getattr(scorer, "quantiles", False) else {}
+        scored = scorer.score(explanation, top, rnd, **more)
         sim, scores = scored.result, scored.scores
         expected = [None if e is None else list(e) for e in sim.expected]
         masses = [{"mass": m} for e, m in zip(expected, sim.mass or [None] * len(expected))
                   if e is not None and m]
         predicted = ({"test_simulated": expected} if getattr(scorer, "per_token", True) else   # per token, or per item
-                     {"test_predictions": [None if p is None else list(p) for p in scored.predictions]})
+                     {"test_predictions": [None if p is None else list(p)
+                                           for p in scored.predictions[:len(top) + len(rnd)]]})
         out[name] = {"score": scored.value(), "metric": scored.metric.name,
                      "score_flag": scores["all"].get("flag"),
                      "mass": mass_stats(masses), "scores": {"test": scores}, **predicted,
@@ -271,7 +274,7 @@ def process(neuron: NeuronRecord, explainer: Explainer, simulator: Scorer, cfg: 
     if judges:
         judging = time.perf_counter()
         row["judges"] = judge(judges, best["text"], [p.record for p in kept["top"]],
-                              [p.record for p in kept["random"]])
+                              [p.record for p in kept["random"]], test.quantile)
         phases["judges"] = time.perf_counter() - judging
     row["explanation_flag"] = copy_flag(best["text"])   # a copy of the prompt says nothing
     row["copies_replaced"] = getattr(result, "n_copies_replaced", 0)

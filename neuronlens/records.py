@@ -106,6 +106,10 @@ class Split:
 
     top: list[ActivationRecord]
     random: list[ActivationRecord]
+    # the neuron's quantile samples (``recording.quantiles``) that fall in this split and are not
+    # also one of its top or random excerpts: random excerpts drawn by bins of their max (hash
+    # splits only; the reference's interleaved splits have none)
+    quantile: list[ActivationRecord] = field(default_factory=list)
 
     @property
     def all(self) -> list[ActivationRecord]:
@@ -151,7 +155,19 @@ class NeuronRecord:
         top = [r for r in self.most_positive_activation_records
                if split_of(r, seed, fractions) == name]
         rnd = [r for r in self.random_sample if split_of(r, seed, fractions) == name]
-        return Split(top, rnd)
+        return Split(top, rnd, self.quantile_split(name, seed, fractions))
+
+    def quantile_split(self, name: str, seed: int = 0,
+                       fractions: dict[str, float] | None = None) -> list[ActivationRecord]:
+        """The quantile samples of split ``name`` (by the same hash as every excerpt), each once,
+        leaving out those that are also a top or random excerpt (already in their own split)."""
+        seen = {r.key() for r in (*self.most_positive_activation_records, *self.random_sample)}
+        out = []
+        for r in (r for q in self.random_sample_by_quantile or () for r in q):
+            if r.key() not in seen and split_of(r, seed, fractions) == name:
+                seen.add(r.key())
+                out.append(r)
+        return out
 
     def shown(self, seed: int = 0) -> list[ActivationRecord]:
         """The excerpts an explainer may see: the train split's top excerpts, or, with none there,

@@ -116,6 +116,39 @@ def test_fuzzing_marks_each_top_excerpt_rightly_once_and_at_random_once():
     assert inverted.value() == 0.0
 
 
+# quantile samples: one fires weaker than every top excerpt yet above the cut, one below it
+QUANTILE = [rec(["My", " cat", " slept", "."], [0.0, 3.0, 0.1, 0.0]),
+            rec(["Go", " home", " now", "."], [0.2, 0.1, 0.0, 0.1])]
+
+
+def test_quantile_samples_join_the_side_of_the_cut_their_max_falls_on():
+    judge = Detection(Oracle(lambda line: " cat" in line), examples_per_prompt=4)
+    scored = judge.score("the word cat", TOP, RANDOM, QUANTILE)
+    offset = len(TOP) + len(RANDOM)
+    assert len(scored.predictions) == offset + 2
+    labels = {i: p[0]["label"] for i, p in enumerate(scored.predictions) if p}
+    assert sum(labels.values()) == len(labels) - sum(1 - v for v in labels.values()) == 7   # 7 and 7
+    assert labels[offset] == 1 and labels[offset + 1] == 0   # 3.0 >= 0.25 x 9.0 > 0.2
+    assert scored.scores["quantile"]["n"] == 2 and scored.scores["all"]["n"] == 14
+    assert scored.scores["all"]["balanced_accuracy"] == pytest.approx((1 + 6 / 7) / 2)
+    assert "quantile" not in judge.score("the word cat", TOP, RANDOM).scores   # none given, none scored
+    fuzzed = Fuzzing(Oracle(lambda line: "<< cat>>" in line)).score("the word cat", TOP, RANDOM, QUANTILE)
+    assert len(fuzzed.predictions[offset]) == 2 and fuzzed.predictions[offset + 1] == ()   # nothing to mark
+
+
+def test_a_split_holds_its_own_quantile_samples_each_once_and_none_already_top_or_random():
+    from neuronlens.records import NeuronId, NeuronRecord, split_of
+
+    extra = [rec(["Quantile", f" {i}", " text"], [0.0, i / 10, 0.0]) for i in range(40)]
+    neuron = NeuronRecord(NeuronId(0, 0), TOP, RANDOM,
+                          random_sample_by_quantile=[extra[:20] + [TOP[0]], extra[20:] + extra[:3] + [RANDOM[0]]])
+    by_split = {name: neuron.split(name).quantile for name in ("train", "valid", "test", "calibration")}
+    got = [r.key() for q in by_split.values() for r in q]
+    assert sorted(got) == sorted(r.key() for r in extra)   # each once; no top or random excerpt
+    assert all(split_of(r) == name for name, q in by_split.items() for r in q)
+    assert by_split["test"] and by_split["train"]
+
+
 def test_an_unreadable_answer_fails_its_prompts_excerpts_and_is_never_a_label():
     judge = Detection(Oracle(lambda line: " cat" in line, broken=1), examples_per_prompt=4)
     scored = judge.score("the word cat", TOP, RANDOM)
@@ -179,9 +212,9 @@ def test_detection_and_fuzzing_judge_a_whole_run(tiny_llama_dir, corpus, tmp_pat
     given: list[tuple[list, list]] = []
     real_score, records = ListClassifier.score, {}
 
-    def spy(self, explanation, top, random_):
-        given.append((list(top), list(random_)))
-        return real_score(self, explanation, top, random_)
+    def spy(self, explanation, top, random_, quantile=()):
+        given.append((list(top), list(random_), list(quantile)))
+        return real_score(self, explanation, top, random_, quantile)
 
     real_process = pipeline.process
 
@@ -196,7 +229,7 @@ def test_detection_and_fuzzing_judge_a_whole_run(tiny_llama_dir, corpus, tmp_pat
     monkeypatch.setattr(pipeline, "process", process)
     extra = ["+simulator@judges.detection=detection", "+simulator@judges.fuzzing=fuzzing",
              f"judges.detection.backend.model={tiny_llama_dir}", f"judges.fuzzing.backend.model={tiny_llama_dir}",
-             "judges.detection.examples_per_prompt=3"]
+             "judges.detection.examples_per_prompt=3", "recording.quantiles=4", "recording.per_quantile=4"]
     summary = pipeline.run(tiny_run_config(tiny_llama_dir, corpus, extra=extra), tmp_path / "run")
     out = rows(tmp_path / "run")
     scored = [r for r in out if r.get("judges")]
@@ -212,9 +245,15 @@ def test_detection_and_fuzzing_judge_a_whole_run(tiny_llama_dir, corpus, tmp_pat
     held_in = {r.key() for n in records.values() for name in ("train", "valid", "calibration")
                for r in n.split(name).all}
     test = {r.key() for n in records.values() for r in n.split("test").all}
-    run_given = [r.key() for top, rnd in given for r in [*top, *rnd]]
+    run_given = [r.key() for top, rnd, _ in given for r in [*top, *rnd]]
     assert run_given and not set(run_given) & held_in
     assert len(set(run_given) & test) > 0
+    quantile_given = {r.key() for _, _, q in given for r in q}   # the test split's quantile samples
+    quantile_test = {r.key() for n in records.values() for r in n.split("test").quantile}
+    assert quantile_given and quantile_given <= quantile_test and not quantile_given & held_in
+    assert all(not {r.key() for r in t.quantile} & {r.key() for r in t.all}
+               for t in (n.split("test") for n in records.values()))
+    assert any("quantile" in r["judges"]["detection"]["scores"]["test"] for r in scored)
     for name in ("detection", "fuzzing"):
         assert summary["judges"][name]["metric"] == "balanced_accuracy"
         power = summary["judge_power"][name]

@@ -204,6 +204,39 @@ def test_injected_markup_is_shown_as_text(browser, tmp_path):
     assert SCRIPT in browser.find_element(By.ID, "error").text
 
 
+def test_per_excerpt_judges_show_their_answers_under_each_excerpt(browser, tmp_path):
+    """Detection and fuzzing answer per excerpt: each excerpt shows what each answered against the
+    truth (failed where it failed, nothing where it was not asked), and no per-token strip."""
+    from selenium.webdriver.common.by import By
+
+    run = tmp_path / "run"
+    run.mkdir()
+    row = _hand_row(1, 3, 0.4, "the word cat", ["The", " cat", " sat"], [0.0, 4.0, 0.5], [0.0, 9.0, 1.0],
+                    judges={"detection": {"score": 0.75, "metric": "balanced_accuracy",
+                                          "scores": {"test": {"all": {"balanced_accuracy": 0.75}}},
+                                          "test_predictions": [[{"label": 1, "answer": 0, "p": 0.31}], None]},
+                            "fuzzing": {"score": 1.0, "metric": "balanced_accuracy",
+                                        "scores": {"test": {"all": {"balanced_accuracy": 1.0}}},
+                                        "test_predictions": [[{"label": 1, "answer": 1, "p": None},
+                                                              {"label": 0, "answer": 0, "p": 0.12}], ()]}})
+    row["test_excerpts"].append({"kind": "random", "tokens": ["A", " dog"], "true": [0.1, 0.0],
+                                 "simulated": [0.2, 0.0]})
+    (run / "neurons.jsonl").write_text(json.dumps(row) + "\n")
+    (run / "summary.json").write_text(json.dumps({"subject": "s", "explainer": "e", "simulator": "sim"}))
+    index = write_site(run)
+    browser.get((index.parent / "neurons" / page_name(1, 3)).as_uri())
+    excerpts = browser.find_elements(By.CSS_SELECTOR, ".excerpt")
+    answers = [[a.text for a in ex.find_elements(By.CSS_SELECTOR, ".answer")] for ex in excerpts]
+    assert answers == [
+        ["detection: wrong: answered 0 (P(1) 0.31), truth 1",
+         "fuzzing: right: answered 1, truth 1; right: answered 0 (P(1) 0.12), truth 0"],
+        ["detection: failed"]]   # fuzzing asked nothing about a random excerpt
+    assert all(a.is_displayed() for a in browser.find_elements(By.CSS_SELECTOR, ".answer"))
+    assert len(excerpts[0].find_elements(By.CSS_SELECTOR, ".j")) == 0   # no judge strip per token
+    judge_rows = browser.find_elements(By.CSS_SELECTOR, "#judges tbody tr")
+    assert [r.find_elements(By.TAG_NAME, "td")[0].text for r in judge_rows] == ["simulator", "detection", "fuzzing"]
+
+
 def test_site_without_a_run_is_a_clear_error(tmp_path):
     from neuronlens.errors import UserError
 

@@ -129,6 +129,7 @@ class Scorer(Protocol):
     backend = None   # the LLM backend behind it, if any: the run reports its requests and cost
     metric: Metric = PEARSON
     per_token = True   # False: it answers per item (``Scored.predictions``), not per token
+    quantiles = False  # True: ``score`` takes the split's quantile samples too (``quantile=``)
 
     def check(self) -> None:
         """Fail at start-up, before anything slow, when this scorer cannot run as configured."""

@@ -116,6 +116,7 @@ class ListClassifier(Scorer):
 
     metric = BALANCED_ACCURACY
     per_token = False   # one prediction per item, not per token
+    quantiles = True    # it reads the split's quantile samples too (``score(..., quantile)``)
     INSTRUCTIONS = ""
     EXAMPLE: tuple[str, tuple[tuple[str, int], ...]] = ("", ())
 
@@ -140,7 +141,10 @@ class ListClassifier(Scorer):
                         "use it as a judge (+simulator@judges.NAME=...), with a simulator for the "
                         "per-token simulation and scoring.calibrate=false.")
 
-    def items(self, top: Sequence[ActivationRecord], random_: Sequence[ActivationRecord]) -> list[Item]:
+    def items(self, top: Sequence[ActivationRecord], random_: Sequence[ActivationRecord],
+              quantile: Sequence[ActivationRecord] = ()) -> list[Item]:
+        """The questions about these excerpts; an item's ``excerpt`` indexes ``top + random_ +
+        quantile``."""
         raise NotImplementedError
 
     def cut(self, top: Sequence[ActivationRecord]) -> float:
@@ -176,8 +180,10 @@ class ListClassifier(Scorer):
         return list(values), answer_probabilities(completion, n)
 
     def score(self, explanation: str, top: Sequence[ActivationRecord],
-              random_: Sequence[ActivationRecord]) -> Scored:
-        items = self.items(top, random_)
+              random_: Sequence[ActivationRecord], quantile: Sequence[ActivationRecord] = ()) -> Scored:
+        """Predictions and scores aligned with ``top + random_ + quantile``; the scores of
+        ``all`` count all three, and ``quantile`` gets its own where any is given."""
+        items = self.items(top, random_, quantile)
         order = list(range(len(items)))
         # classes interleaved in an order drawn from the seed and the excerpts themselves: the same
         # for every call on them, different between neurons, so that the labels' pattern is not the
@@ -201,7 +207,8 @@ class ListClassifier(Scorer):
                 continue
             answers.update({i: (label, p) for i, label, p in zip(chunk, labels, probs)})
         failed = {f.excerpt for f in failures}
-        n_records = len(top) + len(random_)
+        offset = len(top) + len(random_)
+        n_records = offset + len(quantile)
         predictions: list[list[dict] | None] = [[] for _ in range(n_records)]
         for i, item in enumerate(items):
             if item.excerpt in failed:
@@ -217,8 +224,11 @@ class ListClassifier(Scorer):
             log.warning("%s failed for %d of %d excerpts; first: %s", type(self).__name__,
                         len(failed), n_records, failures[0])
         scores = {}
-        for split, keep in (("top", lambda x: x < len(top)), ("random", lambda x: x >= len(top)),
-                            ("all", lambda x: True)):
+        parts = [("top", lambda x: x < len(top)), ("random", lambda x: len(top) <= x < offset),
+                 ("all", lambda x: True)]
+        if quantile:
+            parts.append(("quantile", lambda x: x >= offset))
+        for split, keep in parts:
             asked = [(item, answers[i]) for i, item in enumerate(items)
                      if keep(item.excerpt) and item.excerpt not in failed]
             scores[split] = binary_scores([it.label for it, _ in asked], [a for _, (a, _) in asked],

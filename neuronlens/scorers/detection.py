@@ -2,7 +2,9 @@
 
 Activating excerpts are the neuron's top excerpts of the split scored; non-activating ones are its
 random excerpts whose largest activation is below ``threshold`` times the largest of the top
-excerpts (dense GELU/SiLU neurons are rarely exactly 0). The two sets are made the same size
+excerpts (dense GELU/SiLU neurons are rarely exactly 0). Quantile samples of the split, where
+the recording has them (``recording.quantiles``), join the side of that cut their max falls on:
+activating excerpts of every strength, not only the strongest. The two sets are made the same size
 (a seeded draw from the larger). ``negatives=hard`` picks, instead of a random draw, the
 non-activating excerpts that share the most distinct tokens with the activating tokens of the top
 excerpts: text like what the unit fires on, where it does not. The prompt machinery and the scores
@@ -47,19 +49,24 @@ class Detection(ListClassifier):
                             f"{', '.join(self.NEGATIVES)}.")
         self.negatives = negatives
 
-    def items(self, top: Sequence[ActivationRecord], random_: Sequence[ActivationRecord]) -> list[Item]:
+    def items(self, top: Sequence[ActivationRecord], random_: Sequence[ActivationRecord],
+              quantile: Sequence[ActivationRecord] = ()) -> list[Item]:
         cut = self.cut(top)
         if cut <= 0:
             return []
-        pool = [j for j, r in enumerate(random_) if max(r.activations, default=0.0) < cut]
-        n = min(len(top), len(pool))
+        records, offset = [*top, *random_, *quantile], len(top) + len(random_)
+        above = lambda j: max(records[j].activations, default=0.0) >= cut   # noqa: E731
+        # quantile samples are random excerpts too: on the side of the cut their max falls
+        positives = [*range(len(top)), *(j for j in range(offset, len(records)) if above(j))]
+        pool = [j for j in range(len(top), len(records)) if not above(j)]
+        n = min(len(positives), len(pool))
         rng = random.Random(self.seed)
-        positives = sorted(rng.sample(range(len(top)), n))
+        positives = sorted(rng.sample(positives, n))
         if self.negatives == "hard":
             firing = {t for r in top for t, a in zip(r.tokens, r.activations) if a >= cut}
-            shared = lambda j: len(firing & set(random_[j].tokens))   # noqa: E731
+            shared = lambda j: len(firing & set(records[j].tokens))   # noqa: E731
             negatives = sorted(sorted(pool, key=lambda j: (-shared(j), j))[:n])
         else:
             negatives = sorted(rng.sample(pool, n))
-        return ([Item(i, shown(top[i].tokens), 1) for i in positives]
-                + [Item(len(top) + j, shown(random_[j].tokens), 0) for j in negatives])
+        return ([Item(i, shown(records[i].tokens), 1) for i in positives]
+                + [Item(j, shown(records[j].tokens), 0) for j in negatives])

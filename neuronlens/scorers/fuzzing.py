@@ -3,8 +3,10 @@
 Each top excerpt of the split scored is shown twice: once with its activating tokens marked
 (activation at least ``threshold`` times the largest of the top excerpts), once with as many
 tokens marked at random among the others (a seeded draw). So half the items are marked right and
-half misplaced, and each excerpt is its own control. An excerpt with no activating token, or no
-other token to misplace the marks on, is left out. The prompt machinery and the scores are
+half misplaced, and each excerpt is its own control. Quantile samples of the split
+(``recording.quantiles``) are shown the same way, so that weaker activations are marked too (one
+below the cut has nothing to mark). An excerpt with no activating token, or no other token to
+misplace the marks on, is left out. The prompt machinery and the scores are
 ``classification``'s.
 """
 
@@ -36,11 +38,13 @@ class Fuzzing(ListClassifier):
                 ("Dark clouds, and then a heavy <<drizzle>> all afternoon.", 1),
                 ("The <<garden>> was soaked after the storm.", 0)))
 
-    def items(self, top: Sequence[ActivationRecord], random_: Sequence[ActivationRecord]) -> list[Item]:
+    def items(self, top: Sequence[ActivationRecord], random_: Sequence[ActivationRecord],
+              quantile: Sequence[ActivationRecord] = ()) -> list[Item]:
         cut, rng, out = self.cut(top), random.Random(self.seed), []
         if cut <= 0:
             return out
-        for i, r in enumerate(top):
+        offset = len(top) + len(random_)   # quantile samples follow top and random
+        for i, r in [*enumerate(top), *enumerate(quantile, offset)]:
             firing = [t for t, a in enumerate(r.activations) if a >= cut]
             rest = [t for t, a in enumerate(r.activations) if a < cut]
             if firing and rest:
