@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from neuronlens.backends.base import Backend, GenerateRequest, Generation, Message
 from neuronlens.errors import UserError
@@ -216,14 +216,20 @@ class LLMExplainer(Explainer):
                  records: Sequence[ActivationRecord], max_activation: float,
                  logits: dict | None = None) -> tuple[GenerateRequest, int]:
         """The request and its prompt's token count."""
-        chat = self.resolve_format() == "chat"
-        messages = chat_messages(fewshot, records, max_activation, logits) if chat else ()
-        prompt = None if chat else completion_prompt(fewshot, records, max_activation, logits)
+        if self.resolve_format() == "chat":
+            return self._sized(chat_messages(fewshot, records, max_activation, logits),
+                               temperature=self.temperature, n=self.n)
+        return self._sized(prompt=completion_prompt(fewshot, records, max_activation, logits),
+                           temperature=self.temperature, n=self.n)
+
+    def _sized(self, messages: Sequence[Message] = (), prompt: str | None = None,
+               **options: Any) -> tuple[GenerateRequest, int]:
+        """A chat (``messages``) or completion (``prompt``, one line) request and its prompt's
+        token count."""
         tokens = (sum(self.backend.count_tokens(m.content) + CHAT_MESSAGE_TOKENS for m in messages)
-                  if chat else self.backend.count_tokens(prompt or ""))
-        return GenerateRequest(messages=messages, prompt=prompt, max_tokens=self.max_tokens,
-                               temperature=self.temperature, n=self.n, seed=self.seed,
-                               stop=() if chat else ("\n",)), tokens
+                  if messages else self.backend.count_tokens(prompt or ""))
+        return GenerateRequest(messages=tuple(messages), prompt=prompt, max_tokens=self.max_tokens,
+                               seed=self.seed, stop=() if messages else ("\n",), **options), tokens
 
     def _fit(self, records: Sequence[ActivationRecord], fewshot: Sequence[Example] = FEWSHOT,
              logits: dict | None = None) -> _Fitted:
@@ -311,16 +317,11 @@ class LLMExplainer(Explainer):
         budget = self.backend.capabilities.context_length - self.max_tokens
         while True:   # the largest misses first; the smallest go first when the context is short
             body = revision_body(explanation, misses)
-            if self.resolve_format() == "chat":
-                messages = (Message("system", f"{REVISE_INSTRUCTIONS}\n\n{CHAT_RULES}"),
-                            Message("user", f"{body}\n\n{CHAT_ASK}"))
-                request = GenerateRequest(messages=messages, max_tokens=self.max_tokens, seed=self.seed)
-                tokens = sum(self.backend.count_tokens(m.content) + CHAT_MESSAGE_TOKENS for m in messages)
-            else:
-                prompt = f"{REVISE_INSTRUCTIONS}\n\n{body}\nBetter explanation: {PHRASE}"
-                request = GenerateRequest(prompt=prompt, max_tokens=self.max_tokens, seed=self.seed,
-                                          stop=("\n",))
-                tokens = self.backend.count_tokens(prompt)
+            request, tokens = (
+                self._sized((Message("system", f"{REVISE_INSTRUCTIONS}\n\n{CHAT_RULES}"),
+                             Message("user", f"{body}\n\n{CHAT_ASK}")))
+                if self.resolve_format() == "chat" else
+                self._sized(prompt=f"{REVISE_INSTRUCTIONS}\n\n{body}\nBetter explanation: {PHRASE}"))
             if tokens <= budget or len(misses) == 1:
                 break
             misses.pop()

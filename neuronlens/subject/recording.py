@@ -332,8 +332,8 @@ class Recorder:
             released.append(state["rrow"][slot])
         self.seen += B
         flat = acts.reshape(len(self.neurons), -1).float()
-        for rows, a in zip(torch.arange(len(flat)).split(max(1, 2 ** 19 // flat.shape[1])),
-                           flat.split(max(1, 2 ** 19 // flat.shape[1]))):   # blocks that stay in cache
+        block = max(1, 2 ** 19 // flat.shape[1])   # units per block of values that stays in cache
+        for rows, a in zip(torch.arange(len(flat)).split(block), flat.split(block)):
             a2 = a * a   # powers in float32 per batch, summed across batches in float64
             state["mom"][rows] += torch.stack([a.sum(1), a2.sum(1), torch.linalg.vecdot(a2, a),
                                                torch.linalg.vecdot(a2, a2),
