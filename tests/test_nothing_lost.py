@@ -59,7 +59,8 @@ def on_server(url: str, model: str, model_dir: Path) -> list[str]:
     k = AutoConfig.from_pretrained(model_dir).vocab_size
     return ["explainer=openai", f"explainer.model={model}", f"explainer.base_url={url}",
             "explainer.completion=true", "simulator=vllm", f"simulator.model={model}",
-            f"simulator.base_url={url}", f"simulator.top_logprobs={k}"]
+            f"simulator.base_url={url}", f"simulator.top_logprobs={k}",
+            "simulator.scoring=prompt_logprobs"]   # neuronlens-serve takes text prompts, not token ids
 
 
 def free_port() -> int:
@@ -384,7 +385,8 @@ def test_a_served_key_is_required_compared_whole_and_never_echoed(tiny_llama_dir
                 "recording.window=8", "recording.max_windows=40", "progress=false", "judges=null",
                 "judge_power.enabled=false", "remote.cache=false", f"explainer.model={tiny_llama_dir}",
                 "simulator=vllm", f"simulator.model={server.model}",
-                f"simulator.base_url={server.base_url}", f"hydra.run.dir={run_dir}"]
+                f"simulator.base_url={server.base_url}", "simulator.scoring=prompt_logprobs",
+                f"hydra.run.dir={run_dir}"]
         env = {k: v for k, v in os.environ.items() if not k.endswith("API_KEY")} | {"VLLM_API_KEY": CANARY}
         done = subprocess.run([sys.executable, "-m", "neuronlens", *args], capture_output=True,
                               text=True, timeout=300, env=env, cwd=tmp_path)

@@ -25,6 +25,7 @@ from neuronlens.backends.base import (
     TokenLogprob,
     TransientError,
     Unscorable,
+    Usage,
 )
 from neuronlens.backends.openai import (
     MISSING_KEY,
@@ -510,7 +511,7 @@ def test_top20_scoring_equals_local_on_a_digit_model(digit_model_dir):
     expected = _local(digit_model_dir).prompt_logprobs(requests)
     assert min(m for e in expected for m in e.mass) > 0.5
     with _serve(digit_model_dir, max_logprobs=20) as handle:   # vLLM's default limit
-        vllm = VLLMBackend(model=handle.model, base_url=handle.base_url, top_logprobs=20)
+        vllm = VLLMBackend(model=handle.model, base_url=handle.base_url, scoring="prompt_logprobs", top_logprobs=20)
         _assert_same(vllm.prompt_logprobs(requests), expected)
         assert handle.requests["/v1/completions"] == 2 * len(requests)   # scoring + one follow-up
         echo = OpenAIBackend(model=handle.model, base_url=handle.base_url, prompt_scoring="echo",
@@ -523,10 +524,10 @@ def test_skipped_follow_ups_send_fewer_requests_within_their_bound(digit_model_d
     expected value is within the bound reported for its placeholder of the exact one."""
     requests = _requests([["The", " cat"], ["1", "0", "."]])
     with _serve(digit_model_dir, max_logprobs=20) as handle:
-        exact = VLLMBackend(model=handle.model, base_url=handle.base_url).prompt_logprobs(requests)
+        exact = VLLMBackend(model=handle.model, base_url=handle.base_url, scoring="prompt_logprobs").prompt_logprobs(requests)
         asked = handle.requests["/v1/completions"]
-        skipping = VLLMBackend(model=handle.model, base_url=handle.base_url, follow_up_bound=10)
-        assert skipping.identity() != VLLMBackend(model=handle.model, base_url=handle.base_url).identity()
+        skipping = VLLMBackend(model=handle.model, base_url=handle.base_url, scoring="prompt_logprobs", follow_up_bound=10)
+        assert skipping.identity() != VLLMBackend(model=handle.model, base_url=handle.base_url, scoring="prompt_logprobs").identity()
         got = skipping.prompt_logprobs(requests)
         assert handle.requests["/v1/completions"] - asked == len(requests) < asked   # no follow-ups
     ev = lambda p: sum(int(c) * q for c, q in zip(requests[0].candidates, p))   # noqa: E731
@@ -538,13 +539,71 @@ def test_skipped_follow_ups_send_fewer_requests_within_their_bound(digit_model_d
         VLLMBackend(model="m", base_url="http://localhost:1/v1", follow_up_bound=-1)
 
 
+class TokenIdServer(VLLMBackend):
+    """``next_token`` scoring against a stand-in for vLLM's completions: the local model answers
+    prompts of token ids (or text), greedy under the logit bias, with the top-k and the written
+    token's logprob reported before the bias (vLLM's raw_logprobs), or after it (``processed``)."""
+
+    def __init__(self, path, k: int, processed: bool = False):
+        super().__init__(model="m", base_url="http://stand-in/v1", top_logprobs=k)
+        self.lm, self.processed, self.calls = _local(path), processed, []
+        self.tokenizer, self.server = self.lm.tokenizer, {}
+
+    def load(self) -> None:
+        pass
+
+    def _call(self, endpoint, parse, *args, **params):
+        import torch
+
+        self.calls.append(params)
+        vocab = self.lm.model.config.vocab_size
+        bias = torch.zeros(vocab)
+        for t, b in (params.get("logit_bias") or {}).items():
+            bias[int(t)] = b
+        decode = lambda t: self.tokenizer.decode([t])   # noqa: E731 - one token, as vLLM decodes it
+        choices, sent = [], 0
+        for i, prompt in enumerate(params["prompt"]):
+            ids = list(self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else prompt)
+            sent += len(ids)
+            lp = {"tokens": [], "token_logprobs": [], "top_logprobs": []}
+            for _ in range(params["max_tokens"]):
+                with torch.no_grad():
+                    logits = self.lm.model(torch.tensor([ids])).logits[0, -1].float()
+                shown = torch.log_softmax(logits + bias if self.processed else logits, -1)
+                written = int(torch.argmax(logits + bias))
+                top = torch.topk(shown, params["logprobs"])
+                lp["top_logprobs"].append({decode(int(t)): float(v) for v, t in zip(top.values, top.indices)})
+                lp["tokens"].append(decode(written))
+                lp["token_logprobs"].append(float(shown[written]))
+                ids.append(written)
+            choices.append({"index": i, "logprobs": lp})
+        return parse({"choices": choices}, *args), Usage(sent, len(choices) * params["max_tokens"])
+
+
+def test_next_token_scoring_equals_local_with_one_request_per_prompt(digit_model_dir):
+    """Prompts of token ids up to each placeholder, "1" forced to read the "10" follow-up in the
+    same request: the local backend's distributions, with no follow-up request at all."""
+    requests = _requests([["The", " cat"], ["1", "0", "."], ["a"]])
+    server = TokenIdServer(digit_model_dir, k=20)
+    _assert_same(server.prompt_logprobs(requests), _local(digit_model_dir).prompt_logprobs(requests))
+    asked = server.calls[2:]   # after the two of the raw-logprobs check
+    assert len(asked) == len(requests)   # one each: no follow-ups
+    one = server.tokenizer.convert_tokens_to_ids("1")
+    assert all(c["logit_bias"] == {str(one): 100} and c["max_tokens"] == 2 for c in asked)
+    for call, request in zip(asked, requests):
+        assert len(call["prompt"]) == len(request.positions)   # one prefix per placeholder
+        assert all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in call["prompt"])
+    with pytest.raises(BackendError, match="logprobs after its logit processors"):
+        TokenIdServer(digit_model_dir, k=20, processed=True).prompt_logprobs(requests[:1])
+
+
 EXCERPTS = [["The", " cat", " sat"], ["1", "0", " dogs", "."]]
 WIDE = [["🐱", " 猫", "\ufffd", " sat"], ["a\tb", "\n", "🐟🐟", "."]]   # split into byte tokens
 
 
 def _http_backend(kind: str, handle, k: int = 601):
     if kind == "vllm":
-        return VLLMBackend(model=handle.model, base_url=handle.base_url, top_logprobs=k)
+        return VLLMBackend(model=handle.model, base_url=handle.base_url, scoring="prompt_logprobs", top_logprobs=k)
     return OpenAIBackend(model=handle.model, base_url=handle.base_url, prompt_scoring="echo",
                          top_logprobs=k, completion=True)
 
@@ -594,7 +653,7 @@ def test_server_faults_are_classified(model_dir):
     with start_server(str(model_dir), device="cpu", dtype="float32", strict_model=True,
                       faults=["429", "500", "truncated", "wrong_length", "wrong_length", "none"],
                       retry_after=2.5) as handle:
-        be = VLLMBackend(model=str(model_dir), base_url=handle.base_url)
+        be = VLLMBackend(model=str(model_dir), base_url=handle.base_url, scoring="prompt_logprobs")
         with pytest.raises(TransientError, match="429") as e:
             be.generate(TEXT)
         assert e.value.retry_after == 2.5

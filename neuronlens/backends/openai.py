@@ -182,15 +182,25 @@ def _resume(texts: list[str], i: int, end: int, prompt: str, pos: int) -> int:
 
 def first_token_tops(data: dict, n: int) -> list[dict[str, float]]:
     """The top-k of the first generated token of each of ``n`` prompts of one completions call."""
+    return [steps[0][1] for steps in generated_tops(data, n)]
+
+
+def generated_tops(data: dict, n: int) -> list[list[tuple[str, dict[str, float]]]]:
+    """Per prompt of one completions call with ``n`` prompts, each generated token with the
+    top-k at its step (the token itself in it too: the legacy format lists it apart)."""
     choices = sorted(data["choices"], key=lambda c: c["index"])
     if len(choices) != n:
         raise ValueError(f"expected {n} choices, got {len(choices)}")
     out = []
     for choice in choices:
-        lp = choice["logprobs"]
-        top = dict(lp["top_logprobs"][0])   # IndexError/TypeError: no token, unparseable
-        top.setdefault(lp["tokens"][0], float(lp["token_logprobs"][0]))
-        out.append(top)
+        lp, steps = choice["logprobs"], []
+        for i in range(len(lp["tokens"])):
+            top = dict(lp["top_logprobs"][i])   # IndexError/TypeError: unparseable
+            top.setdefault(lp["tokens"][i], float(lp["token_logprobs"][i]))
+            steps.append((lp["tokens"][i], top))
+        if not steps:
+            raise ValueError("a choice without generated tokens")
+        out.append(steps)
     return out
 
 
@@ -375,15 +385,25 @@ class OpenAIBackend(Backend):
                           max_tokens=0, logprobs=self._legacy_k(self.top_logprobs), temperature=0)
 
     def _score(self, request: PromptLogprobRequest) -> TokenDistributions:
-        tokens, usage = self._prompt_tokens(request.prompt)
+        tokens, usage, known = self._placeholders(request)
 
         def follow_up(texts: list[str]) -> list[dict[str, float]]:
             nonlocal usage
-            tops, more = self._call("completions", first_token_tops, len(texts), prompt=texts,
-                                    max_tokens=1, logprobs=self._legacy_k(self.top_logprobs),
-                                    temperature=0)
-            usage = usage + more
-            return tops
+            if ask := [t for t in dict.fromkeys(texts) if t not in known]:
+                tops, more = self._call("completions", first_token_tops, len(ask), prompt=ask,
+                                        max_tokens=1, logprobs=self._legacy_k(self.top_logprobs),
+                                        temperature=0)
+                usage = usage + more
+                known.update(zip(ask, tops))
+            return [known[t] for t in texts]
 
         scored = score_prompt(request, tokens, follow_up, bound=self.follow_up_bound)
         return TokenDistributions(scored.probs, scored.mass, usage, bound=scored.bound)
+
+    def _placeholders(self, request: PromptLogprobRequest
+                      ) -> tuple[list[PromptToken], Usage, dict[str, dict[str, float]]]:
+        """The prompt's tokens with their top-k (at least at the tokens covering the
+        placeholders), the usage, and the next-token top-k already known for follow-up prefixes
+        (text -> top-k; a follow-up not among them is asked)."""
+        tokens, usage = self._prompt_tokens(request.prompt)
+        return tokens, usage, {}

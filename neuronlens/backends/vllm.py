@@ -1,8 +1,24 @@
 """vLLM backends: a ``vllm serve`` OpenAI-compatible server, or vLLM's in-process ``LLM`` engine.
 
-Prompt scoring uses vLLM's ``prompt_logprobs=k`` extension: for every prompt token i > 0 the
-server returns the top-k (plus the actual token) with ``decoded_token`` strings, and, asked with
-``return_token_ids``, the prompt's ``prompt_token_ids``.
+Prompt scoring (``scoring``) takes one of two routes to the same distributions:
+
+- ``prompt_logprobs`` (the default): vLLM's ``prompt_logprobs=k`` extension, one request per
+  prompt. For every prompt token i > 0 the server returns the top-k (plus the actual token) with
+  ``decoded_token`` strings, and, asked with ``return_token_ids``, the prompt's
+  ``prompt_token_ids``. vLLM computes such a prompt whole: it never reads its prefix cache for
+  a request with prompt logprobs, so the instructions and examples every prompt shares are
+  computed again for each excerpt.
+- ``next_token`` (the default): the prompt is tokenised here, and one completions call asks,
+  for the token ids up to each placeholder, the top-k of the next token (``logprobs=k``): the
+  same distribution as that position's prompt logprob. Where a candidate takes two tokens
+  ("10" = "1" + "0"), the request forces the first with a logit bias and generates one token
+  more, which gives the follow-up's distribution too (vLLM reports raw logprobs, before the
+  bias; checked once). These requests are served from the prefix cache: the shared
+  instructions and examples are computed once, and each request computes only the part of a
+  KV block its prefix does not fill (``--block-size``: 16 by default on GPUs, 128 on CPUs).
+  The forced token's probability comes back even where it is outside the top-k, so a "1"
+  that prompt logprobs would truncate to 0 is read here. It needs the served model's
+  tokenizer here.
 
 Positions map to characters by token ids, not by text: the model's own tokenizer (the
 ``tokenizer`` option, else the directory the server reports as its model's ``root``, else the
@@ -22,8 +38,10 @@ serves: another model answering under the requested name would make every number
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
+from bisect import bisect_right
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -41,7 +59,7 @@ from neuronlens.backends.base import (
     Unscorable,
     Usage,
 )
-from neuronlens.backends.openai import OpenAIBackend
+from neuronlens.backends.openai import OpenAIBackend, generated_tops
 from neuronlens.backends.remote_scoring import PromptToken, bound_identity, check_bound, score_prompt
 from neuronlens.errors import UserError
 
@@ -133,6 +151,8 @@ def align(texts: list[str], prompt: str) -> list[int]:
 class VLLMBackend(OpenAIBackend):
     """A ``vllm serve MODEL`` server at ``base_url``: chat, completions and prompt logprobs.
     ``top_logprobs`` may not exceed the server's ``--max-logprobs`` (20 by default).
+    ``scoring``: ``next_token`` (prefix-cached requests on token ids; needs the tokenizer) or
+    ``prompt_logprobs`` (one request per prompt, computed whole; see the module's docstring).
     ``tokenizer``: the served model's tokenizer (HF name or directory) when the server's model
     directory is not readable from here; used to align prompt logprobs by token ids.
     ``timeout``: seconds to wait for one answer; a self-hosted server queues requests rather than
@@ -141,15 +161,20 @@ class VLLMBackend(OpenAIBackend):
     kind = "vllm"
     key_env = "VLLM_API_KEY"   # only if the server was started with --api-key; never OpenAI's key
 
+    SCORING = ("prompt_logprobs", "next_token")
+
     def __init__(self, model: str = "meta-llama/Llama-3.1-8B-Instruct", base_url: str | None = None,
                  timeout: float = 600.0, top_logprobs: int = 20, context_length: int = 8192,
                  chat: bool = True, completion: bool = True, tokenizer: str | None = None,
-                 follow_up_bound: float = 0.0):
+                 follow_up_bound: float = 0.0, scoring: str = "next_token"):
         if not base_url:
             raise UserError("The vllm backend needs base_url, the address of `vllm serve` "
                             "(e.g. http://localhost:8000/v1).")
+        if scoring not in self.SCORING:
+            raise UserError(f"Unknown vllm scoring {scoring!r}; choose one of {', '.join(self.SCORING)}.")
         super().__init__(model, base_url, timeout, top_logprobs, "none", context_length, chat,
                          completion, follow_up_bound)
+        self.scoring, self.raw_checked = scoring, False
         self.tokenizer_name = tokenizer
         self.tokenizer: Any = None
         self.server: dict[str, Any] | None = None   # version and root, asked once at load
@@ -157,6 +182,9 @@ class VLLMBackend(OpenAIBackend):
     @property
     def _scores_prompts(self) -> bool:
         return True
+
+    def identity(self) -> dict:
+        return super().identity() | {"scoring": self.scoring}   # next_token also reads P("1") past the top-k
 
     def load(self) -> None:
         if self.server is not None:   # checked once; a failed check is asked again, never skipped
@@ -171,6 +199,29 @@ class VLLMBackend(OpenAIBackend):
             log.warning("No tokenizer for %s could be loaded here, so prompt tokens are aligned by "
                         "their decoded text%s; set the backend's tokenizer to align them by id.",
                         self.model, f" (on vLLM {version}: {'; '.join(trouble)})" if trouble else "")
+
+    def _check_raw_logprobs(self) -> None:
+        """``next_token`` scoring forces tokens with a logit bias and reads the logprobs of that
+        step: they must be the model's, before the bias (vLLM's default ``--logprobs-mode
+        raw_logprobs``). Checked once, at the first prompt scored (a backend that only writes
+        explanations needs neither this nor a tokenizer), on a short prompt with and without a
+        bias."""
+        if self.raw_checked:
+            return
+        if self.tokenizer is None:
+            raise BackendError(f"next_token scoring sends token ids, and no tokenizer for {self.model} "
+                               "could be loaded here; set the backend's tokenizer to the served model's.")
+        ids = self.tokenizer("Counting to ten: one, two, three,", add_special_tokens=False)["input_ids"]
+        force = self.tokenizer(" zebra", add_special_tokens=False)["input_ids"][0]
+        tops = [self._call("completions", generated_tops, 1, prompt=[ids], max_tokens=1, temperature=0,
+                           logprobs=5, **bias)[0][0][0] for bias in ({}, {"logit_bias": {str(force): 100}})]
+        (_, plain), (_, forced) = tops
+        if any(abs(forced.get(t, -math.inf) - lp) > 1e-2 for t, lp in plain.items()):
+            raise BackendError(f"The vLLM server at {self.url} reports logprobs after its logit "
+                               "processors (--logprobs-mode), so next_token scoring would read "
+                               "biased ones; restart it with the default raw_logprobs, or use "
+                               "scoring=prompt_logprobs.")
+        self.raw_checked = True
 
     def _get(self, path: str) -> Any:
         """GET ``path`` on the server (relative to base_url; ``/version`` to its root): the JSON
@@ -235,6 +286,53 @@ class VLLMBackend(OpenAIBackend):
         return self._call("completions", vllm_prompt_tokens, prompt, self.tokenizer, prompt=prompt,
                           max_tokens=1, temperature=0,
                           extra_body={"prompt_logprobs": self.top_logprobs, "return_token_ids": True})
+
+    def _placeholders(self, request: PromptLogprobRequest
+                      ) -> tuple[list[PromptToken], Usage, dict[str, dict[str, float]]]:
+        """``next_token`` scoring: the prompt tokenised here, and one completions call whose
+        prompts are the token ids before each token that covers a placeholder, each asked for the
+        top-k of the next token. Where a candidate takes two tokens ("10" = "1" + "0"), that
+        request also forces the first of them with a logit bias and generates one token more: vLLM
+        reports raw logprobs (before any bias), so one request gives both the placeholder's
+        distribution and its follow-up's."""
+        if self.scoring != "next_token":
+            return super()._placeholders(request)
+        self.load()
+        self._check_raw_logprobs()
+        prompt = request.prompt
+        enc = self.tokenizer(prompt, return_offsets_mapping=True)   # special tokens as the server adds them
+        ids, starts = list(enc["input_ids"]), [start for start, _ in enc["offset_mapping"]]
+        forced: dict[int, int | None] = {}   # covering token -> the token forced after it, if any
+        by_lead: dict[str, int | None] = {}
+        for c in request.positions:
+            j = bisect_right(starts, c) - 1   # the last of equal starts, as ``token_covering``
+            if c < len(prompt) and j >= 1 and j not in forced:
+                lead = prompt[starts[j]:c]
+                if lead not in by_lead:
+                    by_lead[lead] = self._first_of_two(lead, request.candidates)
+                forced[j] = by_lead[lead]
+        tokens = [PromptToken(start, {}) for start in starts]
+        known: dict[str, dict[str, float]] = {}
+        usage = Usage()
+        for force in dict.fromkeys(forced.values()):
+            group = [j for j, f in forced.items() if f == force]
+            steps, more = self._call("completions", generated_tops, len(group),
+                                     prompt=[ids[:j] for j in group], temperature=0,
+                                     logprobs=self.top_logprobs, max_tokens=1 if force is None else 2,
+                                     **({} if force is None else {"logit_bias": {str(force): 100}}))
+            usage = usage + more
+            for j, generated in zip(group, steps):
+                tokens[j] = PromptToken(starts[j], generated[0][1])
+                if len(generated) > 1:   # keyed by the token the first step really wrote
+                    known[prompt[:starts[j]] + generated[0][0]] = generated[1][1]
+        return tokens, usage, known
+
+    def _first_of_two(self, lead: str, candidates: Sequence[str]) -> int | None:
+        """The first token id of the candidates that take more than one token after ``lead``,
+        if they share one ("1" of "10"); None otherwise."""
+        firsts = {ids[0] for c in candidates
+                  if len(ids := self.tokenizer(lead + c, add_special_tokens=False)["input_ids"]) > 1}
+        return firsts.pop() if len(firsts) == 1 else None
 
 
 # ---- the in-process engine --------------------------------------------------------------------
