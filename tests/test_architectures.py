@@ -129,7 +129,7 @@ def test_output_logits_are_the_direction_through_norm_and_unembedding(model_type
     """Each neuron's promoted and suppressed tokens: its output direction (read here by running
     the projection on a one-hot input, whatever the weight's layout), scaled by the final norm's
     weight (randomised here, 1 + weight for Gemma), through the unembedding."""
-    from neuronlens.subject.logits import neuron_logits
+    from neuronlens.subject.logits import direction_logits, output_direction_weights
 
     _, model = _tiny(model_type)
     norm = model.get_submodule(FINAL_NORM.get(model_type, "model.norm"))
@@ -139,7 +139,8 @@ def test_output_logits_are_the_direction_through_norm_and_unembedding(model_type
     point = hook_point(model, 1).module
     proj = model.get_submodule(point)
     width = n_neurons(model)
-    got = neuron_logits(model, tiny_tokenizer, point, [0, 5, width - 1])
+    indices = [0, 5, width - 1]
+    got = direction_logits(model, tiny_tokenizer, output_direction_weights(model, point)[indices], indices)
     with torch.no_grad():
         for i in (0, 5, width - 1):
             one_hot = torch.zeros(1, width)

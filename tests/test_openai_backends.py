@@ -595,6 +595,10 @@ def test_next_token_scoring_equals_local_with_one_request_per_prompt(digit_model
         assert all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in call["prompt"])
     with pytest.raises(BackendError, match="logprobs after its logit processors"):
         TokenIdServer(digit_model_dir, k=20, processed=True).prompt_logprobs(requests[:1])
+    with _serve(digit_model_dir, max_logprobs=20) as handle:   # neuronlens-serve takes ids and biases too
+        served = VLLMBackend(model=handle.model, base_url=handle.base_url, top_logprobs=20)
+        _assert_same(served.prompt_logprobs(requests), _local(digit_model_dir).prompt_logprobs(requests))
+        assert handle.requests["/v1/completions"] == 2 + len(requests)
 
 
 EXCERPTS = [["The", " cat", " sat"], ["1", "0", " dogs", "."]]

@@ -108,6 +108,41 @@ def test_simulator_vllm_scores_every_excerpt_of_hard_text_like_local(real_vllm, 
     assert stats["retries"] == 0 and stats["failures"] == {} and stats["prompt_tokens"] > 0
 
 
+def test_next_token_scoring_reads_what_prompt_logprobs_reads_and_computes_less(real_vllm):
+    """The two scorings of the vllm backend on the hard text: the same distributions wherever
+    prompt logprobs reported P("1") (next_token also reads it past the top-k, so never less
+    mass), and fewer tokens computed by the server (its prefix cache serves next_token's
+    requests, never prompt logprobs'). next_token runs first, on an explanation no other test
+    sends, so no earlier request warmed the cache for it."""
+    from neuronlens.models import load_tokenizer
+    from neuronlens.records import ActivationRecord
+    from neuronlens.scorers.simulation import Simulator
+
+    tok = load_tokenizer("embedded")
+    records = [ActivationRecord(t, [0.0] * len(t))
+               for t in ([tok.decode([i]) for i in tok(text)["input_ids"]] for text in HARD)]
+    computed = lambda m: m["vllm:prompt_tokens_total"] - m.get("vllm:prefix_cache_hits_total", 0)  # noqa: E731
+    out = {}
+    for scoring in ("next_token", "prompt_logprobs"):
+        before = real_vllm.metrics()
+        backend = VLLMBackend(model=real_vllm.name, base_url=real_vllm.base_url, scoring=scoring)
+        out[scoring] = Simulator(backend).simulate("a sparse unit for emoji and accents, test 7", records)
+        out[scoring + "_computed"] = computed(real_vllm.metrics()) - computed(before)
+    new, old = out["next_token"], out["prompt_logprobs"]
+    assert new.n_failed == old.n_failed == 0
+    compared = 0
+    for e_new, e_old, d_old, m_new, m_old in zip(new.expected, old.expected, old.distributions, new.mass, old.mass):
+        for a, b, dist, ma, mb in zip(e_new, e_old, d_old, m_new, m_old):
+            assert ma >= mb - 1e-4
+            if dist[1] > 0:   # "1" was in prompt logprobs' top-k
+                assert a == pytest.approx(b, abs=1e-3)
+                compared += 1
+    assert compared >= 0.5 * sum(len(r.tokens) for r in records)   # 129 of 180 here
+    print(f"computed tokens: next_token {out['next_token_computed']:.0f}, "
+          f"prompt_logprobs {out['prompt_logprobs_computed']:.0f}")
+    assert out["next_token_computed"] < out["prompt_logprobs_computed"]
+
+
 def test_explainer_and_simulator_on_vllm_score_every_neuron(real_vllm, hard_corpus, tmp_path):
     summary, rows = run(tmp_path / "both", hard_corpus, [*on(real_vllm, "explainer"), *on(real_vllm, "simulator")])
     assert summary["n_failed"] == 0 and summary["n_failed_excerpts"] == 0, summary["failures_by_kind"]

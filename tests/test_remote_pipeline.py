@@ -85,9 +85,9 @@ def test_skipped_follow_ups_stay_within_the_bound_each_excerpt_stores(tiny_llama
     by at most the bound: fewer prompt tokens sent, every simulated value within the bound its
     excerpt stores of the exact run, and the run's largest bound in summary.json."""
     with start_server(str(sharp_llama_dir), device="cpu", max_logprobs=None) as server:
-        exact = run(tmp_path, tiny_llama_dir, corpus, "exact", http(server, sharp_llama_dir))
-        skipped = run(tmp_path, tiny_llama_dir, corpus, "skipped",
-                      http(server, sharp_llama_dir) + ["simulator.follow_up_bound=10"])
+        whole = http(server, sharp_llama_dir) + ["simulator.scoring=prompt_logprobs"]   # what it skips
+        exact = run(tmp_path, tiny_llama_dir, corpus, "exact", whole)
+        skipped = run(tmp_path, tiny_llama_dir, corpus, "skipped", whole + ["simulator.follow_up_bound=10"])
     assert "follow_up_bound" not in exact["summary"]
     assert 0 < skipped["summary"]["follow_up_bound"] <= 10
     sent = lambda r: sum(row["usage"]["simulator"][0] for row in r["rows"].values())  # noqa: E731

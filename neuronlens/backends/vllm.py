@@ -172,6 +172,10 @@ class VLLMBackend(OpenAIBackend):
                             "(e.g. http://localhost:8000/v1).")
         if scoring not in self.SCORING:
             raise UserError(f"Unknown vllm scoring {scoring!r}; choose one of {', '.join(self.SCORING)}.")
+        if follow_up_bound and scoring == "next_token":
+            raise UserError("follow_up_bound skips the follow-up requests of scoring=prompt_logprobs; "
+                            "next_token reads the follow-up in the placeholder's own request, so there "
+                            "is nothing to skip: set scoring=prompt_logprobs with it.")
         super().__init__(model, base_url, timeout, top_logprobs, "none", context_length, chat,
                          completion, follow_up_bound)
         self.scoring, self.raw_checked = scoring, False

@@ -124,7 +124,8 @@ def measure(model, coder, windows: list[list[int]], batch_size: int, layer: int)
             sums[part]["x2"] += float(a.pow(2).sum())
             sums[part]["n"] += len(a)
 
-    plain = HookPoint(coder.point(model).module, coder.point(model).kind)   # encoded in `read`
+    point = coder.point(model)
+    plain = HookPoint(point.module, point.kind)   # read plain: encoded in `read`
     with truncated(model.base_model, layer) as base, neuron_hooks(model, [layer], read, {layer: plain}):
         for start in range(0, len(windows), batch_size):
             base(input_ids=torch.tensor(windows[start:start + batch_size], device=device))

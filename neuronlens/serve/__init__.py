@@ -2,7 +2,9 @@
 
 The model is loaded once at start-up and requests are answered one at a time (a lock around the
 model), so many jobs can share it. Endpoints: ``GET /v1/models``; ``POST /v1/completions`` with
-the legacy ``logprobs``/``echo`` prompt scoring and vLLM's ``prompt_logprobs``;
+the legacy ``logprobs``/``echo`` prompt scoring, vLLM's ``prompt_logprobs``, and prompts of
+token ids with a ``logit_bias`` on greedy completions (logprobs before the bias, as vLLM's raw
+logprobs: the vllm backend's ``next_token`` scoring);
 ``POST /v1/chat/completions`` with ``logprobs``/``top_logprobs``; ``GET /stats`` (request counts).
 
 Tests use it as a stand-in for a ``vllm serve`` server, so by default it answers as vLLM does:

@@ -122,9 +122,10 @@ def next_token(state: ServerState, ids: list[int], k: int) -> Completion:
     return greedy(state.backend.tokenizer, state.prefix.run(ids, k)[1], k)
 
 
-def greedy(tok: Any, logp: torch.Tensor, k: int) -> Completion:
-    """The greedy token of a next-token distribution, with its top-``k`` alternatives."""
-    best = int(logp.argmax())
+def greedy(tok: Any, logp: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> Completion:
+    """The greedy token of a next-token distribution (under a logit ``bias``, which the
+    logprobs reported do not see, as vLLM's raw_logprobs), with its top-``k`` alternatives."""
+    best = int(logp.argmax() if bias is None else (logp + bias).argmax())
     if best == tok.eos_token_id:   # generate() stops there: no token, no text
         return Completion("", (), "stop", ())
     top = logp.topk(min(max(k, 1), logp.shape[-1]))
@@ -138,6 +139,30 @@ def greedy_tokens(state: ServerState, ids: list[list[int]], k: int) -> list[Comp
     over a tree of their tokens, the prefix they share computed once."""
     tok = state.backend.tokenizer
     return [greedy(tok, logp, k) for logp in state.backend.next_token_logprobs(ids)]
+
+
+def biased_greedy(state: ServerState, ids: list[list[int]], k: int, steps: int,
+                  bias: dict[int, float]) -> list[Completion]:
+    """Greedy completions of ``steps`` tokens under a logit ``bias``, every prompt's step taken
+    together (one tree pass each, as ``greedy_tokens``), the logprobs as the model gives them."""
+    tok, backend = state.backend.tokenizer, state.backend
+    paths, done = [list(p) for p in ids], [[] for _ in ids]
+    live = list(range(len(ids)))
+    for _ in range(steps):
+        if not live:
+            break
+        for i, logp in zip(live, backend.next_token_logprobs([paths[i] for i in live])):
+            vector = torch.zeros(logp.shape[-1])
+            vector[[t for t in bias if t < len(vector)]] = torch.tensor(
+                [v for t, v in bias.items() if t < len(vector)], dtype=vector.dtype)
+            step = greedy(tok, logp.float().cpu(), k, vector)
+            done[i].append(step)
+            paths[i] += step.token_ids
+        live = [i for i in live if done[i][-1].token_ids]   # an end-of-text token ends it
+    return [Completion("".join(c.text for c in steps_), tuple(t for c in steps_ for t in c.logprobs),
+                       "stop" if steps_ and not steps_[-1].token_ids else "length",
+                       tuple(t for c in steps_ for t in c.token_ids))
+            for steps_ in done]
 
 
 def make_state(model: str, device: str = "auto", dtype: str = "auto", strict_model: bool = True,

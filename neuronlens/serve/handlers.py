@@ -1,6 +1,7 @@
 """The answers: a request body in, the OpenAI-shaped answer out, as vLLM gives it. Completions
 (``complete``): the legacy ``logprobs`` object with ``echo``, vLLM's ``prompt_logprobs`` and
-``return_token_ids``, a list of greedy one-token prompts in one forward pass; chat
+``return_token_ids``, a list of greedy one-token prompts in one forward pass, prompts of token
+ids, and ``logit_bias`` on greedy completions (reported logprobs before it); chat
 (``complete_chat``): ``logprobs``/``top_logprobs``. The `wrong_length` fault drops an entry here."""
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from tokenizers import decoders
 
 from neuronlens.backends.base import Completion, GenerateRequest, Message, TokenLogprob
 from neuronlens.models import BYTE_ALPHABET
-from neuronlens.serve.engine import (PromptScores, ServerState, greedy_tokens, next_token,
-                                     token_text)
+from neuronlens.serve.engine import (PromptScores, ServerState, biased_greedy, greedy_tokens,
+                                     next_token, token_text)
 from neuronlens.serve.faults import maybe_cut
 from neuronlens.serve.schemas import ApiError, ChatBody, CompletionBody, RequestBody, envelope
 
@@ -116,13 +117,28 @@ def _one_greedy_token(body: CompletionBody) -> bool:
 
 
 def complete(state: ServerState, body: CompletionBody, fault: str) -> dict:
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    tok = state.backend.tokenizer
+    prompts = body.prompt
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]   # one prompt: text, or token ids
     if not prompts or not all(prompts):
-        raise ApiError(400, "prompt must be a non-empty string or a list of non-empty strings.")
+        raise ApiError(400, "prompt must be a non-empty string or list of token ids, or a list of them.")
     _check_k(state, body.logprobs, body.prompt_logprobs)
-    ids = [list(state.backend.tokenizer(p)["input_ids"]) for p in prompts]
+    ids = [list(tok(p)["input_ids"]) if isinstance(p, str) else list(p) for p in prompts]
+    if any(not 0 <= t < len(tok) for p in ids for t in p):
+        raise ApiError(400, f"token ids must lie in [0, {len(tok)}).")
+    prompts = [p if isinstance(p, str) else tok.decode(p) for p in prompts]
     given: list[Completion | None] = [None] * len(prompts)
-    if len(prompts) > 1 and _one_greedy_token(body) and not body.echo and body.prompt_logprobs is None:
+    if body.logit_bias:   # greedy under the bias, the logprobs before it (vLLM's raw_logprobs)
+        if body.temperature != 0 or body.echo or body.prompt_logprobs is not None or body.stop:
+            raise ApiError(400, "This server applies logit_bias to greedy completions only "
+                                "(temperature 0, no echo, prompt_logprobs or stop).")
+        try:
+            bias = {int(t): float(v) for t, v in body.logit_bias.items()}
+        except ValueError:
+            raise ApiError(400, "logit_bias keys are token ids.") from None
+        given = biased_greedy(state, ids, body.logprobs or 0, body.max_tokens, bias)
+    elif len(prompts) > 1 and _one_greedy_token(body) and not body.echo and body.prompt_logprobs is None:
         given = greedy_tokens(state, ids, body.logprobs or 0)
     choices, n_prompt, n_gen = [], 0, 0
     for prompt, prompt_ids, done in zip(prompts, ids, given):   # n choices each, in order, as OpenAI does
@@ -139,7 +155,7 @@ def _complete_one(state: ServerState, body: CompletionBody, prompt: str, ids: li
     k = max(body.logprobs or 0, body.prompt_logprobs or 0)
     scores = state.prefix.run(ids, k)[0] \
         if body.prompt_logprobs is not None or (body.echo and body.logprobs is not None) else None
-    if _one_greedy_token(body):
+    if given is not None or _one_greedy_token(body):
         c = given or next_token(state, ids, body.logprobs or 0)
         completions, n_prompt, n_gen = [c] * body.n, len(ids), len(c.token_ids or ()) * body.n
     elif body.max_tokens > 0:

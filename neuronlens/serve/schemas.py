@@ -29,7 +29,8 @@ class RequestBody(BaseModel):
 
 
 class CompletionBody(RequestBody):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]   # text, or token ids as vLLM takes them
+    logit_bias: dict[str, float] | None = None   # token id -> bias; greedy completions only
     max_tokens: int = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0)
     echo: bool = False

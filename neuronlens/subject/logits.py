@@ -40,13 +40,6 @@ def final_norm_scale(model: nn.Module) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def neuron_logits(model: nn.Module, tokenizer, point: str, indices: list[int],
-                  k: int = N_LOGITS) -> dict[int, dict[str, list]]:
-    """``direction_logits`` of the neurons ``indices`` read at the output projection ``point``."""
-    return direction_logits(model, tokenizer, output_direction_weights(model, point)[indices], indices, k)
-
-
-@torch.no_grad()
 def direction_logits(model: nn.Module, tokenizer, directions: torch.Tensor, indices: list[int],
                      k: int = N_LOGITS) -> dict[int, dict[str, list]]:
     """Per unit index: ``{"promoted": [[token, logit], ...], "suppressed": [...]}``, ``k`` each,
