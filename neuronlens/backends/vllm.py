@@ -41,6 +41,7 @@ import logging
 import math
 import os
 import re
+import threading
 from bisect import bisect_right
 from pathlib import Path
 from typing import Any, Sequence
@@ -178,7 +179,7 @@ class VLLMBackend(OpenAIBackend):
                             "is nothing to skip: set scoring=prompt_logprobs with it.")
         super().__init__(model, base_url, timeout, top_logprobs, "none", context_length, chat,
                          completion, follow_up_bound)
-        self.scoring, self.raw_checked = scoring, False
+        self.scoring, self.raw_checked, self._checking = scoring, False, threading.Lock()
         self.tokenizer_name = tokenizer
         self.tokenizer: Any = None
         self.server: dict[str, Any] | None = None   # version and root, asked once at load
@@ -210,8 +211,11 @@ class VLLMBackend(OpenAIBackend):
         raw_logprobs``). Checked once, at the first prompt scored (a backend that only writes
         explanations needs neither this nor a tokenizer), on a short prompt with and without a
         bias."""
-        if self.raw_checked:
-            return
+        with self._checking:   # once, whatever the requests in flight
+            if not self.raw_checked:
+                self._check_raw_logprobs_now()
+
+    def _check_raw_logprobs_now(self) -> None:
         if self.tokenizer is None:
             raise BackendError(f"next_token scoring sends token ids, and no tokenizer for {self.model} "
                                "could be loaded here; set the backend's tokenizer to the served model's.")
