@@ -50,10 +50,19 @@ class PromptToken(NamedTuple):
     top: Mapping[str, float]        # next-token string -> logprob at this position ({} for the first)
 
 
+def covering(starts: Sequence[int], c: int, prompt_length: int) -> int | None:
+    """Index of the token (by the tokens' start offsets) whose text covers character ``c``, the
+    last of equal starts; None where that is the first token or ``c`` is past the prompt (no
+    distribution predicts it)."""
+    j = bisect_right(starts, c) - 1
+    return j if j >= 1 and c < prompt_length else None
+
+
 def token_covering(tokens: Sequence[PromptToken], c: int, prompt_length: int) -> int:
-    """Index of the token whose text covers character ``c`` (the last of equal starts)."""
-    j = bisect_right([t.start for t in tokens], c) - 1
-    if j < 1 or c >= prompt_length or not tokens[j].top:
+    """Index of the token whose text covers character ``c`` (``covering``), which must have
+    been scored."""
+    j = covering([t.start for t in tokens], c, prompt_length)
+    if j is None or not tokens[j].top:
         raise Unscorable(f"No scored prompt token covers placeholder offset {c}.")
     return j
 

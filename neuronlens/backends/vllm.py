@@ -2,7 +2,7 @@
 
 Prompt scoring (``scoring``) takes one of two routes to the same distributions:
 
-- ``prompt_logprobs`` (the default): vLLM's ``prompt_logprobs=k`` extension, one request per
+- ``prompt_logprobs``: vLLM's ``prompt_logprobs=k`` extension, one request per
   prompt. For every prompt token i > 0 the server returns the top-k (plus the actual token) with
   ``decoded_token`` strings, and, asked with ``return_token_ids``, the prompt's
   ``prompt_token_ids``. vLLM computes such a prompt whole: it never reads its prefix cache for
@@ -42,7 +42,6 @@ import math
 import os
 import re
 import threading
-from bisect import bisect_right
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -61,7 +60,7 @@ from neuronlens.backends.base import (
     Usage,
 )
 from neuronlens.backends.openai import OpenAIBackend, generated_tops
-from neuronlens.backends.remote_scoring import PromptToken, bound_identity, check_bound, score_prompt
+from neuronlens.backends.remote_scoring import PromptToken, bound_identity, check_bound, covering, score_prompt
 from neuronlens.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -313,8 +312,8 @@ class VLLMBackend(OpenAIBackend):
         forced: dict[int, int | None] = {}   # covering token -> the token forced after it, if any
         by_lead: dict[str, int | None] = {}
         for c in request.positions:
-            j = bisect_right(starts, c) - 1   # the last of equal starts, as ``token_covering``
-            if c < len(prompt) and j >= 1 and j not in forced:
+            j = covering(starts, c, len(prompt))   # None: ``score_prompt`` fails it as unscorable
+            if j is not None and j not in forced:
                 lead = prompt[starts[j]:c]
                 if lead not in by_lead:
                     by_lead[lead] = self._first_of_two(lead, request.candidates)

@@ -122,10 +122,16 @@ def next_token(state: ServerState, ids: list[int], k: int) -> Completion:
     return greedy(state.backend.tokenizer, state.prefix.run(ids, k)[1], k)
 
 
-def greedy(tok: Any, logp: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> Completion:
-    """The greedy token of a next-token distribution (under a logit ``bias``, which the
-    logprobs reported do not see, as vLLM's raw_logprobs), with its top-``k`` alternatives."""
-    best = int(logp.argmax() if bias is None else (logp + bias).argmax())
+def greedy(tok: Any, logp: torch.Tensor, k: int, bias: dict[int, float] | None = None) -> Completion:
+    """The greedy token of a next-token distribution (under a logit ``bias``, token id -> value,
+    which the logprobs reported do not see, as vLLM's raw_logprobs), with its top-``k``
+    alternatives."""
+    if bias:
+        biased = logp.clone()
+        biased[list(bias)] += torch.tensor(list(bias.values()), dtype=logp.dtype)
+        best = int(biased.argmax())
+    else:
+        best = int(logp.argmax())
     if best == tok.eos_token_id:   # generate() stops there: no token, no text
         return Completion("", (), "stop", ())
     top = logp.topk(min(max(k, 1), logp.shape[-1]))
@@ -152,10 +158,7 @@ def biased_greedy(state: ServerState, ids: list[list[int]], k: int, steps: int,
         if not live:
             break
         for i, logp in zip(live, backend.next_token_logprobs([paths[i] for i in live])):
-            vector = torch.zeros(logp.shape[-1])
-            vector[[t for t in bias if t < len(vector)]] = torch.tensor(
-                [v for t, v in bias.items() if t < len(vector)], dtype=vector.dtype)
-            step = greedy(tok, logp.float().cpu(), k, vector)
+            step = greedy(tok, logp.float().cpu(), k, bias)
             done[i].append(step)
             paths[i] += step.token_ids
         live = [i for i in live if done[i][-1].token_ids]   # an end-of-text token ends it

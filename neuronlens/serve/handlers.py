@@ -137,6 +137,8 @@ def complete(state: ServerState, body: CompletionBody, fault: str) -> dict:
             bias = {int(t): float(v) for t, v in body.logit_bias.items()}
         except ValueError:
             raise ApiError(400, "logit_bias keys are token ids.") from None
+        if any(not 0 <= t < len(tok) for t in bias):
+            raise ApiError(400, f"logit_bias token ids must lie in [0, {len(tok)}).")
         given = biased_greedy(state, ids, body.logprobs or 0, body.max_tokens, bias)
     elif len(prompts) > 1 and _one_greedy_token(body) and not body.echo and body.prompt_logprobs is None:
         given = greedy_tokens(state, ids, body.logprobs or 0)
