@@ -9,9 +9,14 @@ import platform
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from itertools import cycle
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# the explanations the simulation-throughput benchmarks simulate, one per neuron in turn
+MASS = 0.05   # the candidates' probability from which expected values are compared (as the tests do)
+EXPLANATIONS = ("numbers, dates and times", "words about food and cooking", "the end of a sentence")
 
 
 def machine(device: str) -> dict:
@@ -141,3 +146,65 @@ def paired_by_judge(after: dict, before: dict, judges: list[str], power: dict) -
                       "wilcoxon_p": d.wilcoxon_p, "power_difference": p.get("difference"),
                       "power_ci": p.get("difference_ci"), "has_power": p.get("tells_apart")}
     return out
+
+
+# ---- simulation through a server: real_vllm.py and throughput.py --------------------------------
+
+def excerpts(n: int, window: int) -> list:
+    from neuronlens.corpus import BuiltinCorpus
+    from neuronlens.records import ActivationRecord
+    from neuronlens.models import load_tokenizer
+
+    tok = load_tokenizer("embedded")
+    out = []
+    for text in BuiltinCorpus().texts():
+        ids = tok(text)["input_ids"]
+        for start in range(0, len(ids) - window + 1, window):
+            piece = [tok.decode([i]) for i in ids[start:start + window]]
+            out.append(ActivationRecord(piece, [0.0] * window))
+            if len(out) == n:
+                return out
+    return out
+
+
+def simulate_all(simulator, records_per_neuron) -> dict:
+    """Simulate each neuron's records with its explanation: seconds, failures, prompt tokens, and
+    per neuron, excerpt and token the expected value, whether "1" was reported, and whether the
+    candidates held at least ``MASS`` of the probability (below it, renormalising a top-k's small
+    remainder turns float noise into large differences)."""
+    start = time.perf_counter()
+    failed, kinds, prompt_tokens, expected, reported, massive, bound = 0, {}, 0, [], [], [], 0.0
+    for explanation, records in zip(cycle(EXPLANATIONS), records_per_neuron):
+        sim = simulator.simulate(explanation, records)
+        failed += sim.n_failed
+        prompt_tokens += sim.usage.prompt_tokens
+        expected.append(sim.expected)
+        reported.append([None if d is None else [p[1] > 0 for p in d] for d in sim.distributions])
+        massive.append([[m >= MASS for m in ms] if ms else None for ms in sim.mass])
+        bound = max([bound, *(b for b in sim.bound if b)])
+        for f in sim.failures:
+            kinds[f.kind] = kinds.get(f.kind, 0) + 1
+    return {"seconds": time.perf_counter() - start, "failed_excerpts": failed,
+            "failures_by_kind": kinds, "prompt_tokens_needed": prompt_tokens,
+            "expected": expected, "one_reported": reported, "enough_mass": massive, "largest_bound": bound}
+
+
+def largest_difference(a: list, b: list, where: list | None = None) -> float | None:
+    """The largest difference between two runs' expected values on any token both scored (and,
+    with ``where``, per neuron, excerpt and token, that is true there)."""
+    where = where or [[None] * len(n) for n in a]
+    diffs = [abs(x - y) for na, nb, nw in zip(a, b, where) for ea, eb, ew in zip(na, nb, nw) if ea and eb
+             for x, y, w in zip(ea, eb, ew or [True] * len(ea)) if w]
+    return max(diffs) if diffs else None
+
+
+def openai_pattern(backend, records_per_neuron, concurrency: int) -> dict:
+    from neuronlens.scorers.simulation import build_request
+
+    prompts = [build_request(e, r.tokens).prompt for e, records in zip(cycle(EXPLANATIONS), records_per_neuron)
+               for r in records]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        answers = list(pool.map(backend._prompt_tokens, prompts))
+    return {"seconds": time.perf_counter() - start,
+            "prompt_tokens_needed": sum(usage.prompt_tokens for _, usage in answers)}

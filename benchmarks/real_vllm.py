@@ -46,74 +46,25 @@ import argparse
 import multiprocessing
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import machine, machine_line, save  # benchmarks/common.py, beside this script
+from common import (  # benchmarks/common.py, beside this script
+    EXPLANATIONS,
+    excerpts,
+    largest_difference,
+    machine,
+    machine_line,
+    openai_pattern,
+    save,
+    simulate_all,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-EXPLANATIONS = ("numbers, dates and times", "words about food and cooking", "the end of a sentence")
 
 
 def spin(stop) -> None:
     while not stop.is_set():
         pass
-
-
-def excerpts(n: int, window: int) -> list:
-    from neuronlens.corpus import BuiltinCorpus
-    from neuronlens.records import ActivationRecord
-    from neuronlens.models import load_tokenizer
-
-    tok = load_tokenizer("embedded")
-    out = []
-    for text in BuiltinCorpus().texts():
-        ids = tok(text)["input_ids"]
-        for start in range(0, len(ids) - window + 1, window):
-            piece = [tok.decode([i]) for i in ids[start:start + window]]
-            out.append(ActivationRecord(piece, [0.0] * window))
-            if len(out) == n:
-                return out
-    return out
-
-
-def simulate_all(simulator, records_per_neuron) -> dict:
-    start = time.perf_counter()
-    failed, kinds, prompt_tokens, expected, reported, bound = 0, {}, 0, [], [], 0.0
-    for explanation, records in zip(EXPLANATIONS, records_per_neuron):
-        sim = simulator.simulate(explanation, records)
-        failed += sim.n_failed
-        prompt_tokens += sim.usage.prompt_tokens
-        expected.append(sim.expected)
-        reported.append([None if d is None else [p[1] > 0 for p in d] for d in sim.distributions])
-        bound = max([bound, *(b for b in sim.bound if b)])
-        for f in sim.failures:
-            kinds[f.kind] = kinds.get(f.kind, 0) + 1
-    return {"seconds": time.perf_counter() - start, "failed_excerpts": failed,
-            "failures_by_kind": kinds, "prompt_tokens_needed": prompt_tokens,
-            "expected": expected, "one_reported": reported, "largest_bound": bound}
-
-
-def largest_difference(a: list, b: list, where: list | None = None) -> float | None:
-    """The largest difference between two runs' expected values on any token both scored (and,
-    with ``where``, per neuron, excerpt and token, that is true there)."""
-    where = where or [[None] * len(n) for n in a]
-    diffs = [abs(x - y) for na, nb, nw in zip(a, b, where) for ea, eb, ew in zip(na, nb, nw) if ea and eb
-             for x, y, w in zip(ea, eb, ew or [True] * len(ea)) if w]
-    return max(diffs) if diffs else None
-
-
-def openai_pattern(backend, records_per_neuron, concurrency: int) -> dict:
-    from neuronlens.scorers.simulation import build_request
-
-    prompts = [build_request(e, r.tokens).prompt for e, records in zip(EXPLANATIONS, records_per_neuron)
-               for r in records]
-    start = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        answers = list(pool.map(backend._prompt_tokens, prompts))
-    return {"seconds": time.perf_counter() - start,
-            "prompt_tokens_needed": sum(usage.prompt_tokens for _, usage in answers)}
 
 
 def server_counts(server) -> dict:
@@ -281,6 +232,7 @@ def main() -> None:
     for variant in ("local", "vllm", "vllm_skipping", "vllm_prompt_logprobs"):
         res.get(variant, {}).pop("expected", None)   # compared above; too long to keep
         res.get(variant, {}).pop("one_reported", None)
+        res.get(variant, {}).pop("enough_mass", None)
     save(args.name, res, markdown(res))
 
 

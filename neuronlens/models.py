@@ -24,6 +24,7 @@ from pathlib import Path
 
 import platformdirs
 
+from neuronlens.attention import use_grouped_sdpa
 from neuronlens.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -274,6 +275,7 @@ def _load(model: str, device: str, dtype: str):
             f"Could not load subject model {model!r}: {first} Give a HuggingFace model name, a "
             f"local model directory, a .gguf file, or one of: {', '.join(sorted(EMBEDDED))}.") from e
     lm.to(device).eval()
+    use_grouped_sdpa(lm)   # on the CPU, grouped K/V are not copied per head under a mask
     return lm, tokenizer
 
 

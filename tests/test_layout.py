@@ -14,7 +14,8 @@ CONF = Path(neuronlens.conf.__file__).parent   # conf/ at the top, shipped as ne
 
 # Each layer, and what it may import besides itself: every module of the package has one, entry
 # points included (cli, and the commands of probe, report, serve and sae above it).
-BASE = {"errors", "secrets", "files", "records", "prompt_format", "stats", "conf", "settings", "lazy"}
+BASE = {"errors", "secrets", "files", "records", "prompt_format", "stats", "conf", "settings", "lazy",
+        "attention"}
 BELOW_PIPELINE = {"base", "models", "corpus", "summary", "backends", "explainers", "scorers", "subject"}
 LAYERS = {
     "base": set(),

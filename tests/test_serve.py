@@ -62,6 +62,8 @@ def test_completion(client, server):
     again = client.completions.create(model=server.model, prompt=[PROMPT], max_tokens=5,
                                       temperature=0, n=2)
     assert [c.text for c in again.choices] == [out.choices[0].text] * 2
+    # the prompt's length, also when the server ran only its last token (the kept prefix)
+    assert again.usage.prompt_tokens == out.usage.prompt_tokens == len(server.state.backend.tokenizer(PROMPT)["input_ids"])
     unnamed = httpx.post(f"{server.base_url}/completions", json={"prompt": PROMPT, "max_tokens": 5,
                                                                  "temperature": 0})
     assert unnamed.json()["model"] == server.model      # no model: the served one, as vLLM
@@ -304,9 +306,19 @@ def test_max_logprobs_is_20_by_default_like_vllm(server, tiny_llama_dir):
 
 
 def test_stats_endpoint(server):
-    stats = httpx.get(server.base_url.removesuffix("/v1") + "/stats").json()
-    assert stats["requests"]["/v1/completions"] == server.requests["/v1/completions"] > 0
-    assert stats["faults"] == {"none": sum(server.faults.values())}
+    stats = lambda: httpx.get(server.base_url.removesuffix("/v1") + "/stats").json()   # noqa: E731
+    assert stats()["requests"]["/v1/completions"] == server.requests["/v1/completions"] > 0
+    assert stats()["faults"] == {"none": sum(server.faults.values())}
+    # the token positions the model ran: a prompt scored whole, then again from the prefix cache
+    server.state.reset_prefix_cache()
+    ask = {"model": server.model, "prompt": "The quick brown fox jumps over the lazy dog " * 4,
+           "max_tokens": 0, "echo": True, "logprobs": 1}
+    counts = [stats()["tokens_computed"]]
+    for _ in range(2):
+        n = httpx.post(f"{server.base_url}/completions", json=ask).json()["usage"]["prompt_tokens"]
+        counts.append(stats()["tokens_computed"])
+    assert counts[1] - counts[0] == n > 20
+    assert 0 < counts[2] - counts[1] <= 2   # the last position or two run again
 
 
 def test_another_model_name_is_a_404_unless_lenient(server, tiny_gpt2_dir):

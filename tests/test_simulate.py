@@ -492,6 +492,85 @@ def test_next_tokens_of_many_prompts_at_once_equal_a_forward_each(smollm2_tokeni
     assert len({round(float(g.max()), 4) for g in got}) > 1   # the contexts do differ
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_grouped_sdpa_scores_as_transformers_sdpa_without_copying_keys(smollm2_tokenizer, arch, monkeypatch):
+    """Models loaded by neuronlens run attention with grouped K/V handed to the CPU kernel as
+    they are (``neuronlens.attention``): the masked forward after a shared prefix, a plain
+    forward and greedy generation give what transformers' ``sdpa`` gives, and no K/V is copied
+    per head (transformers' ``repeat_kv``), which ``sdpa`` does under every mask."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    from neuronlens.attention import NAME, use_grouped_sdpa
+
+    model = _tiny_model(arch, smollm2_tokenizer, seed=4)
+    model.set_attn_implementation("sdpa")
+    copies = []
+    repeat_kv = sdpa.repeat_kv
+    monkeypatch.setattr(sdpa, "repeat_kv", lambda *a: copies.append(1) or repeat_kv(*a))
+    reqs = _five_requests()
+    ids = torch.tensor([smollm2_tokenizer(reqs[-1].prompt)["input_ids"]])
+
+    def outputs():
+        with torch.no_grad():
+            dists = _backend(model, smollm2_tokenizer).prompt_logprobs(reqs)
+            logits = model(input_ids=ids).logits
+            greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                    do_sample=False, pad_token_id=0)
+        return dists, logits, greedy
+
+    before = outputs()
+    assert copies   # transformers' sdpa copies grouped K/V under the tree mask
+    use_grouped_sdpa(model)
+    assert model.config._attn_implementation == NAME
+    copies.clear()
+    after = outputs()
+    assert not copies
+    for a, b in zip(before[0], after[0]):
+        assert max(abs(x - y) for pa, pb in zip(a.probs, b.probs) for x, y in zip(pa, pb)) <= 1e-6
+        assert a.mass == pytest.approx(b.mass, abs=1e-6)
+    assert (before[1] - after[1]).abs().max() <= 1e-5
+    assert torch.equal(before[2], after[2])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_generation_reads_the_kept_prefix_and_answers_as_a_fresh_backend(smollm2_tokenizer, arch):
+    """An explainer's prompts share their instructions and examples: each generation computes
+    only what its prompt does not share with the last one kept, counts only those tokens, and
+    answers as a backend that computes every prompt whole (greedy, and ``n`` samples with
+    logprobs)."""
+    from neuronlens.backends.base import GenerateRequest
+
+    model = _tiny_model(arch, smollm2_tokenizer, seed=5)
+    head = "Neuron 1 fires on words about the sea and on " * 6
+    prompts = [head + tail for tail in ("waves.\nNeuron 2 fires on", "ships.\nNeuron 2 fires on")]
+    kept, fresh = _backend(model, smollm2_tokenizer), _backend(model, smollm2_tokenizer, prefix_reuse=False)
+    previous: list[int] = []   # the ids of the last prompt run: all but its last token are kept
+    for options in (dict(), dict(temperature=1.0, n=3, top_logprobs=3)):
+        for prompt in (prompts[0], prompts[0], prompts[1]):   # the same prompt again, then another
+            request = GenerateRequest(prompt=prompt, max_tokens=6, seed=7, **options)
+            got, want = kept.generate(request), fresh.generate(request)
+            assert [c.text for c in got.completions] == [c.text for c in want.completions]
+            assert len(got.completions) == options.get("n", 1)
+            for g, w in zip(got.completions, want.completions):
+                for a, b in zip(g.logprobs or (), w.logprobs or ()):
+                    assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+            ids = smollm2_tokenizer(prompt)["input_ids"]
+            assert want.usage.prompt_tokens == len(ids)
+            assert got.usage.completion_tokens == want.usage.completion_tokens
+            same = next((i for i, (a, b) in enumerate(zip(previous[:-1], ids[:-1])) if a != b),
+                        min(len(previous), len(ids)) - 1) if previous else 0
+            assert got.usage.prompt_tokens == len(ids) - same
+            previous = ids
+    assert got.usage.prompt_tokens < len(ids) // 3   # the shared head was not computed again
+
+
+def test_models_loaded_by_neuronlens_run_grouped_sdpa(tiny_llama_dir):
+    from neuronlens.attention import NAME
+    from neuronlens.models import load_model
+
+    assert load_model(str(tiny_llama_dir), "cpu")[0].config._attn_implementation == NAME
+
+
 def test_single_request_prefix_reuse_is_naive(smollm2_tokenizer):
     model = _tiny_model("llama", smollm2_tokenizer)
     req = build_request("x", ["a", " 10"])

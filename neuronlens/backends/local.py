@@ -4,7 +4,9 @@
 candidates' tokens, with multi-token candidates scored in the same forward pass (see
 ``candidates.py``). Prompts of one call that share a token prefix (instructions, few-shot
 examples, the explanation) have that prefix computed once into a KV cache; the excerpts are then
-batched after it.
+batched after it. The prefix of the last call is kept: a call computes only what it does not
+share with it, a generation too (an explainer's prompts share their instructions and examples),
+and ``Usage`` counts the prompt tokens run.
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ class LocalBackend(Backend):
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # ---- generation ---------------------------------------------------------------------------
-    def _render(self, request: GenerateRequest) -> list[int]:
+    def render(self, request: GenerateRequest) -> list[int]:
+        """The token ids of the request's prompt, as the model reads them."""
         if request.prompt is not None:
             return self.tokenizer(request.prompt)["input_ids"]
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
@@ -105,15 +108,20 @@ class LocalBackend(Backend):
     @torch.no_grad()
     def generate(self, request: GenerateRequest) -> Generation:
         self.load()
-        ids = self._render(request)
+        ids = self.render(request)
         device = next(self.model.parameters()).device
         input_ids = torch.tensor([ids], device=device)
         sample = request.temperature > 0
         n = request.n if sample else 1  # greedy: every one of the n answers is the same
         with self._lock:
+            run, cache = len(ids), {}
+            if self.prefix_reuse and len(ids) > 1:   # all but the last prompt token, from the kept prefix
+                past, computed = self._prefix_cache(ids[:-1], device)
+                past.batch_repeat_interleave(n)
+                run, cache = computed + 1, {cache_argument(type(self.model)): past}
             torch.manual_seed(request.seed)
             out = self.model.generate(
-                input_ids, attention_mask=torch.ones_like(input_ids),
+                input_ids, attention_mask=torch.ones_like(input_ids), **cache,
                 max_new_tokens=request.max_tokens, do_sample=sample,
                 temperature=request.temperature if sample else None, top_p=None, top_k=None,
                 num_return_sequences=n, return_dict_in_generate=True,
@@ -138,7 +146,7 @@ class LocalBackend(Backend):
                                                 request.top_logprobs)
             completions.append(Completion(text, logprobs, finish, tuple(tokens)))
             n_generated += len(tokens)
-        return Generation(tuple(completions), Usage(len(ids), n_generated))
+        return Generation(tuple(completions), Usage(run, n_generated))   # the prompt tokens run
 
     def _token_logprobs(self, logits, row: int, tokens: list[int], k: int):
         result = []
@@ -189,6 +197,11 @@ class LocalBackend(Backend):
                 # the tokens run: each prompt's own, and the part of the prefix not kept before
                 results[i] = TokenDistributions(probs, mass, Usage(n_tok + (computed if i == order[0] else 0), 0))
         return results
+
+    def reset_prefix_cache(self) -> None:
+        """Forget the kept prefix: the next call computes its prompt whole."""
+        with self._kept_lock:
+            self._kept = None
 
     def _prefix_cache(self, ids: list[int], device) -> tuple[DynamicCache, int]:
         """The KV cache of the prompt prefix ``ids``, and how many of its tokens were computed.

@@ -86,7 +86,8 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/stats")
     def stats() -> dict:
-        return {"requests": dict(state.requests), "faults": dict(state.fault_counts)}
+        return {"requests": dict(state.requests), "faults": dict(state.fault_counts),
+                "tokens_computed": state.tokens_computed}
 
     return app
 

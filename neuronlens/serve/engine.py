@@ -107,10 +107,23 @@ class ServerState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     prefix: PrefixCache | None = None  # the last prompt's KV cache (see PrefixCache)
     api_key: str | None = field(default=None, repr=False)   # the bearer token requests must send
+    tokens_computed: int = 0           # token positions the model ran (see __post_init__)
 
     def __post_init__(self) -> None:
         if self.prefix is None:
             self.prefix = PrefixCache(self.backend.model)
+        # every position any forward pass of the served model runs (prompt, tree and padding
+        # tokens, generated steps): what serving cost, as vLLM's prompt tokens less its cache hits
+        self.backend.model.get_input_embeddings().register_forward_hook(self._count)
+
+    def _count(self, _module: Any, inputs: tuple, _output: Any) -> None:
+        self.tokens_computed += inputs[0].numel()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every kept prefix (the server's and its backend's), as vLLM's
+        ``/reset_prefix_cache``: the next request computes its prompt whole."""
+        self.prefix = PrefixCache(self.backend.model)
+        self.backend.reset_prefix_cache()
 
     def next_fault(self) -> str:
         return next_fault(self.faults, self.fault_counts)

@@ -70,7 +70,8 @@ def _generate(state: ServerState, body: RequestBody, max_tokens: int, k: int | N
                               top_logprobs=0 if k is None else max(k, 1))
     gen = state.backend.generate(request)
     completions = list(gen.completions) * (body.n // n)
-    return completions, gen.usage.prompt_tokens, gen.usage.completion_tokens * (body.n // n)
+    # the prompt's length, as OpenAI and vLLM report it (the backend counts only what it ran)
+    return completions, len(state.backend.render(request)), gen.usage.completion_tokens * (body.n // n)
 
 
 def _legacy_logprobs(tok: Any, c: Completion, k: int, ids: list[int],
