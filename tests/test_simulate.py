@@ -571,6 +571,45 @@ def test_models_loaded_by_neuronlens_run_grouped_sdpa(tiny_llama_dir):
     assert load_model(str(tiny_llama_dir), "cpu")[0].config._attn_implementation == NAME
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("max_tree", [2048, 5])
+def test_greedy_steps_of_many_prompts_read_the_tree_and_equal_a_forward_each(smollm2_tokenizer, arch, max_tree):
+    """``greedy_tree``: after the first step's tree pass, each later step runs only the live
+    prompts' new tokens (one pass, reading the tree's keys and values); every next-token
+    distribution it hands out is that of a forward pass over the prompt and the tokens chosen so
+    far, also past gemma3's 16-token sliding window, and for a prompt that stops early. With a
+    small ``max_tree`` (several trees) each step is a tree of its own, with the same results."""
+    model = _tiny_model(arch, smollm2_tokenizer, seed=6)
+    backend = _backend(model, smollm2_tokenizer)
+    req = build_request("words about the sea", EXCERPT)
+    prompts = [smollm2_tokenizer(req.prompt[:c] + "1")["input_ids"] for c in req.positions[:6]]
+    prompts.append(smollm2_tokenizer("A different start 1")["input_ids"])
+    run = []   # the token positions of each forward pass
+    hook = model.get_input_embeddings().register_forward_hook(lambda _m, x, _o: run.append(x[0].numel()))
+    given: dict[int, list] = {i: [] for i in range(len(prompts))}
+
+    def choose(i, logp):
+        given[i].append(logp)
+        if i == 1 and len(given[i]) == 2:
+            return None   # this one stops after its second step
+        return [15, 16, 17][len(given[i]) - 1] if i % 2 else int(logp.argmax())
+
+    try:
+        backend.greedy_tree(prompts, 3, choose, max_tree=max_tree)
+    finally:
+        hook.remove()
+    assert [len(g) for g in given.values()] == [3, 2, 3, 3, 3, 3, 3]
+    with torch.no_grad():
+        for i, ids in enumerate(prompts):
+            chosen = list(ids)
+            for step, logp in enumerate(given[i]):
+                want = torch.log_softmax(model(input_ids=torch.tensor([chosen])).logits[0, -1].float(), dim=-1)
+                assert (logp - want).abs().max() <= REL, (i, step)
+                chosen.append([15, 16, 17][step] if i % 2 else int(logp.argmax()))
+    if max_tree == 2048:   # the tree once, then 7 and 6 new tokens (prompt 1 stopped)
+        assert run[-2:] == [7, 6] and len(run) == 3
+
+
 def test_single_request_prefix_reuse_is_naive(smollm2_tokenizer):
     model = _tiny_model("llama", smollm2_tokenizer)
     req = build_request("x", ["a", " 10"])

@@ -285,9 +285,12 @@ class LocalBackend(Backend):
         return out
 
     def _masked_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                        allowed: torch.Tensor, P: int, cache, device) -> torch.Tensor:
-        """Last hidden states of ``input_ids`` [B, L] after a cached prefix of ``P`` tokens, each
-        token seeing only the keys ``allowed`` [B, L, P + L] marks (a token tree in one pass)."""
+                        allowed: torch.Tensor, P: int, cache, device, keep: bool = False,
+                        key_positions: torch.Tensor | None = None):
+        """Last hidden states of ``input_ids`` [B, L] after ``P`` cached tokens (at positions
+        ``key_positions`` [P], default 0..P-1), each token seeing only the keys ``allowed``
+        [B, L, P + L] marks (a token tree in one pass); with ``keep``, also the cache extended by
+        these tokens."""
         B, L = input_ids.shape
         dtype = next(self.model.parameters()).dtype
 
@@ -298,18 +301,49 @@ class LocalBackend(Backend):
         mask = additive(allowed)
         window = self._sliding_window()
         if window:  # models mixing full and sliding-window layers (Gemma 2/3) get a mask for each
-            keys = torch.cat([torch.arange(P).expand(B, P), position_ids], dim=1)  # [B, P+L]
+            cached = torch.arange(P) if key_positions is None else key_positions
+            keys = torch.cat([cached.expand(B, P), position_ids], dim=1)  # [B, P+L]
             near = position_ids[:, :, None] - keys[:, None, :] < window
             mask = {"full_attention": mask, "sliding_attention": additive(allowed & near)}
-        past = None
+        past = DynamicCache() if keep and cache is None else None
         if cache is not None:
             past = copy.deepcopy(cache)
             past.batch_repeat_interleave(B)
-        return self.model.base_model(
+        name = cache_argument(type(self.model.base_model))
+        out = self.model.base_model(
             input_ids=input_ids.to(device), position_ids=position_ids.to(device),
-            attention_mask=mask, use_cache=past is not None,
-            **{cache_argument(type(self.model.base_model)): past},
-        ).last_hidden_state
+            attention_mask=mask, use_cache=past is not None, **{name: past})
+        return (out.last_hidden_state, out[name]) if keep else out.last_hidden_state
+
+    def _tree_pass(self, prompts: list[list[int]], P: int, cache, device, keep: bool = False):
+        """The next-token log-probabilities after each prompt, the prompts' tokens after the
+        first ``P`` (cached) run as one tree, each token seeing its own prompt's tokens only;
+        with ``keep``, also the cache extended by the tree and, per prompt, the tree slots of
+        its tokens."""
+        root: dict = {}              # the tree: token -> (slot, children)
+        tokens: list[int] = []
+        chains: list[list[int]] = []   # per slot: its ancestors' slots and itself
+        last: list[int] = []           # per prompt: the slot of its last token
+        for ids in prompts:
+            node, chain = root, []
+            for t in ids[P:]:
+                if t not in node:
+                    node[t] = (len(tokens), {})
+                    tokens.append(t)
+                    chains.append(chain + [len(tokens) - 1])
+                slot, node = node[t]
+                chain = chains[slot]
+            last.append(slot)
+        n = len(tokens)
+        allowed = torch.zeros(1, n, P + n, dtype=torch.bool)
+        allowed[0, :, :P] = True
+        for slot, chain in enumerate(chains):
+            allowed[0, slot, [P + c for c in chain]] = True
+        positions = torch.tensor([[P + len(chain) - 1 for chain in chains]])
+        out = self._masked_forward(torch.tensor([tokens]), positions, allowed, P, cache, device, keep)
+        hidden, past = out if keep else (out, None)
+        logp = self._log_softmax(hidden[0, last])
+        return (logp, past, positions[0], [chains[s] for s in last]) if keep else logp
 
     @torch.no_grad()
     def next_token_logprobs(self, prompts: Sequence[Sequence[int]], max_tree: int = 2048) -> list[torch.Tensor]:
@@ -318,6 +352,58 @@ class LocalBackend(Backend):
         simulator's follow-ups share all but their last few tokens) are computed together: the
         shared prefix once (kept across calls, see ``_prefix_cache``), the rest as one tree of
         tokens, each token seeing its own prompt's tokens only (at most ``max_tree`` per pass)."""
+        prompts, P, cache, device = self._shared(prompts)
+        return [logp for group in _trees(prompts, P, max_tree) for logp in self._tree_pass(group, P, cache, device)]
+
+    @torch.no_grad()
+    def greedy_tree(self, prompts: Sequence[Sequence[int]], steps: int, choose, max_tree: int = 2048) -> None:
+        """Up to ``steps`` tokens after each prompt (token ids), all prompts together:
+        ``choose(i, logprobs)`` is given prompt ``i``'s next-token log-probabilities and returns
+        the token it continues with (None: it stops there). The first step is one tree pass, as
+        ``next_token_logprobs``; each later step is one pass over the live prompts' new tokens
+        alone, reading the keys and values the earlier passes left, each token seeing its own
+        prompt's (as a forward pass over that prompt whole)."""
+        prompts, P, cache, device = self._shared(prompts)
+        if len(_trees(prompts, P, max_tree)) > 1:   # too big for one pass: a tree per step
+            live = list(range(len(prompts)))
+            for _ in range(steps):
+                nxt = []
+                for i, logp in zip(live, self.next_token_logprobs([prompts[i] for i in live], max_tree)):
+                    if (token := choose(i, logp)) is not None:
+                        prompts[i] = prompts[i] + [token]
+                        nxt.append(i)
+                live = nxt
+                if not live:
+                    return
+            return
+        logp, past, positions, chains = self._tree_pass(prompts, P, cache, device, keep=True)
+        keys = torch.cat([torch.arange(P), positions])             # the cached keys' positions
+        seen = [[P + c for c in chain] for chain in chains]        # per prompt: its cached keys
+        at = [len(p) for p in prompts]                              # per prompt: its next position
+        live = list(range(len(prompts)))
+        rows = {i: logp[i] for i in live}
+        for step in range(steps):
+            nxt = [(i, t) for i in live if (t := choose(i, rows[i])) is not None]
+            if not nxt or step == steps - 1:
+                return
+            C, m = keys.shape[0], len(nxt)
+            allowed = torch.zeros(1, m, C + m, dtype=torch.bool)
+            allowed[0, :, :P] = True
+            for r, (i, _) in enumerate(nxt):
+                seen[i].append(C + r)
+                allowed[0, r, seen[i]] = True
+            new_positions = torch.tensor([[at[i] for i, _ in nxt]])
+            hidden, past = self._masked_forward(torch.tensor([[t for _, t in nxt]]), new_positions, allowed,
+                                                C, past, device, keep=True, key_positions=keys)
+            keys = torch.cat([keys, new_positions[0]])
+            for i, _ in nxt:
+                at[i] += 1
+            live = [i for i, _ in nxt]
+            rows = dict(zip(live, self._log_softmax(hidden[0])))
+
+    def _shared(self, prompts: Sequence[Sequence[int]]):
+        """The prompts as lists, the length of the prefix they share (all but one token of the
+        shortest at most), its KV cache (None when empty) and the device."""
         self.load()
         prompts = [list(p) for p in prompts]
         if not prompts or not all(prompts):
@@ -325,38 +411,7 @@ class LocalBackend(Backend):
         device = next(self.model.parameters()).device
         P = min(_shared_prefix(prompts), min(len(p) for p in prompts) - 1)
         cache = self._prefix_cache(prompts[0][:P], device)[0] if P > 0 else None
-        out: list[torch.Tensor | None] = [None] * len(prompts)
-        node: dict[tuple[int, ...], int] = {}      # token path after the prefix -> tree slot
-        tokens: list[int] = []
-        chains: list[list[int]] = []               # per slot: its ancestors' slots and itself
-        last: list[tuple[int, int]] = []           # (prompt, slot of its last token)
-
-        def flush() -> None:
-            n = len(tokens)
-            allowed = torch.zeros(1, n, P + n, dtype=torch.bool)
-            allowed[0, :, :P] = True
-            for slot, chain in enumerate(chains):
-                allowed[0, slot, [P + c for c in chain]] = True
-            positions = torch.tensor([[P + len(chain) - 1 for chain in chains]])
-            hidden = self._masked_forward(torch.tensor([tokens]), positions, allowed, P, cache, device)
-            logp = self._log_softmax(hidden[0, [slot for _, slot in last]])
-            for row, (i, _) in enumerate(last):
-                out[i] = logp[row]
-            node.clear(), tokens.clear(), chains.clear(), last.clear()
-
-        for i, ids in enumerate(prompts):
-            rest = ids[P:]
-            if tokens and len(tokens) + len(rest) > max_tree:
-                flush()
-            for d in range(1, len(rest) + 1):
-                path = tuple(rest[:d])
-                if path not in node:
-                    node[path] = len(tokens)
-                    tokens.append(rest[d - 1])
-                    chains.append((chains[node[path[:-1]]] if d > 1 else []) + [node[path]])
-            last.append((i, node[tuple(rest)]))
-        flush()
-        return out
+        return prompts, P, cache, device
 
     def _sliding_window(self) -> int | None:
         """The window of the model's sliding-window layers, if it has both kinds of layer."""
@@ -378,6 +433,27 @@ def cache_argument(model_class: type) -> str:
     in the transformers versions that renamed it (passing the old name warns on every call),
     ``past_key_values`` before."""
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def _trees(prompts: list[list[int]], P: int, max_tree: int) -> list[list[list[int]]]:
+    """``prompts`` in order, in groups whose tokens after the first ``P`` make trees of at most
+    ``max_tree`` tokens (a prompt longer than that alone in its group)."""
+    groups: list[list[list[int]]] = [[]]
+    root: dict = {}   # token -> children
+    size = 0
+    for ids in prompts:
+        rest, node, d = ids[P:], root, 0
+        while d < len(rest) and rest[d] in node:   # the part already in the tree
+            node, d = node[rest[d]], d + 1
+        if groups[-1] and size + len(rest) - d > max_tree:
+            groups.append([])
+            root, size, d = {}, 0, 0
+        node = root
+        for t in rest:
+            node = node.setdefault(t, {})
+        groups[-1].append(ids)
+        size += len(rest) - d
+    return groups
 
 
 def _shared_prefix(seqs: list[list[int]]) -> int:

@@ -163,18 +163,17 @@ def greedy_tokens(state: ServerState, ids: list[list[int]], k: int) -> list[Comp
 def biased_greedy(state: ServerState, ids: list[list[int]], k: int, steps: int,
                   bias: dict[int, float]) -> list[Completion]:
     """Greedy completions of ``steps`` tokens under a logit ``bias``, every prompt's step taken
-    together (one tree pass each, as ``greedy_tokens``), the logprobs as the model gives them."""
-    tok, backend = state.backend.tokenizer, state.backend
-    paths, done = [list(p) for p in ids], [[] for _ in ids]
-    live = list(range(len(ids)))
-    for _ in range(steps):
-        if not live:
-            break
-        for i, logp in zip(live, backend.next_token_logprobs([paths[i] for i in live])):
-            step = greedy(tok, logp.float().cpu(), k, bias)
-            done[i].append(step)
-            paths[i] += step.token_ids
-        live = [i for i in live if done[i][-1].token_ids]   # an end-of-text token ends it
+    together (the first as one tree pass, as ``greedy_tokens``; each later one over the new tokens
+    alone, reading the tree's keys and values), the logprobs as the model gives them."""
+    tok = state.backend.tokenizer
+    done: list[list[Completion]] = [[] for _ in ids]
+
+    def choose(i: int, logp: torch.Tensor) -> int | None:
+        step = greedy(tok, logp.float().cpu(), k, bias)
+        done[i].append(step)
+        return step.token_ids[0] if step.token_ids else None   # an end-of-text token ends it
+
+    state.backend.greedy_tree(ids, steps, choose)
     return [Completion("".join(c.text for c in steps_), tuple(t for c in steps_ for t in c.logprobs),
                        "stop" if steps_ and not steps_[-1].token_ids else "length",
                        tuple(t for c in steps_ for t in c.token_ids))
