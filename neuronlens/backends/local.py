@@ -363,6 +363,8 @@ class LocalBackend(Backend):
         ``next_token_logprobs``; each later step is one pass over the live prompts' new tokens
         alone, reading the keys and values the earlier passes left, each token seeing its own
         prompt's (as a forward pass over that prompt whole)."""
+        if steps < 1:
+            return
         prompts, P, cache, device = self._shared(prompts)
         if len(_trees(prompts, P, max_tree)) > 1:   # too big for one pass: a tree per step
             live = list(range(len(prompts)))
