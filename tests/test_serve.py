@@ -303,6 +303,8 @@ def test_max_logprobs_is_20_by_default_like_vllm(server, tiny_llama_dir):
                       strict_model=False) as unlimited:
         r = post("completions", unlimited.base_url, logprobs=600)
         assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["top_logprobs"][1]) > 20
+    # stopped, it no longer counts the forward passes of the model it shared
+    assert unlimited.state._count not in unlimited.state.backend.model.get_input_embeddings()._forward_hooks.values()
 
 
 def test_stats_endpoint(server):

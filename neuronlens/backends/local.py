@@ -366,41 +366,35 @@ class LocalBackend(Backend):
         if steps < 1:
             return
         prompts, P, cache, device = self._shared(prompts)
-        if len(_trees(prompts, P, max_tree)) > 1:   # too big for one pass: a tree per step
-            live = list(range(len(prompts)))
-            for _ in range(steps):
-                nxt = []
-                for i, logp in zip(live, self.next_token_logprobs([prompts[i] for i in live], max_tree)):
-                    if (token := choose(i, logp)) is not None:
-                        prompts[i] = prompts[i] + [token]
-                        nxt.append(i)
-                live = nxt
-                if not live:
-                    return
-            return
-        logp, past, positions, chains = self._tree_pass(prompts, P, cache, device, keep=True)
-        keys = torch.cat([torch.arange(P), positions])             # the cached keys' positions
-        seen = [[P + c for c in chain] for chain in chains]        # per prompt: its cached keys
-        at = [len(p) for p in prompts]                              # per prompt: its next position
+        one_tree = len(_trees(prompts, P, max_tree)) == 1   # else each step is a tree of its own
+        if one_tree:
+            logp, past, positions, chains = self._tree_pass(prompts, P, cache, device, keep=True)
+            keys = torch.cat([torch.arange(P), positions])         # the cached keys' positions
+            seen = [[P + c for c in chain] for chain in chains]    # per prompt: its cached keys
+        else:
+            logp = self.next_token_logprobs(prompts, max_tree)
         live = list(range(len(prompts)))
-        rows = {i: logp[i] for i in live}
+        rows = dict(zip(live, logp))
         for step in range(steps):
             nxt = [(i, t) for i in live if (t := choose(i, rows[i])) is not None]
             if not nxt or step == steps - 1:
                 return
+            live = [i for i, _ in nxt]
+            if not one_tree:
+                for i, t in nxt:
+                    prompts[i] = prompts[i] + [t]
+                rows = dict(zip(live, self.next_token_logprobs([prompts[i] for i in live], max_tree)))
+                continue
             C, m = keys.shape[0], len(nxt)
             allowed = torch.zeros(1, m, C + m, dtype=torch.bool)
             allowed[0, :, :P] = True
             for r, (i, _) in enumerate(nxt):
                 seen[i].append(C + r)
                 allowed[0, r, seen[i]] = True
-            new_positions = torch.tensor([[at[i] for i, _ in nxt]])
+            new_positions = torch.tensor([[len(prompts[i]) + step for i in live]])   # each prompt's next
             hidden, past = self._masked_forward(torch.tensor([[t for _, t in nxt]]), new_positions, allowed,
                                                 C, past, device, keep=True, key_positions=keys)
             keys = torch.cat([keys, new_positions[0]])
-            for i, _ in nxt:
-                at[i] += 1
-            live = [i for i, _ in nxt]
             rows = dict(zip(live, self._log_softmax(hidden[0])))
 
     def _shared(self, prompts: Sequence[Sequence[int]]):
@@ -450,8 +444,8 @@ def _trees(prompts: list[list[int]], P: int, max_tree: int) -> list[list[list[in
         if groups[-1] and size + len(rest) - d > max_tree:
             groups.append([])
             root, size, d = {}, 0, 0
-        node = root
-        for t in rest:
+            node = root
+        for t in rest[d:]:   # the rest of it, added
             node = node.setdefault(t, {})
         groups[-1].append(ids)
         size += len(rest) - d

@@ -108,16 +108,21 @@ class ServerState:
     prefix: PrefixCache | None = None  # the last prompt's KV cache (see PrefixCache)
     api_key: str | None = field(default=None, repr=False)   # the bearer token requests must send
     tokens_computed: int = 0           # token positions the model ran (see __post_init__)
+    _counting: Any = field(default=None, init=False, repr=False)   # the hook that counts them
 
     def __post_init__(self) -> None:
         if self.prefix is None:
             self.prefix = PrefixCache(self.backend.model)
         # every position any forward pass of the served model runs (prompt, tree and padding
         # tokens, generated steps): what serving cost, as vLLM's prompt tokens less its cache hits
-        self.backend.model.get_input_embeddings().register_forward_hook(self._count)
+        self._counting = self.backend.model.get_input_embeddings().register_forward_hook(self._count)
 
     def _count(self, _module: Any, inputs: tuple, _output: Any) -> None:
         self.tokens_computed += inputs[0].numel()
+
+    def close(self) -> None:
+        """Stop counting: the model may outlive the server (``load_model`` shares one copy)."""
+        self._counting.remove()
 
     def reset_prefix_cache(self) -> None:
         """Forget every kept prefix (the server's and its backend's), as vLLM's

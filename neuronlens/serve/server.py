@@ -52,6 +52,7 @@ class ServerHandle:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+        self.state.close()
 
     def __enter__(self) -> ServerHandle:
         return self
