@@ -4,6 +4,7 @@ neuronlens-serve on loopback (its numbers must equal the local backend's)."""
 
 from __future__ import annotations
 
+import logging
 import json
 import math
 import sys
@@ -541,12 +542,13 @@ def test_skipped_follow_ups_send_fewer_requests_within_their_bound(digit_model_d
 
 class TokenIdServer(VLLMBackend):
     """``next_token`` scoring against a stand-in for vLLM's completions: the local model answers
-    prompts of token ids (or text), greedy under the logit bias, with the top-k and the written
-    token's logprob reported before the bias (vLLM's raw_logprobs), or after it (``processed``)."""
+    prompts of token ids (or text), greedy under the logit bias, with the top-k (or, ``by_id``,
+    the logprobs of the ``logprob_token_ids`` asked for) and the written token's logprob reported
+    before the bias (vLLM's raw_logprobs), or after it (``processed``)."""
 
-    def __init__(self, path, k: int, processed: bool = False):
+    def __init__(self, path, k: int, processed: bool = False, by_id: bool = False):
         super().__init__(model="m", base_url="http://stand-in/v1", top_logprobs=k)
-        self.lm, self.processed, self.calls = _local(path), processed, []
+        self.lm, self.processed, self.by_id, self.calls = _local(path), processed, by_id, []
         self.tokenizer, self.server = self.lm.tokenizer, {}
 
     def load(self) -> None:
@@ -571,8 +573,10 @@ class TokenIdServer(VLLMBackend):
                     logits = self.lm.model(torch.tensor([ids])).logits[0, -1].float()
                 shown = torch.log_softmax(logits + bias if self.processed else logits, -1)
                 written = int(torch.argmax(logits + bias))
+                wanted = (params.get("extra_body") or {}).get("logprob_token_ids") if self.by_id else None
                 top = torch.topk(shown, params["logprobs"])
-                lp["top_logprobs"].append({decode(int(t)): float(v) for v, t in zip(top.values, top.indices)})
+                pairs = [(t, shown[t]) for t in wanted] if wanted else zip(top.indices, top.values)
+                lp["top_logprobs"].append({decode(int(t)): float(v) for t, v in pairs})
                 lp["tokens"].append(decode(written))
                 lp["token_logprobs"].append(float(shown[written]))
                 ids.append(written)
@@ -599,6 +603,27 @@ def test_next_token_scoring_equals_local_with_one_request_per_prompt(digit_model
         served = VLLMBackend(model=handle.model, base_url=handle.base_url, top_logprobs=20)
         _assert_same(served.prompt_logprobs(requests), _local(digit_model_dir).prompt_logprobs(requests))
         assert handle.requests["/v1/completions"] == 2 + len(requests)
+
+
+def test_next_token_scoring_reads_the_candidates_by_id_past_a_top_k_of_one(digit_model_dir, caplog):
+    """A server that returns ``logprob_token_ids`` (vLLM 0.32, neuronlens-serve) is asked for the
+    digits by id, so a top-1 loses nothing; one that ignores the field is read from its top-k,
+    truncated, with a warning."""
+    requests = _requests([["The", " cat"], ["1", "0", "."], ["a"]])
+    expected = _local(digit_model_dir).prompt_logprobs(requests)
+    by_id = TokenIdServer(digit_model_dir, k=1, by_id=True)
+    _assert_same(by_id.prompt_logprobs(requests), expected)
+    digits = sorted(by_id.tokenizer.convert_tokens_to_ids([str(d) for d in range(10)]))
+    assert by_id.exact_ids and all(c["extra_body"]["logprob_token_ids"] == digits for c in by_id.calls[2:])
+    with caplog.at_level(logging.WARNING):
+        top1 = TokenIdServer(digit_model_dir, k=1)
+        truncated = top1.prompt_logprobs(requests)
+    assert not top1.exact_ids and "returns no logprobs by token id" in caplog.text
+    assert max(m for e in truncated for m in e.mass) < min(m for e in expected for m in e.mass)
+    with _serve(digit_model_dir, max_logprobs=1) as handle:
+        served = VLLMBackend(model=handle.model, base_url=handle.base_url, top_logprobs=1)
+        _assert_same(served.prompt_logprobs(requests), expected)
+        assert served.exact_ids
 
 
 EXCERPTS = [["The", " cat", " sat"], ["1", "0", " dogs", "."]]

@@ -3,6 +3,8 @@ engine (`VLLMEngineBackend`, built from its conf file) and print the expected va
 
     <vllm venv>/bin/python tests/vllm_engine_check.py IN.json OUT.json
 IN: {"model": DIR, "explanation": str, "tokens": [[str, ...], ...]}
+OUT: the expected values, errors, mass and a chat answer; whether the candidates were read by
+id; the prompt tokens sent and those computed (not served from the prefix cache).
 """
 
 from __future__ import annotations
@@ -27,11 +29,20 @@ def main(src: str, dst: str) -> None:
     cfg.model, cfg.dtype, cfg.max_model_len = job["model"], "float32", 4096
     cfg.engine_args = {"enforce_eager": True}
     backend = instantiate(cfg)
+    sent, ask = [], backend._ask   # the prompt tokens next_token scoring sends
+
+    def counting(prompts, asks):
+        sent.append(sum(map(len, prompts)))
+        return ask(prompts, asks)
+
+    backend._ask = counting
     records = [ActivationRecord(t, [0.0] * len(t)) for t in job["tokens"]]
     sim = Simulator(backend).simulate(job["explanation"], records)
     chat = backend.generate(GenerateRequest(messages=(Message("user", "Say hello."),), max_tokens=8))
     Path(dst).write_text(json.dumps({"expected": sim.expected, "errors": list(sim.errors),
-                                     "mass": sim.mass, "chat": chat.completions[0].text}))
+                                     "mass": sim.mass, "chat": chat.completions[0].text,
+                                     "by_id": backend.exact_ids, "sent": sum(sent),
+                                     "computed": sim.usage.prompt_tokens}))
 
 
 if __name__ == "__main__":

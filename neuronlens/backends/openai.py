@@ -389,15 +389,13 @@ class OpenAIBackend(Backend):
 
         def follow_up(texts: list[str]) -> list[dict[str, float]]:
             nonlocal usage
-            if ask := [t for t in dict.fromkeys(texts) if t not in known]:
-                tops, more = self._call("completions", first_token_tops, len(ask), prompt=ask,
-                                        max_tokens=1, logprobs=self._legacy_k(self.top_logprobs),
-                                        temperature=0)
-                usage = usage + more
-                known.update(zip(ask, tops))
-            return [known[t] for t in texts]
+            tops, more = self._call("completions", first_token_tops, len(texts), prompt=texts,
+                                    max_tokens=1, logprobs=self._legacy_k(self.top_logprobs),
+                                    temperature=0)
+            usage = usage + more
+            return tops
 
-        scored = score_prompt(request, tokens, follow_up, bound=self.follow_up_bound)
+        scored = score_prompt(request, tokens, follow_up, bound=self.follow_up_bound, known=known)
         return TokenDistributions(scored.probs, scored.mass, usage, bound=scored.bound)
 
     def _placeholders(self, request: PromptLogprobRequest

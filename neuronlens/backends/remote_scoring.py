@@ -193,13 +193,17 @@ def candidate_values(candidates: Sequence[str]) -> list[float] | None:
 
 
 def score_prompt(request: PromptLogprobRequest, tokens: Sequence[PromptToken], follow_up: FollowUp,
-                 max_rounds: int = 3, bound: float = 0.0) -> Scored:
+                 max_rounds: int = 3, bound: float = 0.0,
+                 known: Mapping[str, Mapping[str, float]] | None = None) -> Scored:
     """Distributions over ``request.candidates`` at each of ``request.positions``.
 
     ``follow_up`` is called once per round (at most ``max_rounds``; one round for "10" = "1"+"0")
     with the distinct prefix texts whose next-token distribution is needed; candidates still
     unfinished after the last round get 0. ``bound`` > 0 (numeric candidates only) skips the
-    follow-ups that can move a placeholder's expected value by at most that much."""
+    follow-ups that can move a placeholder's expected value by at most that much. ``known``:
+    prefix texts whose next-token top-k came already (with the placeholder's own request), not
+    asked again."""
+    known = dict(known or {})
     states = [placeholder(request.prompt, tokens, c, request.candidates) for c in request.positions]
     values = candidate_values(request.candidates) if bound > 0 else None
     skipped = [0.0] * len(states)
@@ -215,13 +219,13 @@ def score_prompt(request: PromptLogprobRequest, tokens: Sequence[PromptToken], f
                     wanted.append((s, path))
         if not wanted:
             break
-        texts = list(dict.fromkeys(s.context + "".join(path) for s, path in wanted))
-        answers = follow_up(texts)
+        texts = [t for t in dict.fromkeys(s.context + "".join(path) for s, path in wanted) if t not in known]
+        answers = follow_up(texts) if texts else []
         if len(answers) != len(texts):
             raise ValueError(f"follow_up answered {len(answers)} of {len(texts)} prefixes.")
-        by_text = dict(zip(texts, answers))
+        known.update(zip(texts, answers))
         for s, path in wanted:
-            s.dists[path] = to_probs(by_text[s.context + "".join(path)])
+            s.dists[path] = to_probs(known[s.context + "".join(path)])
     else:  # the last round's answers still extend the paths; nothing more is asked
         for s in states:
             s.advance()

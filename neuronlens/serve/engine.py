@@ -140,10 +140,11 @@ def next_token(state: ServerState, ids: list[int], k: int) -> Completion:
     return greedy(state.backend.tokenizer, state.prefix.run(ids, k)[1], k)
 
 
-def greedy(tok: Any, logp: torch.Tensor, k: int, bias: dict[int, float] | None = None) -> Completion:
+def greedy(tok: Any, logp: torch.Tensor, k: int, bias: dict[int, float] | None = None,
+           wanted: list[int] | None = None) -> Completion:
     """The greedy token of a next-token distribution (under a logit ``bias``, token id -> value,
     which the logprobs reported do not see, as vLLM's raw_logprobs), with its top-``k``
-    alternatives."""
+    alternatives, or, given ``wanted`` ids, those ids' (vLLM's ``logprob_token_ids``)."""
     if bias:
         biased = logp.clone()
         biased[list(bias)] += torch.tensor(list(bias.values()), dtype=logp.dtype)
@@ -152,8 +153,11 @@ def greedy(tok: Any, logp: torch.Tensor, k: int, bias: dict[int, float] | None =
         best = int(logp.argmax())
     if best == tok.eos_token_id:   # generate() stops there: no token, no text
         return Completion("", (), "stop", ())
-    top = logp.topk(min(max(k, 1), logp.shape[-1]))
-    alts = tuple((token_text(tok, int(i)), float(v)) for v, i in zip(top.values, top.indices))
+    if wanted:
+        alts = tuple((token_text(tok, i), float(logp[i])) for i in [best, *wanted])
+    else:
+        top = logp.topk(min(max(k, 1), logp.shape[-1]))
+        alts = tuple((token_text(tok, int(i)), float(v)) for v, i in zip(top.values, top.indices))
     piece = token_text(tok, best)
     return Completion(piece, (TokenLogprob(piece, float(logp[best]), alts),), "length", (best,))
 
@@ -166,15 +170,16 @@ def greedy_tokens(state: ServerState, ids: list[list[int]], k: int) -> list[Comp
 
 
 def biased_greedy(state: ServerState, ids: list[list[int]], k: int, steps: int,
-                  bias: dict[int, float]) -> list[Completion]:
+                  bias: dict[int, float], wanted: list[int] | None = None) -> list[Completion]:
     """Greedy completions of ``steps`` tokens under a logit ``bias``, every prompt's step taken
     together (the first as one tree pass, as ``greedy_tokens``; each later one over the new tokens
-    alone, reading the tree's keys and values), the logprobs as the model gives them."""
+    alone, reading the tree's keys and values), the logprobs as the model gives them (of the
+    ``wanted`` ids, if given)."""
     tok = state.backend.tokenizer
     done: list[list[Completion]] = [[] for _ in ids]
 
     def choose(i: int, logp: torch.Tensor) -> int | None:
-        step = greedy(tok, logp.float().cpu(), k, bias)
+        step = greedy(tok, logp.float().cpu(), k, bias, wanted)
         done[i].append(step)
         return step.token_ids[0] if step.token_ids else None   # an end-of-text token ends it
 

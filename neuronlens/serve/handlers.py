@@ -1,8 +1,8 @@
 """The answers: a request body in, the OpenAI-shaped answer out, as vLLM gives it. Completions
 (``complete``): the legacy ``logprobs`` object with ``echo``, vLLM's ``prompt_logprobs`` and
 ``return_token_ids``, a list of greedy one-token prompts in one forward pass, prompts of token
-ids, and ``logit_bias`` on greedy completions (reported logprobs before it); chat
-(``complete_chat``): ``logprobs``/``top_logprobs``. The `wrong_length` fault drops an entry here."""
+ids, and on greedy completions ``logit_bias`` (reported logprobs before it) and vLLM's
+``logprob_token_ids``; chat (``complete_chat``): ``logprobs``/``top_logprobs``. The `wrong_length` fault drops an entry here."""
 
 from __future__ import annotations
 
@@ -130,17 +130,19 @@ def complete(state: ServerState, body: CompletionBody, fault: str) -> dict:
         raise ApiError(400, f"token ids must lie in [0, {len(tok)}).")
     prompts = [p if isinstance(p, str) else tok.decode(p) for p in prompts]
     given: list[Completion | None] = [None] * len(prompts)
-    if body.logit_bias:   # greedy under the bias, the logprobs before it (vLLM's raw_logprobs)
+    if body.logit_bias or body.logprob_token_ids:   # greedy; the logprobs before any bias (raw)
         if body.temperature != 0 or body.echo or body.prompt_logprobs is not None or body.stop:
-            raise ApiError(400, "This server applies logit_bias to greedy completions only "
-                                "(temperature 0, no echo, prompt_logprobs or stop).")
+            raise ApiError(400, "This server applies logit_bias and logprob_token_ids to greedy "
+                                "completions only (temperature 0, no echo, prompt_logprobs or stop).")
+        if body.logprob_token_ids and body.logprobs is None:
+            raise ApiError(400, "logprob_token_ids needs logprobs set.")
         try:
-            bias = {int(t): float(v) for t, v in body.logit_bias.items()}
+            bias = {int(t): float(v) for t, v in (body.logit_bias or {}).items()}
         except ValueError:
             raise ApiError(400, "logit_bias keys are token ids.") from None
-        if any(not 0 <= t < len(tok) for t in bias):
-            raise ApiError(400, f"logit_bias token ids must lie in [0, {len(tok)}).")
-        given = biased_greedy(state, ids, body.logprobs or 0, body.max_tokens, bias)
+        if any(not 0 <= t < len(tok) for t in [*bias, *(body.logprob_token_ids or ())]):
+            raise ApiError(400, f"logit_bias and logprob_token_ids token ids must lie in [0, {len(tok)}).")
+        given = biased_greedy(state, ids, body.logprobs or 0, body.max_tokens, bias, body.logprob_token_ids)
     elif len(prompts) > 1 and _one_greedy_token(body) and not body.echo and body.prompt_logprobs is None:
         given = greedy_tokens(state, ids, body.logprobs or 0)
     choices, n_prompt, n_gen = [], 0, 0
@@ -170,7 +172,8 @@ def _complete_one(state: ServerState, body: CompletionBody, prompt: str, ids: li
         choice: dict[str, Any] = {"finish_reason": c.finish_reason, "logprobs": None,
                                   "text": (prompt if body.echo else "") + maybe_cut(c.text, short)}
         if body.logprobs is not None:
-            lp = _legacy_logprobs(tok, c, body.logprobs, ids, scores if body.echo else None)
+            k = 1 + len(body.logprob_token_ids) if body.logprob_token_ids else body.logprobs
+            lp = _legacy_logprobs(tok, c, k, ids, scores if body.echo else None)
             choice["logprobs"] = {key: v[:-1] for key, v in lp.items()} if short else lp
         if body.prompt_logprobs is not None:
             entries = _vllm_prompt_logprobs(tok, ids, body.prompt_logprobs, scores)

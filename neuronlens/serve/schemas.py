@@ -36,6 +36,7 @@ class CompletionBody(RequestBody):
     echo: bool = False
     prompt_logprobs: int | None = Field(None, ge=0)   # vLLM's extension
     return_token_ids: bool | None = None             # vLLM's: prompt_token_ids and token_ids
+    logprob_token_ids: list[int] | None = None       # vLLM's: these ids' logprobs in place of the top-k
 
 
 class TextPart(BaseModel):
