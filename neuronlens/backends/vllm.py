@@ -1,6 +1,6 @@
 """vLLM backends: a ``vllm serve`` OpenAI-compatible server, or vLLM's in-process ``LLM`` engine.
 
-Prompt scoring (``scoring``) takes one of two routes to the same distributions:
+Prompt scoring (``scoring``) takes one of two routes to the model's next-token distributions:
 
 - ``prompt_logprobs``: vLLM's ``prompt_logprobs=k`` extension, one request per
   prompt. For every prompt token i > 0 the server returns the top-k (plus the actual token) with
@@ -9,16 +9,17 @@ Prompt scoring (``scoring``) takes one of two routes to the same distributions:
   a request with prompt logprobs, so the instructions and examples every prompt shares are
   computed again for each excerpt.
 - ``next_token`` (the default): the prompt is tokenised here, and one completions call asks,
-  for the token ids up to each placeholder, the top-k of the next token (``logprobs=k``): the
-  same distribution as that position's prompt logprob. Where a candidate takes two tokens
+  for the token ids up to each placeholder, the logprobs of the next token: the same
+  distribution as that position's prompt logprob. Where a candidate takes two tokens
   ("10" = "1" + "0"), the request forces the first with a logit bias and generates one token
   more, which gives the follow-up's distribution too (vLLM reports raw logprobs, before the
-  bias; checked once). These requests are served from the prefix cache: the shared
-  instructions and examples are computed once, and each request computes only the part of a
-  KV block its prefix does not fill (``--block-size``: 16 by default on GPUs, 128 on CPUs).
-  The forced token's probability comes back even where it is outside the top-k, so a "1"
-  that prompt logprobs would truncate to 0 is read here. It needs the served model's
-  tokenizer here.
+  bias; checked once). The candidates' tokens are asked for by id (``logprob_token_ids``,
+  checked at the same time), so none falls outside a top-k; a server that ignores the field is
+  read from its top-k, with a warning. These requests are served from the prefix cache: the
+  shared instructions and examples are computed once, and each request computes only the part
+  of a KV block its prefix does not fill (``--block-size``: 16 by default on GPUs, 128 on
+  CPUs). It needs the served model's tokenizer here. The in-process engine
+  (``VLLMEngineBackend``) sends the same requests, a prompt's placeholders in one batch.
 
 Positions map to characters by token ids, not by text: the model's own tokenizer (the
 ``tokenizer`` option, else the directory the server reports as its model's ``root``, else the
