@@ -168,6 +168,7 @@ def test_in_process_engine_from_its_conf_file_matches_local(real_vllm, hard_corp
     local = Simulator(LocalBackend(model="embedded", device="cpu")).simulate(job["explanation"], records)
     assert np.abs(flat(got["expected"]) - flat(local.expected)).max() < TOL   # every token
     print(f"engine: {got['computed']} of {got['sent']} prompt tokens computed")
+    assert got["batches"] == 1   # every excerpt's requests in one batch
     assert 0 < got["computed"] < 0.5 * got["sent"]   # the shared instructions from the prefix cache
 
 

@@ -29,19 +29,19 @@ def main(src: str, dst: str) -> None:
     cfg.model, cfg.dtype, cfg.max_model_len = job["model"], "float32", 4096
     cfg.engine_args = {"enforce_eager": True}
     backend = instantiate(cfg)
-    sent, ask = [], backend._ask   # the prompt tokens next_token scoring sends
+    sent, steps = [], backend._steps   # the prompt tokens next_token scoring sends, per batch
 
     def counting(prompts, asks):
         sent.append(sum(map(len, prompts)))
-        return ask(prompts, asks)
+        return steps(prompts, asks)
 
-    backend._ask = counting
+    backend._steps = counting
     records = [ActivationRecord(t, [0.0] * len(t)) for t in job["tokens"]]
     sim = Simulator(backend).simulate(job["explanation"], records)
     chat = backend.generate(GenerateRequest(messages=(Message("user", "Say hello."),), max_tokens=8))
     Path(dst).write_text(json.dumps({"expected": sim.expected, "errors": list(sim.errors),
                                      "mass": sim.mass, "chat": chat.completions[0].text,
-                                     "by_id": backend.exact_ids, "sent": sum(sent),
+                                     "by_id": backend.exact_ids, "sent": sum(sent), "batches": len(sent),
                                      "computed": sim.usage.prompt_tokens}))
 
 

@@ -45,6 +45,7 @@ import os
 import re
 import threading
 from functools import partial
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -323,13 +324,16 @@ class VLLMBackend(OpenAIBackend):
 
     def _placeholders(self, request: PromptLogprobRequest
                       ) -> tuple[list[PromptToken], Usage, dict[str, dict[str, float]]]:
-        """``next_token`` scoring: see ``next_token_placeholders``; one completions call per
-        token forced (one in all for digits: "1")."""
+        """``next_token`` scoring (``plan_next_token``): one completions call per token forced
+        (one in all for digits: "1")."""
         if self.scoring != "next_token":
             return super()._placeholders(request)
         self.load()
         self._check_raw_logprobs()
-        return next_token_placeholders(self.tokenizer, request, self._ask)
+        plan = plan_next_token(self.tokenizer, request)
+        answers, usage = self._ask(plan.prompts, plan.asks) if plan.prompts else ([], Usage())
+        tokens, known = read_next_token(request, plan, answers)
+        return tokens, usage, known
 
     def _ask(self, prompts: list[list[int]], asks: list[Ask]) -> tuple[list[Steps], Usage]:
         out: list[Steps] = [[] for _ in prompts]
@@ -369,15 +373,21 @@ def placeholder_ask(tokenizer: Any, lead: str, candidates: Sequence[str]) -> Ask
                tuple(sorted({t for p in paths for t in p[:2]})))
 
 
-def next_token_placeholders(tokenizer: Any, request: PromptLogprobRequest,
-                            ask: Callable[[list[list[int]], list[Ask]], tuple[list[Steps], Usage]]
-                            ) -> tuple[list[PromptToken], Usage, dict[str, dict[str, float]]]:
-    """``next_token`` scoring of one prompt: tokenised here, and for each token that covers a
-    placeholder, the token ids before it sent to ``ask``, which answers each with the greedy
-    steps taken under its ``Ask`` (the first forced where a candidate takes two tokens: the
-    logprobs are raw, before the bias, so one request gives the placeholder's distribution and
-    its follow-up's). Returns the prompt's tokens (distributions at the covering ones), the
-    usage, and the follow-up distributions by prefix text."""
+class NextTokenPlan(NamedTuple):
+    """``next_token`` scoring's requests for one prompt: the tokens' start offsets, and for each
+    token that covers a placeholder (``covering``) the ids before it and what to ask there."""
+
+    starts: list[int]
+    covering: list[int]
+    prompts: list[list[int]]
+    asks: list[Ask]
+
+
+def plan_next_token(tokenizer: Any, request: PromptLogprobRequest) -> NextTokenPlan:
+    """The prompt tokenised here, and one next-token request per token that covers a
+    placeholder: the greedy steps taken on the ids before it under its ``Ask`` (the first
+    forced where a candidate takes two tokens: the logprobs are raw, before the bias, so one
+    request gives the placeholder's distribution and its follow-up's)."""
     prompt = request.prompt
     enc = tokenizer(prompt, return_offsets_mapping=True)   # special tokens as the server adds them
     ids, starts = list(enc["input_ids"]), [start for start, _ in enc["offset_mapping"]]
@@ -390,14 +400,20 @@ def next_token_placeholders(tokenizer: Any, request: PromptLogprobRequest,
             if lead not in by_lead:
                 by_lead[lead] = placeholder_ask(tokenizer, lead, request.candidates)
             asks[j] = by_lead[lead]
-    tokens = [PromptToken(start, {}) for start in starts]
+    return NextTokenPlan(starts, list(asks), [ids[:j] for j in asks], list(asks.values()))
+
+
+def read_next_token(request: PromptLogprobRequest, plan: NextTokenPlan, answers: list[Steps]
+                    ) -> tuple[list[PromptToken], dict[str, dict[str, float]]]:
+    """The prompt's tokens (distributions at the covering ones) and the follow-up
+    distributions by prefix text, from the answers to ``plan``'s requests."""
+    tokens = [PromptToken(start, {}) for start in plan.starts]
     known: dict[str, dict[str, float]] = {}
-    answers, usage = ask([ids[:j] for j in asks], list(asks.values())) if asks else ([], Usage())
-    for j, generated in zip(asks, answers):
-        tokens[j] = PromptToken(starts[j], generated[0][1])
+    for j, generated in zip(plan.covering, answers):
+        tokens[j] = PromptToken(plan.starts[j], generated[0][1])
         if len(generated) > 1:   # keyed by the token the first step really wrote
-            known[prompt[:starts[j]] + generated[0][0]] = generated[1][1]
-    return tokens, usage, known
+            known[request.prompt[:plan.starts[j]] + generated[0][0]] = generated[1][1]
+    return tokens, known
 
 
 # ---- the in-process engine --------------------------------------------------------------------
@@ -498,29 +514,39 @@ class VLLMEngineBackend(Backend):
         outs = self.llm.generate(texts, params, use_tqdm=False)
         return [by_text(_entry(o.outputs[0].logprobs[0])) for o in outs]
 
-    def _ask(self, prompts: list[list[int]], asks: list[Ask]) -> tuple[list[Steps], Usage]:
-        """``next_token`` scoring's requests (see ``next_token_placeholders``), in one batch; the
-        prompt tokens counted are those computed (not read from the prefix cache), as the local
-        backend counts them."""
+    def _steps(self, prompts: list[list[int]], asks: list[Ask]) -> list[tuple[Steps, Usage]]:
+        """``next_token`` scoring's requests (``plan_next_token``), in one batch; the prompt
+        tokens counted are those computed (not read from the prefix cache), as the local backend
+        counts them."""
         params = [self._params(max_tokens=1 if a.force is None else 2, temperature=0,
                                logit_bias=None if a.force is None else {a.force: 100},
                                **({"logprob_token_ids": list(a.ids)} if self.exact_ids
                                   else {"logprobs": self.top_logprobs}))
                   for a in asks]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        steps = [[(step[t].decoded_token, by_text(_entry(step)))
-                  for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs]
-        computed = sum(len(p) - (o.num_cached_tokens or 0) for p, o in zip(prompts, outs))
-        return steps, Usage(computed, sum(len(o.outputs[0].token_ids) for o in outs))
+        return [([(step[t].decoded_token, by_text(_entry(step)))
+                  for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)],
+                 Usage(len(p) - (o.num_cached_tokens or 0), len(o.outputs[0].token_ids)))
+                for p, o in zip(prompts, outs)]
 
     def prompt_logprobs(self, requests: Sequence[PromptLogprobRequest]) -> list[TokenDistributions]:
         self.load()
-        if self.scoring == "next_token":
-            return [self._score(r, partial(next_token_placeholders, self.tokenizer, r, self._ask))
-                    for r in requests]
+        if self.scoring == "next_token":   # every prompt's requests in one batch
+            plans = [plan_next_token(self.tokenizer, r) for r in requests]
+            prompts = [p for plan in plans for p in plan.prompts]
+            answers = self._steps(prompts, [a for plan in plans for a in plan.asks]) if prompts else []
+            ends = list(accumulate(len(plan.prompts) for plan in plans))
+            return [self._score(r, partial(self._read, r, plan, answers[end - len(plan.prompts):end]))
+                    for r, plan, end in zip(requests, plans, ends)]
         params = self._params(prompt_logprobs=self.top_logprobs, max_tokens=1, temperature=0)
         outs = self.llm.generate([r.prompt for r in requests], params, use_tqdm=False)
         return [self._score(r, partial(self._prompt_tokens, r, out)) for r, out in zip(requests, outs)]
+
+    @staticmethod
+    def _read(request: PromptLogprobRequest, plan: NextTokenPlan, answers: list[tuple[Steps, Usage]]
+              ) -> tuple[list[PromptToken], Usage, dict[str, dict[str, float]]]:
+        tokens, known = read_next_token(request, plan, [steps for steps, _ in answers])
+        return tokens, sum((usage for _, usage in answers), Usage()), known
 
     def _prompt_tokens(self, request: PromptLogprobRequest, out: Any
                        ) -> tuple[list[PromptToken], Usage, dict[str, dict[str, float]]]:
