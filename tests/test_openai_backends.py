@@ -348,6 +348,19 @@ def test_engine_without_vllm_says_what_to_install(monkeypatch):
     assert str(e.value) == MISSING_VLLM
 
 
+def test_engine_settings_are_checked_before_loading(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)   # refused before any import
+    with pytest.raises(UserError, match="must be raw; drop logprobs_mode='processed_logprobs'"):
+        VLLMEngineBackend(engine_args={"logprobs_mode": "processed_logprobs"})
+    with pytest.raises(UserError, match="Unknown vllm scoring 'echo'"):
+        VLLMEngineBackend(scoring="echo")
+    with pytest.raises(UserError, match="set scoring=prompt_logprobs with it"):
+        VLLMEngineBackend(follow_up_bound=0.5)
+    VLLMEngineBackend(scoring="prompt_logprobs", follow_up_bound=0.5,
+                      engine_args={"logprobs_mode": "processed_logprobs"})
+    assert VLLMEngineBackend().identity()["by_token_id"]
+
+
 @pytest.mark.parametrize("path, cls", [("explainer/openai.yaml", OpenAIBackend),
                                        ("simulator/openai.yaml", OpenAIBackend),
                                        ("explainer/vllm.yaml", VLLMBackend),
