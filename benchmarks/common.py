@@ -150,12 +150,12 @@ def paired_by_judge(after: dict, before: dict, judges: list[str], power: dict) -
 
 # ---- simulation through a server: real_vllm.py and throughput.py --------------------------------
 
-def excerpts(n: int, window: int) -> list:
+def excerpts(n: int, window: int, model: str = "embedded") -> list:
     from neuronlens.corpus import BuiltinCorpus
     from neuronlens.records import ActivationRecord
     from neuronlens.models import load_tokenizer
 
-    tok = load_tokenizer("embedded")
+    tok = load_tokenizer(model)
     out = []
     for text in BuiltinCorpus().texts():
         ids = tok(text)["input_ids"]
