@@ -2,7 +2,8 @@
 (``complete``): the legacy ``logprobs`` object with ``echo``, vLLM's ``prompt_logprobs`` and
 ``return_token_ids``, a list of greedy one-token prompts in one forward pass, prompts of token
 ids, and on greedy completions ``logit_bias`` (reported logprobs before it) and vLLM's
-``logprob_token_ids``; chat (``complete_chat``): ``logprobs``/``top_logprobs``. The `wrong_length` fault drops an entry here."""
+``logprob_token_ids``; chat (``complete_chat``): ``logprobs``/``top_logprobs``. The
+`wrong_length` fault drops an entry here."""
 
 from __future__ import annotations
 
