@@ -253,6 +253,19 @@ def test_bad_requests_get_openai_error_bodies(server):
         assert r.status_code == 400 and set(r.json()["error"]) >= {"message", "type", "code"}
     r = httpx.post(f"{server.base_url}/chat/completions", json={"model": m, "messages": []})
     assert r.status_code == 400
+    greedy = {"model": m, "prompt": [1, 2], "max_tokens": 1, "temperature": 0, "logprobs": 1}
+    for extra, why in (({"logprob_token_ids": [3]}, "logprobs set"),
+                       ({"logprob_token_ids": [10 ** 9], "logprobs": 1}, "must lie in"),
+                       ({"logit_bias": {"x": 1}}, "keys are token ids"),
+                       ({"logprob_token_ids": [3], "temperature": 1}, "greedy completions only")):
+        body = greedy | extra
+        if why == "logprobs set":
+            body.pop("logprobs")
+        r = httpx.post(f"{server.base_url}/completions", json=body)
+        assert r.status_code == 400 and why in r.json()["error"]["message"], (extra, r.text)
+    r = httpx.post(f"{server.base_url}/completions", json=greedy | {"logprob_token_ids": [3, 4, 5]})
+    (step,) = r.json()["choices"][0]["logprobs"]["top_logprobs"]
+    assert len(step) >= 3   # the written token and the three asked for, past a top-1
 
 
 def test_a_list_of_prompts_gets_one_choice_each_in_order(server):
