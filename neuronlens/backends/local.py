@@ -366,13 +366,14 @@ class LocalBackend(Backend):
         if steps < 1:
             return
         prompts, P, cache, device = self._shared(prompts)
-        one_tree = len(_trees(prompts, P, max_tree)) == 1   # else each step is a tree of its own
+        groups = _trees(prompts, P, max_tree)
+        one_tree = len(groups) == 1   # else each step is a tree of its own
         if one_tree:
             logp, past, positions, chains = self._tree_pass(prompts, P, cache, device, keep=True)
             keys = torch.cat([torch.arange(P), positions])         # the cached keys' positions
             seen = [[P + c for c in chain] for chain in chains]    # per prompt: its cached keys
-        else:
-            logp = self.next_token_logprobs(prompts, max_tree)
+        else:   # the groups just made, on the prefix cache just fetched
+            logp = [lp for group in groups for lp in self._tree_pass(group, P, cache, device)]
         live = list(range(len(prompts)))
         rows = dict(zip(live, logp))
         for step in range(steps):
