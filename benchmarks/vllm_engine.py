@@ -20,9 +20,10 @@ prefix cache:
 served from its prefix cache (``num_cached_tokens``). Each scoring's expected values are compared
 with the local backend's (transformers, float32, in this process) on every token.
 
-``--block-size`` sets the KV cache's block (vLLM's default on CPU is 128, on GPU 16; the CPU
-build takes multiples of 32): the prefix cache serves whole blocks only, so each next_token
-request computes what its prefix leaves of its last block.
+``--block-size`` sets the KV cache's block (the backend's default with next_token scoring on a
+CPU is 32, vLLM's own 128; on a GPU vLLM's 16; the CPU build takes multiples of 32): the prefix
+cache serves whole blocks only, so each next_token request computes what its prefix leaves of
+its last block.
 
 Headline ``ratio``: the pattern's seconds over next_token's (median of the paired rounds).
 Run with no arguments (about 5 minutes on 2 CPU cores, the engine's start included); the last line
@@ -76,7 +77,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--name", default="vllm_engine")
-    parser.add_argument("--block-size", type=int, default=None, help="the KV cache's block (default: vLLM's, 128 on CPU)")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="the KV cache's block (default: the backend's, 32 on CPU)")
     parser.add_argument("--model", default=None, help="the model's directory (default: the embedded model's)")
     args = parser.parse_args()
     in_vllm_venv(args.model)
@@ -91,7 +93,7 @@ def main() -> None:
 
     records = excerpts(args.neurons * args.excerpts, args.window, args.model)
     per_neuron = [records[i * args.excerpts:(i + 1) * args.excerpts] for i in range(args.neurons)]
-    res: dict = {"machine": machine("cpu"), "vllm": vllm.__version__, "block_size": args.block_size, "neurons": args.neurons,
+    res: dict = {"machine": machine("cpu"), "vllm": vllm.__version__, "neurons": args.neurons,
                  "excerpts_per_neuron": args.excerpts, "window": args.window}
 
     cfg = OmegaConf.load(CONF_DIR / "simulator" / "vllm_engine.yaml")
@@ -101,6 +103,7 @@ def main() -> None:
     t0 = time.perf_counter()
     backend.load()
     res["engine_start_seconds"] = time.perf_counter() - t0
+    res["block_size"] = backend.block_size
     llm, generate = backend.llm, backend.llm.generate
     computed: list[int] = []
 
@@ -151,7 +154,8 @@ def main() -> None:
                                                                               local["expected"])}
     nt, pl, pat = res["next_token"], res["prompt_logprobs"], res["openai_pattern"]
     res["summary"] = {
-        "benchmark": args.name, "vllm": vllm.__version__, "neurons": n, "excerpts_per_neuron": args.excerpts,
+        "benchmark": args.name, "vllm": vllm.__version__, "block_size": backend.block_size,
+        "neurons": n, "excerpts_per_neuron": args.excerpts,
         "next_token_seconds_per_neuron": round(nt["seconds_per_neuron"], 2),
         "prompt_logprobs_seconds_per_neuron": round(pl["seconds_per_neuron"], 2),
         "openai_pattern_seconds_per_neuron": round(pat["seconds_per_neuron"], 2),
@@ -182,7 +186,7 @@ def markdown(res: dict) -> str:
         "# Simulation through vLLM's in-process engine (`python benchmarks/vllm_engine.py`)", "",
         machine_line(res["machine"]), "",
         f"vLLM {res['vllm']} (CPU build), SmolLM2-135M in float32, KV block size "
-        f"{res.get('block_size') or 'its default (128 on CPU)'}, started in {res['engine_start_seconds']:.0f} s; "
+        f"{res['block_size']}, started in {res['engine_start_seconds']:.0f} s; "
         f"{s['neurons']} neurons x {s['excerpts_per_neuron']} excerpts of {res['window']} tokens, medians of "
         f"{len(res['next_token']['seconds'])} alternated rounds, each from a cold prefix cache:", "",
         "| variant | seconds per neuron | tokens computed per neuron | failed excerpts | largest difference from local |",

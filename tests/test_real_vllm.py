@@ -169,6 +169,7 @@ def test_in_process_engine_from_its_conf_file_matches_local(real_vllm, hard_corp
     assert np.abs(flat(got["expected"]) - flat(local.expected)).max() < TOL   # every token
     print(f"engine: {got['computed']} of {got['sent']} prompt tokens computed")
     assert got["batches"] == 1   # every excerpt's requests in one batch
+    assert got["block_size"] == 32   # next_token's block on a CPU (vLLM's own default there: 128)
     assert 0 < got["computed"] < 0.5 * got["sent"]   # the shared instructions from the prefix cache
 
 
@@ -180,7 +181,11 @@ def test_the_server_is_checked_at_load(real_vllm, caplog):
     with caplog.at_level(logging.WARNING):
         right.load()
     assert right.server["version"] == "0.32.0" and right.server["root"] == real_vllm.model
-    assert right.tokenizer is not None and not caplog.records   # aligned by ids, no warning
+    assert right.tokenizer is not None   # aligned by ids: no warning of text alignment
+    # read from its /metrics: vLLM's CPU default blocks, which make next_token scoring slow
+    assert right.server["block_size"] == 128 and right.server["prefix_caching"] is True
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "caches 128-token KV blocks" in said[0] and "--block-size 32" in said[0]
 
 
 def test_a_request_given_up_on_is_not_computed_on(real_vllm):

@@ -4,7 +4,7 @@ engine (`VLLMEngineBackend`, built from its conf file) and print the expected va
     <vllm venv>/bin/python tests/vllm_engine_check.py IN.json OUT.json
 IN: {"model": DIR, "explanation": str, "tokens": [[str, ...], ...]}
 OUT: the expected values, errors, mass and a chat answer; whether the candidates were read by
-id; the prompt tokens sent and those computed (not served from the prefix cache).
+id; the prompt tokens sent and those computed (not served from the prefix cache); the KV block.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main(src: str, dst: str) -> None:
     Path(dst).write_text(json.dumps({"expected": sim.expected, "errors": list(sim.errors),
                                      "mass": sim.mass, "chat": chat.completions[0].text,
                                      "by_id": backend.exact_ids, "sent": sum(sent), "batches": len(sent),
-                                     "computed": sim.usage.prompt_tokens}))
+                                     "computed": sim.usage.prompt_tokens, "block_size": backend.block_size}))
 
 
 if __name__ == "__main__":

