@@ -164,8 +164,10 @@ class RealVLLM:
     def __enter__(self) -> RealVLLM:
         return self.start()
 
-    def __exit__(self, *_: object) -> None:
+    def __exit__(self, error: type | None, *_: object) -> None:
         self.stop()
+        if error is None:   # the log is kept only when something went wrong
+            self.log.unlink(missing_ok=True)
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import math
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -259,7 +259,7 @@ class LocalBackend(Backend):
             for row in range(len(tokens), L):      # padding attends to itself only
                 allowed[b, row, :] = False
                 allowed[b, row, P + row] = True
-        hidden = self._masked_forward(input_ids, position_ids, allowed, P, cache, device)
+        hidden, _ = self._masked_forward(input_ids, position_ids, allowed, P, cache, device)
         out = []
         for b, (tokens, _pos, _parents, slot_of, S) in enumerate(rows):
             queries = items[b][1]
@@ -289,8 +289,8 @@ class LocalBackend(Backend):
                         key_positions: torch.Tensor | None = None):
         """Last hidden states of ``input_ids`` [B, L] after ``P`` cached tokens (at positions
         ``key_positions`` [P], default 0..P-1), each token seeing only the keys ``allowed``
-        [B, L, P + L] marks (a token tree in one pass); with ``keep``, also the cache extended by
-        these tokens."""
+        [B, L, P + L] marks (a token tree in one pass), and with ``keep`` the cache extended by
+        these tokens (else None)."""
         B, L = input_ids.shape
         dtype = next(self.model.parameters()).dtype
 
@@ -313,13 +313,12 @@ class LocalBackend(Backend):
         out = self.model.base_model(
             input_ids=input_ids.to(device), position_ids=position_ids.to(device),
             attention_mask=mask, use_cache=past is not None, **{name: past})
-        return (out.last_hidden_state, out[name]) if keep else out.last_hidden_state
+        return out.last_hidden_state, out[name] if keep else None
 
     def _tree_pass(self, prompts: list[list[int]], P: int, cache, device, keep: bool = False):
         """The next-token log-probabilities after each prompt, the prompts' tokens after the
         first ``P`` (cached) run as one tree, each token seeing its own prompt's tokens only;
-        with ``keep``, also the cache extended by the tree and, per prompt, the tree slots of
-        its tokens."""
+        with ``keep``, also the cache extended by the tree (see ``Tree``)."""
         root: dict = {}              # the tree: token -> (slot, children)
         tokens: list[int] = []
         chains: list[list[int]] = []   # per slot: its ancestors' slots and itself
@@ -340,10 +339,8 @@ class LocalBackend(Backend):
         for slot, chain in enumerate(chains):
             allowed[0, slot, [P + c for c in chain]] = True
         positions = torch.tensor([[P + len(chain) - 1 for chain in chains]])
-        out = self._masked_forward(torch.tensor([tokens]), positions, allowed, P, cache, device, keep)
-        hidden, past = out if keep else (out, None)
-        logp = self._log_softmax(hidden[0, last])
-        return (logp, past, positions[0], [chains[s] for s in last]) if keep else logp
+        hidden, past = self._masked_forward(torch.tensor([tokens]), positions, allowed, P, cache, device, keep)
+        return Tree(self._log_softmax(hidden[0, last]), past, positions[0], [chains[s] for s in last])
 
     @torch.no_grad()
     def next_token_logprobs(self, prompts: Sequence[Sequence[int]], max_tree: int = 2048) -> list[torch.Tensor]:
@@ -353,7 +350,7 @@ class LocalBackend(Backend):
         shared prefix once (kept across calls, see ``_prefix_cache``), the rest as one tree of
         tokens, each token seeing its own prompt's tokens only (at most ``max_tree`` per pass)."""
         prompts, P, cache, device = self._shared(prompts)
-        return [logp for group in _trees(prompts, P, max_tree) for logp in self._tree_pass(group, P, cache, device)]
+        return [logp for group in _trees(prompts, P, max_tree) for logp in self._tree_pass(group, P, cache, device).logp]
 
     @torch.no_grad()
     def greedy_tree(self, prompts: Sequence[Sequence[int]], steps: int, choose, max_tree: int = 2048) -> None:
@@ -373,7 +370,7 @@ class LocalBackend(Backend):
             keys = torch.cat([torch.arange(P), positions])         # the cached keys' positions
             seen = [[P + c for c in chain] for chain in chains]    # per prompt: its cached keys
         else:   # the groups just made, on the prefix cache just fetched
-            logp = [lp for group in groups for lp in self._tree_pass(group, P, cache, device)]
+            logp = [lp for group in groups for lp in self._tree_pass(group, P, cache, device).logp]
         live = list(range(len(prompts)))
         rows = dict(zip(live, logp))
         for step in range(steps):
@@ -422,6 +419,17 @@ class LocalBackend(Backend):
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return torch.log_softmax(logits, dim=-1)
+
+
+class Tree(NamedTuple):
+    """A tree pass (``LocalBackend._tree_pass``): per prompt the next-token log-probabilities;
+    with ``keep``, the KV cache extended by the tree's tokens (else None), the tokens' positions,
+    and per prompt the tree slots of its tokens."""
+
+    logp: torch.Tensor
+    past: Any
+    positions: torch.Tensor
+    chains: list[list[int]]
 
 
 @lru_cache(maxsize=None)
