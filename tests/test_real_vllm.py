@@ -170,6 +170,11 @@ def test_in_process_engine_from_its_conf_file_matches_local(real_vllm, hard_corp
     print(f"engine: {got['computed']} of {got['sent']} prompt tokens computed")
     assert got["batches"] == 1   # every excerpt's requests in one batch
     assert got["block_size"] == 32   # next_token's block on a CPU (vLLM's own default there: 128)
+    assert got["chat_is_llm_chat"]    # chat rendered as LLM.chat renders it
+    # three neurons from three threads (concurrency=3): their requests go to the engine together,
+    # one call at a time (two threads in LLM.generate at once break vLLM's engine core)
+    print(f"engine calls: {got['calls_alone']} one neuron after another, {got['calls_together']} at once")
+    assert got["concurrent_difference"] < TOL and got["calls_together"] < got["calls_alone"]
     assert 0 < got["computed"] < 0.5 * got["sent"]   # the shared instructions from the prefix cache
 
 

