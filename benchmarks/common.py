@@ -167,15 +167,20 @@ def excerpts(n: int, window: int, model: str = "embedded") -> list:
     return out
 
 
-def simulate_all(simulator, records_per_neuron) -> dict:
-    """Simulate each neuron's records with its explanation: seconds, failures, prompt tokens, and
-    per neuron, excerpt and token the expected value, whether "1" was reported, and whether the
+def simulate_all(simulator, records_per_neuron, in_flight: int = 1) -> dict:
+    """Simulate each neuron's records with its explanation (``in_flight`` neurons at once from as
+    many threads, as a run's ``concurrency`` does): seconds, failures, prompt tokens, and per
+    neuron, excerpt and token the expected value, whether "1" was reported, and whether the
     candidates held at least ``MASS`` of the probability (below it, renormalising a top-k's small
     remainder turns float noise into large differences)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     start = time.perf_counter()
     failed, kinds, prompt_tokens, expected, reported, massive, bound = 0, {}, 0, [], [], [], 0.0
-    for explanation, records in zip(cycle(EXPLANATIONS), records_per_neuron):
-        sim = simulator.simulate(explanation, records)
+    with ThreadPoolExecutor(in_flight) as pool:
+        sims = list(pool.map(lambda job: simulator.simulate(*job),
+                             zip(cycle(EXPLANATIONS), records_per_neuron)))
+    for sim in sims:
         failed += sim.n_failed
         prompt_tokens += sim.usage.prompt_tokens
         expected.append(sim.expected)

@@ -14,7 +14,9 @@ prefix cache:
 - ``prompt_logprobs``: one prompt-logprobs request per excerpt (vLLM computes it whole), then the
   "10" follow-ups, read from the top-20;
 - ``openai_pattern``: one prompt-logprobs request per excerpt for its whole prompt (top-20), no
-  follow-up, so P("10") reads 0; not parsed.
+  follow-up, so P("10") reads 0; not parsed;
+- ``next_token_in_flight``: next_token with every neuron simulated at once from its own thread,
+  as ``concurrency`` = the neurons runs them: their requests go to the engine together.
 
 "Tokens computed" is the engine's own count: the prompt tokens of every request it ran less those
 served from its prefix cache (``num_cached_tokens``). Each scoring's expected values are compared
@@ -121,10 +123,10 @@ def main() -> None:
             llm.generate([build_request(explanation, r.tokens).prompt for r in neuron], whole, use_tqdm=False)
         return {"seconds": time.perf_counter() - start}
 
-    def scoring(name: str):
+    def scoring(name: str, in_flight: int = 1):
         def go() -> dict:
             backend.scoring = name
-            return simulate_all(Simulator(backend), per_neuron)
+            return simulate_all(Simulator(backend), per_neuron, in_flight)
         return go
 
     tokens: dict[str, list[int]] = {}
@@ -139,7 +141,8 @@ def main() -> None:
 
     engines = {n: (n, g) for n, g in (("next_token", scoring("next_token")),
                                       ("prompt_logprobs", scoring("prompt_logprobs")),
-                                      ("openai_pattern", pattern))}
+                                      ("openai_pattern", pattern),
+                                      ("next_token_in_flight", scoring("next_token", args.neurons)))}
     simulate_all(Simulator(backend), per_neuron[:1])   # warm
     times, results = alternate(engines, run, args.rounds, verbose=True, label=args.name)
     local = simulate_all(Simulator(LocalBackend(model=args.model, device="cpu")), per_neuron)
@@ -167,6 +170,9 @@ def main() -> None:
         "largest_difference_from_local": nt["largest_difference_from_local"],
         "prompt_logprobs_largest_difference_from_local": pl["largest_difference_from_local"],
         "next_token_vs_prompt_logprobs_time": round(paired_ratio(times, "prompt_logprobs", "next_token"), 3),
+        "in_flight_seconds_per_neuron": round(res["next_token_in_flight"]["seconds_per_neuron"], 2),
+        "in_flight_largest_difference_from_local": res["next_token_in_flight"]["largest_difference_from_local"],
+        "in_flight_vs_one_at_a_time": round(paired_ratio(times, "next_token", "next_token_in_flight"), 3),
         "tokens_ratio": round(pat["tokens_computed_per_neuron"] / nt["tokens_computed_per_neuron"], 3),
         "ratio": round(paired_ratio(times, "openai_pattern", "next_token"), 3),
     }
@@ -181,7 +187,8 @@ def markdown(res: dict) -> str:
                else f"{res[k]['largest_difference_from_local']:.1e}") + " |"
             for label, k in (("`next_token` (the default)", "next_token"),
                              ("`prompt_logprobs`", "prompt_logprobs"),
-                             ("OpenAI's pattern (one whole prompt per excerpt, no \"10\")", "openai_pattern"))]
+                             ("OpenAI's pattern (one whole prompt per excerpt, no \"10\")", "openai_pattern"),
+                             ("`next_token`, every neuron in flight at once", "next_token_in_flight"))]
     return "\n".join([
         "# Simulation through vLLM's in-process engine (`python benchmarks/vllm_engine.py`)", "",
         machine_line(res["machine"]), "",
@@ -192,7 +199,9 @@ def markdown(res: dict) -> str:
         "| variant | seconds per neuron | tokens computed per neuron | failed excerpts | largest difference from local |",
         "|---|---:|---:|---:|---:|", *rows, "",
         f"`next_token` runs at **{s['ratio']:.2f}x** the pattern's speed and {s['next_token_vs_prompt_logprobs_time']:.2f}x "
-        f"`prompt_logprobs`'s; the pattern computes {s['tokens_ratio']:.2f}x its tokens. The local "
+        f"`prompt_logprobs`'s; the pattern computes {s['tokens_ratio']:.2f}x its tokens. With every "
+        f"neuron in flight at once it runs at {s['in_flight_vs_one_at_a_time']:.2f}x its speed one neuron "
+        "at a time. The local "
         f"backend in this process: {s['local_seconds_per_neuron']:.2f} s per neuron.", ""])
 
 
