@@ -583,7 +583,7 @@ class VLLMEngineBackend(Backend):
                     for t, step in zip(c.token_ids, c.logprobs))
             completions.append(Completion(c.text, logprobs,
                                           "length" if c.finish_reason == "length" else "stop"))
-        return Generation(tuple(completions), Usage(len(out.prompt_token_ids),
+        return Generation(tuple(completions), Usage(computed(out).prompt_tokens,   # as the local backend
                                                     sum(len(c.token_ids) for c in out.outputs)))
 
     def _first_tops(self, texts: list[str]) -> tuple[list[dict[str, float]], Usage]:
