@@ -71,3 +71,27 @@ def test_a_refused_request_fails_its_own_caller_alone():
     assert sorted(engine.calls[2:], key=str) == sorted(asks, key=str)                    # then alone
     with pytest.raises(RuntimeError, match="answered 1 of 2 requests"):
         Gather(lambda items: items[:1])([1, 2])
+
+
+def test_callers_waiting_on_an_interrupted_call_are_told_so():
+    """A call interrupted inside the engine (Ctrl-C in the thread running it) leaves no caller
+    empty-handed: the interrupt reaches that thread, and the other caller is told so."""
+    class Interrupted(BaseException):
+        pass
+
+    def engine(items):
+        time.sleep(0.3)
+        if "interrupt" in items:
+            raise Interrupted
+        return items
+
+    gather = Gather(engine)
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(gather, ["slow"])
+        time.sleep(0.1)
+        both = [pool.submit(gather, ["interrupt"]), pool.submit(gather, [1])]   # wait, then go together
+        assert first.result() == ["slow"]
+        errors = [f.exception() for f in both]
+    # whichever thread ran the call was interrupted; the other is told so
+    assert sorted(type(e).__name__ for e in errors) == ["Interrupted", "RuntimeError"]
+    assert any("interrupted" in str(e) for e in errors if isinstance(e, RuntimeError))

@@ -47,6 +47,8 @@ class Gather:
         finally:
             with self._free:
                 for c in batch:
+                    if c.results is None and c.error is None:   # the run was interrupted
+                        c.error = RuntimeError("the engine call these requests were in was interrupted")
                     c.done = True
                 self._busy = False
                 self._free.notify_all()
