@@ -90,6 +90,7 @@ def main() -> None:
 
     import vllm
     from neuronlens.backends.local import LocalBackend
+    from neuronlens.backends.vllm import computed as usage_of
     from neuronlens.conf import CONF_DIR
     from neuronlens.scorers.simulation import Simulator, build_request
 
@@ -111,7 +112,7 @@ def main() -> None:
 
     def counting(*a, **k):   # every request the engine runs: the tokens it computed
         outs = generate(*a, **k)
-        computed.append(sum(len(o.prompt_token_ids) - (o.num_cached_tokens or 0) for o in outs))
+        computed.append(sum(usage_of(o).prompt_tokens for o in outs))
         return outs
 
     llm.generate = counting
