@@ -185,15 +185,12 @@ def process(neuron: NeuronRecord, explainer: Explainer, simulator: Scorer, cfg: 
         kept = [(i, list(e)) for i, e in enumerate(sim.expected) if e is not None]
         return [records[i] for i, _ in kept], [e for _, e in kept]
 
-    candidates = []
+    candidates = [{"text": text} for text in result.explanations]
     valid = split("valid")
-    for text in result.explanations:
-        entry = {"text": text}
-        if len(result.explanations) > 1:
-            scored = simulator.score(text, valid.top, valid.random)
+    if len(candidates) > 1:   # best of n: the candidates simulated together where the scorer can
+        for entry, scored in zip(candidates, simulator.score_many(result.explanations, valid.top, valid.random)):
             account(scored.result, "valid")
             entry["valid"] = scored.scores["all"]
-        candidates.append(entry)
     if not candidates:
         phases["simulate"] = time.perf_counter() - simulating
         return failed("the explainer gave no usable explanation", "no_explanation")

@@ -81,6 +81,26 @@ def test_run_writes_contract_files(tiny_llama_dir, corpus, tmp_path):
     assert saved["tokens"]["simulator"]["prompt"] > 0
 
 
+def test_best_of_n_with_neurons_in_flight_keeps_the_best_candidate_on_valid(tiny_llama_dir, corpus, tmp_path):
+    """explain.n=3 and concurrency=2 on the local backends: the candidates are scored together
+    (``score_many``), the calls of the neurons in flight go together (``Gather``), and each
+    neuron keeps its best candidate on valid, scored on test."""
+    from neuronlens.summary import headline
+
+    cfg = tiny_run_config(tiny_llama_dir, corpus, extra=["explain.n=3", "concurrency=2"])
+    pipeline.run(cfg, tmp_path / "run")
+    explained = [row for row in rows(tmp_path / "run") if row["explanation"] is not None]
+    assert any(len(row["explanations"]) > 1 for row in explained), "no neuron had candidates to rank"
+    for row in explained:
+        candidates = row["explanations"]
+        assert all("valid" in c for c in candidates)
+        if len(candidates) > 1:
+            value = [headline(c["valid"], row["metric"]) for c in candidates]
+            best = candidates[max(range(len(candidates)), key=lambda k: -2.0 if value[k] is None else value[k])]
+            assert row["explanation"] == best["text"]
+        assert row["scores"]["test"]["all"]
+
+
 def test_interrupted_run_resumes_without_duplicates(tiny_llama_dir, sharp_llama_dir, corpus, tmp_path,
                                                    monkeypatch):
     # a simulator whose predictions vary, so that the scores can be compared (tests/agreement.py)

@@ -471,6 +471,80 @@ def test_the_prefix_kept_from_the_last_call_scores_like_a_fresh_backend(smollm2_
     assert kept._kept is not None and len(kept._kept[0]) > 10
 
 
+def _neurons_requests():
+    """The excerpts of three neurons (three explanations), as three simulate calls send them."""
+    words = ["The", " sea", " 42", "\n", "7", "10", " waves", " crash", "!"]
+    return [[build_request(explanation, words[:n][::(-1) ** i]) for i, n in enumerate((3, 9, 5))]
+            for explanation in ("words about the sea", "numbers", "the end of a sentence or line")]
+
+
+def _largest_difference(got, want) -> float:
+    return max(abs(x - y) for g, w in zip(got, want) for a, b in zip(g.probs, w.probs) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_the_excerpts_of_several_neurons_in_one_call_share_their_prefixes(smollm2_tokenizer, arch):
+    """One call holding the excerpts of three neurons: the instructions once, each explanation
+    once (a tree), the excerpts batched across neurons; every excerpt scored as alone."""
+    model = _tiny_model(arch, smollm2_tokenizer, seed=3)
+    neurons = _neurons_requests()
+    flat = [r for reqs in neurons for r in reqs]
+    alone = [_backend(model, smollm2_tokenizer, prefix_reuse=False).prompt_logprobs([r])[0] for r in flat]
+    together = _backend(model, smollm2_tokenizer, batch_size=4)
+    passes = []
+    tree_pass = together._tree_pass
+    together._tree_pass = lambda *a, **k: passes.append(len(a[0])) or tree_pass(*a, **k)
+    got = together.prompt_logprobs(flat)
+    assert passes == [len(flat)]   # the explanations (and excerpts' first tokens) as one tree
+    assert _largest_difference(got, alone) <= REL
+    for g, a in zip(got, alone):
+        assert g.mass == pytest.approx(a.mass, rel=REL)
+    # the tokens run, all counted: those of the same three calls neuron by neuron (whose kept
+    # prefix spares the instructions), less the excerpts' first tokens the tree shares
+    one_by_one = _backend(model, smollm2_tokenizer, batch_size=4)
+    apart = [d for reqs in neurons for d in one_by_one.prompt_logprobs(reqs)]
+    assert _largest_difference(apart, alone) <= REL
+    n_together = sum(d.usage.prompt_tokens for d in got)
+    n_apart = sum(d.usage.prompt_tokens for d in apart)
+    assert n_apart - len(flat) <= n_together <= n_apart
+    # one neuron's excerpts alone make no tree: their prefix is the explanation's end
+    passes.clear()
+    together.prompt_logprobs(neurons[1])
+    assert passes == []
+
+
+def test_neurons_in_flight_on_threads_are_scored_in_one_call(smollm2_tokenizer):
+    """``concurrency`` > 1: the simulate calls of the neurons in flight wait while one runs,
+    then go together (``Gather``); each thread gets its own excerpts' distributions."""
+    import threading
+
+    model = _tiny_model("llama", smollm2_tokenizer, seed=4)
+    neurons = _neurons_requests()
+    be = _backend(model, smollm2_tokenizer, batch_size=8)
+    gather = be._scoring
+    with gather._free:
+        gather._busy = True   # as if a call were running: the threads' calls queue up
+    got = [None] * len(neurons)
+
+    def neuron(k):
+        got[k] = be.prompt_logprobs(neurons[k])
+
+    threads = [threading.Thread(target=neuron, args=(k,)) for k in range(len(neurons))]
+    for t in threads:
+        t.start()
+    while len(gather._waiting) < len(neurons):
+        threading.Event().wait(0.01)
+    with gather._free:
+        gather._busy = False
+        gather._free.notify_all()
+    for t in threads:
+        t.join(60)
+    assert gather.runs == 1
+    for k, reqs in enumerate(neurons):
+        fresh = _backend(model, smollm2_tokenizer, prefix_reuse=False).prompt_logprobs(reqs)
+        assert _largest_difference(got[k], fresh) <= REL
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("max_tree", [2048, 5])
 def test_next_tokens_of_many_prompts_at_once_equal_a_forward_each(smollm2_tokenizer, arch, max_tree):
@@ -760,6 +834,28 @@ def test_simulator_on_local_backend_end_to_end(tab_tokenizer):
     assert alone.usage.prompt_tokens < len(ids[0])
     for got, want in zip(alone.probs, fresh[0].probs):
         assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_best_of_n_candidates_are_scored_in_one_call(smollm2_tokenizer):
+    """``score_many``: the candidates' excerpts go to the backend in one call (their explanations
+    a tree after the shared instructions) and score as each candidate alone."""
+    model = _tiny_model("llama", smollm2_tokenizer, seed=5)
+    top = [ActivationRecord(["The", " sea", " 42"], [0.0, 3.0, 1.0]),
+           ActivationRecord(["7", "\n", "10", " waves"], [1.0, 0.0, 0.0, 2.0])]
+    random_ = [ActivationRecord([" crash", "!"], [0.0, 0.5])]
+    candidates = ["words about the sea", "numbers", "the sea"]
+    be = _backend(model, smollm2_tokenizer, batch_size=4)
+    calls = []
+    scoring = be.prompt_logprobs
+    be.prompt_logprobs = lambda reqs: calls.append(len(reqs)) or scoring(reqs)
+    many = Simulator(be).score_many(candidates, top, random_)
+    assert calls == [len(candidates) * 3]
+    for explanation, got in zip(candidates, many):
+        alone = Simulator(_backend(model, smollm2_tokenizer, prefix_reuse=False)).score(explanation, top, random_)
+        for a, b in zip(got.result.expected, alone.result.expected):
+            assert a == pytest.approx(b, abs=1e-4)
+        assert alone.value() is not None and got.value() == pytest.approx(alone.value(), abs=1e-4)
+    assert len({g.result.expected for g in many}) == len(candidates)   # the candidates differ
 
 
 def test_our_calls_raise_no_deprecation_warning(tiny_llama_dir, capfd):

@@ -42,6 +42,7 @@ from neuronlens.backends.candidates import (
     candidate_tokens,
     inner_paths,
 )
+from neuronlens.backends.gather import Gather
 from neuronlens.errors import UserError
 from neuronlens.models import display_name, load_model
 
@@ -69,6 +70,7 @@ class LocalBackend(Backend):
         self._lock = threading.Lock()  # one forward at a time: seeding is process-wide in torch
         self._kept: tuple[tuple[int, ...], DynamicCache] | None = None   # the last prompt prefix
         self._kept_lock = threading.Lock()
+        self._scoring = Gather(self._prompt_logprobs)   # one scoring call at a time, all threads'
 
     @property
     def name(self) -> str:
@@ -172,31 +174,59 @@ class LocalBackend(Backend):
             queries.append(_Query(j, *tries[lead], len(request.candidates)))
         return queries
 
-    @torch.no_grad()
     def prompt_logprobs(self, requests: Sequence[PromptLogprobRequest]) -> list[TokenDistributions]:
+        # the calls of every thread (neurons in flight) are scored together, one at a time
+        return self._scoring(list(requests))
+
+    @torch.no_grad()
+    def _prompt_logprobs(self, requests: list[PromptLogprobRequest]) -> list[TokenDistributions]:
         self.load()
         encoded = []
         for r in requests:
             enc = self.tokenizer(r.prompt, return_offsets_mapping=True)
             encoded.append((enc["input_ids"], self._queries(r, enc["input_ids"], enc["offset_mapping"])))
+        # what each prompt can take from a cache: its tokens before its first placeholder's
+        caps = [min([len(ids) - 1] + [q.j - 1 for q in qs]) for ids, qs in encoded]
         if not self.prefix_reuse:
             P = 0
         elif len(requests) > 1:   # the prompts' common prefix, computed once
             P = _shared_prefix([ids for ids, _ in encoded])
         else:                     # one prompt: only what it shares with the kept prefix
             P = _shared_prefix([list(self._kept[0]) if self._kept else [], encoded[0][0]])
-        P = min([P] + [q.j - 1 for _, qs in encoded for q in qs] + [len(ids) - 1 for ids, _ in encoded])
+        P = min([P] + caps)
         device = next(self.model.parameters()).device
         cache, computed = self._prefix_cache(encoded[0][0][:P], device) if P > 0 else (None, 0)
+        tree = self._prefix_tree(encoded, caps, P, cache, device) if self.prefix_reuse else None
+        keys = None
+        if tree is None:   # each prompt's tokens after the common prefix, batched
+            items = [(ids, qs, P, range(P)) for ids, qs in encoded]
+            charged = {0: computed}
+        else:   # the prompts' own prefixes (the explanations of several neurons) as one tree first
+            keys = torch.cat([torch.arange(P), tree.positions])
+            cache = tree.past
+            items = [(ids, qs, cap, [*range(P), *(P + c for c in chain)])
+                     for (ids, qs), cap, chain in zip(encoded, caps, tree.chains)]
+            charged = _first_use(tree.chains)
+            charged[0] = charged.get(0, 0) + computed
         results: list[TokenDistributions | None] = [None] * len(requests)
-        order = sorted(range(len(requests)), key=lambda i: -len(encoded[i][0]))  # batch by length
+        order = sorted(range(len(requests)), key=lambda i: -(len(encoded[i][0]) - items[i][2]))  # by length
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
-            dists = self._score_batch([encoded[i] for i in chunk], P, cache, device)
+            dists = self._score_batch([items[i] for i in chunk], cache, device, keys)
             for i, (probs, mass, n_tok) in zip(chunk, dists):
-                # the tokens run: each prompt's own, and the part of the prefix not kept before
-                results[i] = TokenDistributions(probs, mass, Usage(n_tok + (computed if i == order[0] else 0), 0))
+                # the tokens run: each prompt's own, and the shared ones it was the first to need
+                results[i] = TokenDistributions(probs, mass, Usage(n_tok + charged.get(i, 0), 0))
         return results
+
+    def _prefix_tree(self, encoded, caps: list[int], P: int, cache, device) -> Tree | None:
+        """The prompts' tokens from ``P`` to their caps run as one tree (``_tree_pass``), where
+        that computes fewer than half the tokens it replaces: prompts of several neurons share
+        the instructions (``P``), and each neuron's excerpts share its explanation."""
+        prefixes = [ids[:cap] for (ids, _), cap in zip(encoded, caps)]
+        replaced = sum(cap - P for cap in caps)
+        if len(prefixes) < 2 or min(caps) <= P or 2 * _tree_size(prefixes, P) >= replaced:
+            return None
+        return self._tree_pass(prefixes, P, cache, device, keep=True)
 
     def reset_prefix_cache(self) -> None:
         """Forget the kept prefix: the next call computes its prompt whole."""
@@ -226,10 +256,13 @@ class LocalBackend(Backend):
                 self._kept = (tuple(ids), copy.deepcopy(cache))
             return cache, len(ids) - start
 
-    def _score_batch(self, items, P: int, cache, device):
-        """One forward pass over a batch of prompt suffixes plus their trie query tokens."""
+    def _score_batch(self, items, cache, device, keys: torch.Tensor | None = None):
+        """One forward pass over a batch of prompt suffixes plus their trie query tokens. Each
+        item is (ids, queries, start, seen): the prompt's tokens from ``start`` are run, seeing
+        the cached keys ``seen`` (of ``cache``, at positions ``keys``; default 0, 1, ...)."""
+        C = 0 if cache is None else cache.get_seq_length()
         rows = []  # per item: tokens, positions, list of (attend-to indices) for extras
-        for ids, queries in items:
+        for ids, queries, P, _seen in items:
             tokens = list(ids[P:])
             positions = list(range(P, len(ids)))
             parents, slot_of = [], []
@@ -239,30 +272,30 @@ class LocalBackend(Backend):
                     slots[path] = len(tokens)
                     tokens.append(path[-1])
                     positions.append(q.j + len(path) - 1)
-                    parents.append((q.j, [slots[path[:d]] for d in range(1, len(path) + 1)]))
+                    parents.append((q.j - P, [slots[path[:d]] for d in range(1, len(path) + 1)]))
                 slot_of.append(slots)
             rows.append((tokens, positions, parents, slot_of, len(ids) - P))
         L = max(len(r[0]) for r in rows)
         B = len(rows)
-        allowed = torch.zeros(B, L, P + L, dtype=torch.bool)
+        allowed = torch.zeros(B, L, C + L, dtype=torch.bool)
         input_ids = torch.zeros(B, L, dtype=torch.long)
         position_ids = torch.zeros(B, L, dtype=torch.long)
         for b, (tokens, positions, parents, _slots, S) in enumerate(rows):
             input_ids[b, :len(tokens)] = torch.tensor(tokens)
             position_ids[b, :len(positions)] = torch.tensor(positions)
-            allowed[b, :, :P] = True
-            allowed[b, :S, P:P + S] = torch.tril(torch.ones(S, S, dtype=torch.bool))
+            allowed[b, :, list(items[b][3])] = True
+            allowed[b, :S, C:C + S] = torch.tril(torch.ones(S, S, dtype=torch.bool))
             for e, (j, chain) in enumerate(parents):
                 row = S + e
-                allowed[b, row, P:j] = True        # prompt tokens before the placeholder
-                allowed[b, row, [P + s for s in chain]] = True
+                allowed[b, row, C:C + j] = True        # prompt tokens before the placeholder
+                allowed[b, row, [C + s for s in chain]] = True
             for row in range(len(tokens), L):      # padding attends to itself only
                 allowed[b, row, :] = False
-                allowed[b, row, P + row] = True
-        hidden, _ = self._masked_forward(input_ids, position_ids, allowed, P, cache, device)
+                allowed[b, row, C + row] = True
+        hidden, _ = self._masked_forward(input_ids, position_ids, allowed, C, cache, device, key_positions=keys)
         out = []
         for b, (tokens, _pos, _parents, slot_of, S) in enumerate(rows):
-            queries = items[b][1]
+            _ids, queries, P, _seen = items[b]
             # which rows we need logits for: the row before each placeholder, and each extra token
             need = sorted({q.j - 1 - P for q in queries} | {s for sl in slot_of for s in sl.values()})
             logp = self._log_softmax(hidden[b, need])
@@ -459,6 +492,32 @@ def _trees(prompts: list[list[int]], P: int, max_tree: int) -> list[list[list[in
         groups[-1].append(ids)
         size += len(rest) - d
     return groups
+
+
+def _tree_size(prompts: list[list[int]], P: int) -> int:
+    """How many tokens ``prompts`` have after the first ``P`` as one tree (shared ones once)."""
+    root: dict = {}
+    size = 0
+    for ids in prompts:
+        node = root
+        for t in ids[P:]:
+            if t not in node:
+                node[t], size = {}, size + 1
+            node = node[t]
+    return size
+
+
+def _first_use(chains: list[list[int]]) -> dict[int, int]:
+    """Per prompt (by index), how many tree slots of its chain no earlier prompt's has: the
+    shared tokens each prompt is charged for."""
+    seen: set[int] = set()
+    charged = {}
+    for i, chain in enumerate(chains):
+        new = [s for s in chain if s not in seen]
+        seen.update(new)
+        if new:
+            charged[i] = len(new)
+    return charged
 
 
 def _shared_prefix(seqs: list[list[int]]) -> int:

@@ -148,7 +148,17 @@ class Scorer(Protocol):
               random: Sequence[ActivationRecord]) -> Scored:
         """``explanation`` scored on ``top`` and ``random`` excerpts, simulated together (one
         shared prompt prefix)."""
-        result = self.simulate(explanation, [*top, *random])
+        return self.scored(self.simulate(explanation, [*top, *random]), top, random)
+
+    def score_many(self, explanations: Sequence[str], top: Sequence[ActivationRecord],
+                   random: Sequence[ActivationRecord]) -> list[Scored]:
+        """``score`` for each of ``explanations`` (best-of-n candidates); a scorer whose backend
+        can simulate them together overrides it."""
+        return [self.score(e, top, random) for e in explanations]
+
+    def scored(self, result: SimulationResult, top: Sequence[ActivationRecord],
+               random: Sequence[ActivationRecord]) -> Scored:
+        """The scores of ``result``, the simulation of ``top + random``."""
         splits = split_predictions(top, random, result.expected)
         scores = {name: self.measure([p.record.activations for p in kept], [p.predicted for p in kept])
                   for name, kept in splits.items()}

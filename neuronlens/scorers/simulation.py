@@ -31,6 +31,7 @@ from neuronlens.backends.base import (
     GenerateRequest,
     Generation,
     PromptLogprobRequest,
+    TokenDistributions,
     TransientError,
     Unscorable,
     Usage,
@@ -39,7 +40,7 @@ from neuronlens.backends.base import (
 from neuronlens.errors import UserError
 from neuronlens.prompt_format import PHRASE, format_token
 from neuronlens.records import ActivationRecord
-from neuronlens.scorers.base import Failure, Scorer, SimulationResult
+from neuronlens.scorers.base import Failure, Scored, Scorer, SimulationResult
 from neuronlens.scorers.strategies import (
     NUMBERS,
     UNKNOWN,
@@ -263,7 +264,7 @@ class Simulator(Scorer):
             return SimulationResult((), ())
         strategy = self.strategy
         if strategy == "all_at_once":
-            return self._all_at_once(explanation, records)
+            return self._all_at_once([explanation], records)[0]
         caps = self.backend.capabilities
         shared = SharedPrompt(prompt_prefix(explanation, self.fewshot), INSTRUCTIONS,
                               prompt_body(explanation, self.fewshot),
@@ -306,19 +307,37 @@ class Simulator(Scorer):
                                 lambda c: parse_json(c, len(tokens), not shared.chat))
         return tuple(one_hot(v) for v in values)
 
-    def _all_at_once(self, explanation: str,
-                     records: Sequence[ActivationRecord]) -> SimulationResult:
+    def score_many(self, explanations: Sequence[str], top: Sequence[ActivationRecord],
+                   random: Sequence[ActivationRecord]) -> list[Scored]:
+        """Best-of-n candidates scored on the same excerpts: with prompt logprobs, in one call to
+        the backend (the local one computes the instructions once and each explanation once, and
+        batches the excerpts of every candidate together)."""
+        records = [*top, *random]
+        if not records or self.strategy != "all_at_once":
+            return super().score_many(explanations, top, random)
+        return [self.scored(r, top, random) for r in self._all_at_once(explanations, records)]
+
+    def _all_at_once(self, explanations: Sequence[str],
+                     records: Sequence[ActivationRecord]) -> list[SimulationResult]:
+        """Each explanation's simulation of ``records``, all in one ``prompt_logprobs`` call."""
         if self.prompt == "openai":
-            requests = [reference_prompt.reference_request(explanation, r.tokens, NUMBERS)
-                        for r in records]
+            requests = [reference_prompt.reference_request(e, r.tokens, NUMBERS)
+                        for e in explanations for r in records]
         else:
-            requests = [build_request(explanation, r.tokens, self.fewshot) for r in records]
+            requests = [build_request(e, r.tokens, self.fewshot) for e in explanations for r in records]
         try:
             dists = self.backend.prompt_logprobs(requests)
         except (TransientError, Unscorable) as e:  # a BackendError (bad key, model) is fatal
-            log.warning("simulation failed for %d excerpts: %s", len(records), e)
-            return SimulationResult((None,) * len(records), (None,) * len(records),
-                                    tuple(Failure(i, failure_kind(e), str(e)) for i in range(len(records))))
+            log.warning("simulation failed for %d excerpts: %s", len(requests), e)
+            failed = SimulationResult((None,) * len(records), (None,) * len(records),
+                                      tuple(Failure(i, failure_kind(e), str(e)) for i in range(len(records))))
+            return [failed] * len(explanations)
+        n = len(records)
+        return [self._result(records, dists[k * n:(k + 1) * n]) for k in range(len(explanations))]
+
+    def _result(self, records: Sequence[ActivationRecord],
+                dists: Sequence[TokenDistributions]) -> SimulationResult:
+        """The simulation of ``records`` from their distributions (one per excerpt)."""
         expected, distributions, errors, mass, bound, usage = [], [], [], [], [], Usage()
         for i, d in enumerate(dists):
             usage = usage + d.usage
