@@ -101,12 +101,21 @@ def many_neurons(args, backend, tokenizer, windows, device: str, info: dict, wal
     records = [ActivationRecord([tokenizer.decode([i]) for i in w], [0.0] * len(w)) for w in windows]
     per_neuron = [records[k * args.excerpts:(k + 1) * args.excerpts] for k in range(args.neurons)]
     sim = Simulator(backend)
-    start, run, failed = time.perf_counter(), 0, 0
-    for explanation, recs in zip(names, per_neuron):
-        result = sim.simulate(explanation, recs)
-        run += result.usage.prompt_tokens
-        failed += result.n_failed
-    seconds = time.perf_counter() - start
+
+    def simulate(in_flight: int) -> dict:   # every neuron, from a cold prefix cache
+        from concurrent.futures import ThreadPoolExecutor
+
+        backend.reset_prefix_cache()
+        with ThreadPoolExecutor(in_flight) as pool:
+            results = list(pool.map(sim.simulate, names, per_neuron))
+        return {"tokens": sum(r.usage.prompt_tokens for r in results),
+                "failed": sum(r.n_failed for r in results), "expected": [r.expected for r in results]}
+
+    engines = {"in_a_row": 1} | ({"in_flight": args.in_flight} if args.in_flight > 1 else {})
+    times, results = alternate(engines, simulate, args.rounds if args.in_flight > 1 else 1,
+                               deadline=wall + args.budget_s, device=device, verbose=args.verbose)
+    seconds = statistics.median(times["in_a_row"])
+    run, failed = results["in_a_row"]["tokens"], results["in_a_row"]["failed"]
     prompts, extras = [], 0
     for explanation, recs in zip(names, per_neuron):
         for r in recs:
@@ -129,7 +138,27 @@ def many_neurons(args, backend, tokenizer, windows, device: str, info: dict, wal
                       "seconds_per_neuron": round(seconds / args.neurons, 2),
                       "forward_tokens_per_s": round(run / seconds, 1), "failed_excerpts": failed,
                       "device": device, "model": args.model, "wall_seconds": round(res["wall_seconds"], 1)}
+    if args.in_flight > 1:   # the neurons from --in-flight threads, as concurrency runs them
+        flight = results["in_flight"]
+        diff = max(abs(a - b) for x, y in zip(flight["expected"], results["in_a_row"]["expected"])
+                   for u, v in zip(x, y) for a, b in zip(u, v))
+        res["in_flight"] = {"threads": args.in_flight, "seconds": times["in_flight"],
+                            "forward_tokens": flight["tokens"], "failed_excerpts": flight["failed"],
+                            "largest_difference": diff}
+        res["summary"] |= {"in_flight": args.in_flight, "in_flight_forward_tokens": flight["tokens"],
+                           "in_flight_tokens_ratio": round(flight["tokens"] / floor, 4),
+                           "in_flight_failed_excerpts": flight["failed"],
+                           "in_flight_largest_difference": diff,
+                           "in_flight_vs_in_a_row": round(paired_ratio(times, "in_a_row", "in_flight"), 3)}
     m = res["machine"]
+    flight_lines = [] if args.in_flight <= 1 else [
+        f"With {args.in_flight} neurons in flight (threads, as `concurrency={args.in_flight}` runs them; "
+        "their calls go to the backend together: the instructions once, each explanation once, the "
+        f"excerpts batched across neurons): {res['in_flight']['forward_tokens']} forward tokens "
+        f"({res['summary']['in_flight_tokens_ratio']:.3f}x the floor), "
+        f"**{res['summary']['in_flight_vs_in_a_row']:.3f}x** the speed of one neuron at a time "
+        f"(median of paired rounds), expected values within {res['in_flight']['largest_difference']:.1e} "
+        "of one at a time.", ""]
     save(args.name, res, "\n".join([
         f"# Simulation of {args.neurons} neurons in a row (`python benchmarks/simulation.py "
         f"--neurons {args.neurons}`)", "", machine_line(m),
@@ -143,7 +172,8 @@ def many_neurons(args, backend, tokenizer, windows, device: str, info: dict, wal
         f"Forward tokens / floor: **{run / floor:.3f}** (target <= 1.1); "
         f"{seconds / args.neurons:.1f} s per neuron, {run / seconds:.0f} forward tokens/s; "
         f"{failed} failed excerpts. The shared instructions and examples are computed once for "
-        "the run (the backend keeps the previous call's prefix), each explanation once per neuron.", ""]))
+        "the run (the backend keeps the previous call's prefix), each explanation once per neuron.", "",
+        *flight_lines]))
 
 
 def usage_tokens(result) -> int:
@@ -167,6 +197,9 @@ def main() -> None:
                    help="also measure a longer, more realistic prefix (3 extra few-shot neurons)")
     p.add_argument("--neurons", type=int, default=1,
                    help="N > 1: simulate N neurons in a row and compare forward tokens with the floor")
+    p.add_argument("--in-flight", type=int, default=1,
+                   help="with --neurons: also simulate them from this many threads at once (as "
+                        "concurrency does), alternated with one at a time over --rounds")
     p.add_argument("--name", default=None, help="results file stem under results/ (default: "
                    "simulation, or simulation_neurons with --neurons)")
     p.add_argument("--threads", type=int, default=0,

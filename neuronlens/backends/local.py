@@ -220,11 +220,11 @@ class LocalBackend(Backend):
 
     def _prefix_tree(self, encoded, caps: list[int], P: int, cache, device) -> Tree | None:
         """The prompts' tokens from ``P`` to their caps run as one tree (``_tree_pass``), where
-        that computes fewer than half the tokens it replaces: prompts of several neurons share
-        the instructions (``P``), and each neuron's excerpts share its explanation."""
+        that spares at least a token per prompt: prompts of several neurons share the
+        instructions (``P``), and each neuron's excerpts share its explanation."""
         prefixes = [ids[:cap] for (ids, _), cap in zip(encoded, caps)]
         replaced = sum(cap - P for cap in caps)
-        if len(prefixes) < 2 or min(caps) <= P or 2 * _tree_size(prefixes, P) >= replaced:
+        if len(prefixes) < 2 or min(caps) <= P or replaced - _tree_size(prefixes, P) < len(prefixes):
             return None
         return self._tree_pass(prefixes, P, cache, device, keep=True)
 
