@@ -81,15 +81,26 @@ def test_run_writes_contract_files(tiny_llama_dir, corpus, tmp_path):
     assert saved["tokens"]["simulator"]["prompt"] > 0
 
 
-def test_best_of_n_with_neurons_in_flight_keeps_the_best_candidate_on_valid(tiny_llama_dir, corpus, tmp_path):
-    """explain.n=3 and concurrency=2 on the local backends: the candidates are scored together
-    (``score_many``), the calls of the neurons in flight go together (``Gather``), and each
-    neuron keeps its best candidate on valid, scored on test."""
+@pytest.mark.parametrize("n", [1, 3])
+def test_neurons_in_flight_and_best_of_n_keep_the_best_candidate_on_valid(tiny_llama_dir, corpus, tmp_path, n):
+    """concurrency=3 on the local backends: the calls of the neurons in flight go together
+    (``Gather``: greedy explanations decoded together, the excerpts of every neuron scored in
+    one call); the same answers as one neuron at a time. With explain.n=3 the candidates are
+    scored together (``score_many``), and each neuron keeps its best on valid."""
     from neuronlens.summary import headline
 
-    cfg = tiny_run_config(tiny_llama_dir, corpus, extra=["explain.n=3", "concurrency=2"])
+    cfg = tiny_run_config(tiny_llama_dir, corpus, extra=[f"explain.n={n}", "concurrency=3"])
     pipeline.run(cfg, tmp_path / "run")
     explained = [row for row in rows(tmp_path / "run") if row["explanation"] is not None]
+    assert explained, "no neuron was explained: the test would check nothing"
+    if n == 1:
+        pipeline.run(tiny_run_config(tiny_llama_dir, corpus), tmp_path / "one")
+        one = {(r["layer"], r["index"]): r for r in rows(tmp_path / "one")}
+        for row in explained:
+            alone = one[(row["layer"], row["index"])]
+            assert row["explanation"] == alone["explanation"]
+            assert row["score"] == pytest.approx(alone["score"], abs=1e-4)
+        return
     assert any(len(row["explanations"]) > 1 for row in explained), "no neuron had candidates to rank"
     for row in explained:
         candidates = row["explanations"]

@@ -638,6 +638,48 @@ def test_generation_reads_the_kept_prefix_and_answers_as_a_fresh_backend(smollm2
     assert got.usage.prompt_tokens < len(ids) // 3   # the shared head was not computed again
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+def test_greedy_answers_to_several_requests_are_decoded_together(smollm2_tokenizer, arch):
+    """The explanations of neurons in flight (greedy requests from several threads, gathered):
+    one pass over the prompts' own tokens after their shared prefix, then one pass per token for
+    all of them; every answer is the one a backend gives it alone (text, tokens, stop strings,
+    logprobs, ``n`` copies). A sliding-window model (gemma3) answers them one by one."""
+    from dataclasses import replace
+
+    from neuronlens.backends.base import GenerateRequest
+
+    model = _tiny_model(arch, smollm2_tokenizer, seed=7)
+    head = "Neuron 1 fires on words about the sea and on " * 6
+    tails = ("waves.\nNeuron 2 fires on", "ships, boats and harbours at dusk.\nNeuron 2 fires on", "fish.")
+    requests = [GenerateRequest(prompt=head + tail, max_tokens=8, top_logprobs=3 if i == 1 else 0,
+                                n=2 if i == 2 else 1) for i, tail in enumerate(tails)]
+    fresh = _backend(model, smollm2_tokenizer, prefix_reuse=False)
+    first = fresh.generate(requests[0]).completions[0]
+    stop = smollm2_tokenizer.decode(first.token_ids[3:5])   # a stop string its answer meets midway
+    requests[0] = replace(requests[0], stop=(stop,))
+    want = [fresh.generate(r) for r in requests]
+    assert want[0].completions[0].finish_reason == "stop" and len(want[0].completions[0].token_ids) < 8
+    together = _backend(model, smollm2_tokenizer)
+    passes = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda _m, x, _o: passes.append(x[0].shape))
+    try:
+        got = together._generate_many(requests)
+    finally:
+        hook.remove()
+    for g, w in zip(got, want):
+        assert [(c.text, c.token_ids, c.finish_reason) for c in g.completions] == \
+            [(c.text, c.token_ids, c.finish_reason) for c in w.completions]
+        for gc, wc in zip(g.completions, w.completions):
+            assert len(gc.logprobs or ()) == len(wc.logprobs or ())
+            for a, b in zip(gc.logprobs or (), wc.logprobs or ()):
+                assert a.token == b.token and a.logprob == pytest.approx(b.logprob, abs=1e-4)
+                assert [t for t, _ in a.top] == [t for t, _ in b.top]
+        assert g.usage.completion_tokens == w.usage.completion_tokens
+    assert sum(g.usage.prompt_tokens for g in got) < sum(w.usage.prompt_tokens for w in want) / 2
+    if arch != "gemma3":   # the shared prefix, the three prompts' own tokens, then 7 steps at most
+        assert len(passes) <= 9 and all(shape[0] == 3 for shape in passes[1:])
+
+
 def test_models_loaded_by_neuronlens_run_grouped_sdpa(tiny_llama_dir):
     from neuronlens.attention import NAME
     from neuronlens.models import load_model

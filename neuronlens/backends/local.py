@@ -71,6 +71,7 @@ class LocalBackend(Backend):
         self._kept: tuple[tuple[int, ...], DynamicCache] | None = None   # the last prompt prefix
         self._kept_lock = threading.Lock()
         self._scoring = Gather(self._prompt_logprobs)   # one scoring call at a time, all threads'
+        self._generation = Gather(self._generate_many)
 
     @property
     def name(self) -> str:
@@ -107,9 +108,18 @@ class LocalBackend(Backend):
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                        tokenize=True, return_dict=True)["input_ids"])
 
-    @torch.no_grad()
     def generate(self, request: GenerateRequest) -> Generation:
+        # the requests of every thread (explanations of neurons in flight) go together
+        return self._generation([request])[0]
+
+    @torch.no_grad()
+    def _generate_many(self, requests: list[GenerateRequest]) -> list[Generation]:
         self.load()
+        if len(requests) > 1 and all(r.temperature == 0 for r in requests) and not self._sliding_window():
+            return self._greedy_batch(requests)
+        return [self._generate_one(r) for r in requests]   # a sampled answer reads its own seed
+
+    def _generate_one(self, request: GenerateRequest) -> Generation:
         ids = self.render(request)
         device = next(self.model.parameters()).device
         input_ids = torch.tensor([ids], device=device)
@@ -131,34 +141,93 @@ class LocalBackend(Backend):
                 stop_strings=list(request.stop) or None, tokenizer=self.tokenizer,
                 pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
         new = out.sequences[:, len(ids):].repeat(request.n // n, 1)
-        completions, n_generated = [], 0
+        completions = []
         for row in range(new.shape[0]):
-            tokens = [t for t in new[row].tolist()]
+            tokens = new[row].tolist()
             eos = self.tokenizer.eos_token_id
             if eos in tokens:
                 tokens = tokens[:tokens.index(eos)]
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            finish = "length" if len(tokens) >= request.max_tokens else "stop"
-            for stop in request.stop:
-                if stop in text:
-                    text, finish = text[:text.index(stop)], "stop"
-            logprobs = None
-            if request.top_logprobs > 0:
-                logprobs = self._token_logprobs(out.logits, row % len(out.sequences), tokens,
-                                                request.top_logprobs)
-            completions.append(Completion(text, logprobs, finish, tuple(tokens)))
-            n_generated += len(tokens)
-        return Generation(tuple(completions), Usage(run, n_generated))   # the prompt tokens run
+            steps = [out.logits[step][row % len(out.sequences)] for step in range(len(tokens))] \
+                if request.top_logprobs > 0 else []
+            completions.append(self._completion(request, tokens, steps))
+        return Generation(tuple(completions), Usage(run, sum(len(c.token_ids) for c in completions)))
 
-    def _token_logprobs(self, logits, row: int, tokens: list[int], k: int):
-        result = []
-        for step, tok in enumerate(tokens):
-            lp = torch.log_softmax(logits[step][row].float(), dim=-1)
-            top = lp.topk(min(k, lp.shape[-1]))
-            alts = tuple((self.tokenizer.decode([int(i)]), float(v))
-                         for v, i in zip(top.values, top.indices))
-            result.append(TokenLogprob(self.tokenizer.decode([tok]), float(lp[tok]), alts))
-        return tuple(result)
+    def _greedy_batch(self, requests: list[GenerateRequest]) -> list[Generation]:
+        """Greedy answers to several requests decoded together: their shared prefix from the
+        kept cache, the rest of each prompt as one padded batch, then one token of every
+        prompt per pass, each row seeing its own prompt only (as ``_generate_one`` answers)."""
+        ids = [self.render(r) for r in requests]
+        device = next(self.model.parameters()).device
+        B = len(ids)
+        ends = set(_as_list(self.model.generation_config.eos_token_id)) | {self.tokenizer.eos_token_id}
+        with self._lock:
+            P = min(_shared_prefix(ids), min(map(len, ids)) - 1) if self.prefix_reuse else 0
+            cache, computed = self._prefix_cache(ids[0][:P], device) if P > 0 else (None, 0)
+            S = [len(x) - P for x in ids]
+            L = max(S)
+            input_ids = torch.zeros(B, L, dtype=torch.long)
+            positions = torch.arange(P, P + L).repeat(B, 1)
+            allowed = torch.zeros(B, L, P + L, dtype=torch.bool)
+            for b, x in enumerate(ids):
+                input_ids[b, :S[b]] = torch.tensor(x[P:])
+                allowed[b, :S[b], :P] = True
+                allowed[b, :S[b], P:P + S[b]] = torch.tril(torch.ones(S[b], S[b], dtype=torch.bool))
+                allowed[b, range(S[b], L), range(P + S[b], P + L)] = True   # padding sees itself
+            hidden, past = self._masked_forward(input_ids, positions, allowed, P, cache, device, keep=True)
+            logp = self._log_softmax(hidden[torch.arange(B), torch.tensor(S) - 1])
+            sees = torch.zeros(B, 1, P + L, dtype=torch.bool)   # per row: the prefix and its own prompt
+            for b in range(B):
+                sees[b, 0, :P + S[b]] = True
+            answers: list[list[int]] = [[] for _ in ids]
+            steps: list[list[torch.Tensor]] = [[] for _ in ids]
+            live = set(range(B))
+            for step in range(max(r.max_tokens for r in requests)):
+                for b in sorted(live):
+                    t = int(logp[b].argmax())
+                    if t in ends:
+                        live.discard(b)
+                        continue
+                    answers[b].append(t)
+                    if requests[b].top_logprobs > 0:
+                        steps[b].append(logp[b])
+                    text = self.tokenizer.decode(answers[b], skip_special_tokens=True)
+                    if len(answers[b]) >= requests[b].max_tokens or any(x in text for x in requests[b].stop):
+                        live.discard(b)
+                if not live:
+                    break
+                sees = torch.cat([sees, torch.ones(B, 1, 1, dtype=torch.bool)], dim=2)   # its new token
+                nxt = torch.tensor([[a[-1] if a else 0] for a in answers])
+                at = torch.tensor([[len(x) + len(a) - 1] for x, a in zip(ids, answers)])
+                hidden, past = self._masked_forward(nxt, at, sees, sees.shape[2] - 1, past, device,
+                                                    keep=True, extend=True)
+                logp = self._log_softmax(hidden[:, 0])
+        out = []
+        for b, (r, tokens) in enumerate(zip(requests, answers)):
+            completion = self._completion(r, tokens, steps[b])
+            run = S[b] + (computed if b == 0 else 0)   # the prompt tokens run, the kept prefix's new part once
+            out.append(Generation((completion,) * r.n, Usage(run, len(tokens) * r.n)))
+        return out
+
+    def _completion(self, request: GenerateRequest, tokens: list[int], steps: list[torch.Tensor]) -> Completion:
+        """An answer of ``tokens`` (without the end-of-text), cut at the first stop string, with
+        each token's log-probability and top alternatives read from ``steps`` (the logits of
+        each step) when the request asks for them."""
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        finish = "length" if len(tokens) >= request.max_tokens else "stop"
+        for stop in request.stop:
+            if stop in text:
+                text, finish = text[:text.index(stop)], "stop"
+        logprobs = None
+        if request.top_logprobs > 0:
+            logprobs = []
+            for row, tok in zip(steps, tokens):
+                lp = torch.log_softmax(row.float(), dim=-1)
+                top = lp.topk(min(request.top_logprobs, lp.shape[-1]))
+                alts = tuple((self.tokenizer.decode([int(i)]), float(v))
+                             for v, i in zip(top.values, top.indices))
+                logprobs.append(TokenLogprob(self.tokenizer.decode([tok]), float(lp[tok]), alts))
+            logprobs = tuple(logprobs)
+        return Completion(text, logprobs, finish, tuple(tokens))
 
     # ---- prompt scoring -----------------------------------------------------------------------
     def _queries(self, request: PromptLogprobRequest, ids: list[int], offsets) -> list[_Query]:
@@ -319,11 +388,12 @@ class LocalBackend(Backend):
 
     def _masked_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                         allowed: torch.Tensor, P: int, cache, device, keep: bool = False,
-                        key_positions: torch.Tensor | None = None):
+                        key_positions: torch.Tensor | None = None, extend: bool = False):
         """Last hidden states of ``input_ids`` [B, L] after ``P`` cached tokens (at positions
         ``key_positions`` [P], default 0..P-1), each token seeing only the keys ``allowed``
         [B, L, P + L] marks (a token tree in one pass), and with ``keep`` the cache extended by
-        these tokens (else None)."""
+        these tokens (else None): a copy of ``cache`` repeated B times, or with ``extend``
+        ``cache`` itself (B rows already)."""
         B, L = input_ids.shape
         dtype = next(self.model.parameters()).dtype
 
@@ -339,7 +409,9 @@ class LocalBackend(Backend):
             near = position_ids[:, :, None] - keys[:, None, :] < window
             mask = {"full_attention": mask, "sliding_attention": additive(allowed & near)}
         past = DynamicCache() if keep and cache is None else None
-        if cache is not None:
+        if cache is not None and extend:
+            past = cache
+        elif cache is not None:
             past = copy.deepcopy(cache)
             past.batch_repeat_interleave(B)
         name = cache_argument(type(self.model.base_model))
@@ -424,7 +496,7 @@ class LocalBackend(Backend):
                 allowed[0, r, seen[i]] = True
             new_positions = torch.tensor([[len(prompts[i]) + step for i in live]])   # each prompt's next
             hidden, past = self._masked_forward(torch.tensor([[t for _, t in nxt]]), new_positions, allowed,
-                                                C, past, device, keep=True, key_positions=keys)
+                                                C, past, device, keep=True, key_positions=keys, extend=True)
             keys = torch.cat([keys, new_positions[0]])
             rows = dict(zip(live, self._log_softmax(hidden[0])))
 
@@ -492,6 +564,10 @@ def _trees(prompts: list[list[int]], P: int, max_tree: int) -> list[list[list[in
         groups[-1].append(ids)
         size += len(rest) - d
     return groups
+
+
+def _as_list(x) -> list:
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 
 def _tree_size(prompts: list[list[int]], P: int) -> int:
