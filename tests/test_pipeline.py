@@ -84,9 +84,10 @@ def test_run_writes_contract_files(tiny_llama_dir, corpus, tmp_path):
 @pytest.mark.parametrize("n", [1, 3])
 def test_neurons_in_flight_and_best_of_n_keep_the_best_candidate_on_valid(tiny_llama_dir, corpus, tmp_path, n):
     """concurrency=3 on the local backends: the calls of the neurons in flight go together
-    (``Gather``: greedy explanations decoded together, the excerpts of every neuron scored in
-    one call); the same answers as one neuron at a time. With explain.n=3 the candidates are
-    scored together (``score_many``), and each neuron keeps its best on valid."""
+    (``Gather``: the excerpts of every neuron scored in one call, greedy explanations decoded
+    together where the backend batches them); the same answers as one neuron at a time. With
+    explain.n=3 the candidates are scored together (``score_many``), and each neuron keeps its
+    best on valid."""
     from neuronlens.summary import headline
 
     cfg = tiny_run_config(tiny_llama_dir, corpus, extra=[f"explain.n={n}", "concurrency=3"])

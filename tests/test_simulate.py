@@ -643,7 +643,8 @@ def test_greedy_answers_to_several_requests_are_decoded_together(smollm2_tokeniz
     """The explanations of neurons in flight (greedy requests from several threads, gathered):
     one pass over the prompts' own tokens after their shared prefix, then one pass per token for
     all of them; every answer is the one a backend gives it alone (text, tokens, stop strings,
-    logprobs, ``n`` copies). A sliding-window model (gemma3) answers them one by one."""
+    logprobs, ``n`` copies). A sliding-window model (gemma3) answers them one by one, as any
+    model on a CPU does unless told to batch (``batch_generations``)."""
     from dataclasses import replace
 
     from neuronlens.backends.base import GenerateRequest
@@ -660,6 +661,7 @@ def test_greedy_answers_to_several_requests_are_decoded_together(smollm2_tokeniz
     want = [fresh.generate(r) for r in requests]
     assert want[0].completions[0].finish_reason == "stop" and len(want[0].completions[0].token_ids) < 8
     together = _backend(model, smollm2_tokenizer)
+    together.batch_generations = True
     passes = []
     hook = model.get_input_embeddings().register_forward_hook(lambda _m, x, _o: passes.append(x[0].shape))
     try:
@@ -678,6 +680,14 @@ def test_greedy_answers_to_several_requests_are_decoded_together(smollm2_tokeniz
     assert sum(g.usage.prompt_tokens for g in got) < sum(w.usage.prompt_tokens for w in want) / 2
     if arch != "gemma3":   # the shared prefix, the three prompts' own tokens, then 7 steps at most
         assert len(passes) <= 9 and all(shape[0] == 3 for shape in passes[1:])
+    passes.clear()
+    hook = model.get_input_embeddings().register_forward_hook(lambda _m, x, _o: passes.append(x[0].shape))
+    try:   # on a CPU, by default, one request after another
+        alone = _backend(model, smollm2_tokenizer)._generate_many(requests)
+        assert [c.token_ids for g in alone for c in g.completions] == [c.token_ids for g in got for c in g.completions]
+    finally:
+        hook.remove()
+    assert passes and all(shape[0] == 1 for shape in passes)
 
 
 def test_models_loaded_by_neuronlens_run_grouped_sdpa(tiny_llama_dir):

@@ -72,6 +72,9 @@ class LocalBackend(Backend):
         self._kept_lock = threading.Lock()
         self._scoring = Gather(self._prompt_logprobs)   # one scoring call at a time, all threads'
         self._generation = Gather(self._generate_many)
+        # greedy answers of several threads decoded as one batch: None, where the model is on an
+        # accelerator (a CPU is at its FLOP peak with one: 0.91x there, benchmarks/explain.py)
+        self.batch_generations: bool | None = None
 
     @property
     def name(self) -> str:
@@ -115,7 +118,10 @@ class LocalBackend(Backend):
     @torch.no_grad()
     def _generate_many(self, requests: list[GenerateRequest]) -> list[Generation]:
         self.load()
-        if len(requests) > 1 and all(r.temperature == 0 for r in requests) and not self._sliding_window():
+        batch = self.batch_generations
+        if batch is None:
+            batch = next(self.model.parameters()).device.type != "cpu"
+        if batch and len(requests) > 1 and all(r.temperature == 0 for r in requests) and not self._sliding_window():
             return self._greedy_batch(requests)
         return [self._generate_one(r) for r in requests]   # a sampled answer reads its own seed
 
