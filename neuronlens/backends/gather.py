@@ -1,6 +1,6 @@
 """Calls from many threads gathered into one batch, for an engine that takes one caller at a time
 and is fastest on a large batch (vLLM's in-process ``LLM``: two threads in ``generate`` at once
-break its engine core)."""
+break its engine core; the local backend's scoring and generation)."""
 
 from __future__ import annotations
 

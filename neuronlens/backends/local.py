@@ -67,11 +67,10 @@ class LocalBackend(Backend):
         self.batch_size, self.prefix_reuse = batch_size, prefix_reuse
         self._context_length = context_length
         self.model = self.tokenizer = None
-        self._lock = threading.Lock()  # one forward at a time: seeding is process-wide in torch
         self._kept: tuple[tuple[int, ...], DynamicCache] | None = None   # the last prompt prefix
         self._kept_lock = threading.Lock()
         self._scoring = Gather(self._prompt_logprobs)   # one scoring call at a time, all threads'
-        self._generation = Gather(self._generate_many)
+        self._generation = Gather(self._generate_many)   # one at a time: a sampled answer seeds torch
         # greedy answers of several threads decoded as one batch: None, where the model is on an
         # accelerator (a CPU is at its FLOP peak with one: 0.91x there, benchmarks/explain.py)
         self.batch_generations: bool | None = None
@@ -131,21 +130,20 @@ class LocalBackend(Backend):
         input_ids = torch.tensor([ids], device=device)
         sample = request.temperature > 0
         n = request.n if sample else 1  # greedy: every one of the n answers is the same
-        with self._lock:
-            run, cache = len(ids), {}
-            if self.prefix_reuse and len(ids) > 1:   # all but the last prompt token, from the kept prefix
-                past, computed = self._prefix_cache(ids[:-1], device)
-                past.batch_repeat_interleave(n)
-                run, cache = computed + 1, {cache_argument(type(self.model)): past}
-            torch.manual_seed(request.seed)
-            out = self.model.generate(
-                input_ids, attention_mask=torch.ones_like(input_ids), **cache,
-                max_new_tokens=request.max_tokens, do_sample=sample,
-                temperature=request.temperature if sample else None, top_p=None, top_k=None,
-                num_return_sequences=n, return_dict_in_generate=True,
-                output_logits=request.top_logprobs > 0,
-                stop_strings=list(request.stop) or None, tokenizer=self.tokenizer,
-                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+        run, cache = len(ids), {}
+        if self.prefix_reuse and len(ids) > 1:   # all but the last prompt token, from the kept prefix
+            past, computed = self._prefix_cache(ids[:-1], device)
+            past.batch_repeat_interleave(n)
+            run, cache = computed + 1, {cache_argument(type(self.model)): past}
+        torch.manual_seed(request.seed)
+        out = self.model.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), **cache,
+            max_new_tokens=request.max_tokens, do_sample=sample,
+            temperature=request.temperature if sample else None, top_p=None, top_k=None,
+            num_return_sequences=n, return_dict_in_generate=True,
+            output_logits=request.top_logprobs > 0,
+            stop_strings=list(request.stop) or None, tokenizer=self.tokenizer,
+            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
         new = out.sequences[:, len(ids):].repeat(request.n // n, 1)
         completions = []
         for row in range(new.shape[0]):
@@ -166,47 +164,46 @@ class LocalBackend(Backend):
         device = next(self.model.parameters()).device
         B = len(ids)
         ends = set(_as_list(self.model.generation_config.eos_token_id)) | {self.tokenizer.eos_token_id}
-        with self._lock:
-            P = min(_shared_prefix(ids), min(map(len, ids)) - 1) if self.prefix_reuse else 0
-            cache, computed = self._prefix_cache(ids[0][:P], device) if P > 0 else (None, 0)
-            S = [len(x) - P for x in ids]
-            L = max(S)
-            input_ids = torch.zeros(B, L, dtype=torch.long)
-            positions = torch.arange(P, P + L).repeat(B, 1)
-            allowed = torch.zeros(B, L, P + L, dtype=torch.bool)
-            for b, x in enumerate(ids):
-                input_ids[b, :S[b]] = torch.tensor(x[P:])
-                allowed[b, :S[b], :P] = True
-                allowed[b, :S[b], P:P + S[b]] = torch.tril(torch.ones(S[b], S[b], dtype=torch.bool))
-                allowed[b, range(S[b], L), range(P + S[b], P + L)] = True   # padding sees itself
-            hidden, past = self._masked_forward(input_ids, positions, allowed, P, cache, device, keep=True)
-            logp = self._log_softmax(hidden[torch.arange(B), torch.tensor(S) - 1])
-            sees = torch.zeros(B, 1, P + L, dtype=torch.bool)   # per row: the prefix and its own prompt
-            for b in range(B):
-                sees[b, 0, :P + S[b]] = True
-            answers: list[list[int]] = [[] for _ in ids]
-            steps: list[list[torch.Tensor]] = [[] for _ in ids]
-            live = set(range(B))
-            for step in range(max(r.max_tokens for r in requests)):
-                for b in sorted(live):
-                    t = int(logp[b].argmax())
-                    if t in ends:
-                        live.discard(b)
-                        continue
-                    answers[b].append(t)
-                    if requests[b].top_logprobs > 0:
-                        steps[b].append(logp[b])
-                    text = self.tokenizer.decode(answers[b], skip_special_tokens=True)
-                    if len(answers[b]) >= requests[b].max_tokens or any(x in text for x in requests[b].stop):
-                        live.discard(b)
-                if not live:
-                    break
-                sees = torch.cat([sees, torch.ones(B, 1, 1, dtype=torch.bool)], dim=2)   # its new token
-                nxt = torch.tensor([[a[-1] if a else 0] for a in answers])
-                at = torch.tensor([[len(x) + len(a) - 1] for x, a in zip(ids, answers)])
-                hidden, past = self._masked_forward(nxt, at, sees, sees.shape[2] - 1, past, device,
-                                                    keep=True, extend=True)
-                logp = self._log_softmax(hidden[:, 0])
+        P = min(_shared_prefix(ids), min(map(len, ids)) - 1) if self.prefix_reuse else 0
+        cache, computed = self._prefix_cache(ids[0][:P], device) if P > 0 else (None, 0)
+        S = [len(x) - P for x in ids]
+        L = max(S)
+        input_ids = torch.zeros(B, L, dtype=torch.long)
+        positions = torch.arange(P, P + L).repeat(B, 1)
+        allowed = torch.zeros(B, L, P + L, dtype=torch.bool)
+        for b, x in enumerate(ids):
+            input_ids[b, :S[b]] = torch.tensor(x[P:])
+            allowed[b, :S[b], :P] = True
+            allowed[b, :S[b], P:P + S[b]] = torch.tril(torch.ones(S[b], S[b], dtype=torch.bool))
+            allowed[b, range(S[b], L), range(P + S[b], P + L)] = True   # padding sees itself
+        hidden, past = self._masked_forward(input_ids, positions, allowed, P, cache, device, keep=True)
+        logp = self._log_softmax(hidden[torch.arange(B), torch.tensor(S) - 1])
+        sees = torch.zeros(B, 1, P + L, dtype=torch.bool)   # per row: the prefix and its own prompt
+        for b in range(B):
+            sees[b, 0, :P + S[b]] = True
+        answers: list[list[int]] = [[] for _ in ids]
+        steps: list[list[torch.Tensor]] = [[] for _ in ids]
+        live = set(range(B))
+        for _ in range(max(r.max_tokens for r in requests)):
+            for b in sorted(live):
+                t = int(logp[b].argmax())
+                if t in ends:
+                    live.discard(b)
+                    continue
+                answers[b].append(t)
+                if requests[b].top_logprobs > 0:
+                    steps[b].append(logp[b])
+                text = self.tokenizer.decode(answers[b], skip_special_tokens=True)
+                if len(answers[b]) >= requests[b].max_tokens or any(x in text for x in requests[b].stop):
+                    live.discard(b)
+            if not live:
+                break
+            sees = torch.cat([sees, torch.ones(B, 1, 1, dtype=torch.bool)], dim=2)   # its new token
+            nxt = torch.tensor([[a[-1] if a else 0] for a in answers])
+            at = torch.tensor([[len(x) + len(a) - 1] for x, a in zip(ids, answers)])
+            hidden, past = self._masked_forward(nxt, at, sees, sees.shape[2] - 1, past, device,
+                                                keep=True, extend=True)
+            logp = self._log_softmax(hidden[:, 0])
         out = []
         for b, (r, tokens) in enumerate(zip(requests, answers)):
             completion = self._completion(r, tokens, steps[b])
